@@ -1,0 +1,105 @@
+"""Weights in and out: safetensors first, never code execution, and precise errors when keys do not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """Raised when a state dict does not fit a model: lists missing, unexpected and mis-shaped keys."""
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or from .pt/.pth/.bin with ``torch.load(weights_only=True)``.
+
+    A ``*.safetensors.index.json`` (sharded diffusers/transformers checkpoint) loads every shard it names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    name = path.name
+    if name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_state_dict(path.parent / shard))
+        return out
+    if name.endswith(".safetensors"):
+        return load_file(str(path))
+    if name.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+                sd = sd[key]
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path} does not hold a flat state dict of tensors")
+        return dict(sd)
+    raise ValueError(f"unsupported checkpoint file {path}: expected .safetensors, .pt, .pth, .bin or .index.json")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:
+    """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {expected[k]}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    )
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint does not fit the {what}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                shown = items[:50] + ([f"... and {len(items) - 50} more"] if len(items) > 50 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:
+    """Check keys and shapes, then assign the tensors (works for models built on the meta device)."""
+    check_state_dict(model, state_dict, what)
+    params = dict(model.named_parameters())
+    ref = {**dict(model.named_buffers()), **params}
+    converted = {k: v.to(dtype=ref[k].dtype) if ref[k].dtype.is_floating_point else v for k, v in state_dict.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_folder(folder: str | Path, state_dict: Mapping[str, torch.Tensor], config: dict, kind: str) -> None:
+    """Write a vidlatent model folder: ``config.json`` (with ``_vidlatent_kind``) and ``model.safetensors``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps({"_vidlatent_kind": kind, **config}, indent=2)
+    atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,115 @@
+"""Typed configs and their yaml presets.
+
+Every component takes one dataclass config. Presets are yaml files under ``vidlatent/configs/<kind>/``
+(shipped inside the package so ``from_pretrained("tiny")`` works after ``pip install``); omegaconf merges
+a preset, further yaml files and ``key=value`` dotlist overrides into the dataclass, checking types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+T = TypeVar("T")
+
+# Wan 2.1 VAE latent statistics (per channel), as published with the model.
+WAN21_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+WAN21_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+
+
+@dataclass
+class VAEConfig:
+    """The Wan 2.1 causal VAE family. Defaults are the Wan 2.1 VAE itself."""
+
+    in_channels: int = 3
+    base_channels: int = 96
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    # one entry per downsampling stage (len(channel_mult) - 1); True = that stage also halves time
+    temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+    latent_channels: int = 16
+    dropout: float = 0.0
+    latents_mean: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
+    latents_std: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+    # streaming: latent frames per chunk after the first (the first frame is always its own chunk)
+    chunk_size: int = 1
+    # spatial tiling, in pixels; tiling switches on automatically when h or w exceeds auto_tile_above
+    tile_size: int = 256
+    tile_overlap: int = 64
+    auto_tile_above: int = 1024
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temporal_downsample)
+
+
+def _structured(cls: type[T], data: Any) -> T:
+    base = OmegaConf.structured(cls)
+    return OmegaConf.to_object(OmegaConf.merge(base, data))  # type: ignore[return-value]
+
+
+def list_presets(kind: str) -> list[str]:
+    """Names of the shipped presets of one kind (``vae``, ``dit``, ...)."""
+    folder = PRESET_DIR / kind
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_config(cls: type[T], kind: str, preset: str | None = None, *files: str | Path, overrides=()) -> T:
+    """Build a ``cls`` config from a preset name, extra yaml files and ``key=value`` overrides (in order)."""
+    parts = []
+    if preset is not None:
+        path = PRESET_DIR / kind / f"{preset}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown {kind} preset {preset!r}; available: {', '.join(list_presets(kind))}")
+        parts.append(OmegaConf.load(path))
+    parts += [OmegaConf.load(f) for f in files]
+    if overrides:
+        parts.append(OmegaConf.from_dotlist(list(overrides)))
+    merged = OmegaConf.merge(OmegaConf.structured(cls), *parts)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def config_from_dict(cls: type[T], data: dict) -> T:
+    """Typed config from a plain dict (as stored in a vidlatent folder's config.json); unknown keys fail."""
+    return _structured(cls, data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+@dataclass
+class DiTConfig:
+    """The Wan 2.1 text-to-video transformer family. Defaults are Wan 2.1 T2V-1.3B."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    text_dim: int = 4096
+    text_len: int = 512  # text tokens the model was trained with (context is padded to this)
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: str = "rms_across_heads"  # "rms_across_heads" | "none"
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    attention: str = "sdpa"  # the attention kernel used by models.layers.attention
+    gradient_checkpointing: bool = False

@@ -1,0 +1,1 @@
+"""Flow matching (flow.py) and the sampling loop (sampling.py)."""
