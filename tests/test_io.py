@@ -1,0 +1,454 @@
+"""vidlatent.data.io on real files made by ffmpeg's lavfi test sources.
+
+Shapes: c colour channels (3), t frames, h height, w width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import imageio_ffmpeg
+import pytest
+import torch
+
+from vidlatent.data import VideoReadError, read_image, read_video, write_video
+from vidlatent.data import io as vio
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+HAS_DECORD = vio._decord() is not None
+HAS_VP9 = "libvpx-vp9" in vio._ffmpeg_encoders()
+needs_decord = pytest.mark.skipif(
+    not HAS_DECORD, reason="decord is not installed (no wheel for this platform)"
+)
+BACKENDS = ["decord", "pyav"] if HAS_DECORD else ["pyav"]
+LEVEL = 2 / 255  # one uint8 step in [-1, 1] units
+
+
+def ffmpeg(*args) -> None:
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", *map(str, args)], check=True)
+
+
+def lavfi_source(
+    size: str = "64x48", seconds: float = 2, rate: int = 8, source: str = "testsrc"
+) -> list[str]:
+    return ["-f", "lavfi", "-i", f"{source}=size={size}:rate={rate}", "-t", str(seconds)]
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict:
+    """Real files, 16 frames at 8 fps unless named otherwise."""
+    d = tmp_path_factory.mktemp("media")
+    f = {name: d / name for name in ["h264.mp4", "mjpeg.avi", "anim.gif", "odd.avi", "odd444.mp4", "one.mp4"]}
+    ffmpeg(*lavfi_source(), "-c:v", "libx264", "-pix_fmt", "yuv420p", f["h264.mp4"])
+    ffmpeg(*lavfi_source(), "-c:v", "mjpeg", "-q:v", "2", f["mjpeg.avi"])
+    ffmpeg(*lavfi_source(), f["anim.gif"])
+    ffmpeg(*lavfi_source("33x27"), "-c:v", "mjpeg", "-q:v", "2", f["odd.avi"])
+    ffmpeg(*lavfi_source("33x27"), "-c:v", "libx264", "-pix_fmt", "yuv444p", f["odd444.mp4"])
+    ffmpeg(*lavfi_source(), "-frames:v", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", f["one.mp4"])
+    f["image.png"] = d / "image.png"
+    ffmpeg(*lavfi_source(), "-frames:v", "1", f["image.png"])
+    if HAS_VP9:
+        f["vp9.webm"] = d / "vp9.webm"
+        vp9 = ["-c:v", "libvpx-vp9", "-b:v", "0", "-crf", "30", "-deadline", "realtime"]
+        ffmpeg(*lavfi_source(), *vp9, f["vp9.webm"])
+
+    # Broken files. moov at the end, cut: no header. moov first (faststart), cut: frames missing.
+    # avi cut in half: the header declares 16 frames, 7 are left. Random bytes. A gif named .mp4,
+    # which decord refuses ("broken metadata") and pyav reads: a real decord failure to fall back from.
+    full = d / "tmp_faststart.mp4"
+    ffmpeg(*lavfi_source(source="testsrc2"), "-c:v", "libx264", "-g", "4", "-movflags", "+faststart", full)
+    for name, src in [("cut_header.mp4", f["h264.mp4"]), ("cut_data.mp4", full), ("cut.avi", f["mjpeg.avi"])]:
+        data = src.read_bytes()
+        f[name] = d / name
+        f[name].write_bytes(data[: len(data) // 2])
+    f["garbage.mp4"] = d / "garbage.mp4"
+    f["garbage.mp4"].write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    f["gif_named.mp4"] = d / "gif_named.mp4"
+    f["gif_named.mp4"].write_bytes(f["anim.gif"].read_bytes())
+    return f
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] tensors, on the 0..255 scale."""
+    mse = ((a - b) * 127.5).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def smooth_clip(t: int = 9, h: int = 48, w: int = 64) -> torch.Tensor:
+    """(c t h w) in [-1, 1]: moving colour gradients, the kind of content 4:2:0 chroma keeps well."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    frames = [
+        torch.stack([0.8 * torch.sin(2 * x + 0.3 * k), 0.8 * y, 0.6 * torch.cos(2 * (x + y) - 0.2 * k)])
+        for k in range(t)
+    ]
+    return torch.stack(frames, dim=1)
+
+
+def no_temp_files(folder) -> bool:
+    return not [p for p in os.listdir(folder) if p.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@pytest.mark.parametrize(
+    "name, t, hw",
+    [
+        ("h264.mp4", 13, (48, 64)),
+        ("mjpeg.avi", 13, (48, 64)),
+        ("vp9.webm", 13, (48, 64)),
+        ("anim.gif", 13, (48, 64)),
+        ("odd.avi", 13, (27, 33)),
+        ("odd444.mp4", 13, (27, 33)),
+        ("one.mp4", 1, (48, 64)),
+        ("image.png", 1, (48, 64)),
+    ],
+)
+def test_read_shapes_range_and_info(media, name, t, hw):
+    if name not in media:
+        pytest.skip("the bundled ffmpeg has no libvpx-vp9 encoder")
+    video, info = read_video(media[name])
+    assert video.shape == (3, t, *hw) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1
+    assert video.min() < -0.8 and video.max() > 0.8  # testsrc has near-black and near-white areas
+    assert info["source_size"] == hw and info["size"] == hw
+    assert info["frame_indices"] == list(range(t))
+    assert info["frame_policy"] == "trim" and info["frames_padded"] == 0
+    if t > 1:
+        assert info["source_frames"] == 16 and info["frames_trimmed"] == 3
+        assert info["fps"] == pytest.approx(8, rel=0.02) and info["source_fps"] == pytest.approx(8, rel=0.02)
+    assert info["backend"] == ("pillow" if name.endswith((".gif", ".png")) else BACKENDS[0])
+
+
+@needs_decord
+@pytest.mark.parametrize("name", ["h264.mp4", "mjpeg.avi", "vp9.webm", "odd.avi", "odd444.mp4"])
+def test_backends_agree(media, name):
+    # Both decode with ffmpeg and convert with swscale: identical here (decord 0.6, av 18); allow one
+    # uint8 step for differently built ffmpegs. Random access (start, stride) must pick the same frames.
+    if name not in media:
+        pytest.skip("the bundled ffmpeg has no libvpx-vp9 encoder")
+    for kwargs in [{}, {"start": 3, "stride": 2, "frames": 5}]:
+        a, info_a = read_video(media[name], backend="decord", **kwargs)
+        b, info_b = read_video(media[name], backend="pyav", **kwargs)
+        assert (info_a["backend"], info_b["backend"]) == ("decord", "pyav")
+        assert info_a["frame_indices"] == info_b["frame_indices"]
+        assert (a - b).abs().max() <= LEVEL + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_access_picks_the_right_frame(media, backend):
+    full, _ = read_video(media["h264.mp4"], temporal_factor=1, backend=backend)
+    for index in [0, 5, 11, 15]:
+        one, info = read_video(media["h264.mp4"], start=index, frames=1, backend=backend)
+        assert info["frame_indices"] == [index]
+        assert torch.equal(one[:, 0], full[:, index])
+
+
+def test_decord_missing_uses_pyav(media, monkeypatch):
+    monkeypatch.setattr(vio, "_decord", lambda: None)
+    video, info = read_video(media["h264.mp4"])
+    assert info["backend"] == "pyav" and "fallback_reason" not in info and video.shape[1] == 13
+    with pytest.raises(ImportError, match="decord is not installed"):
+        read_video(media["h264.mp4"], backend="decord")
+
+
+@needs_decord
+def test_decord_failure_falls_back_to_pyav(media):
+    video, info = read_video(media["gif_named.mp4"])
+    assert info["backend"] == "pyav" and "decord" in info["fallback_reason"]
+    reference, _ = read_video(media["anim.gif"])
+    assert video.shape == reference.shape == (3, 13, 48, 64)
+    assert (video - reference).abs().max() <= LEVEL + 1e-6
+    with pytest.raises(VideoReadError, match="decord: DECORDError"):
+        read_video(media["gif_named.mp4"], backend="decord")
+
+
+def test_frame_policies(media):
+    path = media["mjpeg.avi"]  # 16 frames
+    full, info = read_video(path, temporal_factor=1)
+    assert full.shape[1] == 16 and info["frames_trimmed"] == 0
+
+    trimmed, info = read_video(path)
+    assert trimmed.shape[1] == 13 and info["frames_trimmed"] == 3 and info["frames_selected"] == 16
+    assert torch.equal(trimmed, full[:, :13])
+
+    padded, info = read_video(path, frame_policy="pad")
+    assert padded.shape[1] == 17 and info["frames_padded"] == 1 and info["frame_indices"][-2:] == [15, 15]
+    assert torch.equal(padded[:, :16], full) and torch.equal(padded[:, 16], full[:, 15])
+
+    padded, info = read_video(path, frames=21, frame_policy="pad")  # asks for more than the clip has
+    assert padded.shape[1] == 21 and info["frames_padded"] == 5
+
+    exact, info = read_video(path, frames=13, frame_policy="none")
+    assert exact.shape[1] == 13 and info["frames_trimmed"] == info["frames_padded"] == 0
+    with pytest.raises(ValueError, match=r"16 frames selected.*1 \+ 4k frames \(1, 5, 9, 13"):
+        read_video(path, frame_policy="none")
+    with pytest.raises(ValueError, match="asked for 21 frames, the clip gives 16"):
+        read_video(path, frames=21, frame_policy="none")
+    with pytest.raises(ValueError, match="frame_policy must be one of"):
+        read_video(path, frame_policy="loop")
+
+    video, info = read_video(path, frames=10)  # not 1 + 4k: trim takes 9 of the 10
+    assert video.shape[1] == 9 and info["frames_trimmed"] == 1
+
+
+def test_single_frame_video(media):
+    video, info = read_video(media["one.mp4"], frame_policy="none")
+    assert video.shape == (3, 1, 48, 64) and info["source_frames"] == 1
+    video, info = read_video(media["one.mp4"], frames=5, frame_policy="pad")
+    assert video.shape[1] == 5 and info["frame_indices"] == [0] * 5
+    assert torch.equal(video[:, 4], video[:, 0])
+
+
+def test_stride_fps_and_start(media):
+    path = media["h264.mp4"]
+    full, _ = read_video(path, temporal_factor=1)
+
+    video, info = read_video(path, stride=2)  # 0, 2, ..., 14: 8 frames, trimmed to 5
+    assert info["frame_indices"] == [0, 2, 4, 6, 8] and info["fps"] == 4
+    assert torch.equal(video, full[:, [0, 2, 4, 6, 8]])
+
+    by_fps, info = read_video(path, fps=4)  # half the source rate is the same as stride 2
+    assert info["frame_indices"] == [0, 2, 4, 6, 8] and info["fps"] == 4
+    assert torch.equal(by_fps, video)
+
+    video, info = read_video(path, start=3, stride=3)
+    assert info["frame_indices"] == [3, 6, 9, 12, 15]
+
+    video, info = read_video(path, fps=16, temporal_factor=1)  # above the source rate: frames repeat
+    steps = [b - a for a, b in zip(info["frame_indices"], info["frame_indices"][1:])]
+    assert set(steps) == {0, 1} and info["frame_indices"][-1] == 15 and video.shape[1] == 31
+
+    video, info = read_video(path, fps=3, start=1, frames=5, frame_policy="none")
+    assert info["frame_indices"] == [1, 4, 6, 9, 12]  # nearest source frame to each 1/3 s tick
+
+    with pytest.raises(ValueError, match="start=16 is past the end of a 16-frame clip"):
+        read_video(path, start=16)
+    with pytest.raises(ValueError, match="either stride or a positive fps"):
+        read_video(path, stride=2, fps=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_and_center_crop(media, backend):
+    path = media["h264.mp4"]  # 64 wide, 48 high
+    full, _ = read_video(path, backend=backend)
+
+    video, info = read_video(path, size=(48, 48), backend=backend)  # pure crop, no resampling
+    assert info["crop"] == (0, 8, 48, 48) and torch.equal(video, full[..., 8:56])
+
+    video, info = read_video(path, size=(32, 32), backend=backend)
+    assert video.shape == (3, 13, 32, 32) and info["size"] == (32, 32) and info["crop"] == (0, 8, 48, 48)
+    assert video.min() >= -1 and video.max() <= 1
+
+    video, info = read_video(path, size=(16, 64), backend=backend)  # wider than the source: crop rows
+    assert video.shape[-2:] == (16, 64) and info["crop"] == (16, 0, 16, 64)
+
+    video, info = read_video(path, size=(96, 80), backend=backend)  # upscaling works too
+    assert video.shape[-2:] == (96, 80) and info["crop"] == (0, 12, 48, 40)
+
+    with pytest.raises(ValueError, match="size must be"):
+        read_video(path, size=(0, 32))
+
+
+def test_read_image(media):
+    image = read_image(media["image.png"])
+    assert image.shape == (3, 1, 48, 64)
+    assert read_image(media["image.png"], size=(24, 24)).shape == (3, 1, 24, 24)
+    first, _ = read_video(media["h264.mp4"], frames=1)
+    assert torch.equal(read_image(media["h264.mp4"]), first)
+    video, info = read_video(media["image.png"], frames=5, frame_policy="pad")  # an image as a still clip
+    assert video.shape[1] == 5 and info["fps"] is None and info["backend"] == "pillow"
+
+
+# ------------------------------------------------------------------------------------------------ writing
+# PSNR bounds (dB on 0..255), measured here with the bundled ffmpeg's x264 and libvpx, bounds ~3.5 dB
+# lower for other builds. At these tiny sizes 4:2:0 chroma subsampling, not the codec, sets the ceiling:
+# the smooth clip through lossless ffv1 in yuv420p gives 40.1 dB (52.1 in yuv444p). H.264 crf 18
+# measures 37.8 (bound 34), VP9 crf 30 36.9 (bound 33), the odd-size H.264 clip, whose gradients are
+# steeper per pixel, 33.7 (bound 30). gif is one 256-colour palette with ordered dithering: testsrc
+# measures 35.3 (bound 31); the smooth clip only 28.3, palette-bound. png is lossless: exact after rounding.
+# A wrong colour matrix, swapped channels or a shifted frame costs far more than these margins.
+
+
+def quantized(video: torch.Tensor) -> torch.Tensor:
+    return ((video.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def test_roundtrip_mp4(tmp_path):
+    clip = smooth_clip()
+    out = write_video(tmp_path / "clip.mp4", clip, fps=12)
+    video, info = read_video(out, frame_policy="none")
+    assert video.shape == clip.shape and info["source_fps"] == 12
+    assert psnr(video, clip) > 34
+    assert no_temp_files(tmp_path)
+
+
+def test_roundtrip_mp4_odd_size_is_padded(tmp_path):
+    clip = smooth_clip(5, 27, 33)
+    write_video(tmp_path / "odd.mp4", clip)
+    video, info = read_video(tmp_path / "odd.mp4", frame_policy="none")
+    assert info["source_size"] == (28, 34)  # one replicated row and column
+    assert psnr(video[..., :27, :33], clip) > 30
+    assert psnr(video[..., 27, :33], clip[..., 26, :]) > 30  # the padding repeats the last row
+
+
+@pytest.mark.skipif(not HAS_VP9, reason="the bundled ffmpeg has no libvpx-vp9 encoder")
+def test_roundtrip_webm(tmp_path):
+    clip = smooth_clip()
+    write_video(tmp_path / "clip.webm", clip, fps=8)
+    video, info = read_video(tmp_path / "clip.webm", frame_policy="none")
+    assert video.shape == clip.shape and info["source_fps"] == 8
+    assert psnr(video, clip) > 33
+
+
+def test_roundtrip_gif_keeps_repeated_frames(media, tmp_path):
+    clip, _ = read_video(media["h264.mp4"], frames=9)
+    clip = torch.cat([clip, clip[:, -1:], clip[:, -1:], clip[:, -1:], clip[:, -1:]], dim=1)  # 13, 4 repeats
+    write_video(tmp_path / "clip.gif", clip, fps=10)
+    video, info = read_video(tmp_path / "clip.gif", frame_policy="none")
+    assert video.shape == clip.shape  # pillow's gif writer would have merged the repeats
+    assert info["source_fps"] == pytest.approx(10)
+    assert psnr(video, clip) > 31
+
+
+def test_roundtrip_png_and_rounding(tmp_path):
+    values = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -3.0, float("nan")])
+    image = values.repeat(3, 1, 8, 1)  # (c t h w) = (3, 1, 8, 8)
+    write_video(tmp_path / "one.png", image)
+    back = read_image(tmp_path / "one.png")
+    pixels = ((back[0, 0, 0] + 1) * 127.5).round().tolist()
+    assert pixels == [0, 64, 128, 191, 255, 255, 0, 128]  # 63.75 -> 64, 127.5 -> 128, clamped, nan -> 0
+    clip = smooth_clip(5)
+    write_video(tmp_path / "batch.png", clip[None, :, :1])  # (1 c t h w) is accepted
+    assert torch.allclose(read_image(tmp_path / "batch.png"), quantized(clip[:, :1]), atol=1e-6)
+
+
+def test_roundtrip_frames_folder(tmp_path):
+    clip = smooth_clip(5)
+    out = write_video(tmp_path / "frames", clip)
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(5)]
+    video, info = read_video(out, frame_policy="none")
+    assert torch.allclose(video, quantized(clip), atol=1e-6)
+    assert info["backend"] == "pillow" and info["fps"] is None and info["source_frames"] == 5
+    with pytest.raises(ValueError, match="fps= needs the source's frame rate"):
+        read_video(out, fps=8)
+
+    write_video(out, clip[:, :1])  # replacing an earlier frames folder
+    assert os.listdir(out) == ["00000.png"] and no_temp_files(tmp_path)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="files other than png frames"):
+        write_video(out, clip)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif"])
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, name):
+    target = tmp_path / name
+
+    def fail_midway(tmp, frames, *args):
+        with open(tmp, "wb") as f:
+            f.write(b"half a video")
+        raise RuntimeError("encoder died")
+
+    monkeypatch.setattr(vio, "_encode_ffmpeg", fail_midway)
+    with pytest.raises(RuntimeError, match="encoder died"):
+        write_video(target, smooth_clip(5))
+    assert os.listdir(tmp_path) == []
+
+    target.write_bytes(b"previous video")  # an existing file is kept intact on failure
+    with pytest.raises(RuntimeError):
+        write_video(target, smooth_clip(5))
+    assert target.read_bytes() == b"previous video" and os.listdir(tmp_path) == [name]
+
+
+def test_ffmpeg_error_is_reported_and_cleaned_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(vio, "_GIF_FILTER", "no_such_filter")  # a real ffmpeg failure
+    with pytest.raises(RuntimeError, match=r"ffmpeg failed to write .*clip\.gif"):
+        write_video(tmp_path / "clip.gif", smooth_clip(5))
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_frames_folder_write_keeps_the_old_folder(tmp_path, monkeypatch):
+    out = write_video(tmp_path / "frames", smooth_clip(5))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_imwrite, calls = vio.iio.imwrite, []
+
+    def fail_on_third(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_imwrite(path, *args, **kwargs)
+
+    monkeypatch.setattr(vio.iio, "imwrite", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        write_video(out, smooth_clip(9))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert os.listdir(tmp_path) == ["frames"]
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("garbage.mp4", "Invalid data found"),
+        ("cut_header.mp4", "End of file|Invalid data found"),
+        ("cut_data.mp4", "Invalid data found"),
+        ("cut.avi", "declares 16 frames, frame 7 is missing"),
+    ],
+)
+def test_corrupt_files_raise_video_read_error(media, name, reason, backend):
+    with pytest.raises(VideoReadError, match=reason) as caught:
+        read_video(media[name], backend=backend)
+    assert str(media[name]) in str(caught.value) and isinstance(caught.value, ValueError)
+
+
+def test_batch_loop_survives_bad_files(media):
+    names = ["h264.mp4", "garbage.mp4", "cut_data.mp4", "mjpeg.avi", "cut.avi", "image.png"]
+    good, bad = [], []
+    for name in names:
+        try:
+            read_video(media[name])
+            good.append(name)
+        except VideoReadError:
+            bad.append(name)
+    assert good == ["h264.mp4", "mjpeg.avi", "image.png"] and len(bad) == 3
+
+
+def test_argument_and_path_errors(media, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        read_video(tmp_path / "nope.mp4")
+    (tmp_path / "clip.xyz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.xyz'.*\.mp4.*\.png"):
+        read_video(tmp_path / "clip.xyz")
+    with pytest.raises(
+        ValueError, match=r"unsupported suffix '\.xyz'; accepted: \.mp4, \.webm, \.gif, \.png"
+    ):
+        write_video(tmp_path / "clip.xyz", smooth_clip(5))
+    with pytest.raises(ValueError, match="cannot write 5 frames to one image"):
+        write_video(tmp_path / "clip.png", smooth_clip(5))
+    with pytest.raises(ValueError, match="batch of 2"):
+        write_video(tmp_path / "clip.mp4", smooth_clip(5)[None].repeat(2, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"\(3, t, h, w\)"):
+        write_video(tmp_path / "clip.mp4", torch.zeros(4, 5, 8, 8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        read_video(media["h264.mp4"], backend="opencv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoReadError, match="holds no image frames"):
+        read_video(tmp_path / "empty")
+    assert no_temp_files(tmp_path)
+
+
+def test_missing_encoder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(vio, "_ffmpeg_encoders", lambda: frozenset({"libx264", "gif"}))
+    with pytest.raises(RuntimeError, match="has no libvpx-vp9 encoder; write .mp4 or .gif"):
+        write_video(tmp_path / "clip.webm", smooth_clip(5))
+    assert os.listdir(tmp_path) == []

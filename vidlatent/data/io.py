@@ -1,0 +1,599 @@
+"""Video and image files in and out: ``read_video`` / ``read_image`` give (c t h w) tensors in [-1, 1],
+``write_video`` writes mp4, webm, gif, png or a folder of png frames atomically.
+
+Shapes: b batch (1 at most when writing), c colour channels (3, RGB), t frames, h height, w width.
+
+Reading. Videos go through decord (random access: only the selected frames are decoded) when it imports,
+else through imageio's pyav plugin, which decodes sequentially up to the last selected frame. A file
+decord cannot decode is retried with pyav before a ``VideoReadError`` is raised. Both backends choose the
+same frames (selection is computed from the container's frame count and rate, probed once with PyAV) and
+convert YUV to RGB the same way (ffmpeg's swscale), so they return the same pixels. Images (png, jpg,
+webp, ...), gifs and folders of numbered frames are read with imageio's pillow plugin; an image is a
+one-frame clip, an animated gif or webp a clip with the frame rate of its frame durations.
+
+Frame selection: ``start`` (a source frame index), then every ``stride``-th frame, or the frame nearest in
+time to each tick of a target ``fps`` (frames repeat when ``fps`` exceeds the source rate); at most
+``frames`` of them. The frame policy then makes the count 1 + k * temporal_factor, what the causal VAE
+takes: "trim" drops trailing frames, "pad" repeats the last one (up to ``frames`` when the clip is too
+short), "none" raises unless the count already fits. The info dict says what was done.
+
+Writing. mp4 is H.264 (libx264, crf 18, yuv420p, BT.601 matrix tagged, faststart) so that browsers and
+phones play it; webm is VP9 (libvpx-vp9, crf 30) when the bundled ffmpeg has it. 4:2:0 chroma needs even
+sizes, so an odd height or width is padded by one replicated row or column: the file is up to one pixel
+larger and the picture is its top-left crop (ffmpeg's own conversion of odd sizes smears the last
+column's colours). gif goes through ffmpeg with one palette built from all frames (palettegen +
+paletteuse, ordered dithering), because pillow merges identical consecutive frames and the frame count
+would change; gif delays are whole centiseconds, so rates above 50 fps do not play as written.
+A path ending in .png or .jpg holds one frame; a path with no suffix is a folder of numbered frames
+``00000.png, 00001.png, ...`` (read back by ``read_video`` on the folder, which has no frame rate).
+Every write goes to a temporary name in the target's folder first and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from vidlatent.checkpoint import atomic_write
+
+__all__ = [
+    "FRAME_POLICIES",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "WRITE_EXTENSIONS",
+    "VideoReadError",
+    "read_image",
+    "read_video",
+    "write_video",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
+# read with pillow; gif, webp and png may hold several frames
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files in a frames folder
+WRITE_EXTENSIONS = (".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg")
+FRAME_POLICIES = ("trim", "pad", "none")
+BACKENDS = ("auto", "decord", "pyav")
+
+_CHUNK = 16  # frames decoded and resized at a time, to bound the uint8/float working memory
+_MP4_CRF = 18
+_WEBM_CRF = 30
+_COLOR_TAGS = ["-colorspace", "smpte170m", "-color_range", "tv"]  # what swscale's default rgb->yuv uses
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Error: )?")
+_GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=bayer:bayer_scale=5"
+
+
+class VideoReadError(ValueError):
+    """A file exists but cannot be decoded (corrupt, truncated, no video stream); names the file and why."""
+
+
+class _DecodeFailure(Exception):
+    """Why one backend could not decode a file; becomes part of a VideoReadError."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _decord():
+    """The decord module, or None where it has no wheel or fails to load."""
+    try:
+        import decord
+    except Exception:  # ImportError, or OSError from a broken shared library
+        return None
+    return decord
+
+
+@functools.cache
+def _ffmpeg_encoders() -> frozenset[str]:
+    import imageio_ffmpeg
+
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    out = subprocess.run(
+        [exe, "-hide_banner", "-encoders"], capture_output=True, text=True, check=False
+    ).stdout
+    return frozenset(
+        line.split()[1] for line in out.splitlines() if len(line.split()) > 1 and line[:1] == " "
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line`` of an exception, without decord's ``[time] file.cc:line:`` prefix."""
+    text = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [""])[0]
+    text = _DECORD_PREFIX.sub("", text)
+    return f"{type(err).__name__}: {text}"
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _select(
+    count: int, src_fps: float | None, start: int, stride: int, fps: float | None, frames: int | None
+):
+    """Source frame indices chosen by start / stride or target fps, at most ``frames`` of them."""
+    if start >= count:
+        raise ValueError(f"start={start} is past the end of a {count}-frame clip")
+    limit = frames if frames is not None else math.inf
+    if fps is None:
+        return list(range(start, count, stride))[: frames or count]
+    if src_fps is None:
+        if count == 1:
+            return [0]
+        raise ValueError("fps= needs the source's frame rate, and this source has none; use stride=")
+    ratio = src_fps / fps
+    out = []
+    while len(out) < limit:
+        index = start + math.floor(len(out) * ratio + 0.5)
+        if index >= count:
+            break
+        out.append(index)
+    return out
+
+
+def _apply_policy(
+    indices: list[int], frames: int | None, policy: str, factor: int, path
+) -> tuple[list, int, int]:
+    """Make the count 1 + k * factor; returns (indices, trimmed, padded)."""
+    n = len(indices)
+    fits = (n - 1) % factor == 0
+    if policy == "none":
+        if frames is not None and n < frames:
+            raise ValueError(
+                f"{path}: asked for {frames} frames, the clip gives {n} from this start and step"
+            )
+        if not fits:
+            raise ValueError(
+                f"{path}: {n} frames selected, but frame_policy='none' needs 1 + {factor}k frames "
+                f"({', '.join(str(1 + factor * k) for k in range(4))}, ...); use frame_policy='trim' or 'pad'"
+            )
+        return indices, 0, 0
+    if policy == "trim":
+        keep = 1 + (n - 1) // factor * factor
+        return indices[:keep], n - keep, 0
+    want = max(n, frames or 0)
+    target = 1 + math.ceil((want - 1) / factor) * factor
+    return indices + [indices[-1]] * (target - n), 0, target - n
+
+
+def _plan_resize(src: tuple[int, int], size: tuple[int, int] | None):
+    """Centre crop of the source to the target aspect ratio: (top, left, crop_h, crop_w)."""
+    H, W = src
+    if size is None:
+        return 0, 0, H, W
+    h, w = size
+    if W * h > w * H:  # source wider than target: crop width
+        ch, cw = H, min(W, max(1, round(H * w / h)))
+    else:
+        ch, cw = min(H, max(1, round(W * h / w))), W
+    return (H - ch) // 2, (W - cw) // 2, ch, cw
+
+
+def _to_unit(chunk: np.ndarray, crop, size) -> torch.Tensor:
+    """(t h w c) uint8 -> (c t h w) float32 in [-1, 1], centre-cropped and resized."""
+    top, left, ch, cw = crop
+    x = torch.from_numpy(np.ascontiguousarray(chunk[:, top : top + ch, left : left + cw]))
+    x = rearrange(x, "t h w c -> t c h w").float()
+    if size is not None and (ch, cw) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp(0, 255)
+    return rearrange(x, "t c h w -> c t h w") / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------ the decoders
+# Each takes sorted distinct frame indices and yields (t h w c) uint8 chunks of them, in order.
+
+
+def _probe(path: Path) -> dict:
+    """Frame count (declared, or counted packets) and frame rate of the first video stream."""
+    import av
+
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise VideoReadError(f"cannot read {path}: it has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    except VideoReadError:
+        raise
+    except Exception as err:
+        raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
+    if count == 0:
+        raise VideoReadError(f"cannot read {path}: the video stream holds no frames")
+    return {"count": int(count), "fps": float(rate) if rate else None}
+
+
+def _truncated(count: int, index: int) -> _DecodeFailure:
+    return _DecodeFailure(
+        f"truncated or corrupt: the container declares {count} frames, frame {index} is missing"
+    )
+
+
+def _decode_decord(path: Path, indices: list[int], count: int):
+    decord = _decord()
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+    if indices[-1] >= len(reader):
+        raise _truncated(count, len(reader))
+    for i in range(0, len(indices), _CHUNK):
+        yield reader.get_batch(indices[i : i + _CHUNK]).asnumpy()
+
+
+def _decode_pyav(path: Path, indices: list[int], count: int):
+    with iio.imopen(str(path), "r", plugin="pyav") as reader:
+        for i in range(0, len(indices), _CHUNK):
+            chunk = []
+            for index in indices[i : i + _CHUNK]:
+                try:  # increasing indices with constant_framerate=False: decode forward, never seek
+                    chunk.append(reader.read(index=index, constant_framerate=False))
+                except StopIteration:
+                    raise _truncated(count, index) from None
+            yield np.stack(chunk)
+
+
+def _decode_pillow(path: Path, indices: list[int]):
+    with iio.imopen(str(path), "r", plugin="pillow") as reader:
+        for i in range(0, len(indices), _CHUNK):
+            yield np.stack([reader.read(index=index, mode="RGB") for index in indices[i : i + _CHUNK]])
+
+
+def _decode_files(files: list[Path], indices: list[int]):
+    for i in range(0, len(indices), _CHUNK):
+        yield np.stack(
+            [
+                iio.imread(files[index], index=0, plugin="pillow", mode="RGB")
+                for index in indices[i : i + _CHUNK]
+            ]
+        )
+
+
+def _pillow_source(path: Path) -> dict:
+    with iio.imopen(str(path), "r", plugin="pillow") as reader:
+        props = reader.properties(index=...)
+        count = props.shape[0]
+        durations = [reader.metadata(index=i).get("duration") for i in range(count)] if count > 1 else []
+    durations = [d for d in durations if d]
+    fps = 1000.0 * len(durations) / sum(durations) if durations else None
+    return {"count": count, "fps": fps}
+
+
+def _folder_files(path: Path) -> list[Path]:
+    files = [
+        p for p in path.iterdir() if p.suffix.lower() in _FRAME_EXTENSIONS and not p.name.startswith(".")
+    ]
+    if not files:
+        raise VideoReadError(
+            f"cannot read {path}: the folder holds no image frames ({', '.join(_FRAME_EXTENSIONS)})"
+        )
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_video(
+    path: str | os.PathLike,
+    frames: int | None = None,
+    start: int = 0,
+    stride: int = 1,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+    frame_policy: str = "trim",
+    temporal_factor: int = 4,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """Read a video, gif, image or folder of frames as a (c t h w) float32 tensor in [-1, 1].
+
+    Args:
+        path: a video (``VIDEO_EXTENSIONS``), an image or gif (``IMAGE_EXTENSIONS``), or a folder of
+            numbered image frames (as ``write_video`` writes them).
+        frames: at most this many frames (after ``start`` and ``stride`` / ``fps``); None for all.
+        start: index of the first source frame.
+        stride: take every stride-th source frame. Exclusive with ``fps``.
+        fps: resample to this frame rate by taking the source frame nearest each output tick.
+        size: (h, w): centre-crop to that aspect ratio, then resize (bilinear, antialiased).
+        frame_policy: "trim" drops trailing frames, "pad" repeats the last frame (up to ``frames``
+            if the clip is shorter), "none" raises ValueError unless the count is already
+            1 + k * temporal_factor.
+        temporal_factor: the VAE's temporal compression; 1 accepts any count.
+        backend: "auto" (decord, then pyav if decord is missing or fails), "decord" or "pyav".
+            Used for video files only; images, gifs and folders are read with pillow.
+
+    Returns:
+        ``(video, info)``: video (c t h w) with c = 3; info a JSON-friendly dict with ``path``,
+        ``backend``, ``source_frames``, ``source_fps``, ``source_size`` (h, w), ``frame_indices``
+        (source index of every output frame, repeats included), ``fps`` (of the output; None when the
+        source has none), ``size``, ``crop`` (top, left, h, w of the source region used),
+        ``frame_policy``, ``frames_selected``, ``frames_trimmed``, ``frames_padded`` and, when decord
+        failed and pyav read the file, ``fallback_reason``.
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: unsupported extension, bad arguments, or a frame count ``frame_policy="none"`` rejects.
+        VideoReadError: the file cannot be decoded (a ValueError, so batch loops can catch bad files).
+        ImportError: ``backend="decord"`` where decord is not installed.
+    """
+    path = Path(path)
+    if frame_policy not in FRAME_POLICIES:
+        raise ValueError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if frames is not None and frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    if start < 0 or stride < 1 or temporal_factor < 1:
+        raise ValueError(
+            f"need start >= 0, stride >= 1, temporal_factor >= 1; got {start}, {stride}, {temporal_factor}"
+        )
+    if fps is not None and (stride != 1 or fps <= 0):
+        raise ValueError("give either stride or a positive fps, not both")
+    if size is not None:
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size must be (height, width) with positive sides, got {size}")
+        size = (int(size[0]), int(size[1]))
+    if not path.exists():
+        raise FileNotFoundError(f"no such video, image or frame folder: {path}")
+
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        files = _folder_files(path)
+        source = {"count": len(files), "fps": None}
+        kind = "folder"
+    elif suffix in IMAGE_EXTENSIONS:
+        try:
+            source = _pillow_source(path)
+        except Exception as err:
+            raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
+        kind = "pillow"
+    elif suffix in VIDEO_EXTENSIONS:
+        source = _probe(path)
+        kind = "video"
+    else:
+        raise ValueError(
+            f"unsupported file type {path.suffix!r} for {path}; accepted: videos {', '.join(VIDEO_EXTENSIONS)}, "
+            f"images {', '.join(IMAGE_EXTENSIONS)}, or a folder of frames"
+        )
+
+    selected = _select(source["count"], source["fps"], start, stride, fps, frames)
+    indices, trimmed, padded = _apply_policy(selected, frames, frame_policy, temporal_factor, path)
+    distinct = sorted(set(indices))
+
+    def decoders():
+        """(backend name, generator) in the order to try them."""
+        if kind == "folder":
+            yield "pillow", _decode_files(files, distinct)
+        elif kind == "pillow":
+            yield "pillow", _decode_pillow(path, distinct)
+        else:
+            if backend in ("auto", "decord"):
+                if _decord() is not None:
+                    yield "decord", _decode_decord(path, distinct, source["count"])
+                elif backend == "decord":
+                    raise ImportError(
+                        "backend='decord' but decord is not installed; use backend='auto' or 'pyav'"
+                    )
+            if backend in ("auto", "pyav"):
+                yield "pyav", _decode_pyav(path, distinct, source["count"])
+
+    failures, out, used = [], None, None
+    for name, chunks in decoders():
+        try:
+            out, crop, decoded_size = _assemble(chunks, len(distinct), size)
+            used = name
+            break
+        except Exception as err:  # decord raises DECORDError or RuntimeError, pyav av.error.*, pillow OSError
+            failures.append(
+                f"{name}: {err}" if isinstance(err, _DecodeFailure) else f"{name}: {_one_line(err)}"
+            )
+    if out is None:
+        raise VideoReadError(f"cannot decode {path}: " + "; ".join(failures))
+
+    if indices != distinct:
+        position = {index: i for i, index in enumerate(distinct)}
+        out = out[:, [position[index] for index in indices]]
+
+    src_fps = source["fps"]
+    info = {
+        "path": str(path),
+        "backend": used,
+        "source_frames": source["count"],
+        "source_fps": src_fps,
+        "source_size": decoded_size,
+        "frame_indices": indices,
+        "fps": fps if fps is not None and src_fps is not None else (src_fps / stride if src_fps else None),
+        "size": tuple(out.shape[-2:]),
+        "crop": crop,
+        "frame_policy": frame_policy,
+        "frames_selected": len(selected),
+        "frames_trimmed": trimmed,
+        "frames_padded": padded,
+    }
+    if failures:
+        info["fallback_reason"] = "; ".join(failures)
+    return out, info
+
+
+def _assemble(chunks, n: int, size) -> tuple[torch.Tensor, tuple, tuple]:
+    """Stack decoded chunks into one (c t h w) tensor, cropping and resizing each chunk.
+
+    Returns the tensor, the crop (top, left, h, w) in source pixels and the source size (h, w).
+    """
+    out, crop, done, shape = None, None, 0, None
+    for chunk in chunks:
+        if chunk.ndim != 4 or chunk.shape[-1] != 3:
+            raise _DecodeFailure(f"decoded frames have shape {chunk.shape[1:]}, expected (h, w, 3)")
+        if out is None:
+            shape = chunk.shape[1:]
+            crop = _plan_resize(shape[:2], size)
+            h, w = size if size is not None else crop[2:]
+            out = torch.empty(3, n, h, w)
+        elif chunk.shape[1:] != shape:
+            raise _DecodeFailure(f"frame size changes from {shape[:2]} to {chunk.shape[1:3]}")
+        out[:, done : done + len(chunk)] = _to_unit(chunk, crop, size)
+        done += len(chunk)
+    if done != n:
+        raise _DecodeFailure(f"decoded {done} of {n} frames")
+    return out, tuple(int(v) for v in crop), (int(shape[0]), int(shape[1]))
+
+
+def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read an image (or the first frame of a video or gif) as a (c t h w) tensor with t = 1, in [-1, 1].
+
+    ``size`` (h, w) centre-crops to that aspect ratio and resizes, as in ``read_video``.
+    """
+    video, _ = read_video(path, frames=1, size=size, frame_policy="none")
+    return video
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(c t h w) or (1 c t h w), float in [-1, 1] or uint8 -> (t h w c) uint8 numpy, rounded."""
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(
+                f"write_video writes one clip; got a batch of {video.shape[0]}: write each video[i]"
+            )
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be (3, t, h, w) or (1, 3, t, h, w), got {tuple(video.shape)}")
+    video = video.detach().cpu()
+    if video.dtype != torch.uint8:
+        video = torch.nan_to_num(video.float(), nan=0.0)
+        video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return np.ascontiguousarray(rearrange(video, "c t h w -> t h w c").numpy())
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """Pad odd heights / widths by replicating the last row / column (4:2:0 chroma needs even sizes)."""
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def _encode_ffmpeg(
+    tmp: str, frames: np.ndarray, fps: float, codec: str, pix_fmt: str, params: list[str], target: Path
+) -> None:
+    """Pipe rgb24 frames through the ffmpeg that imageio-ffmpeg ships; raise with ffmpeg's message on failure.
+
+    Not ``imageio_ffmpeg.write_frames``: it ignores ffmpeg's exit status (a clip small enough to fit the
+    pipe buffer "succeeds" with an empty file) and sends ffmpeg's errors to the console, not the exception.
+    """
+    import imageio_ffmpeg
+
+    _, h, w, _ = frames.shape
+    rate = Fraction(fps).limit_denominator(100_000)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "pipe:0", "-an"]
+    cmd += ["-c:v", codec, "-pix_fmt", pix_fmt, *params, tmp]
+    done = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, check=False)
+    if done.returncode != 0 or os.path.getsize(tmp) == 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        reason = " | ".join(lines[-3:]) or f"exit status {done.returncode}, empty output"
+        raise RuntimeError(f"ffmpeg failed to write {target} ({codec}): {reason}")
+
+
+def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
+    """Numbered pngs into a temporary sibling folder, then renamed into place."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder; cannot write frames there")
+        strangers = [p.name for p in folder.iterdir() if p.suffix.lower() != ".png"]
+        if strangers:
+            raise FileExistsError(
+                f"{folder} holds files other than png frames ({strangers[0]}, ...); not replacing it"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    digits = max(5, len(str(len(frames) - 1)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    old = None
+    try:
+        for i, frame in enumerate(frames):
+            iio.imwrite(tmp / f"{i:0{digits}d}.png", frame, plugin="pillow", extension=".png")
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / "frames")
+        os.replace(tmp, folder)
+    except BaseException:
+        if old is not None and not folder.exists():
+            os.replace(old / "frames", folder)  # put the previous frames back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_video(
+    path: str | os.PathLike, video: torch.Tensor, fps: float = 16, crf: int | None = None
+) -> Path:
+    """Write a (c t h w) or (1 c t h w) clip, float in [-1, 1] (rounded to uint8) or uint8, atomically.
+
+    The format follows the path: ``.mp4`` H.264 / yuv420p (``crf`` default 18); ``.webm`` VP9 (``crf``
+    default 30; needs libvpx-vp9 in the bundled ffmpeg); ``.gif``; ``.png`` / ``.jpg`` for one frame;
+    no suffix for a folder of numbered pngs (an existing folder is replaced only if it holds nothing
+    but png files). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
+    Returns the path written.
+
+    Raises:
+        ValueError: unsupported suffix, wrong shape, several frames for a single-image format.
+        RuntimeError: the ffmpeg encoder is missing or fails.
+    """
+    path = Path(path)
+    frames = _to_uint8(video)
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix == "":
+        _write_frames_dir(path, frames)
+        return path
+    if suffix not in WRITE_EXTENSIONS:
+        raise ValueError(
+            f"cannot write {path}: unsupported suffix {path.suffix!r}; accepted: {', '.join(WRITE_EXTENSIONS)}, "
+            "or a path without suffix for a folder of png frames"
+        )
+    if suffix in (".png", ".jpg", ".jpeg"):
+        if len(frames) != 1:
+            raise ValueError(
+                f"cannot write {len(frames)} frames to one image {path}; give a path without suffix "
+                f"(e.g. {path.with_suffix('')}) for a folder of numbered pngs, or .mp4 / .gif / .webm"
+            )
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, frames[0], plugin="pillow", extension=suffix))
+        return path
+
+    if suffix == ".mp4":
+        codec, pix_fmt, frames = "libx264", "yuv420p", _even(frames)
+        params = ["-crf", str(_MP4_CRF if crf is None else crf), "-preset", "medium", *_COLOR_TAGS]
+        params += ["-movflags", "+faststart", "-f", "mp4"]
+    elif suffix == ".webm":
+        codec, pix_fmt, frames = "libvpx-vp9", "yuv420p", _even(frames)
+        params = ["-crf", str(_WEBM_CRF if crf is None else crf), "-b:v", "0", "-deadline", "good"]
+        params += ["-cpu-used", "4", "-row-mt", "1", *_COLOR_TAGS, "-f", "webm"]
+    else:
+        codec, pix_fmt, params = "gif", "pal8", ["-vf", _GIF_FILTER, "-loop", "0", "-f", "gif"]
+    if codec not in _ffmpeg_encoders():
+        import imageio_ffmpeg
+
+        raise RuntimeError(
+            f"cannot write {path}: the ffmpeg at {imageio_ffmpeg.get_ffmpeg_exe()} has no {codec} encoder; "
+            "write .mp4 or .gif, or point IMAGEIO_FFMPEG_EXE at an ffmpeg built with it"
+        )
+
+    atomic_write(path, lambda tmp: _encode_ffmpeg(tmp, frames, fps, codec, pix_fmt, params, path))
+    return path
