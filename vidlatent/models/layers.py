@@ -26,3 +26,50 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; available: {', '.join(ATTENTION_BACKENDS)}")
     attn_mask = None if mask is None else mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMS normalization over the last dimension, computed in fp32, then scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """How Wan splits a head's channels between time, height and width rotations (each even)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_3d(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0) -> torch.Tensor:
+    """Complex rotations ``(n, head_dim/2)`` for the tokens of a ``t x h x w`` grid, in ``t h w`` order.
+
+    Each axis owns a contiguous slice of the channel pairs (``rope_axis_dims``); pair ``i`` of an axis with
+    ``a`` channels turns by ``position * theta^(-2i/a)``. Angles are computed in float64 as Wan does.
+    """
+    fp64 = torch.device(device or "cpu").type != "mps"
+    dtype = torch.float64 if fp64 else torch.float32
+    angles = []
+    for axis, (size, dim) in enumerate(zip(grid, rope_axis_dims(head_dim))):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=dtype, device=device) / dim)
+        angle = torch.outer(torch.arange(size, dtype=dtype, device=device), freqs)  # (size, dim/2)
+        shape = [1, 1, 1, dim // 2]
+        shape[axis] = size
+        angles.append(angle.view(shape).expand(*grid, dim // 2))
+    angle = torch.cat(angles, dim=-1).flatten(0, 2)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(2i, 2i+1)`` of ``x (b n h d)`` by ``rope (n, d/2)``; computed in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope[:, None, :]).flatten(-2).type_as(x)

@@ -1,0 +1,561 @@
+"""The Wan 2.1 text-to-video transformer: patchify -> embedders -> blocks -> head -> unpatchify.
+
+Numerically the model of Wan 2.1 T2V (and of diffusers' ``WanTransformer3DModel``), under our own parameter
+names; ``from_pretrained`` reads our folders, diffusers folders and original Wan checkpoints.
+
+Letters: b batch, c channels, t h w latent frames/height/width (after patching inside the model),
+pt ph pw patch sizes, n video tokens, m text tokens, d model width, k heads, e head dim, s modulation slots.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_into, load_state_dict, read_json, save_folder
+from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, load_config
+from .layers import RMSNorm, apply_rope, attention, rope_3d
+
+WAN_HEAD_DIM = 128  # every released Wan 2.1 model; used when a checkpoint's head count must be inferred
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``(b, dim)`` = [cos | sin] of ``t * max_period^(-i/(dim/2))``, computed in float64."""
+    half = dim // 2
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    freqs = max_period ** (-torch.arange(half, dtype=dtype, device=t.device) / half)
+    angle = t.to(dtype)[:, None] * freqs
+    return torch.cat([angle.cos(), angle.sin()], dim=-1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Layer-normalize ``x`` (no affine) in fp32, then ``* (1 + scale) + shift``; returns fp32."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return torch.addcmul(shift, normed, 1 + scale)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping 3D patches -> tokens. The weight keeps Conv3d's layout ``(d, c, pt, ph, pw)``."""
+
+    def __init__(self, in_channels: int, dim: int, patch: tuple[int, int, int]):
+        super().__init__()
+        self.patch = tuple(patch)
+        self.weight = nn.Parameter(torch.empty(dim, in_channels, *patch))
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pt, ph, pw = self.patch
+        patches = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        return F.linear(patches, self.weight.flatten(1), self.bias)  # same sum as a strided Conv3d
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        x = F.gelu(x, approximate="tanh") if self.act == "gelu_tanh" else F.silu(x)
+        return self.fc2(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMS query/key norm across all heads; self-attention when ``context`` is None."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: str, eps: float, backend: str):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(dim, eps) if qk_norm == "rms_across_heads" else None
+        self.k_norm = RMSNorm(dim, eps) if qk_norm == "rms_across_heads" else None
+
+    def forward(self, x, context=None, rope=None, mask=None) -> torch.Tensor:
+        src = x if context is None else context
+        q, k, v = self.q(x), self.k(src), self.v(src)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (rearrange(z, "b n (k e) -> b n k e", k=self.num_heads) for z in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (rearrange(z, "b n k e -> b k n e") for z in (q, k, v))
+        out = attention(q, k, v, mask=mask, backend=self.backend)
+        return self.out(rearrange(out, "b k n e -> b n (k e)"))
+
+
+class DiTBlock(nn.Module):
+    """Modulated self-attention (with 3D rope), cross-attention to text, modulated GELU-tanh feed-forward."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.empty(1, 6, d))  # added to the shared time modulation
+        self.self_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.attention)
+        self.cross_norm = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.attention)
+        self.mlp = MLP(d, cfg.ffn_dim, d, "gelu_tanh")
+
+    def forward(self, x, context, time_mod, rope, context_mask) -> torch.Tensor:
+        # six (b 1 d) fp32 vectors: shift, scale, gate of attention, then of the feed-forward
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + time_mod).unsqueeze(2).unbind(1)
+        y = self.self_attn(modulate(x, shift1, scale1, self.eps).type_as(x), rope=rope)
+        x = torch.addcmul(x.float(), y.float(), gate1).type_as(x)
+        y = x
+        if self.cross_norm is not None:
+            w, b = self.cross_norm.weight.float(), self.cross_norm.bias.float()
+            y = F.layer_norm(x.float(), x.shape[-1:], w, b, self.cross_norm.eps).type_as(x)
+        x = x + self.cross_attn(y, context=context, mask=context_mask)
+        y = self.mlp(modulate(x, shift2, scale2, self.eps).type_as(x))
+        return torch.addcmul(x.float(), y.float(), gate2).type_as(x)
+
+
+class Head(nn.Module):
+    """Final modulated norm and projection to ``c * pt * ph * pw`` values per token."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+        self.proj = nn.Linear(dim, out_features)
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + time_emb[:, None]).unsqueeze(2).unbind(1)
+        return self.proj(modulate(x, shift, scale, self.eps).type_as(x))
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+# parameters kept in fp32 when the rest of the model is cast (small, and precision-sensitive)
+_FP32_PARAMS = re.compile(r"^(time_embed\.|time_modulation\.)|modulation$")
+
+
+class VideoDiT(nn.Module):
+    """Wan 2.1 T2V transformer: ``dit(x, sigma, context, context_mask=None)`` -> velocity ``noise - x0``."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if config.dim % config.num_heads:
+            raise ValueError(f"dim {config.dim} is not divisible by num_heads {config.num_heads}")
+        self.config = config
+        self.gradient_checkpointing = config.gradient_checkpointing
+        d, patch = config.dim, tuple(config.patch_size)
+        self.patch_embed = PatchEmbed(config.in_channels, d, patch)
+        self.text_embed = MLP(config.text_dim, d, d, "gelu_tanh")
+        self.time_embed = MLP(config.freq_dim, d, d, "silu")
+        self.time_modulation = nn.Linear(d, 6 * d)  # applied to silu(time embedding), shared by all blocks
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
+        self.head = Head(d, config.out_channels * math.prod(patch), config.eps)
+        init_weights(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.dim // self.config.num_heads
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1].
+
+        ``context`` (b, m, text_dim) are text tokens. Without ``context_mask`` every token is attended to, as
+        in Wan (which zero-pads prompts to ``text_len``); with a bool mask (b, m), False tokens are ignored.
+        The output has ``x``'s dtype; inside, the model runs in its parameter dtype.
+        """
+        sigma, context_mask = self._check_inputs(x, sigma, context, context_mask)
+        context, context_mask = _drop_masked_tokens(context, context_mask)
+        cfg, dtype = self.config, self.patch_embed.weight.dtype
+        pt, ph, pw = cfg.patch_size
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+        tokens = self.patch_embed(x.to(dtype))
+        rope = rope_3d(grid, self.head_dim, device=x.device)
+        freq = timestep_embedding(1000 * sigma, cfg.freq_dim)
+        time_emb = self.time_embed(freq.to(self.time_embed.fc1.weight.dtype)).float()
+        time_mod = F.silu(time_emb).to(self.time_modulation.weight.dtype)
+        time_mod = rearrange(self.time_modulation(time_mod).float(), "b (s d) -> b s d", s=6)
+        text = self.text_embed(context.to(dtype))
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, text, time_mod, rope, context_mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, text, time_mod, rope, context_mask)
+
+        out = self.head(tokens, time_emb)
+        unpatchify = "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)"
+        out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
+        return out.to(x.dtype)
+
+    def _check_inputs(self, x, sigma, context, context_mask):
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be (b, c, t, h, w) latents; got shape {tuple(x.shape)}")
+        b, c, t, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"x has {c} channels; this model accepts {cfg.in_channels}")
+        pt, ph, pw = cfg.patch_size
+        if t % pt or h % ph or w % pw or t == 0:
+            raise ValueError(
+                f"latent size t={t}, h={h}, w={w} does not split into ({pt}, {ph}, {pw}) patches: "
+                f"t must be a positive multiple of {pt}, h of {ph} and w of {pw}"
+            )
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim > 1 or sigma.numel() not in (1, b):
+            raise ValueError(
+                f"sigma must have shape ({b},) (one noise level per sample); got {tuple(sigma.shape)}"
+            )
+        sigma = sigma.reshape(-1).expand(b)
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"context must be (b={b}, m, text_dim={cfg.text_dim}) text tokens; got {tuple(context.shape)}"
+            )
+        if context_mask is not None:
+            if context_mask.shape != context.shape[:2]:
+                raise ValueError(
+                    f"context_mask must be (b, m) = {tuple(context.shape[:2])}; got {tuple(context_mask.shape)}"
+                )
+            context_mask = context_mask.to(device=context.device, dtype=torch.bool)
+        return sigma, context_mask
+
+    # ------------------------------------------------------------------------------------ weights io
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        config: DiTConfig | None = None,
+    ) -> VideoDiT:
+        """Load from a preset name, a vidlatent folder, a diffusers ``WanTransformer3DModel`` folder (single or
+        sharded safetensors; a pipeline root with ``transformer/`` works too), or an original Wan 2.1 checkpoint
+        file or folder. The layout is told from the keys; the config comes from ``config`` if given, else from
+        the folder's config.json, else from tensor shapes (heads = dim / 128, as in every Wan 2.1 model).
+
+        A preset gives a freshly initialized model. ``dtype`` defaults to the checkpoint's; the time embedding
+        and modulation tables stay fp32 as in the reference. Weights are assigned to a model built on the meta
+        device, so no random initialization is spent on large models.
+        """
+        path = Path(src)
+        if not path.exists():
+            if str(src) in list_presets("dit"):
+                model = cls(config or load_config(DiTConfig, "dit", str(src)))
+                return _cast(model, dtype).to(device) if dtype is not None else model.to(device)
+            raise FileNotFoundError(
+                f"{src!r} is neither a file, a folder, nor a dit preset ({', '.join(list_presets('dit'))})"
+            )
+        meta: dict = {}
+        if path.is_dir():
+            if not (path / CONFIG_NAME).is_file() and (path / "transformer" / CONFIG_NAME).is_file():
+                path = path / "transformer"
+            meta = read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
+            path = _find_weights(path)
+        kind = meta.get("_vidlatent_kind")
+        if kind is not None and kind != "dit":
+            raise ValueError(f"{src} holds a vidlatent {kind!r} model, not a dit")
+
+        state = load_state_dict(path)
+        layout = detect_layout(state)
+        state = {"diffusers": from_diffusers_state_dict, "wan": from_wan_state_dict}.get(layout, dict)(state)
+        if config is None:
+            config = config_from_metadata(meta) or infer_config(state)
+        if dtype is None:
+            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        with torch.device("meta"):
+            model = cls(config)
+        _cast(model, dtype)
+        load_into(model, state, what=f"VideoDiT ({layout} checkpoint {path})")
+        return model.to(device)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a vidlatent folder (config.json + model.safetensors) that ``from_pretrained`` reads back."""
+        save_folder(folder, self.state_dict(), config_to_dict(self.config), kind="dit")
+
+
+def init_weights(model: VideoDiT) -> None:
+    """All initialization in one place (Wan's scheme, plus adaLN-zero gates and a zero output projection).
+
+    Linear layers xavier-uniform with zero bias; embedders normal(0.02); the shared time modulation and the
+    gate rows of every block's table zero, so each block starts as the identity; the head projects to zero.
+    """
+    d = model.config.dim
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.xavier_uniform_(model.patch_embed.weight.view(d, -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    for layer in (model.text_embed.fc1, model.text_embed.fc2, model.time_embed.fc1, model.time_embed.fc2):
+        nn.init.normal_(layer.weight, std=0.02)
+    nn.init.zeros_(model.time_modulation.weight)
+    nn.init.zeros_(model.time_modulation.bias)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.modulation.copy_(torch.randn_like(block.modulation) / d**0.5)
+            block.modulation[:, [2, 5]] = 0.0  # the two gates
+        model.head.modulation.copy_(torch.randn_like(model.head.modulation) / d**0.5)
+    nn.init.zeros_(model.head.proj.weight)
+    nn.init.zeros_(model.head.proj.bias)
+
+
+def _cast(model: VideoDiT, dtype: torch.dtype) -> VideoDiT:
+    """Cast to ``dtype`` but keep the time embedding and the modulation tables in fp32."""
+    model.to(dtype)
+    for name, param in model.named_parameters():
+        if _FP32_PARAMS.search(name):
+            param.data = param.data.float()
+    return model
+
+
+def _drop_masked_tokens(context: torch.Tensor, mask: torch.Tensor | None):
+    """Remove text tokens masked in every sample (exact: they take no part), and the mask when all are kept."""
+    if mask is None:
+        return context, None
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("context_mask leaves a sample with no text token; keep at least one per sample")
+    keep = mask.any(dim=0)
+    if not bool(keep.all()):
+        context, mask = context[:, keep], mask[:, keep]
+    return context, (None if bool(mask.all()) else mask)
+
+
+def _find_weights(folder: Path) -> Path:
+    names = (
+        WEIGHTS_NAME,
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "model.safetensors.index.json",
+    )
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(
+        f"no unique weights file in {folder}: looked for {', '.join(names)} or a single .safetensors/.pth"
+        + (f"; found {', '.join(p.name for p in found)}" if found else "")
+    )
+
+
+# -------------------------------------------------------------------------------- checkpoint layouts
+
+# module paths as (ours, original Wan, diffusers); each maps its ".weight" and ".bias"
+_TOP_MODULES = [
+    ("patch_embed", "patch_embedding", "patch_embedding"),
+    ("text_embed.fc1", "text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embed.fc2", "text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embed.fc1", "time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embed.fc2", "time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_modulation", "time_projection.1", "condition_embedder.time_proj"),
+    ("head.proj", "head.head", "proj_out"),
+]
+_BLOCK_MODULES = [
+    ("cross_norm", "norm3", "norm2"),  # Wan numbers its norms in a different order than diffusers
+    ("mlp.fc1", "ffn.0", "ffn.net.0.proj"),
+    ("mlp.fc2", "ffn.2", "ffn.net.2"),
+] + [
+    (f"{ours}.{a}", f"{ours}.{b}", f"{theirs}.{c}")
+    for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+    for a, b, c in (
+        ("q", "q", "to_q"),
+        ("k", "k", "to_k"),
+        ("v", "v", "to_v"),
+        ("out", "o", "to_out.0"),
+        ("q_norm", "norm_q", "norm_q"),
+        ("k_norm", "norm_k", "norm_k"),
+    )
+]
+
+
+def _param_table(modules, params):
+    rows = [tuple(f"{m}.{p}" for m in row) for row in modules for p in ("weight", "bias")]
+    return rows + params
+
+
+_TOP = _param_table(_TOP_MODULES, [("head.modulation", "head.modulation", "scale_shift_table")])
+_BLOCK = _param_table(_BLOCK_MODULES, [("modulation", "modulation", "scale_shift_table")])
+_LAYOUTS = {"vidlatent": 0, "wan": 1, "diffusers": 2}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _translate(state: Mapping[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    """Rename keys between layouts; keys the table does not know pass through (and show up as unexpected)."""
+    i, j = _LAYOUTS[src], _LAYOUTS[dst]
+    top = {row[i]: row[j] for row in _TOP}
+    block = {row[i]: row[j] for row in _BLOCK}
+    out = {}
+    for key, value in state.items():
+        match = _BLOCK_KEY.fullmatch(key)
+        if match and match[2] in block:
+            out[f"blocks.{match[1]}.{block[match[2]]}"] = value
+        else:
+            out[top.get(key, key)] = value
+    return out
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"diffusers"``, ``"wan"`` (original Wan 2.1 keys) or ``"vidlatent"``, told from the key names."""
+    if any(k.startswith("condition_embedder.") for k in state):
+        return "diffusers"
+    if any(k.startswith(("time_embedding.", "model.diffusion_model.")) for k in state):
+        return "wan"
+    return "vidlatent"
+
+
+def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``WanTransformer3DModel`` keys -> vidlatent keys (tensors are shared, not copied)."""
+    return _translate(state, "diffusers", "vidlatent")
+
+
+def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vidlatent keys -> diffusers ``WanTransformer3DModel`` keys."""
+    return _translate(state, "vidlatent", "diffusers")
+
+
+def from_wan_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Wan 2.1 keys (``blocks.0.self_attn.q.weight``, optionally under ``model.diffusion_model.``)
+    -> vidlatent keys."""
+    prefix = "model.diffusion_model."
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return _translate(state, "wan", "vidlatent")
+
+
+def to_wan_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vidlatent keys -> original Wan 2.1 keys."""
+    return _translate(state, "vidlatent", "wan")
+
+
+def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """A DiTConfig read off vidlatent-layout tensor shapes. The head count is not in the shapes: it is
+    ``num_heads`` if given, else ``dim / 128`` (true of every Wan 2.1 model)."""
+    try:
+        dim, in_channels, *patch = state["patch_embed.weight"].shape
+        layers = {int(m[1]) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
+        cfg = DiTConfig(
+            in_channels=in_channels,
+            out_channels=state["head.proj.weight"].shape[0] // math.prod(patch),
+            patch_size=list(patch),
+            dim=dim,
+            ffn_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+            freq_dim=state["time_embed.fc1.weight"].shape[1],
+            text_dim=state["text_embed.fc1.weight"].shape[1],
+            num_layers=max(layers) + 1,
+            qk_norm="rms_across_heads" if "blocks.0.self_attn.q_norm.weight" in state else "none",
+            cross_attn_norm="blocks.0.cross_norm.weight" in state,
+        )
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"cannot read a VideoDiT config off this checkpoint's tensors (missing {err})"
+        ) from err
+    if num_heads is None:
+        if dim % WAN_HEAD_DIM:
+            raise ValueError(f"cannot infer the head count for dim {dim}; pass config= to from_pretrained")
+        num_heads = dim // WAN_HEAD_DIM
+    cfg.num_heads = num_heads
+    return cfg
+
+
+def config_from_metadata(meta: Mapping) -> DiTConfig | None:
+    """DiTConfig from a folder's config.json: vidlatent, diffusers ``WanTransformer3DModel`` or original Wan
+    (``WanModel``); None when the file says nothing usable."""
+    if meta.get("_vidlatent_kind") == "dit":
+        return config_from_dict(DiTConfig, {k: v for k, v in meta.items() if k != "_vidlatent_kind"})
+    if meta.get("_class_name") == "WanTransformer3DModel":
+        return config_from_diffusers(meta)
+    if "num_heads" in meta and "dim" in meta:
+        return config_from_wan(meta)
+    return None
+
+
+def config_from_diffusers(meta: Mapping) -> DiTConfig:
+    """Map a diffusers ``WanTransformer3DModel`` config.json onto DiTConfig (text-to-video models only)."""
+    if meta.get("image_dim") or meta.get("added_kv_proj_dim") or meta.get("pos_embed_seq_len"):
+        raise ValueError(
+            "image-conditioned Wan transformers (image_dim / added_kv_proj_dim) are not supported"
+        )
+    heads, head_dim = meta.get("num_attention_heads", 40), meta.get("attention_head_dim", 128)
+    return DiTConfig(
+        in_channels=meta.get("in_channels", 16),
+        out_channels=meta.get("out_channels") or meta.get("in_channels", 16),
+        patch_size=list(meta.get("patch_size", [1, 2, 2])),
+        dim=heads * head_dim,
+        ffn_dim=meta.get("ffn_dim", 13824),
+        freq_dim=meta.get("freq_dim", 256),
+        text_dim=meta.get("text_dim", 4096),
+        num_heads=heads,
+        num_layers=meta.get("num_layers", 40),
+        qk_norm="rms_across_heads" if meta.get("qk_norm", "rms_norm_across_heads") else "none",
+        cross_attn_norm=bool(meta.get("cross_attn_norm", True)),
+        eps=meta.get("eps", 1e-6),
+    )
+
+
+def to_diffusers_config(cfg: DiTConfig) -> dict:
+    """The keyword arguments of diffusers' ``WanTransformer3DModel`` for this config."""
+    if cfg.qk_norm != "rms_across_heads":
+        raise ValueError(
+            "diffusers' WanTransformer3DModel always has q/k norms; qk_norm must be rms_across_heads"
+        )
+    return dict(
+        patch_size=tuple(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.dim // cfg.num_heads,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=cfg.cross_attn_norm,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+    )
+
+
+def config_from_wan(meta: Mapping) -> DiTConfig:
+    """Map an original Wan 2.1 ``WanModel`` config.json onto DiTConfig (``model_type`` t2v only)."""
+    if meta.get("model_type", "t2v") != "t2v":
+        raise ValueError(
+            f"only Wan text-to-video models are supported; this is model_type {meta['model_type']!r}"
+        )
+    return DiTConfig(
+        in_channels=meta.get("in_dim", 16),
+        out_channels=meta.get("out_dim", 16),
+        patch_size=list(meta.get("patch_size", [1, 2, 2])),
+        dim=meta["dim"],
+        ffn_dim=meta.get("ffn_dim", 8192),
+        freq_dim=meta.get("freq_dim", 256),
+        text_dim=meta.get("text_dim", 4096),
+        text_len=meta.get("text_len", 512),
+        num_heads=meta["num_heads"],
+        num_layers=meta.get("num_layers", 32),
+        qk_norm="rms_across_heads" if meta.get("qk_norm", True) else "none",
+        cross_attn_norm=bool(meta.get("cross_attn_norm", True)),
+        eps=meta.get("eps", 1e-6),
+    )
