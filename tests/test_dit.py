@@ -21,6 +21,7 @@ from vidlatent.models.dit import (
     to_diffusers_state_dict,
     to_wan_state_dict,
 )
+from vidlatent.models.layers import apply_rope, rope_3d
 
 # diffusers' own init leaves gates, norms and tables at values where the blocks barely touch the output,
 # so a parity test over them could pass with a broken block. Unit-gain random weights make every part count
@@ -269,7 +270,7 @@ def test_fresh_model_outputs_zero_and_blocks_start_as_identity(tiny_cfg):
         assert torch.equal(model(x, sigma, context), torch.zeros_like(x))
         tokens = torch.randn(2, 10, tiny_cfg.dim)
         mod = torch.zeros(2, 6, tiny_cfg.dim)
-        rope = torch.ones(10, tiny_cfg.dim // tiny_cfg.num_heads // 2, dtype=torch.complex64)
+        rope = rope_3d((1, 2, 5), tiny_cfg.dim // tiny_cfg.num_heads)
         text = torch.randn(2, 4, tiny_cfg.dim)
         out = model.blocks[0](tokens, text, mod, rope, None)
     # the cross-attention residual has no gate in Wan; the gated attention and feed-forward add nothing
@@ -290,3 +291,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg, tiny_pair):
     ours.zero_grad(set_to_none=True)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rope_rotates_pairs_by_position_and_compiled_path_agrees(monkeypatch):
+    head_dim = 32  # time gets 12 channels (6 pairs), height and width 10 each (5 pairs)
+    rope = rope_3d((3, 4, 5), head_dim)
+    assert rope.shape == (60, 16, 2)
+    x = torch.zeros(1, 60, 1, head_dim)
+    x[..., 0] = 1.0  # the unit vector of the first time pair
+    out = apply_rope(x, rope)
+    token = 1 * 20 + 2 * 5 + 3  # (t, h, w) = (1, 2, 3)
+    torch.testing.assert_close(
+        out[0, token, 0, :2], torch.tensor([torch.cos(torch.tensor(1.0)), torch.sin(torch.tensor(1.0))])
+    )
+    # attention scores depend only on the offset between positions
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, head_dim, generator=g), torch.randn(1, 1, 1, head_dim, generator=g)
+    rq, rk = apply_rope(q.expand(1, 60, 1, -1), rope), apply_rope(k.expand(1, 60, 1, -1), rope)
+    score = lambda i, j: (rq[0, i, 0] * rk[0, j, 0]).sum()  # noqa: E731
+    torch.testing.assert_close(
+        score(0 * 20 + 1 * 5 + 1, 1 * 20 + 2 * 5 + 3), score(1 * 20 + 0 * 5 + 0, 2 * 20 + 1 * 5 + 2)
+    )
+    # the real-arithmetic path used under torch.compile computes the same rotation
+    y = torch.randn(2, 60, 3, head_dim, generator=g)
+    eager = apply_rope(y, rope)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(y, rope), eager, rtol=0, atol=1e-6)
+
+
+def test_attention_kernels_agree_and_unknown_ones_are_rejected(tiny_cfg, tiny_pair):
+    ours, _ = tiny_pair
+    x, sigma, context = inputs(tiny_cfg)
+    mask = torch.ones(context.shape[:2], dtype=torch.bool)
+    mask[0, 5:] = False
+    with torch.no_grad():
+        default = ours(x, sigma, context, mask)
+        ours.set_attention("math")
+        try:
+            torch.testing.assert_close(ours(x, sigma, context, mask), default, rtol=0, atol=1e-5)
+        finally:
+            ours.set_attention("sdpa")
+    with pytest.raises(ValueError, match="available: sdpa, cudnn, flash, efficient, math"):
+        ours.set_attention("xformers")
+    with pytest.raises(ValueError, match="unknown attention"):
+        VideoDiT(dataclasses.replace(tiny_cfg, attention="fast"))

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_into, load_state_dict, read_json, save_folder
 from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, load_config
-from .layers import RMSNorm, apply_rope, attention, rope_3d
+from .layers import ATTENTION_BACKENDS, RMSNorm, apply_rope, attention, rope_3d
 
 WAN_HEAD_DIM = 128  # every released Wan 2.1 model; used when a checkpoint's head count must be inferred
 
@@ -158,6 +158,12 @@ class VideoDiT(nn.Module):
         super().__init__()
         if config.dim % config.num_heads:
             raise ValueError(f"dim {config.dim} is not divisible by num_heads {config.num_heads}")
+        if config.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention {config.attention!r}; available: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if config.qk_norm not in ("rms_across_heads", "none"):
+            raise ValueError(f"unknown qk_norm {config.qk_norm!r}; available: rms_across_heads, none")
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
         d, patch = config.dim, tuple(config.patch_size)
@@ -168,6 +174,17 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head = Head(d, config.out_channels * math.prod(patch), config.eps)
         init_weights(self)
+
+    def set_attention(self, backend: str) -> None:
+        """Switch every attention to another kernel (``models.layers.ATTENTION_BACKENDS``)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {backend!r}; available: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        self.config.attention = backend
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
 
     @property
     def head_dim(self) -> int:

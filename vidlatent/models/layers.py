@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION_BACKENDS = ("sdpa",)
+# "sdpa" lets torch pick the kernel; the others force one (cuDNN is the fastest on H100/H200 at Wan's shapes:
+# 596 vs flash 364 TFLOP/s on an H200, see DESIGN.md), failing where that kernel cannot take the inputs.
+_KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+ATTENTION_BACKENDS = ("sdpa", *_KERNELS)
 
 
 def attention(
@@ -22,10 +31,13 @@ def attention(
 
     Every attention in vidlatent goes through here, so a faster kernel is swapped in one place.
     """
-    if backend != "sdpa":
+    if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {', '.join(ATTENTION_BACKENDS)}")
     attn_mask = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with sdpa_kernel(_KERNELS[backend]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class RMSNorm(torch.nn.Module):
@@ -51,7 +63,7 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_3d(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0) -> torch.Tensor:
-    """Complex rotations ``(n, head_dim/2)`` for the tokens of a ``t x h x w`` grid, in ``t h w`` order.
+    """Rotations ``(n, head_dim/2, 2)`` as (cos, sin) for the tokens of a ``t x h x w`` grid, in ``t h w`` order.
 
     Each axis owns a contiguous slice of the channel pairs (``rope_axis_dims``); pair ``i`` of an axis with
     ``a`` channels turns by ``position * theta^(-2i/a)``. Angles are computed in float64 as Wan does.
@@ -66,10 +78,20 @@ def rope_3d(grid: tuple[int, int, int], head_dim: int, device=None, theta: float
         shape[axis] = size
         angles.append(angle.view(shape).expand(*grid, dim // 2))
     angle = torch.cat(angles, dim=-1).flatten(0, 2)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(2i, 2i+1)`` of ``x (b n h d)`` by ``rope (n, d/2)``; computed in fp32."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rope[:, None, :]).flatten(-2).type_as(x)
+    """Rotate channel pairs ``(2i, 2i+1)`` of ``x (b n h d)`` by ``rope (n, d/2, 2)``; computed in fp32.
+
+    Eager mode multiplies complex numbers (one fast kernel); under torch.compile the same product is written
+    out in real arithmetic, which Inductor can fuse (it does not generate code for complex tensors).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        cos, sin = rope[:, None].unbind(-1)
+        real, imag = pairs.unbind(-1)
+        out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rope)[:, None])
+    return out.flatten(-2).type_as(x)
