@@ -1,0 +1,178 @@
+"""Benchmark VideoDiT against diffusers' WanTransformer3DModel: same weights, same inputs, one process.
+
+Runs alternate (ours, diffusers, ours, ...) so both see the same machine state; prints the median forward
+time of each, the speed ratio (diffusers time / ours) and TFLOP/s from FLOPs counted by
+torch.utils.flop_counter (matmuls and attention).
+
+    python scripts/bench_dit.py                                    # CPU, fp32, reduced 2-layer 1.3B-width model
+    python scripts/bench_dit.py --device cuda --dtype bf16 --full  # Wan 2.1 1.3B, 21x60x104 latents, 512 text
+    python scripts/bench_dit.py --device cuda --dtype bf16 --full --train --latent 5 30 52
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from vidlatent.checkpoint import load_into
+from vidlatent.config import DiTConfig, load_config
+from vidlatent.models.dit import VideoDiT, _cast, from_diffusers_state_dict, to_diffusers_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The CPU attention kernel is not in flop_counter's registry; count it with the same formulas as on GPU.
+_CPU_SDPA = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CPU_SDPA[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = (
+        lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)
+    )
+    _CPU_SDPA[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+        lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v)
+    )
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--full", action="store_true", help="the whole 1.3B (30 layers) instead of --layers")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--latent", type=int, nargs=3, default=None, metavar=("T", "H", "W"))
+    p.add_argument("--text-len", type=int, default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--train", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    p.add_argument("--no-diffusers", action="store_true", help="time ours alone")
+    p.add_argument(
+        "--attention", default="sdpa", help="our attention kernel: sdpa (torch picks), cudnn, flash, ..."
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    return p.parse_args()
+
+
+def build(cfg: DiTConfig, device, dtype, with_diffusers: bool):
+    """Our model and (optionally) diffusers', sharing one set of seeded random weights."""
+    torch.manual_seed(0)
+    ref = None
+    if with_diffusers:
+        try:
+            from diffusers import WanTransformer3DModel
+        except ImportError:
+            print("diffusers is not installed: timing ours alone")
+            with_diffusers = False
+    if with_diffusers:
+        with torch.device(device):  # initialize where it will run (the 1.3B takes long on a CPU)
+            ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype)
+        with torch.no_grad():  # unit-gain random weights, so every part of the network carries signal
+            for name, p in ref.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.2)
+                elif p.ndim >= 2 and "scale_shift" not in name:
+                    p.normal_(0, 1 / math.sqrt(p[0].numel()))
+                else:
+                    p.normal_(0, 0.5)
+        with torch.device("meta"):
+            ours = VideoDiT(cfg)
+        _cast(ours, dtype)
+        load_into(
+            ours, {k: v.detach().clone() for k, v in from_diffusers_state_dict(ref.state_dict()).items()}
+        )
+        ours.to(device)
+    else:
+        ours = _cast(VideoDiT(cfg), dtype).to(device)
+    return ours, ref
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_one(fn, device, target=None) -> float:
+    """Seconds for one forward (or, given a target, one forward + backward of an MSE loss)."""
+    sync(device)
+    start = time.perf_counter()
+    if target is not None:
+        torch.nn.functional.mse_loss(fn().float(), target.float()).backward()
+    else:
+        with torch.inference_mode():
+            fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    cfg = load_config(DiTConfig, "dit", "wan2.1-t2v-1.3b")
+    if not args.full:
+        cfg.num_layers = args.layers
+    latent = args.latent or ([21, 60, 104] if cuda else [5, 16, 24])
+    text_len = args.text_len or (512 if cuda else 256)
+    batches = args.batch or ([1, 2] if cuda and not args.train else [1])
+    repeats = args.repeats or (5 if cuda else 4)
+    ours, ref = build(cfg, args.device, dtype, not args.no_diffusers)
+    ours.set_attention(args.attention)
+    print(
+        f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'})"
+        f", {dtype}, torch {torch.__version__}; {cfg.num_layers} layers x dim {cfg.dim}, latents {latent}, "
+        f"{text_len} text tokens, {'forward+backward' if args.train else 'forward'}, our attention {args.attention}"
+    )
+    if args.compile:
+        ours = torch.compile(ours)
+        ref = torch.compile(ref) if ref is not None else None
+
+    for batch in batches:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, cfg.in_channels, *latent, generator=g).to(args.device, dtype)
+        sigma = torch.rand(batch, generator=g).to(args.device)
+        ctx = torch.randn(batch, text_len, cfg.text_dim, generator=g).to(args.device, dtype)
+        target = torch.randn_like(x)
+
+        run_ours = functools.partial(ours, x, sigma, ctx)
+        run_ref = functools.partial(lambda *a: ref(*a, return_dict=False)[0], x, 1000 * sigma, ctx)
+        timed = functools.partial(time_one, device=args.device, target=target if args.train else None)
+
+        runners = {"ours": run_ours} | ({"diffusers": run_ref} if ref is not None else {})
+        with torch.inference_mode():
+            if ref is not None:
+                a, b = run_ours().float(), run_ref().float()
+                print(
+                    f"batch {batch}: max |ours - diffusers| = {(a - b).abs().max():.3g} (output std {b.std():.3g})"
+                )
+        flops = {}
+        for name, fn in runners.items():
+            with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+                timed(fn)  # also the warm-up
+            flops[name] = counter.get_total_flops()
+            timed(fn)
+        times = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                times[name].append(timed(fn))
+                if args.train:
+                    for model in (ours, ref):
+                        if model is not None:
+                            model.zero_grad(set_to_none=True)
+        for name in runners:
+            t = statistics.median(times[name])
+            print(
+                f"  {name:9s} {t * 1e3:9.1f} ms  {flops[name] / 1e12:8.4g} TFLOP  {flops[name] / t / 1e12:8.4g} TFLOP/s"
+            )
+        if ref is not None:
+            ratio = statistics.median(times["diffusers"]) / statistics.median(times["ours"])
+            print(f"  speed ratio ours vs diffusers: {ratio:.3f}x (>1 means ours is faster)")
+
+
+if __name__ == "__main__":
+    main()
