@@ -1,6 +1,7 @@
 """VideoDiT: parity with diffusers' WanTransformer3DModel, checkpoint layouts, masking, input checks."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -335,3 +336,20 @@ def test_attention_kernels_agree_and_unknown_ones_are_rejected(tiny_cfg, tiny_pa
         ours.set_attention("xformers")
     with pytest.raises(ValueError, match="unknown attention"):
         VideoDiT(dataclasses.replace(tiny_cfg, attention="fast"))
+
+
+def test_bf16_diffusers_folder_loads_in_bf16_by_default(tmp_path, tiny_pair):
+    _, ref = tiny_pair
+    # a bf16 diffusers checkpoint keeps a few small modules (time embedder, tables) in fp32
+    state = {
+        k: v if "scale_shift" in k or "time_embedder" in k else v.bfloat16()
+        for k, v in ref.state_dict().items()
+    }
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **ref.config}))
+    loaded = VideoDiT.from_pretrained(tmp_path)
+    assert loaded.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert (
+        loaded.blocks[0].modulation.dtype == torch.float32
+        and loaded.time_embed.fc1.weight.dtype == torch.float32
+    )

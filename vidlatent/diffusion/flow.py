@@ -80,8 +80,8 @@ def shift_for_tokens(
     ``mu`` runs through ``(base_tokens, base_shift)`` and ``(max_tokens, max_shift)`` and continues linearly
     outside them, as in flux and SD3 (whose defaults these are). Larger latents keep more signal at a given
     sigma, so they need more time at high noise. Tokens are counted after patching:
-    ``t * (h / 2) * (w / 2)`` for Wan's (1, 2, 2) patches. For Wan 2.1 (trained with a fixed shift of 5 at
-    480p, 32,760 tokens) choose anchors through ``(32760, log(5))``.
+    ``t * (h / 2) * (w / 2)`` for Wan's (1, 2, 2) patches. Wan 2.1 itself samples with a fixed shift (5 by
+    default; 81 frames at 480p are 32,760 tokens); anchors through ``(32760, log(5))`` reproduce it there.
     """
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
     mu = base_shift + slope * (num_tokens - base_tokens)

@@ -64,6 +64,8 @@ class PatchEmbed(nn.Module):
 
 
 class MLP(nn.Module):
+    """Two linear layers around a GELU-tanh (``"gelu_tanh"``) or SiLU (``"silu"``)."""
+
     def __init__(self, in_dim: int, hidden: int, out_dim: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden)
@@ -301,8 +303,12 @@ class VideoDiT(nn.Module):
         state = {"diffusers": from_diffusers_state_dict, "wan": from_wan_state_dict}.get(layout, dict)(state)
         if config is None:
             config = config_from_metadata(meta) or infer_config(state)
-        if dtype is None:
-            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        if dtype is None:  # the dtype holding most of the weights (diffusers keeps a few in fp32)
+            sizes: dict[torch.dtype, int] = {}
+            for v in state.values():
+                if v.is_floating_point():
+                    sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
+            dtype = max(sizes, key=sizes.get, default=torch.float32)
         with torch.device("meta"):
             model = cls(config)
         _cast(model, dtype)
