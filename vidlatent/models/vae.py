@@ -1,0 +1,788 @@
+"""The 3D causal VAE (Wan 2.1 family): causal convolutions, streaming in time, tiling in space.
+
+Letters: b batch, c channels, t frames, h height, w width, n tokens (pixels of one frame).
+
+Every layer is causal in time: a frame's output depends on that frame and earlier ones only. So a clip can
+be processed chunk by chunk, each layer carrying the few past frames it needs in a ``StreamCache`` that is
+passed in and handed back explicitly. Two layers treat the clip's first frame specially, which is what makes
+an image (t = 1) encode exactly like the first frame of any video that starts with it:
+
+* ``TimeDownsample`` passes the first frame through and halves the rest with a stride-2 causal conv;
+* ``TimeUpsample`` passes the first frame through and doubles the rest with a causal conv into 2x channels.
+
+The whole-clip result and the chunked result are the same function of the input; only memory and speed
+differ. The module layout is our own; ``diffusers_key_map`` and ``wan_key_map`` translate to the diffusers
+``AutoencoderKLWan`` and original Wan 2.1 checkpoint layouts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_into,
+    load_state_dict,
+    read_json,
+    save_folder,
+)
+from ..config import VAEConfig, config_from_dict, config_to_dict, list_presets, load_config
+from .layers import attention
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class StreamCache:
+    """Carry state of one clip streamed through the VAE in time chunks.
+
+    ``past`` holds, for every causal layer, the last input frames it needs to continue the clip; ``started``
+    holds the layers that have already passed the clip's first frame through. A fresh cache means "the clip
+    starts here". Caches are plain objects: create one per clip, pass it to every chunk, drop it at the end.
+    """
+
+    past: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    started: set[nn.Module] = field(default_factory=set)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior: a diagonal Gaussian over raw latents (b c t h w)."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``mean + std * eps``; ``eps`` comes from ``generator`` on its own device (CPU by default)."""
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        eps = torch.randn(self.mean.shape, generator=generator, device=gen_device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def kl(self) -> torch.Tensor:
+        """KL divergence to N(0, I), summed over all but the batch dimension."""
+        var = torch.exp(self.logvar)
+        return 0.5 * (self.mean.pow(2) + var - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+def _as_conv3d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 2D conv weight (o i kh kw) used as a per-frame 3D conv weight (o i 1 kh kw)."""
+    return weight.unsqueeze(2) if weight.dim() == 4 else weight
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution, zero-padded only on the past side in time; spatial padding is symmetric.
+
+    With a cache, the past frames come from the previous chunk instead of zeros.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]):
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(in_channels, out_channels, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
+        self.time_pad = kernel[0] - 1
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if self.time_pad == 0:
+            return super().forward(x)
+        past = cache.past.get(self) if cache is not None else None
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)
+        if cache is not None:
+            cache.past[self] = x[:, :, -self.time_pad :]
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the channel dimension of a channels-first tensor, computed in fp32 for low precision."""
+
+    def __init__(self, channels: int, spatial_dims: int = 3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels, *([1] * spatial_dims)))
+        self.scale = channels**0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(-1, *([1] * (x.dim() - 2)))
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return (F.normalize(x.float(), dim=1) * (self.scale * weight.float())).to(x.dtype)
+        return F.normalize(x, dim=1) * (self.scale * weight)
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = RMSNorm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.skip = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        skip = x if self.skip is None else self.skip(x)
+        x = self.conv1(F.silu(self.norm1(x)), cache)
+        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
+        return x + skip
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention among the pixels of each frame (no mixing across time)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = RMSNorm(channels, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(channels, channels * 3, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c t h w -> (b t) (h w) c")
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)
+        q, k, v = rearrange(qkv, "bt n (three c) -> three bt 1 n c", three=3)
+        out = F.linear(attention(q, k, v)[:, 0], self.proj.weight.flatten(1), self.proj.bias)
+        return x + rearrange(out, "(b t) (h w) c -> b c t h w", b=b, h=h)
+
+
+class SpatialDownsample(nn.Module):
+    """Halve h and w with a stride-2 3x3 conv per frame (zero pad right/bottom); optionally halve time too."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.spatial = nn.Conv2d(channels, channels, 3, stride=2)
+        self.temporal = TimeDownsample(channels) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = F.conv3d(F.pad(x, (0, 1, 0, 1)), _as_conv3d_weight(self.spatial.weight), self.spatial.bias, (1, 2, 2))
+        return x if self.temporal is None else self.temporal(x, cache)
+
+
+class TimeDownsample(nn.Conv3d):
+    """The clip's first frame passes through; later frames are halved by a stride-2 conv over (prev, a, b).
+
+    Chunks after the clip's first frame must hold an even number of frames.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        past = cache.past.get(self) if cache is not None else None
+        first = None
+        if past is None:  # the clip starts in this chunk
+            first, x = x[:, :, :1], x[:, :, 1:]
+            past = first
+        if x.shape[2] % 2:
+            raise ValueError(f"TimeDownsample needs an even number of frames after the first, got {x.shape[2]}")
+        x = torch.cat([past, x], dim=2)
+        if cache is not None:
+            cache.past[self] = x[:, :, -1:]
+        out = super().forward(x) if x.shape[2] > 1 else x[:, :, :0]
+        return out if first is None else torch.cat([first, out], dim=2)
+
+
+class SpatialUpsample(nn.Module):
+    """Optionally double time, then double h and w (nearest) and convolve to ``out_channels``."""
+
+    def __init__(self, channels: int, out_channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = TimeUpsample(channels) if temporal else None
+        self.spatial = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if self.temporal is not None:
+            x = self.temporal(x, cache)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        return F.conv3d(x, _as_conv3d_weight(self.spatial.weight), self.spatial.bias, padding=(0, 1, 1))
+
+
+class TimeUpsample(CausalConv3d):
+    """The clip's first frame passes through; each later frame becomes two via a causal conv to 2x channels.
+
+    The causal conv runs over the frames after the first, starting from zeros (as Wan 2.1 does).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels * 2, (3, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        first = None
+        if cache is None or self not in cache.started:
+            first, x = x[:, :, :1], x[:, :, 1:]
+            if cache is not None:
+                cache.started.add(self)
+        if x.shape[2]:
+            x = rearrange(super().forward(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
+        return x if first is None else torch.cat([first, x], dim=2)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block1 = ResBlock(channels, channels, dropout)
+        self.attn = FrameAttention(channels)
+        self.block2 = ResBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.block2(self.attn(self.block1(x, cache)), cache)
+
+
+class Stage(nn.Module):
+    """Residual blocks at one resolution, then an optional resampler."""
+
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cache)
+        return x if self.resample is None else self.resample(x, cache)
+
+
+# --------------------------------------------------------------------------------------------- encoder / decoder
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.base_channels * m for m in [1, *cfg.channel_mult]]
+        last = len(cfg.channel_mult) - 1
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3)
+        self.stages = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks = [ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks)]
+            down = SpatialDownsample(cout, bool(cfg.temporal_downsample[i])) if i < last else None
+            self.stages.append(Stage(blocks, down))
+        self.mid = MidBlock(dims[-1], cfg.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.latent_channels * 2, 3)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)
+        for stage in self.stages:
+            x = stage(x, cache)
+        x = self.mid(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        mult = cfg.channel_mult
+        dims = [cfg.base_channels * m for m in [mult[-1], *mult[::-1]]]
+        temporal_up = list(cfg.temporal_downsample)[::-1]
+        last = len(mult) - 1
+        self.conv_in = CausalConv3d(cfg.latent_channels, dims[0], 3)
+        self.mid = MidBlock(dims[0], cfg.dropout)
+        self.stages = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            cin = cin // 2 if i > 0 else cin  # each upsampler halves the channels
+            blocks = [ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks + 1)]
+            up = SpatialUpsample(cout, cout // 2, bool(temporal_up[i])) if i < last else None
+            self.stages.append(Stage(blocks, up))
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.in_channels, 3)
+
+    def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = self.mid(self.conv_in(z, cache), cache)
+        for stage in self.stages:
+            x = stage(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+# --------------------------------------------------------------------------------------------- tiling
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, ramp_in: bool, ramp_out: bool) -> torch.Tensor:
+    """1D blending weights: rise over ``overlap`` at a shared leading edge, fall at a shared trailing one."""
+    weight = torch.ones(length)
+    if overlap > 0:
+        up = (torch.arange(overlap) + 0.5) / overlap
+        if ramp_in:
+            weight[:overlap] = torch.minimum(weight[:overlap], up)
+        if ramp_out:
+            weight[-overlap:] = torch.minimum(weight[-overlap:], up.flip(0))
+    return weight
+
+
+def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """Run ``fn`` on overlapping spatial tiles of ``x`` (b c t h w) and blend the results linearly.
+
+    ``tile`` and ``overlap`` are in input pixels; ``scale`` is output size / input size (1/8 to encode, 8 to
+    decode). Every tile covers the whole clip in time, so tiling never breaks causality.
+    """
+    h, w = x.shape[-2:]
+    stride = tile - overlap
+    out = weights = None
+    ys, xs = _tile_starts(h, tile, stride), _tile_starts(w, tile, stride)
+    o_overlap = int(overlap * scale)
+    for y0 in ys:
+        for x0 in xs:
+            piece = fn(x[..., y0 : y0 + tile, x0 : x0 + tile])
+            if out is None:
+                shape = (*piece.shape[:3], int(h * scale), int(w * scale))
+                out = piece.new_zeros(shape)
+                weights = piece.new_zeros(shape[-2:])
+            ph, pw = piece.shape[-2:]
+            oy, ox = int(y0 * scale), int(x0 * scale)
+            wy = _ramp(ph, min(o_overlap, ph), y0 > 0, y0 + tile < h)
+            wx = _ramp(pw, min(o_overlap, pw), x0 > 0, x0 + tile < w)
+            mask = (wy[:, None] * wx[None, :]).to(piece)
+            out[..., oy : oy + ph, ox : ox + pw] += piece * mask
+            weights[oy : oy + ph, ox : ox + pw] += mask
+    return out / weights
+
+
+# --------------------------------------------------------------------------------------------- the VAE
+
+
+class CausalVAE(nn.Module):
+    """Video VAE: (b,3,1+4k,h,w) in [-1,1] <-> raw latents (b,c,1+k,h/8,w/8); images are one-frame clips.
+
+    ``encode`` returns a :class:`DiagonalGaussian`; ``decode`` maps raw latents back to pixels in [-1, 1].
+    ``normalize``/``denormalize`` convert raw latents to and from the unit-scale latents a denoiser sees.
+    """
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        cfg = config or VAEConfig()
+        n_down = len(cfg.channel_mult) - 1
+        if len(cfg.temporal_downsample) != n_down:
+            raise ValueError(
+                f"temporal_downsample needs one entry per downsampling stage ({n_down}), got "
+                f"{list(cfg.temporal_downsample)}"
+            )
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(cfg, name)) != cfg.latent_channels:
+                raise ValueError(f"{name} needs {cfg.latent_channels} values, got {len(getattr(cfg, name))}")
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = CausalConv3d(cfg.latent_channels * 2, cfg.latent_channels * 2, 1)
+        self.post_quant_conv = CausalConv3d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ---------------------------------------------------------------- input checks
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        cfg, tf, sf = self.config, self.temporal_factor, self.spatial_factor
+        if not isinstance(video, torch.Tensor):
+            raise ValueError(f"video must be a torch.Tensor (b,{cfg.in_channels},t,h,w), got {type(video).__name__}")
+        if video.dim() != 5:
+            raise ValueError(
+                f"video must have shape (b,{cfg.in_channels},t,h,w) with 5 dims, got {tuple(video.shape)}; "
+                "add a batch dim with video[None] or a time dim for an image with image[:, :, None]"
+            )
+        if not video.is_floating_point():
+            raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
+        b, c, t, h, w = video.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"video must have {cfg.in_channels} channels in dim 1, got {c} (shape {tuple(video.shape)})")
+        if (t - 1) % tf:
+            raise ValueError(f"video frames must be 1+{tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), got t={t}")
+        if h % sf or w % sf or h == 0 or w == 0:
+            raise ValueError(f"video height and width must be positive multiples of {sf}, got {h}x{w}")
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(z, torch.Tensor) or z.dim() != 5 or not z.is_floating_point():
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"latents must be a float tensor (b,{cfg.latent_channels},t,h,w), got {shape}")
+        if z.shape[1] != cfg.latent_channels:
+            raise ValueError(f"latents must have {cfg.latent_channels} channels in dim 1, got {z.shape[1]}")
+
+    def _use_tiling(self, tile: bool | None, h: int, w: int) -> bool:
+        if tile is None:
+            return max(h, w) > self.config.auto_tile_above
+        return bool(tile)
+
+    # ---------------------------------------------------------------- streaming steps
+
+    def encode_step(self, frames: torch.Tensor, cache: StreamCache) -> tuple[torch.Tensor, StreamCache]:
+        """Encode the next chunk of a clip: returns its latent moments (b, 2c, t', h', w') and the cache.
+
+        The first chunk of a clip must start with the clip's first frame; after it, chunks hold a multiple of
+        ``temporal_factor`` frames. ``encode`` calls this in a loop; call it yourself to stream a clip from
+        a reader without holding it all in memory.
+        """
+        return self.quant_conv(self.encoder(frames, cache)), cache
+
+    def decode_step(self, z: torch.Tensor, cache: StreamCache) -> tuple[torch.Tensor, StreamCache]:
+        """Decode the next chunk of raw latents (any number of frames) and return pixels and the cache."""
+        return self.decoder(self.post_quant_conv(z), cache), cache
+
+    def _chunks(self, t: int, first: int, size: int) -> list[tuple[int, int]]:
+        bounds, start = [(0, min(first, t))], min(first, t)
+        while start < t:
+            bounds.append((start, min(start + size, t)))
+            start += size
+        return bounds
+
+    def _encode_moments(self, video: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        t = video.shape[2]
+        if chunk_size <= 0:
+            return self.encode_step(video, StreamCache())[0]
+        cache, outs = StreamCache(), []
+        for a, b in self._chunks(t, 1, chunk_size * self.temporal_factor):
+            outs.append(self.encode_step(video[:, :, a:b], cache)[0])
+        return torch.cat(outs, dim=2)
+
+    def _decode_pixels(self, z: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        t = z.shape[2]
+        if chunk_size <= 0:
+            return self.decode_step(z, StreamCache())[0]
+        cache, outs = StreamCache(), []
+        for a, b in self._chunks(t, 1, chunk_size):
+            outs.append(self.decode_step(z[:, :, a:b], cache)[0])
+        return torch.cat(outs, dim=2)
+
+    # ---------------------------------------------------------------- public API
+
+    def encode(self, video: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None) -> DiagonalGaussian:
+        """Encode a clip (b,3,1+4k,h,w) in [-1,1] into a posterior over raw latents (b,c,1+k,h/8,w/8).
+
+        ``chunk_size``: latent frames per streamed chunk after the first (default ``config.chunk_size``;
+        0 = the whole clip in one pass); every chunk size gives the same result. ``tile``: spatial tiling
+        (None = automatic above ``config.auto_tile_above`` pixels).
+        """
+        self._check_video(video)
+        video = video.to(device=self.device, dtype=self.dtype)
+        chunk = self.config.chunk_size if chunk_size is None else chunk_size
+        fn = lambda v: self._encode_moments(v, chunk)  # noqa: E731
+        if self._use_tiling(tile, *video.shape[-2:]):
+            sf = self.spatial_factor
+            size = max(sf, self.config.tile_size // sf * sf)
+            overlap = min(size - sf, self.config.tile_overlap // sf * sf)
+            moments = tiled_apply(fn, video, size, overlap, 1.0 / sf)
+        else:
+            moments = fn(video)
+        mean, logvar = moments.chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None) -> torch.Tensor:
+        """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),8h',8w') clamped to [-1, 1]."""
+        self._check_latents(z)
+        z = z.to(device=self.device, dtype=self.dtype)
+        chunk = self.config.chunk_size if chunk_size is None else chunk_size
+        fn = lambda v: self._decode_pixels(v, chunk)  # noqa: E731
+        sf = self.spatial_factor
+        if self._use_tiling(tile, z.shape[-2] * sf, z.shape[-1] * sf):
+            size = max(1, self.config.tile_size // sf)
+            overlap = min(size - 1, self.config.tile_overlap // sf)
+            video = tiled_apply(fn, z, size, overlap, float(sf))
+        else:
+            video = fn(z)
+        return video.clamp(-1.0, 1.0)
+
+    def encode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[DiagonalGaussian]:
+        """Encode a clip given as an iterable of frame chunks (first chunk starts with frame 0; then
+        multiples of 4 frames), yielding the posterior of each chunk. Memory stays bounded by the chunk."""
+        cache = StreamCache()
+        for frames in chunks:
+            moments, cache = self.encode_step(frames.to(device=self.device, dtype=self.dtype), cache)
+            mean, logvar = moments.chunk(2, dim=1)
+            yield DiagonalGaussian(mean, logvar)
+
+    def decode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Decode raw latents given as an iterable of chunks, yielding pixel chunks clamped to [-1, 1]."""
+        cache = StreamCache()
+        for z in chunks:
+            video, cache = self.decode_step(z.to(device=self.device, dtype=self.dtype), cache)
+            yield video.clamp(-1.0, 1.0)
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+        std = torch.tensor(self.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> unit-scale latents: (z - latents_mean) / latents_std per channel."""
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Unit-scale latents -> raw latents: z * latents_std + latents_mean per channel."""
+        mean, std = self._stats(z)
+        return z * std + mean
+
+    # ---------------------------------------------------------------- weights in and out
+
+    @classmethod
+    def from_config(cls, config: VAEConfig, device=None, dtype=None) -> CausalVAE:
+        return cls(config).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, src: str | Path, device=None, dtype=None, **overrides) -> CausalVAE:
+        """Load a VAE from a preset name (random init), a vidlatent folder, a diffusers ``AutoencoderKLWan``
+        folder, or an original Wan 2.1 VAE checkpoint (``Wan2.1_VAE.pth`` or the same keys in .safetensors).
+
+        ``overrides`` replace config fields (e.g. ``chunk_size=2``). Weights load without executing code;
+        keys or shapes that do not fit raise an error listing them.
+        """
+        path = Path(src)
+        if not path.exists():
+            if str(src) in list_presets("vae"):
+                cfg = load_config(VAEConfig, "vae", str(src), overrides=[f"{k}={v}" for k, v in overrides.items()])
+                return cls.from_config(cfg, device, dtype)
+            raise FileNotFoundError(
+                f"no VAE at {src!r}: not a file or folder, and not a preset ({', '.join(list_presets('vae'))})"
+            )
+        if path.is_dir():
+            cfg_file = path / CONFIG_NAME
+            if not cfg_file.is_file():
+                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; expected a vidlatent or diffusers VAE folder")
+            raw = read_json(cfg_file)
+            if raw.get("_vidlatent_kind") == "vae":
+                raw.pop("_vidlatent_kind")
+                cfg = config_from_dict(VAEConfig, {**raw, **overrides})
+                sd, layout = load_state_dict(path / WEIGHTS_NAME), "vidlatent"
+            elif raw.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan":
+                cfg = config_from_dict(VAEConfig, {**vae_config_from_diffusers(raw), **overrides})
+                sd, layout = load_state_dict(_find_weights(path, "diffusion_pytorch_model")), "diffusers"
+            else:
+                raise ValueError(f"{path} holds a {raw['_class_name']}, not an AutoencoderKLWan or vidlatent VAE")
+        else:
+            sd = load_state_dict(path)
+            layout = _detect_layout(sd)
+            cfg = config_from_dict(VAEConfig, {**vae_config_from_state_dict(sd, layout), **overrides})
+        with torch.device("meta"):
+            model = cls(cfg)
+        if layout != "vidlatent":
+            mapping = diffusers_key_map(model) if layout == "diffusers" else wan_key_map(model)
+            sd = import_state_dict(model, sd, mapping, layout)
+        load_into(model, sd, what=f"CausalVAE ({layout} layout from {path})")
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``folder``."""
+        save_folder(folder, self.state_dict(), config_to_dict(self.config), kind="vae")
+
+
+# --------------------------------------------------------------------------------------------- checkpoint layouts
+
+
+def _find_weights(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors", f"{stem}.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} has no {stem}.safetensors (or .bin / sharded index)")
+
+
+def vae_config_from_diffusers(raw: dict) -> dict:
+    """Translate a diffusers ``AutoencoderKLWan`` config.json into ``VAEConfig`` fields (Wan 2.1 only)."""
+    if raw.get("is_residual") or raw.get("patch_size"):
+        raise ValueError("this AutoencoderKLWan is a Wan 2.2 VAE (residual / patchified); only Wan 2.1 is supported")
+    base = raw.get("base_dim", 96)
+    if raw.get("decoder_base_dim") not in (None, base):
+        raise ValueError("decoder_base_dim different from base_dim is not supported")
+    if raw.get("attn_scales"):
+        raise ValueError(f"attn_scales {raw['attn_scales']} are not supported (Wan 2.1 uses none)")
+    cfg = VAEConfig()
+    out = {
+        "in_channels": raw.get("in_channels", 3),
+        "base_channels": base,
+        "channel_mult": list(raw.get("dim_mult", cfg.channel_mult)),
+        "num_res_blocks": raw.get("num_res_blocks", cfg.num_res_blocks),
+        "temporal_downsample": list(raw.get("temperal_downsample", cfg.temporal_downsample)),
+        "latent_channels": raw.get("z_dim", 16),
+        "dropout": raw.get("dropout", 0.0),
+    }
+    if raw.get("out_channels", out["in_channels"]) != out["in_channels"]:
+        raise ValueError("in_channels != out_channels is not supported")
+    for name in ("latents_mean", "latents_std"):
+        if raw.get(name) is not None:
+            out[name] = list(raw[name])
+    return out
+
+
+def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
+    """``VAEConfig`` -> diffusers ``AutoencoderKLWan`` constructor arguments."""
+    return {
+        "base_dim": cfg.base_channels,
+        "z_dim": cfg.latent_channels,
+        "dim_mult": list(cfg.channel_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": list(cfg.temporal_downsample),  # (sic: diffusers' spelling)
+        "dropout": cfg.dropout,
+        "latents_mean": list(cfg.latents_mean),
+        "latents_std": list(cfg.latents_std),
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+    }
+
+
+def _detect_layout(sd: dict) -> str:
+    if "encoder.conv1.weight" in sd:
+        return "wan"
+    if "encoder.conv_in.weight" in sd and any(k.startswith("encoder.down_blocks.") for k in sd):
+        return "diffusers"
+    if any(k.startswith("encoder.stages.") for k in sd):
+        return "vidlatent"
+    raise ValueError(
+        "unrecognised VAE checkpoint: expected original Wan 2.1 keys (encoder.conv1.weight, ...), diffusers "
+        "AutoencoderKLWan keys (encoder.conv_in.weight, encoder.down_blocks...) or vidlatent keys"
+    )
+
+
+def vae_config_from_state_dict(sd: dict, layout: str) -> dict:
+    """Infer base width, latent and input channels from a single-file checkpoint; the rest is Wan 2.1."""
+    conv_in = sd["encoder.conv1.weight" if layout == "wan" else "encoder.conv_in.weight"]
+    post = sd["conv2.weight" if layout == "wan" else "post_quant_conv.weight"]
+    out = {"base_channels": conv_in.shape[0], "in_channels": conv_in.shape[1], "latent_channels": post.shape[0]}
+    if out["latent_channels"] != 16:  # Wan's latent stats only fit 16 channels; use neutral ones otherwise
+        out["latents_mean"] = [0.0] * out["latent_channels"]
+        out["latents_std"] = [1.0] * out["latent_channels"]
+    return out
+
+
+_RES = {"diffusers": ("norm1", "conv1", "norm2", "conv2", "conv_shortcut"), "wan": ("residual.0", "residual.2", "residual.3", "residual.6", "shortcut")}  # fmt: skip
+_OURS_RES = ("norm1", "conv1", "norm2", "conv2", "skip")
+_NORM_PARAM = {"weight": "gamma"}
+
+
+def _block_keys(ours: str, theirs: str, layout: str, kind: str) -> dict[str, str]:
+    """Map the module prefix ``ours`` (a ResBlock, FrameAttention, Resample) to ``theirs`` for one layout."""
+    m: dict[str, str] = {}
+    if kind == "res":
+        for a, b in zip(_OURS_RES, _RES[layout]):
+            if a.startswith("norm"):
+                m[f"{ours}.{a}.weight"] = f"{theirs}.{b}.gamma"
+            else:
+                m[f"{ours}.{a}.weight"], m[f"{ours}.{a}.bias"] = f"{theirs}.{b}.weight", f"{theirs}.{b}.bias"
+    elif kind == "attn":
+        m[f"{ours}.norm.weight"] = f"{theirs}.norm.gamma"
+        for a in ("to_qkv", "proj"):
+            m[f"{ours}.{a}.weight"], m[f"{ours}.{a}.bias"] = f"{theirs}.{a}.weight", f"{theirs}.{a}.bias"
+    elif kind == "resample":
+        for a, b in (("spatial", "resample.1"), ("temporal", "time_conv")):
+            m[f"{ours}.{a}.weight"], m[f"{ours}.{a}.bias"] = f"{theirs}.{b}.weight", f"{theirs}.{b}.bias"
+    return m
+
+
+def _vae_key_map(model: CausalVAE, layout: str) -> dict[str, str]:
+    cfg, m = model.config, {}
+    wan = layout == "wan"
+
+    def conv(ours: str, theirs: str) -> None:
+        m[f"{ours}.weight"], m[f"{ours}.bias"] = f"{theirs}.weight", f"{theirs}.bias"
+
+    def norm(ours: str, theirs: str) -> None:
+        m[f"{ours}.weight"] = f"{theirs}.gamma"
+
+    conv("quant_conv", "conv1" if wan else "quant_conv")
+    conv("post_quant_conv", "conv2" if wan else "post_quant_conv")
+    for part in ("encoder", "decoder"):
+        conv(f"{part}.conv_in", f"{part}.conv1" if wan else f"{part}.conv_in")
+        mid = f"{part}.middle" if wan else f"{part}.mid_block"
+        m.update(_block_keys(f"{part}.mid.block1", f"{mid}.0" if wan else f"{mid}.resnets.0", layout, "res"))
+        m.update(_block_keys(f"{part}.mid.attn", f"{mid}.1" if wan else f"{mid}.attentions.0", layout, "attn"))
+        m.update(_block_keys(f"{part}.mid.block2", f"{mid}.2" if wan else f"{mid}.resnets.1", layout, "res"))
+        norm(f"{part}.norm_out", f"{part}.head.0" if wan else f"{part}.norm_out")
+        conv(f"{part}.conv_out", f"{part}.head.2" if wan else f"{part}.conv_out")
+    n = cfg.num_res_blocks
+    for i, stage in enumerate(model.encoder.stages):  # flat list in both layouts: n blocks then a resampler
+        flat = "encoder.downsamples" if wan else "encoder.down_blocks"
+        for j in range(len(stage.blocks)):
+            m.update(_block_keys(f"encoder.stages.{i}.blocks.{j}", f"{flat}.{i * (n + 1) + j}", layout, "res"))
+        if stage.resample is not None:
+            m.update(_block_keys(f"encoder.stages.{i}.resample", f"{flat}.{i * (n + 1) + n}", layout, "resample"))
+    for i, stage in enumerate(model.decoder.stages):  # wan: flat (n+1 blocks, resampler); diffusers: nested
+        for j in range(len(stage.blocks)):
+            theirs = f"decoder.upsamples.{i * (n + 2) + j}" if wan else f"decoder.up_blocks.{i}.resnets.{j}"
+            m.update(_block_keys(f"decoder.stages.{i}.blocks.{j}", theirs, layout, "res"))
+        if stage.resample is not None:
+            theirs = f"decoder.upsamples.{i * (n + 2) + n + 1}" if wan else f"decoder.up_blocks.{i}.upsamplers.0"
+            m.update(_block_keys(f"decoder.stages.{i}.resample", theirs, layout, "resample"))
+    own = set(model.state_dict())
+    return {k: v for k, v in m.items() if k in own}
+
+
+def diffusers_key_map(model: CausalVAE) -> dict[str, str]:
+    """Our parameter names -> diffusers ``AutoencoderKLWan`` names."""
+    return _vae_key_map(model, "diffusers")
+
+
+def wan_key_map(model: CausalVAE) -> dict[str, str]:
+    """Our parameter names -> original Wan 2.1 ``WanVAE_`` names (``Wan2.1_VAE.pth``)."""
+    return _vae_key_map(model, "wan")
+
+
+def import_state_dict(model: nn.Module, sd: dict, mapping: dict[str, str], layout: str) -> dict[str, torch.Tensor]:
+    """Rename a foreign state dict to ours; tensors are reshaped where only singleton dims differ.
+
+    Keys the mapping does not cover are kept under their foreign names, so the fit check lists them.
+    """
+    inverse = {theirs: ours for ours, theirs in mapping.items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    out = {}
+    for key, value in sd.items():
+        ours = inverse.get(key)
+        if ours is None:
+            out[f"[{layout}] {key}"] = value
+            continue
+        if value.shape != shapes[ours] and value.numel() == math.prod(shapes[ours]):
+            value = value.reshape(shapes[ours])
+        out[ours] = value
+    return out
+
+
+def export_state_dict(model: nn.Module, mapping: dict[str, str], like: dict | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict under foreign names (``mapping`` from ``diffusers_key_map``/``wan_key_map``).
+
+    ``like`` (a foreign state dict or name -> shape) reshapes tensors to the foreign shapes.
+    """
+    out = {}
+    for ours, value in model.state_dict().items():
+        theirs = mapping[ours]
+        if like is not None and theirs in like:
+            shape = like[theirs].shape if hasattr(like[theirs], "shape") else like[theirs]
+            value = value.reshape(shape)
+        out[theirs] = value
+    return out
