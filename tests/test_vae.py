@@ -63,13 +63,21 @@ def check_parity(vae, ref, x):
     with torch.no_grad():
         post = vae.encode(x)
         ref_post = ref.encode(x).latent_dist
-        assert post.mean.shape == (1, vae.config.latent_channels, 1 + (x.shape[2] - 1) // 4, x.shape[3] // 8, x.shape[4] // 8)
+        assert post.mean.shape == (
+            1,
+            vae.config.latent_channels,
+            1 + (x.shape[2] - 1) // 4,
+            x.shape[3] // 8,
+            x.shape[4] // 8,
+        )
         assert maxdiff(post.mean, ref_post.mean) <= TOL
         assert maxdiff(post.logvar, ref_post.logvar) <= TOL
         z = post.mean
         # unclamped decoder output, then the public (clamped) decode
         cache = StreamCache()
-        ours_raw = torch.cat([vae.decode_step(z[:, :, i : i + 1], cache)[0] for i in range(z.shape[2])], dim=2)
+        ours_raw = torch.cat(
+            [vae.decode_step(z[:, :, i : i + 1], cache)[0] for i in range(z.shape[2])], dim=2
+        )
         ref.clear_cache()
         zz = ref.post_quant_conv(z)
         ref_raw = torch.cat(
@@ -127,11 +135,16 @@ def test_original_wan_layout(tmp_path, tiny_pair, suffix):
     path = tmp_path / f"Wan2.1_VAE{suffix}"
     tensors = {k: v.contiguous() for k, v in wan_sd.items()}
     torch.save(tensors, path) if suffix == ".pth" else save_file(tensors, path)
-    loaded = CausalVAE.from_pretrained(path, latents_mean=vae.config.latents_mean, latents_std=vae.config.latents_std)
+    loaded = CausalVAE.from_pretrained(
+        path, latents_mean=vae.config.latents_mean, latents_std=vae.config.latents_std
+    )
     x = video()
     with torch.no_grad():
         assert maxdiff(loaded.encode(x).mean, ref.encode(x).latent_dist.mean) <= TOL
-        assert maxdiff(loaded.decode(loaded.encode(x).mean), ref.decode(ref.encode(x).latent_dist.mean).sample) <= TOL
+        assert (
+            maxdiff(loaded.decode(loaded.encode(x).mean), ref.decode(ref.encode(x).latent_dist.mean).sample)
+            <= TOL
+        )
 
 
 def test_vidlatent_folder_round_trip(tmp_path, tiny_pair):

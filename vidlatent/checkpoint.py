@@ -45,10 +45,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ValueError(f"{path} does not hold a flat state dict of tensors")
         return dict(sd)
-    raise ValueError(f"unsupported checkpoint file {path}: expected .safetensors, .pt, .pth, .bin or .index.json")
+    raise ValueError(
+        f"unsupported checkpoint file {path}: expected .safetensors, .pt, .pth, .bin or .index.json"
+    )
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:
+def check_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model"
+) -> None:
     """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
@@ -72,7 +76,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], wh
     check_state_dict(model, state_dict, what)
     params = dict(model.named_parameters())
     ref = {**dict(model.named_buffers()), **params}
-    converted = {k: v.to(dtype=ref[k].dtype) if ref[k].dtype.is_floating_point else v for k, v in state_dict.items()}
+    converted = {
+        k: v.to(dtype=ref[k].dtype) if ref[k].dtype.is_floating_point else v for k, v in state_dict.items()
+    }
     model.load_state_dict(converted, strict=True, assign=True)
 
 

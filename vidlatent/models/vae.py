@@ -80,6 +80,26 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
+def conv3d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1, 1), padding=(0, 0, 0)
+):
+    """``F.conv3d``, except that CPU inference always goes through oneDNN.
+
+    PyTorch picks its slow im2col kernel for "small" inputs by a size rule (batch*channels*frames*height <=
+    20480), which catches exactly the one-frame chunks of causal streaming: measured 4-14x slower there.
+    """
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+    ):
+        return torch.ops.aten.mkldnn_convolution(
+            x.contiguous(), weight.contiguous(), bias, list(padding), list(stride), [1, 1, 1], 1
+        )
+    return F.conv3d(x, weight, bias, stride, padding)
+
+
 def _as_conv3d_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 2D conv weight (o i kh kw) used as a per-frame 3D conv weight (o i 1 kh kw)."""
     return weight.unsqueeze(2) if weight.dim() == 4 else weight
@@ -101,14 +121,18 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         if self.time_pad == 0:
-            return super().forward(x)
+            return conv3d(x, self.weight, self.bias, self.stride, self.padding)
         past = cache.past.get(self) if cache is not None else None
+        if past is None and x.shape[2] == 1 and cache is not None:
+            # A clip's first frame alone: its past is all zeros, so only the last time tap contributes.
+            cache.past[self] = F.pad(x, (0, 0, 0, 0, self.time_pad - 1, 0))
+            return conv3d(x, self.weight[:, :, -1:], self.bias, self.stride, self.padding)
         if past is None:
             past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
         x = torch.cat([past, x], dim=2)
         if cache is not None:
             cache.past[self] = x[:, :, -self.time_pad :]
-        return super().forward(x)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class RMSNorm(nn.Module):
@@ -139,10 +163,11 @@ class ResBlock(nn.Module):
         self.skip = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        inplace = not torch.is_grad_enabled()  # reuse buffers at inference; autograd needs the originals
         skip = x if self.skip is None else self.skip(x)
-        x = self.conv1(F.silu(self.norm1(x)), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
-        return x + skip
+        x = self.conv1(F.silu(self.norm1(x), inplace=inplace), cache)
+        x = self.conv2(self.dropout(F.silu(self.norm2(x), inplace=inplace)), cache)
+        return x.add_(skip) if inplace else x + skip
 
 
 class FrameAttention(nn.Module):
@@ -172,7 +197,9 @@ class SpatialDownsample(nn.Module):
         self.temporal = TimeDownsample(channels) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        x = F.conv3d(F.pad(x, (0, 1, 0, 1)), _as_conv3d_weight(self.spatial.weight), self.spatial.bias, (1, 2, 2))
+        x = conv3d(
+            F.pad(x, (0, 1, 0, 1)), _as_conv3d_weight(self.spatial.weight), self.spatial.bias, (1, 2, 2)
+        )
         return x if self.temporal is None else self.temporal(x, cache)
 
 
@@ -192,11 +219,13 @@ class TimeDownsample(nn.Conv3d):
             first, x = x[:, :, :1], x[:, :, 1:]
             past = first
         if x.shape[2] % 2:
-            raise ValueError(f"TimeDownsample needs an even number of frames after the first, got {x.shape[2]}")
+            raise ValueError(
+                f"TimeDownsample needs an even number of frames after the first, got {x.shape[2]}"
+            )
         x = torch.cat([past, x], dim=2)
         if cache is not None:
             cache.past[self] = x[:, :, -1:]
-        out = super().forward(x) if x.shape[2] > 1 else x[:, :, :0]
+        out = conv3d(x, self.weight, self.bias, self.stride) if x.shape[2] > 1 else x[:, :, :0]
         return out if first is None else torch.cat([first, out], dim=2)
 
 
@@ -212,7 +241,7 @@ class SpatialUpsample(nn.Module):
         if self.temporal is not None:
             x = self.temporal(x, cache)
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return F.conv3d(x, _as_conv3d_weight(self.spatial.weight), self.spatial.bias, padding=(0, 1, 1))
+        return conv3d(x, _as_conv3d_weight(self.spatial.weight), self.spatial.bias, padding=(0, 1, 1))
 
 
 class TimeUpsample(CausalConv3d):
@@ -298,7 +327,9 @@ class Decoder(nn.Module):
         self.stages = nn.ModuleList()
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             cin = cin // 2 if i > 0 else cin  # each upsampler halves the channels
-            blocks = [ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks + 1)]
+            blocks = [
+                ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks + 1)
+            ]
             up = SpatialUpsample(cout, cout // 2, bool(temporal_up[i])) if i < last else None
             self.stages.append(Stage(blocks, up))
         self.norm_out = RMSNorm(dims[-1])
@@ -412,7 +443,9 @@ class CausalVAE(nn.Module):
     def _check_video(self, video: torch.Tensor) -> None:
         cfg, tf, sf = self.config, self.temporal_factor, self.spatial_factor
         if not isinstance(video, torch.Tensor):
-            raise ValueError(f"video must be a torch.Tensor (b,{cfg.in_channels},t,h,w), got {type(video).__name__}")
+            raise ValueError(
+                f"video must be a torch.Tensor (b,{cfg.in_channels},t,h,w), got {type(video).__name__}"
+            )
         if video.dim() != 5:
             raise ValueError(
                 f"video must have shape (b,{cfg.in_channels},t,h,w) with 5 dims, got {tuple(video.shape)}; "
@@ -422,7 +455,9 @@ class CausalVAE(nn.Module):
             raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
         b, c, t, h, w = video.shape
         if c != cfg.in_channels:
-            raise ValueError(f"video must have {cfg.in_channels} channels in dim 1, got {c} (shape {tuple(video.shape)})")
+            raise ValueError(
+                f"video must have {cfg.in_channels} channels in dim 1, got {c} (shape {tuple(video.shape)})"
+            )
         if (t - 1) % tf:
             raise ValueError(f"video frames must be 1+{tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), got t={t}")
         if h % sf or w % sf or h == 0 or w == 0:
@@ -483,7 +518,9 @@ class CausalVAE(nn.Module):
 
     # ---------------------------------------------------------------- public API
 
-    def encode(self, video: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None) -> DiagonalGaussian:
+    def encode(
+        self, video: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None
+    ) -> DiagonalGaussian:
         """Encode a clip (b,3,1+4k,h,w) in [-1,1] into a posterior over raw latents (b,c,1+k,h/8,w/8).
 
         ``chunk_size``: latent frames per streamed chunk after the first (default ``config.chunk_size``;
@@ -504,7 +541,9 @@ class CausalVAE(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
-    def decode(self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None
+    ) -> torch.Tensor:
         """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),8h',8w') clamped to [-1, 1]."""
         self._check_latents(z)
         z = z.to(device=self.device, dtype=self.dtype)
@@ -568,7 +607,9 @@ class CausalVAE(nn.Module):
         path = Path(src)
         if not path.exists():
             if str(src) in list_presets("vae"):
-                cfg = load_config(VAEConfig, "vae", str(src), overrides=[f"{k}={v}" for k, v in overrides.items()])
+                cfg = load_config(
+                    VAEConfig, "vae", str(src), overrides=[f"{k}={v}" for k, v in overrides.items()]
+                )
                 return cls.from_config(cfg, device, dtype)
             raise FileNotFoundError(
                 f"no VAE at {src!r}: not a file or folder, and not a preset ({', '.join(list_presets('vae'))})"
@@ -576,7 +617,9 @@ class CausalVAE(nn.Module):
         if path.is_dir():
             cfg_file = path / CONFIG_NAME
             if not cfg_file.is_file():
-                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; expected a vidlatent or diffusers VAE folder")
+                raise FileNotFoundError(
+                    f"{path} has no {CONFIG_NAME}; expected a vidlatent or diffusers VAE folder"
+                )
             raw = read_json(cfg_file)
             if raw.get("_vidlatent_kind") == "vae":
                 raw.pop("_vidlatent_kind")
@@ -586,7 +629,9 @@ class CausalVAE(nn.Module):
                 cfg = config_from_dict(VAEConfig, {**vae_config_from_diffusers(raw), **overrides})
                 sd, layout = load_state_dict(_find_weights(path, "diffusion_pytorch_model")), "diffusers"
             else:
-                raise ValueError(f"{path} holds a {raw['_class_name']}, not an AutoencoderKLWan or vidlatent VAE")
+                raise ValueError(
+                    f"{path} holds a {raw['_class_name']}, not an AutoencoderKLWan or vidlatent VAE"
+                )
         else:
             sd = load_state_dict(path)
             layout = _detect_layout(sd)
@@ -617,7 +662,9 @@ def _find_weights(folder: Path, stem: str) -> Path:
 def vae_config_from_diffusers(raw: dict) -> dict:
     """Translate a diffusers ``AutoencoderKLWan`` config.json into ``VAEConfig`` fields (Wan 2.1 only)."""
     if raw.get("is_residual") or raw.get("patch_size"):
-        raise ValueError("this AutoencoderKLWan is a Wan 2.2 VAE (residual / patchified); only Wan 2.1 is supported")
+        raise ValueError(
+            "this AutoencoderKLWan is a Wan 2.2 VAE (residual / patchified); only Wan 2.1 is supported"
+        )
     base = raw.get("base_dim", 96)
     if raw.get("decoder_base_dim") not in (None, base):
         raise ValueError("decoder_base_dim different from base_dim is not supported")
@@ -675,7 +722,11 @@ def vae_config_from_state_dict(sd: dict, layout: str) -> dict:
     """Infer base width, latent and input channels from a single-file checkpoint; the rest is Wan 2.1."""
     conv_in = sd["encoder.conv1.weight" if layout == "wan" else "encoder.conv_in.weight"]
     post = sd["conv2.weight" if layout == "wan" else "post_quant_conv.weight"]
-    out = {"base_channels": conv_in.shape[0], "in_channels": conv_in.shape[1], "latent_channels": post.shape[0]}
+    out = {
+        "base_channels": conv_in.shape[0],
+        "in_channels": conv_in.shape[1],
+        "latent_channels": post.shape[0],
+    }
     if out["latent_channels"] != 16:  # Wan's latent stats only fit 16 channels; use neutral ones otherwise
         out["latents_mean"] = [0.0] * out["latent_channels"]
         out["latents_std"] = [1.0] * out["latent_channels"]
@@ -722,7 +773,9 @@ def _vae_key_map(model: CausalVAE, layout: str) -> dict[str, str]:
         conv(f"{part}.conv_in", f"{part}.conv1" if wan else f"{part}.conv_in")
         mid = f"{part}.middle" if wan else f"{part}.mid_block"
         m.update(_block_keys(f"{part}.mid.block1", f"{mid}.0" if wan else f"{mid}.resnets.0", layout, "res"))
-        m.update(_block_keys(f"{part}.mid.attn", f"{mid}.1" if wan else f"{mid}.attentions.0", layout, "attn"))
+        m.update(
+            _block_keys(f"{part}.mid.attn", f"{mid}.1" if wan else f"{mid}.attentions.0", layout, "attn")
+        )
         m.update(_block_keys(f"{part}.mid.block2", f"{mid}.2" if wan else f"{mid}.resnets.1", layout, "res"))
         norm(f"{part}.norm_out", f"{part}.head.0" if wan else f"{part}.norm_out")
         conv(f"{part}.conv_out", f"{part}.head.2" if wan else f"{part}.conv_out")
@@ -730,15 +783,21 @@ def _vae_key_map(model: CausalVAE, layout: str) -> dict[str, str]:
     for i, stage in enumerate(model.encoder.stages):  # flat list in both layouts: n blocks then a resampler
         flat = "encoder.downsamples" if wan else "encoder.down_blocks"
         for j in range(len(stage.blocks)):
-            m.update(_block_keys(f"encoder.stages.{i}.blocks.{j}", f"{flat}.{i * (n + 1) + j}", layout, "res"))
+            m.update(
+                _block_keys(f"encoder.stages.{i}.blocks.{j}", f"{flat}.{i * (n + 1) + j}", layout, "res")
+            )
         if stage.resample is not None:
-            m.update(_block_keys(f"encoder.stages.{i}.resample", f"{flat}.{i * (n + 1) + n}", layout, "resample"))
+            m.update(
+                _block_keys(f"encoder.stages.{i}.resample", f"{flat}.{i * (n + 1) + n}", layout, "resample")
+            )
     for i, stage in enumerate(model.decoder.stages):  # wan: flat (n+1 blocks, resampler); diffusers: nested
         for j in range(len(stage.blocks)):
             theirs = f"decoder.upsamples.{i * (n + 2) + j}" if wan else f"decoder.up_blocks.{i}.resnets.{j}"
             m.update(_block_keys(f"decoder.stages.{i}.blocks.{j}", theirs, layout, "res"))
         if stage.resample is not None:
-            theirs = f"decoder.upsamples.{i * (n + 2) + n + 1}" if wan else f"decoder.up_blocks.{i}.upsamplers.0"
+            theirs = (
+                f"decoder.upsamples.{i * (n + 2) + n + 1}" if wan else f"decoder.up_blocks.{i}.upsamplers.0"
+            )
             m.update(_block_keys(f"decoder.stages.{i}.resample", theirs, layout, "resample"))
     own = set(model.state_dict())
     return {k: v for k, v in m.items() if k in own}
@@ -754,7 +813,9 @@ def wan_key_map(model: CausalVAE) -> dict[str, str]:
     return _vae_key_map(model, "wan")
 
 
-def import_state_dict(model: nn.Module, sd: dict, mapping: dict[str, str], layout: str) -> dict[str, torch.Tensor]:
+def import_state_dict(
+    model: nn.Module, sd: dict, mapping: dict[str, str], layout: str
+) -> dict[str, torch.Tensor]:
     """Rename a foreign state dict to ours; tensors are reshaped where only singleton dims differ.
 
     Keys the mapping does not cover are kept under their foreign names, so the fit check lists them.
@@ -773,7 +834,9 @@ def import_state_dict(model: nn.Module, sd: dict, mapping: dict[str, str], layou
     return out
 
 
-def export_state_dict(model: nn.Module, mapping: dict[str, str], like: dict | None = None) -> dict[str, torch.Tensor]:
+def export_state_dict(
+    model: nn.Module, mapping: dict[str, str], like: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Our state dict under foreign names (``mapping`` from ``diffusers_key_map``/``wan_key_map``).
 
     ``like`` (a foreign state dict or name -> shape) reshapes tensors to the foreign shapes.
