@@ -25,11 +25,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """Options every job shares: the model, yaml config files and ``key=value`` overrides (omegaconf)."""
+    if model:
+        p.add_argument("--model", default="default", help="pipeline/model folder or preset name")
+    p.add_argument("--config", action="append", default=[], help="yaml file merged into the job's options")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. steps=20 guidance=4")
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print versions, device and available presets", epilog=EXAMPLES["info"])
+    p.set_defaults(func=cmd_info)
+
+
+# Each subcommand is an ``add_<name>(sub)`` function that registers its parser and handler.
+SUBCOMMANDS = [add_info]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlatent", description="Video latent diffusion toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="print versions, device and available presets", epilog=EXAMPLES["info"])
-    p.set_defaults(func=cmd_info)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
