@@ -1,0 +1,529 @@
+"""Text encoders behind one interface: ``encode(prompts) -> (tokens (b, n, d) float32, mask (b, n) bool)``.
+
+* ``BuiltinTextEncoder``: a small word-level transformer with its own tokenizer, for the shipped default model
+  (captions of a procedural world). Trainable jointly with the denoiser; deterministic.
+* ``HFTextEncoder``: a Hugging Face transformers encoder from a local folder (T5 / UMT5 as in Wan, CLIP text,
+  BERT-like); needs the optional extra ``pip install vidlatent[text]``; never downloads.
+* ``load_text_encoder(src)``: a preset name, a vidlatent text folder, a Hugging Face model folder, or a
+  diffusers pipeline root (``text_encoder/`` + ``tokenizer/``).
+
+Conventions shared by both: mask True marks a real token; padded positions have mask False and zero tokens;
+every row has at least one real token, so attention over the text always has a key. The empty prompt ``""``
+(the unconditional / negative prompt of classifier-free guidance) is one real token: the built-in encoder's
+``<empty>`` token (learned when training drops captions to ""), or whatever the HF tokenizer makes of "" (T5:
+``</s>``; a tokenizer that adds nothing gets its pad token, marked real).
+
+Letters: b batch, n tokens, d width, h heads, e head dim, k character trigrams per word.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    load_into,
+    load_state_dict,
+    read_json,
+    save_folder,
+)
+from ..config import config_from_dict, config_to_dict, list_presets, load_config
+from .layers import ATTENTION_BACKENDS, RMSNorm, attention
+
+PAD, UNK, EMPTY = "<pad>", "<unk>", "<empty>"
+SPECIAL_TOKENS = (PAD, UNK, EMPTY)  # ids 0, 1, 2 of every built-in vocabulary
+PADDINGS = ("longest", "max_length")
+KIND = "text"  # the ``_vidlatent_kind`` of a text encoder folder
+HF_SUBFOLDER = "hf"
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+_MAX_TRIGRAMS = 16  # trigrams kept per word (a word of 14+ characters keeps its first 16)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class TextConfig:
+    """The built-in word-level encoder. ``vocab`` starts with ``<pad> <unk> <empty>`` (see ``build_vocab``)."""
+
+    vocab: list[str] = field(default_factory=lambda: list(SPECIAL_TOKENS))
+    dim: int = 256
+    ffn_dim: int = 1024
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 32  # words + punctuation marks; longer prompts are truncated (with a warning)
+    # hashed character trigrams added to every word's embedding (fastText style), so unknown and inflected
+    # words ("slides", "balls") share features with known ones instead of all becoming <unk>; 0 turns it off
+    trigram_buckets: int = 1024
+    padding: str = "longest"  # "longest": n = longest prompt in the batch; "max_length": n = max_length
+    eps: float = 1e-6
+    attention: str = "sdpa"  # the kernel used by models.layers.attention
+    seed: int = (
+        0  # initialization is drawn from a private generator with this seed: same config, same weights
+    )
+
+
+@dataclass
+class HFTextConfig:
+    """A Hugging Face encoder stored in (or referenced by) a vidlatent text folder."""
+
+    path: str = HF_SUBFOLDER  # model folder, relative to the vidlatent folder or absolute
+    tokenizer_path: str | None = None  # tokenizer folder if not the model folder
+    max_length: int | None = None  # None: the model's position limit (CLIP 77, BERT 512), else 512 (T5, Wan)
+    padding: str = "max_length"  # Wan zero-pads UMT5 output to 512 tokens and keeps the mask
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def split_words(text: str) -> list[str]:
+    """Lowercase (after NFKC), then split into words and single punctuation marks: "Red, ball!" -> red , ball !"""
+    return _WORDS.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def build_vocab(texts: Iterable[str], min_count: int = 1, max_size: int | None = None) -> list[str]:
+    """Vocabulary for ``TextConfig.vocab``: the special tokens, then words by frequency (ties alphabetical).
+
+    ``min_count`` drops rare words; ``max_size`` caps the total size (specials included). Deterministic.
+    """
+    counts = Counter(w for t in texts for w in split_words(_check_text(t)))
+    words = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
+                   key=lambda w: (-counts[w], w))  # fmt: skip
+    vocab = [*SPECIAL_TOKENS, *words]
+    return vocab if max_size is None else vocab[: max(max_size, len(SPECIAL_TOKENS))]
+
+
+def word_trigrams(word: str, buckets: int) -> list[int]:
+    """Hashed character trigrams of ``<word>`` in ``[1, buckets]`` (0 is padding); crc32, so stable everywhere."""
+    padded = f"<{word}>"
+    grams = [padded[i : i + 3] for i in range(max(len(padded) - 2, 1))][:_MAX_TRIGRAMS]
+    return [1 + zlib.crc32(g.encode("utf-8")) % buckets for g in grams]
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"a prompt must be a str, got {type(text).__name__}: {text!r}")
+    return text
+
+
+def check_prompts(prompts: Sequence[str] | str) -> list[str]:
+    """``prompts`` as a non-empty list of str; anything else raises ValueError."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+    return [_check_text(p) for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------- interface
+
+
+class TextEncoder(nn.Module):
+    """Base class of text encoders: ``encode(prompts) -> (tokens (b, n, d) float32, mask (b, n) bool)``."""
+
+    dim: int
+
+    def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(b, n, d)`` float32 on the module's device and mask ``(b, n)`` bool (True = real token).
+
+        ``n`` is the longest prompt of the batch or a fixed ``max_length``; padded positions have mask False and
+        zero tokens; every row has at least one real token (the empty prompt too).
+        """
+        raise NotImplementedError
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a vidlatent text folder that ``load_text_encoder`` reads back."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()):
+        """``load_text_encoder``, checking that the result is a ``cls``."""
+        enc = load_text_encoder(src, device=device, dtype=dtype, overrides=overrides)
+        if not isinstance(enc, cls):
+            raise ValueError(f"{src} holds a {type(enc).__name__}, not a {cls.__name__}")
+        return enc
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+# ------------------------------------------------------------------------------------- built-in encoder
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: self-attention over the real tokens, then a GELU MLP."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads, self.backend = cfg.num_heads, cfg.attention
+        self.norm1 = RMSNorm(cfg.dim, cfg.eps)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.norm2 = RMSNorm(cfg.dim, cfg.eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        qkv = rearrange(
+            self.qkv(self.norm1(x)), "b n (three h e) -> three b h n e", three=3, h=self.num_heads
+        )
+        out = attention(*qkv.unbind(0), mask=mask, backend=self.backend)
+        x = x + self.proj(rearrange(out, "b h n e -> b n (h e)"))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class BuiltinTextEncoder(TextEncoder):
+    """A small word-level transformer: word embedding (+ mean of hashed trigram embeddings) + learned positions
+    -> pre-norm layers -> final RMSNorm. Unknown words map to ``<unk>`` plus their own trigrams.
+
+    ``tokenize`` turns prompts into ids (for data loaders); ``forward(ids, trigrams, mask)`` is the network;
+    ``encode`` does both. Gradients flow (no ``no_grad``), so it trains jointly with the denoiser.
+    """
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.dim = config.dim
+        self.index = {w: i for i, w in enumerate(config.vocab)}
+        self.word_embed = nn.Embedding(len(config.vocab), config.dim)
+        self.trigram_embed = (
+            nn.Embedding(config.trigram_buckets + 1, config.dim, padding_idx=0)
+            if config.trigram_buckets
+            else None
+        )
+        self.pos_embed = nn.Parameter(torch.empty(config.max_length, config.dim))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.dim, config.eps)
+        if self.pos_embed.device.type != "meta":
+            init_weights(self)
+
+    def tokenize(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts -> ids ``(b, n)`` long, trigrams ``(b, n, k)`` long (0 = none), mask ``(b, n)`` bool, on CPU."""
+        cfg = self.config
+        rows = []
+        for p in check_prompts(prompts):
+            words = split_words(p)
+            if len(words) > cfg.max_length:
+                warnings.warn(f"prompt truncated to {cfg.max_length} words: {p!r}", stacklevel=3)
+                words = words[: cfg.max_length]
+            rows.append(words)
+        n = cfg.max_length if cfg.padding == "max_length" else max(max(len(w) for w in rows), 1)
+        ids = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        grams = [
+            [word_trigrams(w, cfg.trigram_buckets) if cfg.trigram_buckets else [] for w in r] for r in rows
+        ]
+        k = max((len(g) for r in grams for g in r), default=0)
+        trigrams = torch.zeros(len(rows), n, k, dtype=torch.long)
+        for i, words in enumerate(rows):
+            if not words:  # the empty prompt: one real <empty> token
+                ids[i, 0], mask[i, 0] = self.index[EMPTY], True
+                continue
+            ids[i, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words])
+            mask[i, : len(words)] = True
+            for j, g in enumerate(grams[i]):
+                trigrams[i, j, : len(g)] = torch.tensor(g)
+        return ids, trigrams, mask
+
+    def forward(self, ids: torch.Tensor, trigrams: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids (b, n)``, ``trigrams (b, n, k)``, ``mask (b, n)`` -> tokens ``(b, n, d)``, zero where masked."""
+        x = self.word_embed(ids)
+        if self.trigram_embed is not None and trigrams.shape[-1]:
+            count = (trigrams > 0).sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
+            x = x + self.trigram_embed(trigrams).sum(-2) / count
+        x = x + self.pos_embed[: ids.shape[1]]
+        attn_mask = None if bool(mask.all()) else mask
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.norm(x) * mask[..., None].to(x.dtype)
+
+    def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and run: tokens ``(b, n, d)`` float32 on the module's device, mask ``(b, n)`` bool."""
+        device = self.device
+        ids, trigrams, mask = (t.to(device) for t in self.tokenize(prompts))
+        return self(ids, trigrams, mask).float(), mask
+
+    @classmethod
+    def from_config(cls, config: TextConfig, device=None, dtype=None) -> BuiltinTextEncoder:
+        return cls(config).to(device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``config.json`` (``type: builtin``, vocabulary included) and ``model.safetensors``, atomically."""
+        save_folder(folder, self.state_dict(), {"type": "builtin", **config_to_dict(self.config)}, kind=KIND)
+
+
+def init_weights(model: BuiltinTextEncoder) -> None:
+    """All initialization in one place, from a private generator seeded by ``config.seed`` (global RNG untouched).
+
+    Embeddings and positions normal(0.02); linear weights normal(0.02), the residual projections (attention
+    output, MLP output) scaled by 1/sqrt(2 * num_layers) as in GPT-2; biases zero; norm gains one.
+    """
+    gen = torch.Generator().manual_seed(model.config.seed)
+    residual_std = 0.02 / (2 * max(model.config.num_layers, 1)) ** 0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # RMSNorm gains
+                p.fill_(1.0)
+            else:
+                std = residual_std if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        if model.trigram_embed is not None:
+            model.trigram_embed.weight[0] = 0.0
+
+
+def _check_config(cfg: TextConfig) -> None:
+    if list(cfg.vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
+        raise ValueError(f"TextConfig.vocab must start with {list(SPECIAL_TOKENS)} (use build_vocab)")
+    if len(set(cfg.vocab)) != len(cfg.vocab):
+        dup = sorted(w for w, c in Counter(cfg.vocab).items() if c > 1)
+        raise ValueError(f"TextConfig.vocab has duplicate entries: {dup[:20]}")
+    if cfg.dim % cfg.num_heads:
+        raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.max_length < 1 or cfg.trigram_buckets < 0:
+        raise ValueError(
+            f"need max_length >= 1 and trigram_buckets >= 0, got {cfg.max_length}, {cfg.trigram_buckets}"
+        )
+    if cfg.padding not in PADDINGS:
+        raise ValueError(f"unknown padding {cfg.padding!r}; available: {', '.join(PADDINGS)}")
+    if cfg.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention {cfg.attention!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------------- Hugging Face encoder
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("Hugging Face text encoders need transformers: pip install vidlatent[text]") from e
+    return transformers
+
+
+def _model_class(transformers, model_type: str):
+    """The encoder-only class for a config's ``model_type`` (T5 family -> its EncoderModel, CLIP -> text tower)."""
+    names = {
+        "t5": "T5EncoderModel",
+        "mt5": "MT5EncoderModel",
+        "umt5": "UMT5EncoderModel",
+        "clip": "CLIPTextModel",
+        "clip_text_model": "CLIPTextModel",
+    }
+    return getattr(transformers, names.get(model_type, "AutoModel"))
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt", "vocab.json")
+    return any((folder / n).is_file() for n in names)
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder and its tokenizer from local folders; ``encode`` returns ``last_hidden_state``.
+
+    Like Wan's pipeline, prompts are padded to ``max_length`` (or the longest, with ``padding="longest"``), the
+    encoder sees the attention mask, and outputs beyond each prompt's length are zeroed. The model is loaded in
+    eval mode with gradients off (re-enable with ``requires_grad_(True)`` to fine-tune; ``encode`` then keeps
+    the graph). Weights load from safetensors where the folder has them (``.bin`` goes through transformers'
+    ``weights_only`` loader); nothing is downloaded and no remote code runs.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: HFTextConfig):
+        super().__init__()
+        if config.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {config.padding!r}; available: {', '.join(PADDINGS)}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        mcfg = model.config
+        self.dim = int(getattr(mcfg, "d_model", None) or mcfg.hidden_size)
+        if config.max_length is None:
+            limit = getattr(mcfg, "max_position_embeddings", None) or 512
+            tok_limit = getattr(tokenizer, "model_max_length", None)
+            self.max_length = min(limit, tok_limit) if tok_limit and tok_limit < 1_000_000 else limit
+        else:
+            self.max_length = config.max_length
+        if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS/UNK (masked out anyway)
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            if tokenizer.pad_token is None:
+                raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+        self.source = None  # the folder it was loaded from (used by save_pretrained(copy=False))
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | Path, tokenizer_folder: str | Path | None = None, device=None, dtype=None,
+        config: HFTextConfig | None = None,
+    ) -> HFTextEncoder:  # fmt: skip
+        """Load a Hugging Face model folder (config.json with ``model_type``); the tokenizer comes from
+        ``tokenizer_folder``, else the model folder, else a sibling ``tokenizer/`` (diffusers pipeline layout).
+
+        ``dtype`` defaults to the checkpoint's.
+        """
+        transformers = _import_transformers()
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; expected a Hugging Face model folder")
+        model_type = read_json(folder / CONFIG_NAME).get("model_type")
+        if model_type is None:
+            raise ValueError(
+                f"{folder / CONFIG_NAME} has no model_type; not a Hugging Face transformers model"
+            )
+        if tokenizer_folder is None:
+            candidates = [folder, folder.parent / "tokenizer"]
+            tokenizer_folder = next((c for c in candidates if _has_tokenizer(c)), None)
+            if tokenizer_folder is None:
+                raise FileNotFoundError(f"no tokenizer files in {folder} or {folder.parent / 'tokenizer'}")
+        has_safetensors = any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json"))
+        model_cls = _model_class(transformers, model_type)
+        kwargs = {"trust_remote_code": False} if model_cls is transformers.AutoModel else {}
+        model = model_cls.from_pretrained(
+            str(folder),
+            local_files_only=True,
+            use_safetensors=has_safetensors,
+            dtype=dtype or "auto",
+            **kwargs,
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(tokenizer_folder), local_files_only=True, trust_remote_code=False
+        )
+        model.requires_grad_(False)
+        enc = cls(model.eval(), tokenizer, config or HFTextConfig()).to(device)
+        enc.source = (folder.resolve(), Path(tokenizer_folder).resolve())
+        return enc
+
+    def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(b, n, d)`` float32 (zero beyond each prompt), mask ``(b, n)`` bool; n = max_length or longest."""
+        batch = self.tokenizer(
+            check_prompts(prompts),
+            padding=self.config.padding,
+            max_length=self.max_length,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        device = self.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+        mask[:, 0] |= ~mask.any(dim=1)  # a tokenizer that makes nothing of "": keep one (pad) token as real
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        with torch.set_grad_enabled(grad):
+            out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return out.float() * mask[..., None], mask
+
+    def save_pretrained(self, folder: str | Path, copy: bool = True) -> None:
+        """Write a vidlatent text folder: ``config.json`` (``type: hf``) and the model + tokenizer in ``hf/``.
+
+        ``copy=False`` writes no weights and records the absolute path of the folders it was loaded from
+        instead (for multi-GB encoders such as UMT5-XXL; the folder then breaks if those move).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = HFTextConfig(max_length=self.max_length, padding=self.config.padding)
+        if copy:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{HF_SUBFOLDER}.", dir=folder))
+            try:
+                self.model.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))
+                _replace_dir(tmp, folder / HF_SUBFOLDER)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        elif self.source is None:
+            raise ValueError("save_pretrained(copy=False) needs an encoder loaded from a folder")
+        else:
+            cfg.path, cfg.tokenizer_path = (str(p) for p in self.source)
+        text = json.dumps({"_vidlatent_kind": KIND, "type": "hf", **config_to_dict(cfg)}, indent=2)
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` (renames only, so a crash leaves one whole copy)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()) -> TextEncoder:
+    """Load a text encoder from a preset name (random-init built-in encoder, e.g. ``"tiny"``), a vidlatent text
+    folder (``save_pretrained``), a Hugging Face model folder (config.json with ``model_type``), or a diffusers
+    pipeline root holding ``text_encoder/`` and ``tokenizer/``.
+
+    ``overrides`` are ``key=value`` config fields (``TextConfig`` for built-in, ``HFTextConfig`` for HF, e.g.
+    ``max_length=256``). ``dtype`` defaults to float32 for built-in encoders and to the checkpoint's for HF.
+    Nothing is downloaded and no code is executed while loading.
+    """
+    path = Path(src)
+    if not path.exists():
+        if str(src) in list_presets(KIND):
+            cfg = load_config(TextConfig, KIND, str(src), overrides=overrides)
+            return BuiltinTextEncoder.from_config(cfg, device, dtype).eval()
+        raise FileNotFoundError(
+            f"no text encoder at {src!r}: not a folder, and not a preset ({', '.join(list_presets(KIND))})"
+        )
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; a text encoder is a folder (vidlatent or Hugging Face)")
+    if not (path / CONFIG_NAME).is_file() and (path / "text_encoder" / CONFIG_NAME).is_file():
+        path = path / "text_encoder"  # a diffusers pipeline root (Wan: text_encoder/ + tokenizer/)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG_NAME}; expected a vidlatent or Hugging Face text encoder"
+        )
+    raw = read_json(path / CONFIG_NAME)
+    kind = raw.pop("_vidlatent_kind", None)
+    if kind is None and "model_type" in raw:
+        cfg = load_config(HFTextConfig, KIND, None, overrides=overrides)
+        return HFTextEncoder.from_folder(path, device=device, dtype=dtype, config=cfg)
+    if kind != KIND:
+        what = f"a vidlatent {kind!r} model" if kind else "neither a vidlatent nor a Hugging Face model"
+        raise ValueError(f"{path} holds {what}, not a text encoder")
+    kind_type = raw.pop("type", None)
+    if kind_type == "builtin":
+        cfg = config_from_dict(TextConfig, raw)
+        if overrides:
+            cfg = _apply_overrides(cfg, overrides)
+        with torch.device("meta"):
+            model = BuiltinTextEncoder(cfg)
+        load_into(model, load_state_dict(path / WEIGHTS_NAME), what=f"BuiltinTextEncoder ({path})")
+        return model.to(device=device, dtype=dtype).eval()
+    if kind_type == "hf":
+        cfg = _apply_overrides(config_from_dict(HFTextConfig, raw), overrides)
+        model_dir = path / cfg.path
+        tok_dir = None if cfg.tokenizer_path is None else path / cfg.tokenizer_path
+        return HFTextEncoder.from_folder(model_dir, tok_dir, device=device, dtype=dtype, config=cfg)
+    raise ValueError(
+        f"{path / CONFIG_NAME} has unknown text encoder type {kind_type!r}; expected builtin or hf"
+    )
+
+
+def _apply_overrides(cfg, overrides: Sequence[str]):
+    if not overrides:
+        return cfg
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
