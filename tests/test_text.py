@@ -133,3 +133,136 @@ def test_load_errors(tiny, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"_vidlatent_kind": "text", "type": "x"}))
     with pytest.raises(ValueError, match="unknown text encoder type"):
         load_text_encoder(tmp_path / "other")
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+
+WORDS = "a red blue circle square moving left right slides to the , then bounces up and down".split()
+
+
+def make_tokenizer(eos: bool = True):
+    """A word-level tokenizer built locally (no download), wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if eos:  # T5 style: every prompt ends with </s>, so "" is one real token
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_model(family: str):
+    """A tiny randomly initialised encoder of one family (seeded, so every call builds the same weights)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1)
+    t5 = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    bert = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    cls, cfg = {
+        "t5": (tf.T5EncoderModel, tf.T5Config(**size, **t5)),
+        "umt5": (tf.UMT5EncoderModel, tf.UMT5Config(**size, **t5)),
+        "clip": (tf.CLIPTextModel, tf.CLIPTextConfig(**size, **bert, max_position_embeddings=24)),
+        "bert": (tf.BertModel, tf.BertConfig(**size, **bert, max_position_embeddings=40)),
+    }[family]
+    return cls, cls(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    for family in ("t5", "umt5", "clip", "bert"):
+        _, model = make_model(family)
+        model.save_pretrained(root / family)
+        make_tokenizer().save_pretrained(root / family)
+    return root
+
+
+def run_direct(family, folder, prompts, max_length, padding="max_length"):
+    cls, _ = make_model(family)
+    model = cls.from_pretrained(folder).eval()
+    batch = make_tokenizer()(
+        prompts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return out * batch["attention_mask"][..., None], batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("family,max_length", [("t5", 512), ("umt5", 512), ("clip", 24), ("bert", 40)])
+def test_hf_matches_the_model(hf_folders, family, max_length):
+    from vidlatent.models.text import HFTextEncoder
+
+    enc = load_text_encoder(hf_folders / family)
+    assert isinstance(enc, HFTextEncoder) and enc.dim == 16 and enc.max_length == max_length
+    assert not any(p.requires_grad for p in enc.parameters())
+    tokens, mask = enc.encode(PROMPTS)
+    assert tokens.shape == (3, max_length, 16) and tokens.dtype == torch.float32 and mask.dtype == torch.bool
+    ref, ref_mask = run_direct(family, hf_folders / family, PROMPTS, max_length)
+    assert torch.equal(mask, ref_mask) and mask.sum(1).tolist() == [6, 14, 1]  # words + </s>
+    assert torch.all(tokens[~mask] == 0)
+    torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_padding_truncation_and_dtype(hf_folders):
+    enc = load_text_encoder(hf_folders / "t5", overrides=["padding=longest", "max_length=8"])
+    tokens, mask = enc.encode(PROMPTS)
+    assert tokens.shape == (3, 8, 16) and mask.sum(1).tolist() == [6, 8, 1]
+    ref, _ = run_direct("t5", hf_folders / "t5", PROMPTS, 8, padding="longest")
+    torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=1e-5)
+    full, _ = load_text_encoder(hf_folders / "t5").encode(
+        PROMPTS[0]
+    )  # the mask makes padding length irrelevant
+    torch.testing.assert_close(full[0, :6], tokens[0, :6], atol=1e-5, rtol=1e-5)
+    half = load_text_encoder(hf_folders / "t5", dtype=torch.bfloat16)
+    assert (
+        next(half.model.parameters()).dtype == torch.bfloat16
+        and half.encode("a red")[0].dtype == torch.float32
+    )
+    with pytest.raises(ValueError, match="prompt"):
+        enc.encode(["a", 3])
+    with pytest.raises(ValueError, match="exceeds the model's 24 positions"):
+        load_text_encoder(hf_folders / "clip", overrides=["max_length=100"])
+    with pytest.raises(ValueError, match="not a BuiltinTextEncoder"):
+        BuiltinTextEncoder.from_pretrained(hf_folders / "bert")
+
+
+def test_hf_empty_prompt_without_eos(hf_folders, tmp_path):
+    _, model = make_model("t5")
+    model.save_pretrained(tmp_path / "t5")
+    make_tokenizer(eos=False).save_pretrained(tmp_path / "t5")
+    tokens, mask = load_text_encoder(tmp_path / "t5", overrides=["padding=longest"]).encode(["", "a red"])
+    assert mask.tolist() == [[True, False], [True, True]]  # "" keeps its (pad) token as the one real key
+    assert torch.all(tokens[0, 1] == 0) and tokens[0, 0].abs().sum() > 0
+
+
+def test_hf_save_load_and_layouts(hf_folders, tmp_path):
+    enc = load_text_encoder(hf_folders / "t5", overrides=["max_length=16"])
+    expected = enc.encode(PROMPTS)
+    enc.save_pretrained(tmp_path / "copy")
+    raw = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert raw["_vidlatent_kind"] == "text" and raw["type"] == "hf" and raw["max_length"] == 16
+    assert (tmp_path / "copy" / "hf" / "model.safetensors").is_file()
+    torch.testing.assert_close(load_text_encoder(tmp_path / "copy").encode(PROMPTS), expected, rtol=0, atol=0)
+    enc.save_pretrained(tmp_path / "copy")  # overwriting an existing folder works
+    enc.save_pretrained(tmp_path / "ref", copy=False)
+    assert not (tmp_path / "ref" / "hf").exists()
+    torch.testing.assert_close(load_text_encoder(tmp_path / "ref").encode(PROMPTS), expected, rtol=0, atol=0)
+    # a diffusers pipeline root: text_encoder/ (weights) beside tokenizer/
+    make_model("t5")[1].save_pretrained(tmp_path / "pipe" / "text_encoder")
+    make_tokenizer().save_pretrained(tmp_path / "pipe" / "tokenizer")
+    pipe = load_text_encoder(tmp_path / "pipe", overrides=["max_length=16"])
+    torch.testing.assert_close(pipe.encode(PROMPTS), expected, rtol=0, atol=0)
+
+
+def test_hf_needs_transformers(hf_folders, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install vidlatent\[text\]"):
+        load_text_encoder(hf_folders / "t5")

@@ -76,9 +76,8 @@ class TextConfig:
     padding: str = "longest"  # "longest": n = longest prompt in the batch; "max_length": n = max_length
     eps: float = 1e-6
     attention: str = "sdpa"  # the kernel used by models.layers.attention
-    seed: int = (
-        0  # initialization is drawn from a private generator with this seed: same config, same weights
-    )
+    # initialization draws from a private generator with this seed: same config, same weights
+    seed: int = 0
 
 
 @dataclass
@@ -105,8 +104,8 @@ def build_vocab(texts: Iterable[str], min_count: int = 1, max_size: int | None =
     ``min_count`` drops rare words; ``max_size`` caps the total size (specials included). Deterministic.
     """
     counts = Counter(w for t in texts for w in split_words(_check_text(t)))
-    words = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
-                   key=lambda w: (-counts[w], w))  # fmt: skip
+    kept = (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS)
+    words = sorted(kept, key=lambda w: (-counts[w], w))
     vocab = [*SPECIAL_TOKENS, *words]
     return vocab if max_size is None else vocab[: max(max_size, len(SPECIAL_TOKENS))]
 
@@ -239,7 +238,7 @@ class BuiltinTextEncoder(TextEncoder):
             if not words:  # the empty prompt: one real <empty> token
                 ids[i, 0], mask[i, 0] = self.index[EMPTY], True
                 continue
-            ids[i, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words])
+            ids[i, : len(words)] = torch.tensor([self.index.get(w, self.index[UNK]) for w in words])
             mask[i, : len(words)] = True
             for j, g in enumerate(grams[i]):
                 trigrams[i, j, : len(g)] = torch.tensor(g)
@@ -322,6 +321,12 @@ def _import_transformers():
     return transformers
 
 
+def _dtype_kwarg(transformers, dtype) -> dict:
+    """``dtype=`` (transformers >= 4.56) or ``torch_dtype=`` (older, where ``dtype`` would be silently ignored)."""
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype or "auto"}
+
+
 def _model_class(transformers, model_type: str):
     """The encoder-only class for a config's ``model_type`` (T5 family -> its EncoderModel, CLIP -> text tower)."""
     names = {
@@ -345,7 +350,7 @@ class HFTextEncoder(TextEncoder):
     Like Wan's pipeline, prompts are padded to ``max_length`` (or the longest, with ``padding="longest"``), the
     encoder sees the attention mask, and outputs beyond each prompt's length are zeroed. The model is loaded in
     eval mode with gradients off (re-enable with ``requires_grad_(True)`` to fine-tune; ``encode`` then keeps
-    the graph). Weights load from safetensors where the folder has them (``.bin`` goes through transformers'
+    the graph; note that ``.train()`` turns on the model's dropout, T5's included). Weights load from safetensors where the folder has them (``.bin`` goes through transformers'
     ``weights_only`` loader); nothing is downloaded and no remote code runs.
     """
 
@@ -361,6 +366,9 @@ class HFTextEncoder(TextEncoder):
             tok_limit = getattr(tokenizer, "model_max_length", None)
             self.max_length = min(limit, tok_limit) if tok_limit and tok_limit < 1_000_000 else limit
         else:
+            limit = getattr(mcfg, "max_position_embeddings", None)
+            if limit is not None and config.max_length > limit:
+                raise ValueError(f"max_length {config.max_length} exceeds the model's {limit} positions")
             self.max_length = config.max_length
         if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS/UNK (masked out anyway)
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -370,9 +378,13 @@ class HFTextEncoder(TextEncoder):
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, tokenizer_folder: str | Path | None = None, device=None, dtype=None,
+        cls,
+        folder: str | Path,
+        tokenizer_folder: str | Path | None = None,
+        device=None,
+        dtype=None,
         config: HFTextConfig | None = None,
-    ) -> HFTextEncoder:  # fmt: skip
+    ) -> HFTextEncoder:
         """Load a Hugging Face model folder (config.json with ``model_type``); the tokenizer comes from
         ``tokenizer_folder``, else the model folder, else a sibling ``tokenizer/`` (diffusers pipeline layout).
 
@@ -399,7 +411,7 @@ class HFTextEncoder(TextEncoder):
             str(folder),
             local_files_only=True,
             use_safetensors=has_safetensors,
-            dtype=dtype or "auto",
+            **_dtype_kwarg(transformers, dtype),
             **kwargs,
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
