@@ -1,8 +1,17 @@
 """vidlatent: video latent diffusion with a 3D causal VAE and a spatio-temporal transformer."""
 
 from .models.dit import VideoDiT
+from .models.text import TextEncoder, load_text_encoder
 from .models.vae import CausalVAE, DiagonalGaussian, StreamCache
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalVAE", "DiagonalGaussian", "StreamCache", "VideoDiT", "__version__"]
+__all__ = [
+    "CausalVAE",
+    "DiagonalGaussian",
+    "StreamCache",
+    "TextEncoder",
+    "VideoDiT",
+    "__version__",
+    "load_text_encoder",
+]

@@ -499,22 +499,27 @@ class CausalVAE(nn.Module):
         return bounds
 
     def _encode_moments(self, video: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        t = video.shape[2]
         if chunk_size <= 0:
             return self.encode_step(video, StreamCache())[0]
-        cache, outs = StreamCache(), []
+        t, cache, outs = video.shape[2], StreamCache(), []
         for a, b in self._chunks(t, 1, chunk_size * self.temporal_factor):
             outs.append(self.encode_step(video[:, :, a:b], cache)[0])
         return torch.cat(outs, dim=2)
 
-    def _decode_pixels(self, z: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        t = z.shape[2]
+    def _decode_pixels(self, z: torch.Tensor, chunk_size: int, out_device=None) -> torch.Tensor:
+        """Decode chunk by chunk into one preallocated output (on ``out_device``; default z's device)."""
         if chunk_size <= 0:
-            return self.decode_step(z, StreamCache())[0]
-        cache, outs = StreamCache(), []
+            return self.decode_step(z, StreamCache())[0].to(out_device or z.device)
+        t, cache, video, done = z.shape[2], StreamCache(), None, 0
         for a, b in self._chunks(t, 1, chunk_size):
-            outs.append(self.decode_step(z[:, :, a:b], cache)[0])
-        return torch.cat(outs, dim=2)
+            pixels = self.decode_step(z[:, :, a:b], cache)[0].clamp_(-1.0, 1.0)
+            if video is None:
+                frames = 1 + self.temporal_factor * (t - 1)
+                shape = (*pixels.shape[:2], frames, *pixels.shape[3:])
+                video = torch.empty(shape, device=out_device or z.device, dtype=pixels.dtype)
+            video[:, :, done : done + pixels.shape[2]] = pixels
+            done += pixels.shape[2]
+        return video
 
     # ---------------------------------------------------------------- public API
 
@@ -542,13 +547,17 @@ class CausalVAE(nn.Module):
         return DiagonalGaussian(mean, logvar)
 
     def decode(
-        self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None
+        self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None, out_device=None
     ) -> torch.Tensor:
-        """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),8h',8w') clamped to [-1, 1]."""
+        """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),8h',8w') clamped to [-1, 1].
+
+        ``out_device`` (e.g. ``"cpu"``) gathers the decoded frames there as they are made, so the
+        accelerator's memory holds one chunk's activations however long the clip is.
+        """
         self._check_latents(z)
         z = z.to(device=self.device, dtype=self.dtype)
         chunk = self.config.chunk_size if chunk_size is None else chunk_size
-        fn = lambda v: self._decode_pixels(v, chunk)  # noqa: E731
+        fn = lambda v: self._decode_pixels(v, chunk, out_device)  # noqa: E731
         sf = self.spatial_factor
         if self._use_tiling(tile, z.shape[-2] * sf, z.shape[-1] * sf):
             size = max(1, self.config.tile_size // sf)
