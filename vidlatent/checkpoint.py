@@ -109,3 +109,89 @@ def save_folder(folder: str | Path, state_dict: Mapping[str, torch.Tensor], conf
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+CONVERT_KINDS = ("auto", "vae", "dit")
+
+
+def _keys(path: Path) -> list[str]:
+    """Tensor names of a checkpoint file (safetensors: header only)."""
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(load_state_dict(path))
+
+
+def _file_kind(path: Path) -> str:
+    keys = _keys(path)
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys):
+        return "vae"
+    return "dit"
+
+
+def _folder_parts(src: Path) -> dict[str, Path]:
+    """What a folder holds: {"vae": path, "dit": path}, one or both (pipeline roots, original Wan folders)."""
+    parts: dict[str, Path] = {}
+    for sub, kind in (("vae", "vae"), ("dit", "dit"), ("transformer", "dit")):
+        if (src / sub / CONFIG_NAME).is_file() and kind not in parts:
+            parts[kind] = src / sub
+    if parts:
+        return parts
+    if (src / CONFIG_NAME).is_file():
+        raw = read_json(src / CONFIG_NAME)
+        declared = raw.get("_vidlatent_kind")
+        name = raw.get("_class_name")
+        if declared in ("vae", "dit"):
+            return {declared: src}
+        if name == "AutoencoderKLWan":
+            return {"vae": src}
+        if name in ("WanTransformer3DModel", "WanModel") or {"dim", "num_heads"} <= set(raw):
+            parts = {"dit": src}
+            if (src / "Wan2.1_VAE.pth").is_file():  # an original Wan 2.1 release folder
+                parts["vae"] = src / "Wan2.1_VAE.pth"
+            return parts
+        raise ValueError(f"{src / CONFIG_NAME} describes a {name or 'model'} that vidlatent cannot convert")
+    raise ValueError(
+        f"{src} is not a model folder: no config.json, and no vae/, dit/ or transformer/ subfolder"
+    )
+
+
+def convert_checkpoint(src: str | Path, out_dir: str | Path, kind: str = "auto") -> dict[str, Path]:
+    """Convert a diffusers folder or original Wan 2.1 checkpoint into vidlatent folders, via each model's
+    ``from_pretrained`` and ``save_pretrained`` (so what converts is exactly what loads).
+
+    ``src``: a diffusers ``AutoencoderKLWan`` / ``WanTransformer3DModel`` folder, a diffusers pipeline root
+    (``vae/`` + ``transformer/``), an original Wan 2.1 folder or checkpoint file (``Wan2.1_VAE.pth``,
+    ``diffusion_pytorch_model.safetensors``), or a vidlatent folder. ``kind``: "vae", "dit" or "auto" (told
+    from the folder's config or the file's tensor names). One model is written into ``out_dir`` itself;
+    when ``kind="auto"`` finds both, they go to ``out_dir/vae`` and ``out_dir/dit``. Text encoders and
+    scheduler configs of a pipeline are not converted. Returns {kind: folder written}.
+    """
+    from .models.dit import VideoDiT
+    from .models.vae import CausalVAE
+
+    if kind not in CONVERT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(CONVERT_KINDS)}, got {kind!r}")
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.exists():
+        raise FileNotFoundError(f"nothing to convert at {src}")
+    parts = _folder_parts(src) if src.is_dir() else {_file_kind(src): src}
+    if kind != "auto":
+        if kind not in parts:
+            if src.is_dir() and len(parts) == 1:  # e.g. kind=vae on a folder that looks like a dit
+                raise ValueError(f"{src} holds a {next(iter(parts))}, not a {kind}")
+            parts = {kind: src}
+        parts = {kind: parts[kind]}
+    if out_dir.resolve() in {p.resolve() for p in parts.values()}:
+        raise ValueError(f"the output folder {out_dir} is the source; choose another")
+    written = {}
+    for part, path in parts.items():
+        folder = out_dir / part if len(parts) > 1 else out_dir
+        model = CausalVAE.from_pretrained(path) if part == "vae" else VideoDiT.from_pretrained(path)
+        model.save_pretrained(folder)
+        written[part] = folder
+    return written
