@@ -9,18 +9,24 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from .flow import add_noise
 
 Hook = Callable[[int, float, torch.Tensor], torch.Tensor]
 _FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+# diffusers is imported on first use: it takes seconds, and importing vidlatent should not
 SAMPLERS = {
-    "euler": lambda shift: FlowMatchEulerDiscreteScheduler(shift=shift),
-    "unipc": lambda shift: UniPCMultistepScheduler(flow_shift=shift, **_FLOW),
-    "dpm": lambda shift: DPMSolverMultistepScheduler(flow_shift=shift, **_FLOW),
+    "euler": lambda shift: _diffusers().FlowMatchEulerDiscreteScheduler(shift=shift),
+    "unipc": lambda shift: _diffusers().UniPCMultistepScheduler(flow_shift=shift, **_FLOW),
+    "dpm": lambda shift: _diffusers().DPMSolverMultistepScheduler(flow_shift=shift, **_FLOW),
 }
+
+
+def _diffusers():
+    import diffusers
+
+    return diffusers
 
 
 def make_scheduler(sampler: str, shift: float = 1.0):
@@ -76,21 +82,86 @@ def denoise(
     sigmas = scheduler.sigmas.float()
     x = noise if init is None else add_noise(init.float(), noise, sigmas[start].expand(noise.shape[0]))
 
+    velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
+    step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
+    for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
+        x = hook(i, float(sigmas[i]), x) if hook is not None else x
+        v = velocity(x, sigmas[i])
+        x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
+    return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
+
+
+def sigma_schedule(sampler: str = "euler", steps: int = 30, shift: float = 1.0) -> torch.Tensor:
+    """The ``steps + 1`` noise levels a sampler visits, from (about) 1 down to a final 0, as fp32."""
+    scheduler = make_scheduler(sampler, shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.float()
+
+
+@torch.no_grad()
+def invert(
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    *,
+    negative: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 30,
+    shift: float = 1.0,
+    refine: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the flow ODE backwards, data ``x0`` (sigma 0) to noise (sigma 1); returns fp32 "noise".
+
+    The inverse of ``denoise(model, result, ..., sampler="euler", steps=steps, shift=shift)``: it walks the
+    Euler sampler's own sigma grid upwards. Euler down from sigma_{i+1} to sigma_i reads the velocity at
+    the upper point, ``x_i = x_{i+1} - (sigma_{i+1} - sigma_i) v(x_{i+1}, sigma_{i+1})``. With ``refine=0``
+    the inverse step uses the velocity at the lower point instead (DDIM-style inversion, error O(1/steps)
+    overall); each ``refine`` solves that implicit equation by one more fixed-point iteration
+    ``x_{i+1} <- x_i + (sigma_{i+1} - sigma_i) v(x_{i+1}, sigma_{i+1})`` (one more model call per step),
+    which makes the Euler sampler's round trip exact when the iteration converges.
+    Guidance as in ``denoise`` (inverting with guidance > 1 is less stable; 1 is the usual choice).
+    """
+    sigmas = sigma_schedule("euler", steps, shift).flip(0).to(x0.device)  # 0, ..., 1
+    velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
+    x = x0.float()
+    for i in tqdm(range(steps), disable=not progress, desc="inverting"):
+        delta = sigmas[i + 1] - sigmas[i]
+        nxt = x + delta * velocity(x, sigmas[i])
+        for _ in range(refine):
+            nxt = x + delta * velocity(nxt, sigmas[i + 1])
+        x = nxt
+    return x
+
+
+def guided_velocity(
+    model: Callable[..., torch.Tensor],
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    negative: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    guidance: float = 1.0,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``v(x, sigma)`` (sigma a 0-dim tensor): the model's fp32 velocity with classifier-free guidance.
+
+    With ``negative`` and ``guidance != 1`` both halves run as one batch: ``v_neg + guidance (v_cond - v_neg)``.
+    """
     guided = negative is not None and guidance != 1.0
     if guided:
         context, context_mask = _stack_contexts(context, context_mask, negative, negative_mask)
     dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
-    step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
-    for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
-        x = hook(i, float(sigmas[i]), x) if hook is not None else x
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x, x]) if guided else x
-        sigma = sigmas[i].expand(x_in.shape[0]).to(x.device)
-        v = model(x_in.to(dtype), sigma, context, context_mask).float()
+        v = model(x_in.to(dtype), sigma.expand(x_in.shape[0]).to(x.device), context, context_mask).float()
         if guided:
             v_cond, v_neg = v.chunk(2)
             v = torch.lerp(v_neg, v_cond, guidance)
-        x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
-    return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
+        return v
+
+    return velocity
 
 
 def _stack_contexts(context, mask, negative, negative_mask):
