@@ -3,15 +3,18 @@
 from .models.dit import VideoDiT
 from .models.text import TextEncoder, load_text_encoder
 from .models.vae import CausalVAE, DiagonalGaussian, StreamCache
+from .pipelines.video import PipelineConfig, VideoPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalVAE",
     "DiagonalGaussian",
+    "PipelineConfig",
     "StreamCache",
     "TextEncoder",
     "VideoDiT",
+    "VideoPipeline",
     "__version__",
     "load_text_encoder",
 ]

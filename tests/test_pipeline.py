@@ -1,0 +1,334 @@
+"""VideoPipeline jobs on the tiny random pipeline: shapes, seeds, and the properties each job promises."""
+
+import math
+
+import pytest
+import torch
+
+from vidlatent import VideoPipeline
+from vidlatent.pipelines import PipelineConfig, latent_mask, lerp, morph_weights, slerp, smoothness
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = VideoPipeline.from_pretrained("tiny")
+    pipe.progress = False
+    return pipe
+
+
+def pattern(frames=5, size=32, phase=0.0):
+    """A smooth moving colour pattern (1, 3, t, h, w) in [-1, 1]."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    t = torch.linspace(0, 1, frames)[:, None, None]
+    video = torch.stack(
+        [torch.sin(3 * x + 2 * t + phase), torch.cos(2 * y - t), x * y * torch.cos(t + phase)]
+    )
+    return video[None].clamp(-1, 1)
+
+
+def reconstruction(pipe, video):
+    return pipe.decode(pipe.encode(video))
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def test_generate_shapes_dtypes_and_range(pipe):
+    video = pipe.generate("a red ball", seed=0)
+    assert video.shape == (1, 3, 5, 32, 32) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1 and video.std() > 0.01
+    image = pipe.generate("a red ball", frames=1, height=16, width=48, seed=0, steps=2)
+    assert image.shape == (1, 3, 1, 16, 48)
+    latents = pipe.generate(["a red ball", "a blue box"], seed=0, steps=2, output_type="latent")
+    assert latents.shape == (2, 4, 2, 4, 4) and latents.dtype == torch.float32
+
+
+def test_generate_is_reproducible_by_seed_and_follows_the_prompt(pipe):
+    def run(seed, prompt="a red ball", **kw):
+        return pipe.generate(prompt, seed=seed, steps=3, output_type="latent", **kw)
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4), atol=1e-3)
+    assert not torch.allclose(run(3), run(3, "a blue square"), atol=1e-3)
+    # a batch of prompts draws one noise tensor: its first item is the single-prompt result
+    torch.testing.assert_close(run(3, ["a red ball", "a blue square"])[:1], run(3), rtol=0, atol=1e-5)
+    # guidance 1 skips the negative pass; a different guidance changes the result
+    assert not torch.allclose(run(3, guidance=1.0), run(3), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"frames": 6}, "frames must be 1 \\+ 4k"),
+        ({"frames": 0}, "frames must be 1 \\+ 4k"),
+        ({"height": 24}, "multiples of 16x16"),
+        ({"width": 8}, "multiples of 16x16"),
+        ({"sampler": "ddim"}, "unknown sampler 'ddim'; accepted: euler, unipc, dpm"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"output_type": "pil"}, "unknown output_type"),
+    ],
+)
+def test_generate_rejects_bad_requests(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate("a ball", seed=0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ edit
+
+
+def test_edit_strength_zero_is_the_reconstruction_and_small_strength_stays_close(pipe):
+    video = pattern()
+    z0 = pipe.encode(video)
+    assert torch.equal(pipe.edit(video, "a ball", strength=0.0), pipe.decode(z0))
+
+    def latent_error(strength):
+        z = pipe.edit(
+            video, "a ball", strength, seed=1, sampler="euler", steps=30, shift=3.0, output_type="latent"
+        )
+        return ((z - z0).norm() / z0.norm()).item()
+
+    errors = [latent_error(s) for s in (0.01, 0.3, 1.0)]
+    # strength 0.01 re-runs only the last Euler step, from sigma 0.0089: the input moves by ~sigma * |noise - v|
+    # relative to latents of norm |z0| (~0.2 per element for this random VAE, hence ~0.15 and not ~0.01)
+    assert errors[0] < 0.25
+    assert errors == sorted(errors) and errors[0] < errors[-1] / 20
+    edited = pipe.edit(video, "a ball", 0.01, seed=1, sampler="euler", steps=30, shift=3.0)
+    assert (edited - pipe.decode(z0)).abs().mean() < 0.05
+
+
+def test_edit_strength_one_ignores_the_input(pipe):
+    a, b = pattern(), -pattern(phase=1.0)
+    out_a = pipe.edit(a, "a ball", strength=1.0, seed=5, output_type="latent")
+    out_b = pipe.edit(b, "a ball", strength=1.0, seed=5, output_type="latent")
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(out_a, pipe.generate("a ball", seed=5, output_type="latent"))
+    with pytest.raises(ValueError, match="strength must be in"):
+        pipe.edit(a, "a ball", strength=1.5)
+
+
+def test_edit_accepts_images_and_batches(pipe):
+    image = pattern(frames=1)[0, :, 0]  # (3, h, w)
+    assert pipe.edit(image, "a ball", 0.5, seed=0, steps=2).shape == (1, 3, 1, 32, 32)
+    batch = torch.cat([pattern(), pattern(phase=2.0)])
+    assert pipe.edit(batch, ["a", "b"], 0.5, seed=0, steps=2).shape == (2, 3, 5, 32, 32)
+    with pytest.raises(ValueError, match="multiples of 16x16"):
+        pipe.edit(pattern(size=40), "a ball", 0.5)
+    with pytest.raises(ValueError, match="expected a video"):
+        pipe.edit(torch.zeros(4, 5, 32, 32), "a ball", 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ inpaint
+
+
+def test_latent_mask_follows_the_causal_frame_groups_and_max_pools_space():
+    def marked(frame, y=0, x=0):
+        mask = torch.zeros(1, 9, 32, 32, dtype=torch.bool)
+        mask[0, frame, y, x] = True
+        return latent_mask(mask, temporal_factor=4, spatial_factor=8)[0, 0].nonzero().tolist()
+
+    # latent frame 0 <- pixel frame 0; 1 <- pixel frames 1-4; 2 <- pixel frames 5-8
+    assert [marked(f)[0][0] for f in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert marked(4, y=9, x=31) == [[1, 1, 3]]  # one pixel marks exactly the latent that holds it
+    one_frame = latent_mask(torch.ones(1, 1, 16, 16, dtype=torch.bool), 4, 8)
+    assert one_frame.shape == (1, 1, 1, 2, 2) and one_frame.all()
+    with pytest.raises(ValueError, match="does not map onto latents"):
+        latent_mask(torch.ones(1, 6, 16, 16, dtype=torch.bool), 4, 8)
+
+
+def test_inpaint_keeps_unmasked_latents_exactly_and_earlier_frames_bit_for_bit(pipe):
+    video = pattern(frames=9)
+    mask = torch.zeros(9, 32, 32)
+    mask[5:, 8:24, 8:24] = 1  # the last four frames: latent frame 2 only
+    z0 = pipe.encode(video)
+    z = pipe.inpaint(video, mask, "a green square", seed=2, output_type="latent")
+    regen = latent_mask(mask[None] > 0.5, 4, 8).expand_as(z)
+    assert torch.equal(z[~regen], z0[~regen])
+    assert (z[regen] - z0[regen]).abs().mean() > 0.1  # the masked latents were regenerated
+    # the decoder is causal: frames before the first regenerated latent frame are the reconstruction exactly
+    out, rec = pipe.decode(z), pipe.decode(z0)
+    assert torch.equal(out[:, :, :5], rec[:, :, :5])
+    assert (out[:, :, 5:] - rec[:, :, 5:]).abs().max() > 0.02  # (this random decoder responds weakly)
+
+
+def test_inpaint_pixels_far_from_the_mask_match_the_reconstruction(pipe):
+    image = pattern(frames=1, size=128)
+    mask = torch.zeros(128, 128)
+    mask[:16, :16] = 1
+    out, rec = pipe.inpaint(image, mask, "a red ball", seed=0), reconstruction(pipe, image)
+    err = (out - rec).abs().amax(dim=(0, 1, 2))
+    y, x = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    distance = torch.maximum(y - 15, x - 15).clamp(min=0)  # pixels from the masked square
+    assert err[distance == 0].max() > 0.2  # the masked region changed
+    # beyond the decoder's convolutions' reach (~100 px) only its per-frame attention carries the change;
+    # at >= 64 px the worst pixel moves by 0.04 and the mean by 0.003 (of a [-1, 1] range), measured
+    assert err[distance >= 64].max() < 0.1 and err[distance >= 64].mean() < 0.01
+
+
+def test_inpaint_masks_of_every_form_and_bad_masks(pipe, tmp_path):
+    from vidlatent.data.io import write_video
+
+    video = pattern()
+    square = torch.zeros(32, 32)
+    square[:16, :16] = 1
+    ref = pipe.inpaint(video, square, "a ball", seed=0, steps=2, output_type="latent")
+    per_frame = square.expand(5, 32, 32)
+    same = [
+        square.bool(),
+        square[None, None].expand(3, 1, 32, 32),
+        per_frame,
+        per_frame[None].expand(3, 5, 32, 32),
+    ]
+    file = tmp_path / "mask.png"
+    write_video(file, (square * 2 - 1).expand(3, 1, 32, 32))
+    for mask in [*same, file]:
+        torch.testing.assert_close(
+            pipe.inpaint(video, mask, "a ball", seed=0, steps=2, output_type="latent"), ref
+        )
+    with pytest.raises(ValueError, match="mask is 48x48 but the input is 32x32"):
+        pipe.inpaint(video, torch.zeros(48, 48), "a ball")
+    with pytest.raises(ValueError, match="mask has 3 frames but the input has 5"):
+        pipe.inpaint(video, torch.zeros(3, 32, 32), "a ball")
+
+
+# ------------------------------------------------------------------------------------------------ animate
+
+
+def test_animate_first_frame_is_the_image_reconstruction(pipe):
+    image = pattern(frames=1)
+    z_image = pipe.encode(image)
+    z = pipe.animate(image, "the ball rolls right", frames=9, seed=0, output_type="latent")
+    assert z.shape == (1, 4, 3, 4, 4)
+    assert torch.equal(z[:, :, :1], z_image)
+    assert (z[:, :, 1:] - z_image).abs().mean() > 0.1  # later frames are generated, not copies
+    video = pipe.decode(z)
+    assert video.shape == (1, 3, 9, 32, 32)
+    torch.testing.assert_close(video[:, :, :1], pipe.decode(z_image), rtol=0, atol=1e-6)
+    # strength < 1 starts the other frames from the still image: closer to it than a free start
+    calm = pipe.animate(image, "the ball rolls right", frames=9, strength=0.3, seed=0, output_type="latent")
+    assert torch.equal(calm[:, :, :1], z_image)
+    assert (calm[:, :, 1:] - z_image).abs().mean() < (z[:, :, 1:] - z_image).abs().mean()
+    with pytest.raises(ValueError, match="animate takes an image"):
+        pipe.animate(pattern(), "a ball", frames=9)
+    with pytest.raises(ValueError, match="frames must be 1 \\+ 4k"):
+        pipe.animate(image, "a ball", frames=8)
+
+
+# ------------------------------------------------------------------------------------------------ morph
+
+
+def test_slerp_keeps_norms_where_lerp_loses_them():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 2, 8, 8, generator=g), 1.5 * torch.randn(4, 2, 8, 8, generator=g)
+    t = morph_weights(9)
+    s, line = slerp(a, b, t), lerp(a, b, t)
+    assert torch.equal(s[0], a) and torch.equal(s[-1], b)
+    expected = torch.lerp(a.norm(), b.norm(), t.float())
+    torch.testing.assert_close(s.flatten(1).norm(dim=1), expected, rtol=1e-5, atol=0)
+    # two independent Gaussians are nearly orthogonal: the straight line's midpoint loses ~1 - 1/sqrt(2)
+    assert line[4].norm() < 0.8 * expected[4]
+    # constant angular speed: equal angles between consecutive frames
+    unit = s.flatten(1) / s.flatten(1).norm(dim=1, keepdim=True)
+    angles = torch.arccos((unit[1:] * unit[:-1]).sum(1).clamp(-1, 1))
+    torch.testing.assert_close(angles, angles.mean().expand(8), rtol=1e-3, atol=0)
+
+
+def test_smoothness_sees_even_change_and_flags_a_cut():
+    ramp = torch.linspace(-1, 1, 9).reshape(1, 1, 9, 1, 1).expand(1, 3, 9, 8, 8)
+    even = smoothness(ramp)
+    assert even["jump"] == pytest.approx(1.0) and even["mean"] == pytest.approx(0.25)
+    cut = ramp.clone()
+    cut[:, :, 5:] += 2  # even change, and one pop between frames 4 and 5
+    assert smoothness(cut)["jump"] == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="t >= 2"):
+        smoothness(ramp[:, :, :1])
+
+
+def test_latent_morph_has_exact_endpoints_and_no_jumps(pipe):
+    a, b = pattern(frames=1), pattern(frames=1, phase=2.5)
+    video = pipe.morph(a, b, frames=9)
+    assert video.shape == (1, 3, 9, 32, 32)
+    torch.testing.assert_close(video[:, :, :1], reconstruction(pipe, a), rtol=0, atol=1e-6)
+    torch.testing.assert_close(video[:, :, -1:], reconstruction(pipe, b), rtol=0, atol=1e-6)
+    stats = smoothness(video)
+    assert stats["median"] > 0
+    # equal angular steps in latent space; k = 1.25 leaves room for the decoder's curvature over the path
+    # (measured 1.02 here), while a single pop stands out at several times the median (see the cut test)
+    assert stats["jump"] < 1.25
+    eased = smoothness(pipe.morph(a, b, frames=9, easing="cosine"))
+    assert eased["steps"][0] < stats["steps"][0] / 3  # lingers at A: the first step is small
+    assert eased["jump"] < math.pi / 2 * 1.25  # the cosine ease's middle step is pi/2 times the mean one
+    z = pipe.morph(a, b, frames=9, output_type="latent")
+    assert z.shape == (9, 4, 1, 4, 4)
+    with pytest.raises(ValueError, match="prompts apply to mode='noise' only"):
+        pipe.morph(a, b, frames=9, prompt_a="a ball")
+
+
+def test_noise_morph_endpoints_reconstruct_the_images(pipe):
+    a, b = pattern(frames=1), pattern(frames=1, phase=2.5)
+    za, zb = pipe.encode(a), pipe.encode(b)
+
+    def endpoint_errors(steps, refine):
+        z = pipe.morph(a, b, 3, "noise", "a red ball", "a blue box", steps=steps, refine=refine,
+                       output_type="latent")  # fmt: skip
+        return [((z[i] - ref[0]).norm() / ref.norm()).item() for i, ref in ((0, za), (-1, zb))]
+
+    plain, refined = endpoint_errors(20, 0), endpoint_errors(20, 2)
+    # DDIM-style inversion is first order (measured ~0.2 relative at 20 steps); two fixed-point iterations
+    # per step make the Euler round trip nearly exact (measured ~0.004)
+    assert max(refined) < 0.02 and max(refined) < min(plain) / 5
+    video = pipe.morph(a, b, 5, "noise", "a red ball", "a blue box", steps=10, refine=2)
+    assert video.shape == (1, 3, 5, 32, 32)
+    with pytest.raises(ValueError, match="unknown morph mode"):
+        pipe.morph(a, b, 5, "pixel")
+    with pytest.raises(ValueError, match="must have one size"):
+        pipe.morph(a, pattern(frames=1, size=48), 5)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == [
+        "dit",
+        "pipeline.json",
+        "text_encoder",
+        "vae",
+    ]
+    loaded = VideoPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.progress = False
+    assert loaded.config == pipe.config
+    for part in ("vae", "dit", "text_encoder"):
+        saved, original = getattr(loaded, part).state_dict(), getattr(pipe, part).state_dict()
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    # same weights; kernels may differ with memory layout in the last bits
+    torch.testing.assert_close(
+        loaded.generate("a red ball", seed=1, steps=2),
+        pipe.generate("a red ball", seed=1, steps=2),
+        rtol=0,
+        atol=1e-5,
+    )
+    # a second preset load gives the same random weights
+    again = VideoPipeline.from_pretrained("tiny")
+    assert all(torch.equal(p, q) for p, q in zip(again.dit.parameters(), pipe.dit.parameters()))
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="default model is not installed"):
+        VideoPipeline.from_pretrained("default")
+    with pytest.raises(FileNotFoundError, match="not a folder, and not a preset"):
+        VideoPipeline.from_pretrained("nonexistent-model")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks dit/, text_encoder/"):
+        VideoPipeline.from_pretrained(tmp_path)
+
+
+def test_mismatched_parts_are_refused(pipe):
+    from vidlatent.config import DiTConfig, load_config
+    from vidlatent.models.dit import VideoDiT
+
+    dit = VideoDiT(load_config(DiTConfig, "dit", "tiny"))  # 16 latent channels; the tiny VAE has 4
+    with pytest.raises(
+        ValueError, match="denoiser takes 16 and returns 16 latent channels, but the VAE makes 4"
+    ):
+        VideoPipeline(pipe.vae, dit, pipe.text_encoder, PipelineConfig())

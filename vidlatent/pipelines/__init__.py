@@ -1,0 +1,24 @@
+"""Jobs built on the one sampling loop: ``VideoPipeline`` (generate, edit, inpaint, animate, morph)."""
+
+from .encode import decode_latents, encode_clips, latent_stats, load_latents, psnr, reconstruct, ssim
+from .interpolate import ease, lerp, morph_weights, slerp, smoothness
+from .video import PipelineConfig, PipelinePreset, VideoPipeline, latent_mask
+
+__all__ = [
+    "PipelineConfig",
+    "PipelinePreset",
+    "VideoPipeline",
+    "decode_latents",
+    "encode_clips",
+    "latent_stats",
+    "load_latents",
+    "psnr",
+    "reconstruct",
+    "ssim",
+    "ease",
+    "latent_mask",
+    "lerp",
+    "morph_weights",
+    "slerp",
+    "smoothness",
+]

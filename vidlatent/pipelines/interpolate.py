@@ -1,0 +1,95 @@
+"""Interpolation for morph videos, and a measure of how smoothly a video changes from frame to frame.
+
+Letters: n interpolation weights (output frames), b batch, c channels, t frames, h height, w width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+
+EASINGS = ("linear", "cosine", "smoothstep")
+
+
+def ease(t: torch.Tensor, easing: str = "linear") -> torch.Tensor:
+    """Map weights in [0, 1] through an easing curve that keeps 0 and 1 fixed and is monotone.
+
+    ``linear``: unchanged (equal steps). ``cosine``: ``(1 - cos(pi t)) / 2``. ``smoothstep``: ``3t^2 - 2t^3``.
+    Both eased curves start and stop slowly (the morph lingers on A and B); their middle step is pi/2 and
+    3/2 times the mean step.
+    """
+    if easing == "linear":
+        return t
+    if easing == "cosine":
+        return (1 - torch.cos(math.pi * t)) / 2
+    if easing == "smoothstep":
+        return t * t * (3 - 2 * t)
+    raise ValueError(f"unknown easing {easing!r}; accepted: {', '.join(EASINGS)}")
+
+
+def morph_weights(frames: int, easing: str = "linear") -> torch.Tensor:
+    """``frames`` interpolation weights from exactly 0 to exactly 1 (float64), through ``ease``."""
+    if frames < 2:
+        raise ValueError(f"a morph needs at least 2 frames; got {frames}")
+    return ease(torch.linspace(0, 1, frames, dtype=torch.float64), easing)
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Straight-line interpolation: ``(n, *a.shape)`` for weights ``t`` (n,)."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, *([1] * a.ndim))
+    return ((1 - t) * a.double() + t * b.double()).to(a.dtype)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Spherical interpolation of two tensors taken as single vectors: ``(n, *a.shape)`` for weights ``t`` (n,).
+
+    The direction moves along the great circle from ``a/|a|`` to ``b/|b|`` at constant angular speed, and the
+    norm moves linearly from ``|a|`` to ``|b|``. So a path between two Gaussian noises stays on the shell where
+    Gaussian noise lives (a straight line dips inside it: its midpoint of two independent unit-variance noises
+    has norm ~ |a| / sqrt(2), a point no sampler has seen), and between two latents it keeps their energy.
+    ``t = 0`` and ``t = 1`` return ``a`` and ``b`` exactly; nearly parallel vectors fall back to a straight
+    line between the directions. Computed in float64, returned in ``a``'s dtype.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs tensors of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    t = torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, 1)
+    va, vb = a.double().reshape(1, -1), b.double().reshape(1, -1)
+    na, nb = va.norm(), vb.norm()
+    if na == 0 or nb == 0:
+        return lerp(a, b, t.reshape(-1))
+    ua, ub = va / na, vb / nb
+    theta = torch.arccos((ua * ub).sum().clamp(-1, 1))
+    if theta < eps:
+        direction = torch.lerp(ua, ub, t)
+        direction = direction / direction.norm(dim=1, keepdim=True)
+    else:
+        direction = (torch.sin((1 - t) * theta) * ua + torch.sin(t * theta) * ub) / torch.sin(theta)
+    out = direction * torch.lerp(na, nb, t)
+    out = torch.where(t == 0, va, torch.where(t == 1, vb, out))
+    return out.reshape(-1, *a.shape).to(a.dtype)
+
+
+def smoothness(video: torch.Tensor) -> dict:
+    """Frame-to-frame change of a video (b, c, t, h, w) or (c, t, h, w): is the motion even, or does it jump?
+
+    ``steps`` is the mean absolute pixel change between consecutive frames (t - 1 values, averaged over the
+    batch, channels and pixels). Returned as floats: ``mean``, ``median``, ``max`` of the steps, and
+    ``jump = max / median``: about 1 for even change (pi/2 at most for a cosine ease), large when one cut or
+    pop dominates. A still video has ``jump`` 1 by convention.
+    """
+    if video.ndim == 4:
+        video = video[None]
+    if video.ndim != 5 or video.shape[2] < 2:
+        raise ValueError(f"smoothness needs a video (b, c, t, h, w) with t >= 2; got {tuple(video.shape)}")
+    frames = rearrange(video.float(), "b c t h w -> t (b c h w)")
+    steps = (frames[1:] - frames[:-1]).abs().mean(dim=1)
+    median, top = steps.median().item(), steps.max().item()
+    return {
+        "steps": steps.tolist(),
+        "mean": steps.mean().item(),
+        "median": median,
+        "max": top,
+        "jump": top / median if median > 0 else (1.0 if top == 0 else math.inf),
+    }

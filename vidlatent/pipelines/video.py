@@ -1,0 +1,595 @@
+"""``VideoPipeline``: text-to-video, edit, inpaint, animate and morph, all on the one sampling loop.
+
+Every job prepares latents, noise, text tokens and (for the jobs that keep part of an input) a paste hook,
+calls ``sampling.denoise`` once through ``VideoPipeline._sample``, and decodes. The denoiser sees the VAE's
+normalized latents; ``encode`` / ``decode`` convert between pixels and those.
+
+Keeping known latents (inpaint, animate). The denoiser takes one noise level per sample, so a clean known
+region next to a noisy unknown one is a state it has never seen. At every step the hook therefore replaces
+the known region with the input's latents noised to the current sigma with the *same* noise the sampler
+started from (``x = (1 - sigma) z0 + sigma * noise``: what that region would be if the sampler had
+reconstructed it perfectly), and the final call at sigma 0 pastes the clean latents, so the known region of
+the result is the input's latents exactly.
+
+Letters: b batch, c channels, t frames, h height, w width, n text tokens, d text width,
+k pixel frames per latent frame (the VAE's temporal factor), p q pixels per latent pixel (spatial factor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange, reduce
+
+from ..checkpoint import atomic_write
+from ..config import DiTConfig, config_to_dict, list_presets, load_config
+from ..data.io import read_video, write_video
+from ..diffusion.flow import add_noise
+from ..diffusion.sampling import SAMPLERS, denoise, invert
+from ..models.dit import VideoDiT
+from ..models.text import TextEncoder, load_text_encoder
+from ..models.vae import CausalVAE
+from .interpolate import lerp, morph_weights, slerp
+
+PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
+MORPH_MODES = ("latent", "noise")
+OUTPUT_TYPES = ("video", "latent")
+Media = torch.Tensor | str | os.PathLike
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline's defaults for every job (``pipeline.json`` in a pipeline folder); each job can override."""
+
+    sampler: str = "unipc"  # euler | unipc | dpm (diffusers schedulers on flow sigmas)
+    steps: int = 30
+    guidance: float = 5.0  # classifier-free guidance scale; 1 turns it off (no negative pass)
+    shift: float = 3.0  # sigma shift of the schedule (Wan 2.1: 3 at 480p, 5 at 720p)
+    frames: int = 17  # 1 + 4k; 1 is an image
+    height: int = 256
+    width: int = 256
+    fps: float = 16.0
+    negative_prompt: str = ""
+    seed: int | None = None  # None: a fresh random seed per call
+
+
+@dataclass
+class PipelinePreset:
+    """A pipeline assembled from component presets (``configs/pipeline/<name>.yaml``), with random weights.
+
+    The denoiser's latent channels and text width are set from the VAE and the text encoder, so the parts
+    always fit. ``init_noise``: std of Gaussian noise added to every denoiser weight after initialization, so
+    that a random model (zero-initialized output head) computes a non-trivial velocity. ``seed`` makes the
+    denoiser's random weights the same on every load (the VAE and text presets are seeded by their configs
+    or by this seed too).
+    """
+
+    vae: str = "tiny"
+    dit: str = "tiny"
+    text_encoder: str = "tiny"
+    init_noise: float = 0.0
+    seed: int = 0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def latent_mask(mask: torch.Tensor, temporal_factor: int, spatial_factor: int) -> torch.Tensor:
+    """A per-pixel mask (b, t, h, w) bool (True = regenerate) -> latent mask (b, 1, t', h', w') bool.
+
+    A latent is regenerated when any pixel it encodes is (max-pooling). In time the groups follow the causal
+    VAE: latent frame 0 holds pixel frame 0 alone, latent frame i >= 1 holds pixel frames 4(i-1)+1 ... 4i.
+    A one-frame mask stays one frame (it applies to every latent frame).
+    """
+    b, t, h, w = mask.shape
+    if (t - 1) % temporal_factor or h % spatial_factor or w % spatial_factor:
+        raise ValueError(
+            f"mask of {t} frames of {h}x{w} does not map onto latents: frames must be 1+{temporal_factor}k "
+            f"and sides multiples of {spatial_factor}"
+        )
+    m = mask.float()
+    rest = reduce(m[:, 1:], "b (t k) h w -> b t h w", "max", k=temporal_factor)
+    m = torch.cat([m[:, :1], rest], dim=1)
+    m = reduce(m, "b t (h p) (w q) -> b t h w", "max", p=spatial_factor, q=spatial_factor)
+    return rearrange(m > 0.5, "b t h w -> b 1 t h w")
+
+
+class VideoPipeline:
+    """VAE + denoiser + text encoder, and the jobs built on them: ``generate``, ``edit``, ``inpaint``,
+    ``animate``, ``morph``. Videos are (b, 3, t, h, w) floats in [-1, 1]; an image is a one-frame video.
+
+    Random draws come from CPU generators seeded per call, so a seed gives the same noise on every device.
+    Arguments left ``None`` take the value in ``config``.
+    """
+
+    def __init__(self, vae: CausalVAE, dit: VideoDiT, text_encoder: TextEncoder, config: PipelineConfig):
+        c = vae.config.latent_channels
+        if dit.config.in_channels != c or dit.config.out_channels != c:
+            raise ValueError(
+                f"the denoiser takes {dit.config.in_channels} and returns {dit.config.out_channels} latent "
+                f"channels, but the VAE makes {c}"
+            )
+        if dit.config.text_dim != text_encoder.dim:
+            raise ValueError(
+                f"the denoiser takes text tokens of width {dit.config.text_dim}, "
+                f"the text encoder makes {text_encoder.dim}"
+            )
+        self.vae, self.dit, self.text_encoder, self.config = vae, dit, text_encoder, config
+        self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, src: str | os.PathLike, device=None, dtype=None) -> VideoPipeline:
+        """Load from a pipeline folder, a preset name (``tiny``: random weights, for tests) or ``"default"``.
+
+        A folder holds ``vae/``, ``dit/`` (or diffusers' ``transformer/``), ``text_encoder/`` and
+        ``pipeline.json`` or ``pipeline.yaml`` (``PipelineConfig`` fields; defaults where absent), as written by
+        ``save_pretrained``. ``dtype`` applies to all three models (default: as stored, fp32 for presets).
+        """
+        path = Path(src)
+        if path.is_dir():
+            return cls._from_folder(path, device, dtype)
+        if str(src) == "default":
+            raise FileNotFoundError(
+                "the default model is not installed (it is not shipped yet); give a pipeline folder "
+                "(vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights, for tests)"
+            )
+        if str(src) in list_presets("pipeline"):
+            return cls.from_preset(load_config(PipelinePreset, "pipeline", str(src)), device, dtype)
+        raise FileNotFoundError(
+            f"no pipeline at {str(src)!r}: not a folder, and not a preset "
+            f"({', '.join(['default', *list_presets('pipeline')])})"
+        )
+
+    @classmethod
+    def from_preset(cls, preset: PipelinePreset, device=None, dtype=None) -> VideoPipeline:
+        """Random-weight pipeline from component presets; the same preset gives the same weights."""
+        text_encoder = load_text_encoder(preset.text_encoder, device=device, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(preset.seed)
+            vae = CausalVAE.from_pretrained(preset.vae, device=device, dtype=dtype)
+            c = vae.config.latent_channels
+            overrides = [f"in_channels={c}", f"out_channels={c}", f"text_dim={text_encoder.dim}"]
+            dit = VideoDiT(load_config(DiTConfig, "dit", preset.dit, overrides=overrides)).eval()
+            if preset.init_noise:
+                with torch.no_grad():
+                    for p in dit.parameters():
+                        p.add_(preset.init_noise * torch.randn_like(p))
+        dit = dit.to(device=device, dtype=dtype) if dtype is not None else dit.to(device)
+        return cls(vae.eval(), dit, text_encoder, preset.pipeline)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, device, dtype) -> VideoPipeline:
+        dit_dir = next((folder / n for n in ("dit", "transformer") if (folder / n).is_dir()), None)
+        missing = [n for n, ok in (("vae/", (folder / "vae").is_dir()), ("dit/", dit_dir is not None),
+                                   ("text_encoder/", (folder / "text_encoder").is_dir())) if not ok]  # fmt: skip
+        if missing:
+            raise FileNotFoundError(f"{folder} is not a pipeline folder: it lacks {', '.join(missing)}")
+        config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
+        files = [config_file] if config_file is not None else []
+        config = load_config(PipelineConfig, "pipeline", None, *files)
+        vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
+        dit = VideoDiT.from_pretrained(dit_dir, device=device, dtype=dtype).eval()
+        text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype)
+        return cls(vae, dit, text_encoder, config)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``vae/``, ``dit/``, ``text_encoder/`` and ``pipeline.json`` (each file atomically)."""
+        folder = Path(folder)
+        self.vae.save_pretrained(folder / "vae")
+        self.dit.save_pretrained(folder / "dit")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        text = json.dumps(config_to_dict(self.config), indent=2)
+        atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    @property
+    def size_multiple(self) -> tuple[int, int]:
+        """Heights and widths must be multiples of these: the VAE's spatial factor times the patch size."""
+        _, ph, pw = self.dit.config.patch_size
+        return self.vae.spatial_factor * ph, self.vae.spatial_factor * pw
+
+    # ------------------------------------------------------------------------------------ pixels <-> latents
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video (b, 3, t, h, w) in [-1, 1] -> normalized latents (fp32): the posterior mean, normalized."""
+        return self.vae.normalize(self.vae.encode(video).mode().float())
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (b, c, t', h', w') -> video (b, 3, 1 + 4(t'-1), 8h', 8w') fp32 in [-1, 1]."""
+        return self.vae.decode(self.vae.denormalize(latents.float())).float()
+
+    def decode_images(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """One-frame latents (n, c, 1, h', w') -> one video (1, 3, n, h, w), decoding ``batch_size`` at a time."""
+        frames = [self.decode(latents[i : i + batch_size]) for i in range(0, latents.shape[0], batch_size)]
+        return rearrange(torch.cat(frames), "n c 1 h w -> 1 c n h w")
+
+    def save(self, video: torch.Tensor, path: str | os.PathLike, fps: float | None = None) -> list[Path]:
+        """Write a video (b, 3, t, h, w) with ``write_video`` (atomic; mp4, webm, gif, png, frame folder).
+
+        One file for b = 1; ``name-0.mp4``, ``name-1.mp4``, ... for a batch. Returns the paths written.
+        """
+        path = Path(path)
+        paths = (
+            [path] if video.shape[0] == 1 else [path.with_stem(f"{path.stem}-{i}") for i in range(len(video))]
+        )
+        for p, v in zip(paths, video):
+            write_video(p, v.cpu(), fps=fps or self.config.fps)
+        return paths
+
+    # ------------------------------------------------------------------------------------ jobs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | None = None,
+        *,
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        output_type: str = "video",
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Text to video: (b, 3, frames, height, width) in [-1, 1], one video per prompt; ``frames=1`` is
+        text-to-image. ``output_type="latent"`` returns the normalized latents instead.
+
+        frames must be 1 + 4k and height, width multiples of 16 (VAE 8 x patch 2): ValueError otherwise.
+        """
+        cfg = self.config
+        frames = cfg.frames if frames is None else frames
+        height, width = cfg.height if height is None else height, cfg.width if width is None else width
+        self._check_size(frames, height, width)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        noise, generator = self._noise(self._latent_shape(len(prompts), frames, height, width), seed)
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        z = self._sample(noise, prompts, negative_prompt, opts, generator)
+        return self._output(z, output_type)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        video: Media,
+        prompt: str | Sequence[str],
+        strength: float = 0.6,
+        negative_prompt: str | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        output_type: str = "video",
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """SDEdit: encode ``video`` (tensor or file), noise it to ``strength``, denoise the rest with ``prompt``.
+
+        strength in [0, 1]: the fraction of the schedule re-run. 0 returns the input's VAE reconstruction
+        exactly (nothing is sampled); near 0 only the last small-sigma steps run, so the result stays close to
+        it; 1 starts from pure noise and ignores the input (the same as ``generate`` with that seed and size).
+        """
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        video = self._video_input(video)
+        z0 = self.encode(video)
+        if strength == 0:
+            return self._output(z0, output_type)
+        noise, generator = self._noise(z0.shape, seed)
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        init = z0 if strength < 1 else None
+        z = self._sample(
+            noise, self._prompts(prompt, len(z0)), negative_prompt, opts, generator, init, strength
+        )
+        return self._output(z, output_type)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        video: Media,
+        mask: Media,
+        prompt: str | Sequence[str],
+        strength: float = 1.0,
+        negative_prompt: str | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        output_type: str = "video",
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Regenerate the masked part of ``video`` (tensor or file) and keep the rest.
+
+        mask: white / True / > 0.5 = regenerate; values in [0, 1] (a file's pixels are mapped there). A
+        one-frame mask, (h, w), (1, h, w), (c, 1, h, w) or an image file, applies to every frame; a per-frame
+        mask, (t, h, w), (c, t, h, w) or a video file, has the input's frame count. Colour channels c are
+        averaged. Its height and width must be the input's. It is taken to latent resolution by ``latent_mask`` (a latent is regenerated if any of
+        its pixels is); the kept latents are pasted at every step (see the module docstring), so the kept
+        region of the output latents equals the input's latents exactly, and decoded pixels away from the
+        mask equal the input's VAE reconstruction up to the decoder's reach. strength < 1 starts the
+        regenerated region from the noised input (SDEdit inside the mask).
+        """
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        video = self._video_input(video)
+        b, _, t, h, w = video.shape
+        regen = latent_mask(
+            self._mask_input(mask, t, h, w), self.vae.temporal_factor, self.vae.spatial_factor
+        )
+        z0 = self.encode(video)
+        noise, generator = self._noise(z0.shape, seed)
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        hook = self._keep_hook(z0, ~regen.to(z0.device), noise)
+        init = z0 if strength < 1 else None
+        z = self._sample(
+            noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook
+        )
+        return self._output(z, output_type)
+
+    @torch.no_grad()
+    def animate(
+        self,
+        image: Media,
+        prompt: str | Sequence[str],
+        frames: int | None = None,
+        negative_prompt: str | None = None,
+        *,
+        strength: float = 1.0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        output_type: str = "video",
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Image to video: the image's latent is held as the first latent frame; the rest is generated.
+
+        The image's latent is pasted like inpaint's known region (noised to each step's sigma, clean at the
+        end), so the first latent frame of the result is the image's latent exactly; the causal decoder
+        decodes frame 0 from latent frame 0 alone, so the first output frame is the image's VAE
+        reconstruction. strength < 1 starts the other frames from the still image noised to that level
+        (less motion, more likeness).
+        """
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        image = self._video_input(image)
+        if image.shape[2] != 1:
+            raise ValueError(f"animate takes an image (one frame); got {image.shape[2]} frames")
+        b, _, _, h, w = image.shape
+        frames = self.config.frames if frames is None else frames
+        self._check_size(frames, h, w)
+        still = self.encode(image).expand(self._latent_shape(b, frames, h, w))
+        noise, generator = self._noise(still.shape, seed)
+        keep = torch.zeros(1, 1, still.shape[2], 1, 1, dtype=torch.bool, device=still.device)
+        keep[:, :, 0] = True
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        hook = self._keep_hook(still, keep, noise)
+        init = still if strength < 1 else None
+        z = self._sample(
+            noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook
+        )
+        return self._output(z, output_type)
+
+    @torch.no_grad()
+    def morph(
+        self,
+        image_a: Media,
+        image_b: Media,
+        frames: int | None = None,
+        mode: str = "latent",
+        prompt_a: str | None = None,
+        prompt_b: str | None = None,
+        *,
+        easing: str = "linear",
+        steps: int | None = None,
+        guidance: float = 1.0,
+        shift: float | None = None,
+        refine: int = 1,
+        batch_size: int = 8,
+        output_type: str = "video",
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """A morph video (1, 3, frames, h, w) from image A to image B (same size); each frame is an image.
+
+        ``mode="latent"``: slerp between the images' normalized latents (direction along the great circle,
+        norm linear), each frame decoded on its own; frames 0 and -1 are exactly the VAE reconstructions of
+        A and B. No prompts, no sampling. ``mode="noise"``: invert A and B to noise along the flow ODE
+        (``sampling.invert``: Euler on the sampler's sigma grid, ``refine`` fixed-point iterations per step),
+        slerp the two noises, interpolate the prompts' token embeddings linearly (both prompts padded to one
+        length, with the union of their masks, so inversion and regeneration see the same context), and
+        regenerate every frame deterministically with the Euler sampler; the endpoints reconstruct A and B up
+        to the inversion error. ``guidance`` 1 by default (inversion is exact only without guidance).
+        ``easing``: "linear", "cosine" or "smoothstep" spacing of the frames. ``batch_size``: frames per
+        denoiser / decoder batch. ``output_type="latent"`` returns the frames' latents (frames, c, 1, h', w').
+        """
+        if mode not in MORPH_MODES:
+            raise ValueError(f"unknown morph mode {mode!r}; accepted: {', '.join(MORPH_MODES)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
+        a, b = self._video_input(image_a), self._video_input(image_b)
+        for name, x in (("image_a", a), ("image_b", b)):
+            if x.shape[0] != 1 or x.shape[2] != 1:
+                raise ValueError(f"{name} must be one image; got shape {tuple(x.shape)}")
+        if a.shape != b.shape:
+            raise ValueError(f"morph images must have one size; got {a.shape[-2]}x{a.shape[-1]} and "
+                             f"{b.shape[-2]}x{b.shape[-1]}")  # fmt: skip
+        weights = morph_weights(self.config.frames if frames is None else frames, easing)
+        z = self.encode(torch.cat([a, b]))
+        if mode == "latent":
+            if prompt_a is not None or prompt_b is not None:
+                raise ValueError("prompts apply to mode='noise' only; a latent morph does not sample")
+            latents = slerp(z[0], z[1], weights)
+        else:
+            latents = self._noise_morph(z, weights, prompt_a or "", prompt_b or "", steps, guidance, shift,
+                                        refine, batch_size, progress)  # fmt: skip
+        if output_type == "latent":
+            return latents
+        return self.decode_images(latents, batch_size)
+
+    def _noise_morph(
+        self, z, weights, prompt_a, prompt_b, steps, guidance, shift, refine, batch_size, progress
+    ):
+        """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler."""
+        opts = self._options(steps, guidance, "euler", shift, progress)
+        tokens, mask = self.text_encoder.encode([prompt_a, prompt_b])
+        mask = mask.any(dim=0, keepdim=True).expand(2, -1)  # the union: one context layout for every frame
+        negative = {}
+        if guidance != 1:
+            neg, neg_mask = self.text_encoder.encode([self.config.negative_prompt])
+            negative = {"negative": neg, "negative_mask": neg_mask}
+        kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], **negative)
+        noise = invert(self.dit, z, tokens, mask, refine=refine, progress=opts["progress"], **kw)
+        noises, contexts = slerp(noise[0], noise[1], weights), lerp(tokens[0], tokens[1], weights)
+        masks = mask[:1].expand(len(weights), -1)
+        out = []
+        for i in range(0, len(weights), batch_size):
+            part = slice(i, i + batch_size)
+            out.append(denoise(self.dit, noises[part], contexts[part], masks[part], sampler="euler",
+                               progress=opts["progress"], **kw))  # fmt: skip
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _sample(self, noise, prompts, negative_prompt, opts, generator, init=None, strength=1.0, hook=None):
+        """The one call to the sampling loop that every job makes."""
+        context, context_mask = self.text_encoder.encode(prompts)
+        negative = {}
+        if opts["guidance"] != 1:
+            neg = self.config.negative_prompt if negative_prompt is None else negative_prompt
+            tokens, mask = self.text_encoder.encode([neg])
+            negative = {"negative": tokens, "negative_mask": mask}
+        return denoise(
+            self.dit,
+            noise,
+            context,
+            context_mask,
+            **negative,
+            init=init,
+            strength=strength,
+            hook=hook,
+            generator=generator,
+            **opts,
+        )
+
+    def _options(self, steps, guidance, sampler, shift, progress) -> dict:
+        cfg = self.config
+        sampler = sampler or cfg.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+        steps = cfg.steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1; got {steps}")
+        return {
+            "steps": steps,
+            "guidance": cfg.guidance if guidance is None else guidance,
+            "sampler": sampler,
+            "shift": cfg.shift if shift is None else shift,
+            "progress": self.progress if progress is None else progress,
+        }
+
+    def _noise(self, shape, seed) -> tuple[torch.Tensor, torch.Generator]:
+        """Start noise drawn on a CPU generator (the same on every device), then moved to the model's device."""
+        seed = self.config.seed if seed is None else seed
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        noise = torch.randn(tuple(shape), generator=generator)
+        return noise.to(self.device), generator
+
+    @staticmethod
+    def _keep_hook(known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> Callable:
+        """Sampling hook: where ``keep``, replace the latents by ``known`` noised to the step's sigma with the
+        sampler's start noise (``known`` itself at the final sigma 0)."""
+
+        def hook(step: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+            level = torch.full((x.shape[0],), sigma, device=x.device)
+            return torch.where(keep, add_noise(known, noise, level), x)
+
+        return hook
+
+    def _output(self, z: torch.Tensor, output_type: str) -> torch.Tensor:
+        if output_type == "latent":
+            return z
+        if output_type == "video":
+            return self.decode(z)
+        raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
+
+    def _prompts(self, prompt: str | Sequence[str], b: int) -> list[str]:
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {b} inputs")
+        return prompts
+
+    def _latent_shape(self, b: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+        tf, sf = self.vae.temporal_factor, self.vae.spatial_factor
+        return (b, self.vae.config.latent_channels, 1 + (frames - 1) // tf, height // sf, width // sf)
+
+    def _check_size(self, frames: int, height: int, width: int) -> None:
+        tf = self.vae.temporal_factor
+        pt, ph, pw = self.dit.config.patch_size
+        if frames < 1 or (frames - 1) % tf or (1 + (frames - 1) // tf) % pt:
+            raise ValueError(
+                f"frames must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, {1 + 3 * tf}, ...); got {frames}"
+            )
+        mh, mw = self.size_multiple
+        if height < mh or width < mw or height % mh or width % mw:
+            raise ValueError(
+                f"height and width must be positive multiples of {mh}x{mw} (VAE {self.vae.spatial_factor} x "
+                f"patch {ph}x{pw}); got {height}x{width}"
+            )
+
+    def _video_input(self, video: Media) -> torch.Tensor:
+        """A file path or a tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) -> (b, 3, t, h, w), checked."""
+        if isinstance(video, (str, os.PathLike)):
+            video = read_video(video, temporal_factor=self.vae.temporal_factor)[0]
+        ok = isinstance(video, torch.Tensor) and video.ndim in (3, 4, 5)
+        if not ok or video.shape[1 if video.ndim == 5 else 0] != 3:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(
+                f"expected a video (b, 3, t, h, w), (3, t, h, w) or an image (3, h, w); got {shape}"
+            )
+        if video.ndim == 3:
+            video = video[:, None]
+        if video.ndim == 4:
+            video = video[None]
+        self._check_size(*video.shape[2:])
+        return video.float().to(self.vae.device)
+
+    def _mask_input(self, mask: Media, t: int, h: int, w: int) -> torch.Tensor:
+        """A mask file or tensor -> (1, t or 1, h, w) bool (True = regenerate), checked against the input."""
+        if isinstance(mask, (str, os.PathLike)):
+            mask = (read_video(mask, temporal_factor=1)[0] + 1) / 2  # [-1, 1] pixels -> [0, 1]
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a tensor or an image/video file; got {type(mask).__name__}")
+        m = mask.float()
+        if m.ndim == 5:
+            m = m[0]
+        if m.ndim == 4:  # (c, t, h, w): average the colour channels
+            m = m.mean(dim=0)
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3:
+            raise ValueError(f"mask must be (h, w), (t, h, w) or (c, t, h, w); got {tuple(mask.shape)}")
+        if tuple(m.shape[-2:]) != (h, w):
+            raise ValueError(f"mask is {m.shape[-2]}x{m.shape[-1]} but the input is {h}x{w}; they must match")
+        if m.shape[0] not in (1, t):
+            raise ValueError(f"mask has {m.shape[0]} frames but the input has {t}; give 1 (an image) or {t}")
+        return (m > 0.5)[None].to(self.vae.device)
