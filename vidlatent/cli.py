@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 EXAMPLES = {
@@ -37,6 +38,356 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="print versions, device and available presets", epilog=EXAMPLES["info"])
     p.set_defaults(func=cmd_info)
+
+
+# ------------------------------------------------------------------ generate / edit / inpaint / animate / morph
+# The VideoPipeline jobs (vidlatent.pipelines.video): read inputs, load the pipeline, call one job, write.
+
+JOB_EXAMPLES = {
+    "generate": """examples:
+  vidlatent generate "a red ball bouncing" -o ball.mp4 --model my_pipeline --frames 17 --seed 1
+  vidlatent generate "a red ball" -o ball.png --frames 1 --height 256 --width 256 steps=20 guidance=4""",
+    "edit": """example:
+  vidlatent edit clip.mp4 "a blue ball bouncing" --strength 0.6 -o edited.mp4 --model my_pipeline""",
+    "inpaint": """example:
+  vidlatent inpaint clip.mp4 --mask mask.png "a green square" -o inpainted.mp4 --model my_pipeline
+  (white mask pixels are regenerated; a mask video gives one mask per frame)""",
+    "animate": """example:
+  vidlatent animate still.png "the ball rolls to the right" --frames 17 -o moving.mp4 --model my_pipeline""",
+    "morph": """examples:
+  vidlatent morph a.png b.png --frames 33 -o morph.mp4 --model my_pipeline
+  vidlatent morph a.png b.png --mode noise --prompt-a "a red ball" --prompt-b "a blue box" -o morph.gif""",
+}
+
+
+def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, epilog=JOB_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = True) -> None:
+    """Options the pipeline jobs share; each given flag beats ``--config`` files and ``key=value`` overrides."""
+    p.add_argument(
+        "-o", "--output", required=True, help=".mp4, .webm, .gif, .png/.jpg (one frame) or a folder"
+    )
+    if size:
+        p.add_argument("--height", type=int, default=None, help="output height (a multiple of 16)")
+        p.add_argument("--width", type=int, default=None, help="output width (a multiple of 16)")
+    if sampling:
+        p.add_argument("--steps", type=int, default=None, help="sampling steps")
+        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (1 = off)")
+        p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+        p.add_argument("--sampler", default=None, help="euler, unipc or dpm")
+        p.add_argument("--shift", type=float, default=None, help="sigma shift of the schedule")
+        p.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance > 1)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_common(p)
+
+
+def _check_output(path: str, frames: int | None = None) -> None:
+    """Fail before any work on an output name ``write_video`` cannot write."""
+    from pathlib import Path
+
+    from .data.io import WRITE_EXTENSIONS
+
+    suffix = Path(path).suffix.lower()
+    if suffix and suffix not in WRITE_EXTENSIONS:
+        raise ValueError(
+            f"cannot write {path}: use one of {', '.join(WRITE_EXTENSIONS)} or no suffix (png folder)"
+        )
+    if suffix in (".png", ".jpg", ".jpeg") and frames is not None and frames > 1:
+        raise ValueError(
+            f"{path} holds one image but the output has {frames} frames; use .mp4, .gif or .webm"
+        )
+
+
+def _check_inputs(*paths: str) -> None:
+    import os
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file: {path}")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides."""
+    import torch
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .diffusion.sampling import SAMPLERS
+    from .pipelines import VideoPipeline
+
+    sampler = getattr(args, "sampler", None)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    bad = [x for x in args.overrides if "=" not in x]
+    if bad:
+        raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = VideoPipeline.from_pretrained(args.model, device=device)
+    try:
+        conf = OmegaConf.merge(
+            OmegaConf.structured(pipe.config),
+            *[OmegaConf.load(f) for f in args.config],
+            OmegaConf.from_dotlist(list(args.overrides)),
+        )
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad option: {str(err).splitlines()[0]}") from None
+    pipe.config = OmegaConf.to_object(conf)
+    pipe.progress = not args.quiet
+    return pipe
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags given on the command line (the rest come from the pipeline's config)."""
+    names = ("steps", "guidance", "sampler", "shift")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _seed(args: argparse.Namespace, pipe) -> int:
+    """The seed to use: ``--seed``, else the config's, else a fresh random one (printed so it can be reused)."""
+    import random
+
+    seed = args.seed if args.seed is not None else pipe.config.seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    return seed
+
+
+def _read_clip(pipe, path: str, args: argparse.Namespace, frames: int | None = None, image: bool = False):
+    """Read an input (c, t, h, w) at ``--height/--width`` or its own size, centre-cropped to a multiple of 16.
+
+    Returns (video, info, note): ``note`` says what the crop did ("" if nothing); print it once all checks
+    have passed, so that an error stays the only line on stderr."""
+    from .data.io import read_video
+
+    size = _size(args)
+    if image:
+        video, info = read_video(path, frames=1, size=size, frame_policy="none")
+    else:
+        policy = getattr(args, "frame_policy", "trim")
+        video, info = read_video(path, frames=frames, size=size, frame_policy=policy)
+    video, note = _crop_to_multiple(video, pipe.size_multiple, path)
+    return video, info, note
+
+
+def _size(args: argparse.Namespace):
+    if (args.height is None) != (args.width is None):
+        raise ValueError("give both --height and --width, or neither")
+    return None if args.height is None else (args.height, args.width)
+
+
+def _crop_to_multiple(video, multiple: tuple[int, int], name: str):
+    """Centre-crop (c, t, h, w) so that h and w are multiples of ``multiple``; returns (video, note)."""
+    h, w = video.shape[-2:]
+    nh, nw = h // multiple[0] * multiple[0], w // multiple[1] * multiple[1]
+    if nh == 0 or nw == 0:
+        raise ValueError(f"{name} is {h}x{w}; the model needs at least {multiple[0]}x{multiple[1]}")
+    if (nh, nw) == (h, w):
+        return video, ""
+    top, left = (h - nh) // 2, (w - nw) // 2
+    note = f"note: {name} is {h}x{w}; centre-cropped to {nh}x{nw} (multiples of {multiple[0]}x{multiple[1]})"
+    return video[..., top : top + nh, left : left + nw], note
+
+
+def _notes(*notes: str) -> None:
+    for note in dict.fromkeys(n for n in notes if n):
+        print(note, file=sys.stderr)
+
+
+def _write(pipe, video, path: str, fps: float | None, seed: int | None = None) -> int:
+    paths = pipe.save(video, path, fps=fps)
+    b, _, t, h, w = video.shape
+    extra = f", seed {seed}" if seed is not None else ""
+    print(f"wrote {', '.join(map(str, paths))} ({t} frame{'s' * (t > 1)}, {h}x{w}{extra})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_output(args.output, args.frames)
+    pipe = _load_pipeline(args)
+    _check_output(args.output, args.frames or pipe.config.frames)
+    seed = _seed(args, pipe)
+    video = pipe.generate(
+        args.prompt,
+        args.negative_prompt,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        seed=seed,
+        **_sampling_kwargs(args),
+    )
+    return _write(pipe, video, args.output, args.fps, seed)
+
+
+def add_generate(sub) -> None:
+    p = _job_parser(sub, "generate", "text to video (--frames 1: text to image)")
+    p.add_argument("prompt", help="what to show")
+    p.add_argument("--frames", type=int, default=None, help="1 + 4k frames (1 = an image)")
+    _job_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_read_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", type=int, default=None, help="read at most this many frames of the input")
+    p.add_argument(
+        "--frame-policy",
+        choices=["trim", "pad", "none"],
+        default="trim",
+        help="make the input 1+4k frames: drop trailing frames, repeat the last, or fail",
+    )
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    _check_inputs(args.input)
+    _check_output(args.output)
+    pipe = _load_pipeline(args)
+    seed = _seed(args, pipe)
+    video, info, note = _read_clip(pipe, args.input, args, frames=args.frames)
+    _check_output(args.output, video.shape[1])
+    _notes(note)
+    out = pipe.edit(
+        video, args.prompt, args.strength, args.negative_prompt, seed=seed, **_sampling_kwargs(args)
+    )
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed)
+
+
+def add_edit(sub) -> None:
+    p = _job_parser(sub, "edit", "re-draw a video or image after a prompt (SDEdit)")
+    p.add_argument("input", help="video or image to edit")
+    p.add_argument("prompt", help="what it should become")
+    p.add_argument(
+        "--strength", type=float, default=0.6, help="0 keeps the input, 1 ignores it (default 0.6)"
+    )
+    _add_read_flags(p)
+    _job_flags(p)
+    p.set_defaults(func=cmd_edit)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from .data.io import read_video
+
+    _check_inputs(args.input, args.mask)
+    _check_output(args.output)
+    pipe = _load_pipeline(args)
+    seed = _seed(args, pipe)
+    video, info, note = _read_clip(pipe, args.input, args, frames=args.frames)
+    _check_output(args.output, video.shape[1])
+    _, mask_info = read_video(args.mask, frames=1, temporal_factor=1)
+    if tuple(mask_info["source_size"]) != tuple(info["source_size"]):
+        mh, mw = mask_info["source_size"]
+        raise ValueError(
+            f"mask {args.mask} is {mh}x{mw} but the input is {info['source_size'][0]}x{info['source_size'][1]}"
+        )
+    mask, _ = read_video(args.mask, frames=video.shape[1], temporal_factor=1, size=_size(args))
+    mask, _ = _crop_to_multiple((mask + 1) / 2, pipe.size_multiple, args.mask)
+    _notes(note)
+    out = pipe.inpaint(
+        video, mask, args.prompt, args.strength, args.negative_prompt, seed=seed, **_sampling_kwargs(args)
+    )
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed)
+
+
+def add_inpaint(sub) -> None:
+    p = _job_parser(sub, "inpaint", "regenerate the masked part of a video or image")
+    p.add_argument("input", help="video or image")
+    p.add_argument("prompt", help="what to put in the masked region")
+    p.add_argument("--mask", required=True, help="image or video of the input's size; white = regenerate")
+    p.add_argument(
+        "--strength", type=float, default=1.0, help="below 1 starts the masked region from the input"
+    )
+    _add_read_flags(p)
+    _job_flags(p)
+    p.set_defaults(func=cmd_inpaint)
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    _check_inputs(args.image)
+    _check_output(args.output, args.frames)
+    pipe = _load_pipeline(args)
+    _check_output(args.output, args.frames or pipe.config.frames)
+    seed = _seed(args, pipe)
+    image, _, note = _read_clip(pipe, args.image, args, image=True)
+    _notes(note)
+    out = pipe.animate(
+        image,
+        args.prompt,
+        args.frames,
+        args.negative_prompt,
+        strength=args.strength,
+        seed=seed,
+        **_sampling_kwargs(args),
+    )
+    return _write(pipe, out, args.output, args.fps, seed)
+
+
+def add_animate(sub) -> None:
+    p = _job_parser(sub, "animate", "image to video: the image is the first frame")
+    p.add_argument("image", help="the first frame (an image, or a video's first frame)")
+    p.add_argument("prompt", help="what happens next")
+    p.add_argument("--frames", type=int, default=None, help="1 + 4k frames")
+    p.add_argument(
+        "--strength", type=float, default=1.0, help="below 1: start from the still image (less motion)"
+    )
+    _job_flags(p)
+    p.set_defaults(func=cmd_animate)
+
+
+def cmd_morph(args: argparse.Namespace) -> int:
+    _check_inputs(args.image_a, args.image_b)
+    _check_output(args.output, args.frames or 2)
+    pipe = _load_pipeline(args)
+    a, _, note_a = _read_clip(pipe, args.image_a, args, image=True)
+    b, _, note_b = _read_clip(pipe, args.image_b, args, image=True)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{args.image_a} is {a.shape[-2]}x{a.shape[-1]} but {args.image_b} is {b.shape[-2]}x{b.shape[-1]}; "
+            "give --height and --width to bring both to one size"
+        )
+    _notes(note_a, note_b)
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    if args.guidance is not None:
+        kwargs["guidance"] = args.guidance
+    out = pipe.morph(
+        a,
+        b,
+        args.frames,
+        args.mode,
+        args.prompt_a,
+        args.prompt_b,
+        easing=args.easing,
+        shift=args.shift,
+        refine=args.refine,
+        **kwargs,
+    )
+    return _write(pipe, out, args.output, args.fps)
+
+
+def add_morph(sub) -> None:
+    p = _job_parser(sub, "morph", "a morph video from image A to image B")
+    p.add_argument("image_a", help="first image")
+    p.add_argument("image_b", help="last image (the same size as A, or give --height/--width)")
+    p.add_argument("--frames", type=int, default=None, help="frames of the morph (any count >= 2)")
+    p.add_argument("--mode", choices=["latent", "noise"], default="latent",
+                   help="latent: slerp the images' latents; noise: invert both to noise, slerp, regenerate")  # fmt: skip
+    p.add_argument("--prompt-a", default=None, help="noise mode: a prompt describing A")
+    p.add_argument("--prompt-b", default=None, help="noise mode: a prompt describing B")
+    p.add_argument("--easing", choices=["linear", "cosine", "smoothstep"], default="linear",
+                   help="spacing of the frames (cosine/smoothstep linger at A and B)")  # fmt: skip
+    p.add_argument(
+        "--refine", type=int, default=2, help="noise mode: fixed-point iterations per inversion step"
+    )
+    p.add_argument("--steps", type=int, default=None, help="noise mode: inversion / sampling steps")
+    p.add_argument("--guidance", type=float, default=None, help="noise mode: guidance (default 1 = off)")
+    p.add_argument("--shift", type=float, default=None, help="noise mode: sigma shift")
+    _job_flags(p, sampling=False)
+    p.set_defaults(func=cmd_morph)
+
+
+JOB_SUBCOMMANDS = [add_generate, add_edit, add_inpaint, add_animate, add_morph]
 
 
 # ------------------------------------------------------------------ encode / decode / reconstruct / convert
@@ -321,7 +672,7 @@ def add_convert(sub) -> None:
 
 
 # Each subcommand is an ``add_<name>(sub)`` function that registers its parser and handler.
-SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert]
+SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert, *JOB_SUBCOMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,7 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow options ("generate 'a ball' -o x.mp4 steps=20"): argparse leaves
+    # such trailing positionals over, so they are collected here
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if re.match(r"^[A-Za-z_][\w.]*=", x)]
+    if len(overrides) != len(extra) or (extra and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
