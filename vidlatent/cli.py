@@ -361,6 +361,7 @@ def cmd_morph(args: argparse.Namespace) -> int:
         easing=args.easing,
         shift=args.shift,
         refine=args.refine,
+        respace=args.respace,
         **kwargs,
     )
     return _write(pipe, out, args.output, args.fps)
@@ -380,6 +381,8 @@ def add_morph(sub) -> None:
     p.add_argument(
         "--refine", type=int, default=2, help="noise mode: fixed-point iterations per inversion step"
     )
+    p.add_argument("--respace", action="store_true",
+                   help="noise mode: regenerate at weights that make the steps even (twice the time)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="noise mode: inversion / sampling steps")
     p.add_argument("--guidance", type=float, default=None, help="noise mode: guidance (default 1 = off)")
     p.add_argument("--shift", type=float, default=None, help="noise mode: sigma shift")

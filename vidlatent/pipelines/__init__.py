@@ -1,13 +1,14 @@
 """Jobs built on the one sampling loop: ``VideoPipeline`` (generate, edit, inpaint, animate, morph)."""
 
 from .encode import decode_latents, encode_clips, latent_stats, load_latents, psnr, reconstruct, ssim
-from .interpolate import ease, lerp, morph_weights, slerp, smoothness
+from .interpolate import arc_length_weights, ease, lerp, morph_weights, slerp, smoothness
 from .video import PipelineConfig, PipelinePreset, VideoPipeline, latent_mask
 
 __all__ = [
     "PipelineConfig",
     "PipelinePreset",
     "VideoPipeline",
+    "arc_length_weights",
     "decode_latents",
     "encode_clips",
     "latent_stats",

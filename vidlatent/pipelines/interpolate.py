@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from einops import rearrange
 
@@ -69,6 +70,24 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) 
     out = direction * torch.lerp(na, nb, t)
     out = torch.where(t == 0, va, torch.where(t == 1, vb, out))
     return out.reshape(-1, *a.shape).to(a.dtype)
+
+
+def arc_length_weights(weights: torch.Tensor, path: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Weights at which a path reaches the fractions ``targets`` of its length (arc-length reparametrization).
+
+    ``path`` (n, ...) holds the path's points at ``weights`` (n,), increasing from 0 to 1. The length is
+    measured as the sum of Euclidean steps between consecutive points and inverted piecewise-linearly, so a
+    path that moves unevenly in its parameter (a denoiser's response to interpolated prompts) gets points
+    at even steps when sampled again at the returned weights (``targets = weights`` keeps the easing).
+    """
+    steps = (path[1:] - path[:-1]).flatten(1).double().norm(dim=1).cpu()
+    length = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+    if length[-1] <= 0:
+        return targets
+    length = length / length[-1]
+    xp, fp = length.numpy(), torch.as_tensor(weights, dtype=torch.float64).cpu().numpy()
+    out = np.interp(torch.as_tensor(targets, dtype=torch.float64).cpu().numpy(), xp, fp)
+    return torch.from_numpy(out)
 
 
 def smoothness(video: torch.Tensor) -> dict:

@@ -34,7 +34,7 @@ from ..diffusion.sampling import SAMPLERS, denoise, invert
 from ..models.dit import VideoDiT
 from ..models.text import TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
-from .interpolate import lerp, morph_weights, slerp
+from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 
 PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
 MORPH_MODES = ("latent", "noise")
@@ -400,7 +400,8 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float = 1.0,
         shift: float | None = None,
-        refine: int = 1,
+        refine: int = 2,
+        respace: bool = False,
         batch_size: int = 8,
         output_type: str = "video",
         progress: bool | None = None,
@@ -414,7 +415,10 @@ class VideoPipeline:
         slerp the two noises, interpolate the prompts' token embeddings linearly (both prompts padded to one
         length, with the union of their masks, so inversion and regeneration see the same context), and
         regenerate every frame deterministically with the Euler sampler; the endpoints reconstruct A and B up
-        to the inversion error. ``guidance`` 1 by default (inversion is exact only without guidance).
+        to the inversion error (first order in 1/steps with ``refine=0``; each refinement shrinks it ~10x).
+        ``guidance`` 1 by default (the round trip is exact only without guidance). The denoiser may answer
+        unevenly along the path (two prompts: fast near one end); ``respace=True`` measures the latent steps
+        and regenerates once more at weights that make them equal (``arc_length_weights``; twice the cost).
         ``easing``: "linear", "cosine" or "smoothstep" spacing of the frames. ``batch_size``: frames per
         denoiser / decoder batch. ``output_type="latent"`` returns the frames' latents (frames, c, 1, h', w').
         """
@@ -437,15 +441,16 @@ class VideoPipeline:
             latents = slerp(z[0], z[1], weights)
         else:
             latents = self._noise_morph(z, weights, prompt_a or "", prompt_b or "", steps, guidance, shift,
-                                        refine, batch_size, progress)  # fmt: skip
+                                        refine, respace, batch_size, progress)  # fmt: skip
         if output_type == "latent":
             return latents
         return self.decode_images(latents, batch_size)
 
     def _noise_morph(
-        self, z, weights, prompt_a, prompt_b, steps, guidance, shift, refine, batch_size, progress
+        self, z, weights, prompt_a, prompt_b, steps, guidance, shift, refine, respace, batch_size, progress
     ):
-        """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler."""
+        """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
+        ``respace``, regenerate once more at the weights that make the latent steps equal."""
         opts = self._options(steps, guidance, "euler", shift, progress)
         tokens, mask = self.text_encoder.encode([prompt_a, prompt_b])
         mask = mask.any(dim=0, keepdim=True).expand(2, -1)  # the union: one context layout for every frame
@@ -453,16 +458,18 @@ class VideoPipeline:
         if guidance != 1:
             neg, neg_mask = self.text_encoder.encode([self.config.negative_prompt])
             negative = {"negative": neg, "negative_mask": neg_mask}
-        kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], **negative)
-        noise = invert(self.dit, z, tokens, mask, refine=refine, progress=opts["progress"], **kw)
-        noises, contexts = slerp(noise[0], noise[1], weights), lerp(tokens[0], tokens[1], weights)
-        masks = mask[:1].expand(len(weights), -1)
-        out = []
-        for i in range(0, len(weights), batch_size):
-            part = slice(i, i + batch_size)
-            out.append(denoise(self.dit, noises[part], contexts[part], masks[part], sampler="euler",
-                               progress=opts["progress"], **kw))  # fmt: skip
-        return torch.cat(out)
+        kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], progress=opts["progress"])
+        noise = invert(self.dit, z, tokens, mask, refine=refine, **negative, **kw)
+
+        def regenerate(w: torch.Tensor) -> torch.Tensor:
+            noises, contexts = slerp(noise[0], noise[1], w), lerp(tokens[0], tokens[1], w)
+            masks = mask[:1].expand(len(w), -1)
+            parts = [slice(i, i + batch_size) for i in range(0, len(w), batch_size)]
+            return torch.cat([denoise(self.dit, noises[p], contexts[p], masks[p], sampler="euler", **negative, **kw)
+                              for p in parts])  # fmt: skip
+
+        latents = regenerate(weights)
+        return regenerate(arc_length_weights(weights, latents, weights)) if respace else latents
 
     # ------------------------------------------------------------------------------------ helpers
 
