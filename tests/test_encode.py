@@ -226,10 +226,13 @@ def test_shards_cover_every_clip_once(tmp_path, media, vae, monkeypatch):
     )
 
 
-def test_expand_paths_finds_media_in_folders(media):
-    found = expand_paths([media["dir"], media["a"], media["missing"]])
+def test_expand_paths_finds_media_in_folders(tmp_path, media):
+    link = tmp_path / "link.mp4"
+    link.symlink_to(media["a"])
+    found = expand_paths([media["dir"], media["a"], link, media["missing"]])
     names = [p.relative_to(media["dir"]).as_posix() for p in found]
     assert names == ["a.mp4", "b.mp4", "bad.mp4", "img.png", "sub/a.mp4", "missing.mp4"]  # no repeats
+    assert latent_name(link) == latent_name(media["a"])
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -303,6 +306,10 @@ def test_decode_latents_back_to_videos(tmp_path, encoded, media, vae):
 
     again = decode_latents(files[:2], videos, vae, progress=False)  # resumes: everything is there
     assert again.done == [] and len(again.skipped) == 2
+    (tmp_path / "copy").mkdir()
+    twin = shutil.copy(files[1], tmp_path / "copy")  # same file name from another folder: not overwritten
+    clash = decode_latents([files[1], twin], tmp_path / "clash", vae, fmt="png", progress=False)
+    assert len(clash.done) == 1 and "already in this run" in clash.failed[0][1]
     stranger_vae = CausalVAE.from_pretrained("tiny")  # unseeded: other weights
     noted = decode_latents([img_latents], tmp_path / "other", stranger_vae, fmt="png", progress=False)
     assert len(noted.done) == 1 and "encoded by VAE" in noted.notes[0]

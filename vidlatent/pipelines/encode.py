@@ -108,7 +108,7 @@ def expand_paths(
 ) -> list[Path]:
     """Files named in ``paths``, with folders replaced by the files inside them (recursively) whose suffix
     is in ``extensions``, in sorted order; hidden files and folders are left out. Paths that do not exist
-    are kept (the jobs report them as failures); repeats are dropped."""
+    are kept (the jobs report them as failures); repeats (the same file by another path or link) are dropped."""
     out, seen = [], set()
     for p in paths:
         p = Path(p)
@@ -123,7 +123,7 @@ def expand_paths(
         else:
             found = [p]
         for f in found:
-            key = os.path.abspath(f)
+            key = os.path.realpath(f)
             if key not in seen:
                 seen.add(key)
                 out.append(f)
@@ -443,7 +443,7 @@ def encode_clips(
     names = {p: latent_name(p) for p in sources}
     clashes: dict[str, Path] = {}
     for p, name in names.items():
-        if name in clashes and os.path.abspath(clashes[name]) != os.path.abspath(p):
+        if name in clashes:  # distinct real paths with the same 48-bit digest and stem
             raise ValueError(f"{p} and {clashes[name]} map to the same output name {name}")
         clashes[name] = p
     for tmp in _stale_temporaries(out_dir, set(names.values())):
@@ -578,9 +578,13 @@ def decode_latents(
     out_dir = Path(out_dir)
     files = expand_paths(latent_files, (LATENT_SUFFIX,))
     report = JobReport("decode")
-    fingerprint = None
+    fingerprint, claimed = None, {}
     for f in tqdm(files, desc="decode", unit="clip", disable=not progress, dynamic_ncols=True):
         out = out_dir / (f.stem if fmt == "frames" else f"{f.stem}.{fmt}")
+        if out in claimed:  # same file name in two input folders
+            report.failed.append((str(f), f"{claimed[out]} is decoded to {out} already in this run"))
+            continue
+        claimed[out] = f
         if out.exists() and not overwrite:
             report.skipped.append((str(f), str(out)))
             continue
