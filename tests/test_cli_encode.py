@@ -172,3 +172,23 @@ def test_convert_diffusers_pipeline_root_and_vae_folder(tmp_path, capsys):
     one_line_error(
         capsys, ["convert", root / "vae", "-o", tmp_path / "x", "--kind", "dit"], "holds a vae, not a dit"
     )
+
+
+@pytest.mark.slow
+def test_torchrun_shards_clips_and_merges_stats_across_ranks(tmp_path, clips):
+    lat, stats_file = tmp_path / "lat", tmp_path / "stats.json"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vidlatent.cli", "encode", clips, "-o", lat, "--model", "tiny", "--stats", "--stats-out",
+           stats_file, "--device", "cpu"]  # fmt: skip
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0  # bad.mp4 fails on its rank, which exits 1
+    # sorted clips a.mp4, bad.mp4, still.png: rank 0 encodes two, rank 1 has only the bad one (and no
+    # statistics of its own to contribute, which the merge must survive)
+    assert "encode (rank 0 of 2): 2 done" in run.stdout, run.stdout + run.stderr
+    assert "encode (rank 1 of 2): 0 done, 0 skipped (already done), 1 failed" in run.stdout
+    assert len(list(lat.iterdir())) == 2
+    written = json.loads(stats_file.read_text())
+    mean, std = latent_stats(lat)
+    np.testing.assert_allclose(written["latents_mean"], mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(written["latents_std"], std.numpy(), atol=1e-6)
