@@ -124,6 +124,8 @@ def test_edit_accepts_images_and_batches(pipe):
         pipe.edit(pattern(size=40), "a ball", 0.5)
     with pytest.raises(ValueError, match="expected a video"):
         pipe.edit(torch.zeros(4, 5, 32, 32), "a ball", 0.5)
+    with pytest.raises(ValueError, match="expected a float video"):
+        pipe.edit(torch.zeros(3, 5, 32, 32, dtype=torch.uint8), "a ball", 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ inpaint

@@ -573,6 +573,8 @@ class VideoPipeline:
             raise ValueError(
                 f"expected a video (b, 3, t, h, w), (3, t, h, w) or an image (3, h, w); got {shape}"
             )
+        if not video.is_floating_point():
+            raise ValueError(f"expected a float video in [-1, 1]; got dtype {video.dtype} (use read_video)")
         if video.ndim == 3:
             video = video[:, None]
         if video.ndim == 4:
