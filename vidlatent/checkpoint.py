@@ -82,6 +82,13 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], wh
     model.load_state_dict(converted, strict=True, assign=True)
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it), for giving temp files the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file."""
     path = Path(path)
@@ -90,6 +97,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vidlatent.checkpoint import atomic_write
+from vidlatent.checkpoint import atomic_write, current_umask
 
 __all__ = [
     "FRAME_POLICIES",
@@ -529,6 +529,7 @@ def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
             os.replace(folder, old / "frames")
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         os.replace(tmp, folder)
     except BaseException:
         if old is not None and not folder.exists():
