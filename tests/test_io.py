@@ -452,3 +452,14 @@ def test_missing_encoder_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="has no libvpx-vp9 encoder; write .mp4 or .gif"):
         write_video(tmp_path / "clip.webm", smooth_clip(5))
     assert os.listdir(tmp_path) == []
+
+
+def test_written_outputs_get_the_usual_permissions(tmp_path):
+    from vidlatent.checkpoint import current_umask
+
+    video = torch.zeros(3, 5, 32, 32)
+    write_video(tmp_path / "clip.mp4", video)
+    write_video(tmp_path / "frames", video[:, :2])
+    mask = current_umask()
+    assert (tmp_path / "clip.mp4").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o777 & ~mask
