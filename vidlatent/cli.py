@@ -21,8 +21,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"vidlatent {__version__}")
     print(f"torch     {torch.__version__} (threads: {torch.get_num_threads()})")
     print(f"device    {device}")
-    for kind in ("vae", "dit"):
-        print(f"{kind + ' presets':<12}{', '.join(list_presets(kind)) or '-'}")
+    for kind in ("pipeline", "vae", "dit", "text"):
+        print(f"{kind + ' presets':<18}{', '.join(list_presets(kind)) or '-'}")
     return 0
 
 
@@ -674,8 +674,38 @@ def add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import NonFiniteLossError, load_train_config, train
+
+    cfg = load_train_config(args.config_file, *args.config, overrides=args.overrides)
+    if args.device is not None:
+        cfg.device = args.device
+    try:
+        trainer = train(cfg)
+    except NonFiniteLossError as err:
+        print(f"vidlatent train: stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"trained {trainer.step} steps; last checkpoint {trainer.last_checkpoint}")
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the denoiser on latent files (flow matching)",
+        description="Train a VideoDiT on the latent files `vidlatent encode` writes, as CONFIG (a yaml file "
+        "or a train preset such as 'tiny') and key=value overrides say. resume=auto continues the latest "
+        "checkpoint under output=. Exits 1 when the loss became NaN/inf (the last good checkpoint is kept).",
+        epilog="example:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config_file", metavar="CONFIG", help="train yaml file or preset name (tiny)")
+    add_common(p, model=False)
+    p.set_defaults(func=cmd_train)
+
+
 # Each subcommand is an ``add_<name>(sub)`` function that registers its parser and handler.
-SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert, *JOB_SUBCOMMANDS]
+SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert, add_train, *JOB_SUBCOMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
