@@ -1,0 +1,169 @@
+"""Training data from the latent cache that ``encode_clips`` / ``vidlatent encode`` writes.
+
+Letters: b batch, c channels, t latent frames, h height, w width.
+
+``LatentDataset`` scans a folder of latent files (headers only), reports and skips the files it cannot use,
+finds each clip's caption, and ``BucketSampler`` groups clips by latent shape so that every batch stacks
+without padding. The order is a pure function of ``(seed, epoch)``, so a data position ``(epoch, batch)`` is
+all a checkpoint needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..pipelines.encode import expand_paths, load_latents, read_latent_metadata
+
+__all__ = ["LatentDataset", "LatentItem", "BucketSampler", "read_captions"]
+
+
+@dataclass
+class LatentItem:
+    """One usable latent file: its path, latent shape ``(c, t, h, w)`` and caption."""
+
+    path: Path
+    shape: tuple[int, int, int, int]
+    caption: str
+
+
+def read_captions(path: str | os.PathLike) -> dict[str, str]:
+    """A ``metadata.jsonl`` (one ``{"path"|"file_name": ..., "caption"|"text": ...}`` per line) -> {key: caption}.
+
+    Keys are the path as written and its file name, so a row may name the source clip or the latent file.
+    """
+    out: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        key = row.get("path", row.get("file_name"))
+        caption = row.get("caption", row.get("text"))
+        if not isinstance(key, str) or not isinstance(caption, str):
+            raise ValueError(f"{path}:{n}: each row needs a string 'path' (or 'file_name') and 'caption'")
+        out[key] = caption
+        out.setdefault(Path(key).name, caption)
+    return out
+
+
+def _caption(path: Path, meta: dict, table: dict[str, str]) -> str | None:
+    source = meta.get("source")
+    for key in (str(path), path.name, source, Path(source).name if source else None):
+        if key is not None and key in table:
+            return table[key]
+    if source:
+        sidecar = Path(source).with_suffix(".txt")
+        if sidecar.is_file():
+            return sidecar.read_text().strip()
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text().strip()
+    return None
+
+
+class LatentDataset:
+    """The latent files under ``root`` (a folder, searched recursively, or a list of files and folders).
+
+    Captions come from ``captions`` (a metadata.jsonl, see ``read_captions``), else the source clip's
+    sidecar ``.txt``, else a ``.txt`` next to the latent file; a clip without one trains on the empty
+    caption and is counted in ``uncaptioned``. Files that are not readable latent files are listed in
+    ``bad`` as ``(path, reason)`` and skipped. ``dataset[i]`` is ``(latents (c t h w) float32, caption)``,
+    normalized latents (files stored raw are normalized with the statistics they carry).
+    """
+
+    def __init__(self, root, captions: str | os.PathLike | None = None):
+        roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+        files = expand_paths(roots, (".safetensors",))
+        table = read_captions(captions) if captions else {}
+        self.items: list[LatentItem] = []
+        self.bad: list[tuple[str, str]] = []
+        self.uncaptioned = 0
+        for f in sorted(Path(p) for p in files):
+            try:
+                meta = read_latent_metadata(f)
+                shape = tuple(int(s) for s in _shape(f))
+                if len(shape) != 4:
+                    raise ValueError(f"latents have shape {shape}; expected (c, t, h, w)")
+                if not meta["normalized"] and ("latents_mean" not in meta or "latents_std" not in meta):
+                    raise ValueError("raw latents without latents_mean / latents_std to normalize them")
+            except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
+                self.bad.append((str(f), f"{type(err).__name__}: {err}"))
+                continue
+            caption = _caption(f, meta, table)
+            if caption is None:
+                self.uncaptioned += 1
+            self.items.append(LatentItem(f, shape, caption or ""))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        item = self.items[i]
+        z, meta = load_latents(item.path, raw=False)
+        if not meta["normalized"]:
+            shape = (-1,) + (1,) * (z.ndim - 1)
+            mean = torch.tensor(meta["latents_mean"], dtype=torch.float64).view(shape)
+            std = torch.tensor(meta["latents_std"], dtype=torch.float64).view(shape)
+            z = ((z.double() - mean) / std).float()
+        if tuple(z.shape) != item.shape:
+            raise ValueError(f"{item.path}: latents changed shape since the scan")
+        return z.float(), item.caption
+
+    def summary(self) -> str:
+        """One line: clips, buckets, skipped files."""
+        buckets = len({it.shape for it in self.items})
+        text = f"{len(self.items)} latent clips in {buckets} shape bucket(s)"
+        if self.uncaptioned:
+            text += f", {self.uncaptioned} without caption"
+        if self.bad:
+            text += f"; skipped {len(self.bad)} bad file(s): " + "; ".join(f"{p} ({r})" for p, r in self.bad)
+        return text
+
+
+def _shape(path: Path) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if "latents" not in f.keys():
+            raise ValueError("no 'latents' tensor")
+        return f.get_slice("latents").get_shape()
+
+
+class BucketSampler:
+    """Batches of dataset indices that share a latent shape, in an order fixed by ``(seed, epoch)``.
+
+    Each epoch shuffles the clips of every bucket, cuts them into batches of ``batch_size`` (a bucket's last
+    batch may be smaller unless ``drop_last``), and shuffles the batches of all buckets together.
+    """
+
+    def __init__(self, dataset: LatentDataset, batch_size: int, seed: int = 0, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.buckets: dict[tuple, list[int]] = {}
+        for i, item in enumerate(dataset.items):
+            self.buckets.setdefault(item.shape, []).append(i)
+        if not self.epoch(0):
+            raise ValueError(
+                f"no batch of {batch_size} clips of one shape (buckets: "
+                + ", ".join(f"{s}: {len(v)}" for s, v in self.buckets.items())
+                + "); lower batch_size or allow smaller batches"
+            )
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch (a pure function of seed and epoch)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for shape in sorted(self.buckets):
+            idx = self.buckets[shape]
+            perm = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+            for s in range(0, len(perm), self.batch_size):
+                chunk = perm[s : s + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[j] for j in order]
