@@ -107,8 +107,9 @@ def test_raw_latent_files_are_normalized(latents):
     assert abs(normalized.std().item() - 1) < 0.05
 
 
-# Measured (2 CPU cores, torch 2.13): evaluation loss 2.05 at init; 0.79 after 300 steps (2.6x) and
-# 0.20 after 900 steps (10x) at lr=3e-3 without clipping. The fast test asks for 2x in 300 steps.
+# Measured (2 CPU cores, torch 2.13, lr=3e-3, no clipping, EMA 0.99): fixed-noise evaluation loss 2.05 at
+# init; after 300 steps 0.79 (2.6x, live weights) / 0.75 (EMA); the EMA weights pass 10x at step 800 (0.19)
+# and reach 14x at step 1000 (0.145). The fast test asks for 2x in 300 steps, the slow one 10x in 1000.
 OVERFIT = ["caption_dropout=0", "lr=3e-3", "grad_clip=0", "warmup_steps=10", "checkpoint_every=100000"]
 
 
@@ -127,7 +128,7 @@ def test_tiny_denoiser_overfits_one_clip_10x(latents, tmp_path):
     trainer = Trainer(config(latents["one"], tmp_path, "steps=1000", *OVERFIT))
     before = trainer.evaluate()
     trainer.train()
-    assert trainer.evaluate() < before / 10
+    assert trainer.evaluate(ema=True) < before / 10
 
 
 RESUME = [

@@ -293,10 +293,24 @@ class Trainer:
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     @torch.no_grad()
-    def evaluate(self, levels: int = 8, max_clips: int = 8, seed: int = 0) -> float:
-        """Flow loss of the current weights at fixed noise: ``levels`` evenly spread sigmas, seeded noise, the
-        first ``max_clips`` clips with their captions. Deterministic, and it draws from no training RNG.
+    def evaluate(self, levels: int = 8, max_clips: int = 8, seed: int = 0, ema: bool = False) -> float:
+        """Flow loss at fixed noise: ``levels`` evenly spread sigmas, seeded noise, the first ``max_clips`` clips
+        with their captions. Deterministic, and it draws from no training RNG. ``ema=True`` scores the EMA
+        weights (swapped in for the call, then back).
         """
+        if ema:
+            if self.ema is None:
+                raise ValueError("this run keeps no EMA weights (ema_decay=0)")
+            live = {k: p.detach().clone() for k, p in self.params.items()}
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(self.ema[k])
+            try:
+                return self.evaluate(levels, max_clips, seed)
+            finally:
+                with torch.no_grad():
+                    for k, p in self.params.items():
+                        p.copy_(live[k])
         gen = torch.Generator().manual_seed(seed)
         sigma = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
         for m in self.models.values():
