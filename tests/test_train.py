@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from vidlatent.cli import main
 from vidlatent.data.io import write_video
+from vidlatent.models.dit import VideoDiT
+from vidlatent.models.text import load_text_encoder
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
 
@@ -206,5 +208,10 @@ def test_cli_train_smoke(latents, tmp_path, capsys):
     ]
     state = torch.load(out / "checkpoints" / "step-0000003" / "state.pt", weights_only=True)
     assert state["step"] == 3 and "optimizer" in state
+    ema = load_file(out / "checkpoints" / "step-0000003" / "ema.safetensors")
+    dit = VideoDiT.from_pretrained(out / "final" / "dit")  # the exported model holds the EMA weights
+    for k, v in dit.state_dict().items():
+        torch.testing.assert_close(v, ema[f"dit.{k}"], atol=0, rtol=0)
+    assert load_text_encoder(out / "final" / "text_encoder").dim == dit.config.text_dim
     assert main(["train", "tiny", f"data={latents['mixed']}", "schedule=linear"]) == 2
     assert "unknown schedule" in capsys.readouterr().err

@@ -17,6 +17,7 @@ folder and is written last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -137,7 +138,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class _LRLambda:
-    """A picklable-free schedule holder (LambdaLR stores no state for plain callables)."""
+    """The LR schedule as a callable; checkpoints leave out what LambdaLR's state_dict keeps of it (the
+    config), so ``state.pt`` stays loadable with ``weights_only=True``."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -292,25 +294,41 @@ class Trainer:
         self.losses.append(total)
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block, the trained models hold the EMA weights; the live ones come back after it."""
+        if self.ema is None:
+            raise ValueError("this run keeps no EMA weights (ema_decay=0)")
+        live = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.ema[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(live[k])
+
+    def export(self, folder: str | os.PathLike, ema: bool = True) -> Path:
+        """Write ``folder/dit`` (``VideoDiT.from_pretrained`` reads it) and ``folder/text_encoder``
+        (``load_text_encoder`` reads it), with the EMA weights when the run keeps them and ``ema`` is true.
+        """
+        folder = Path(folder)
+        with self.ema_weights() if ema and self.ema is not None else contextlib.nullcontext():
+            self.dit.save_pretrained(folder / "dit")
+            self.text_encoder.save_pretrained(folder / "text_encoder")
+        return folder
+
     @torch.no_grad()
     def evaluate(self, levels: int = 8, max_clips: int = 8, seed: int = 0, ema: bool = False) -> float:
         """Flow loss at fixed noise: ``levels`` evenly spread sigmas, seeded noise, the first ``max_clips`` clips
         with their captions. Deterministic, and it draws from no training RNG. ``ema=True`` scores the EMA
-        weights (swapped in for the call, then back).
+        weights (see ``ema_weights``).
         """
         if ema:
-            if self.ema is None:
-                raise ValueError("this run keeps no EMA weights (ema_decay=0)")
-            live = {k: p.detach().clone() for k, p in self.params.items()}
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(self.ema[k])
-            try:
+            with self.ema_weights():
                 return self.evaluate(levels, max_clips, seed)
-            finally:
-                with torch.no_grad():
-                    for k, p in self.params.items():
-                        p.copy_(live[k])
         gen = torch.Generator().manual_seed(seed)
         sigma = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
         for m in self.models.values():
@@ -406,7 +424,8 @@ class Trainer:
     def train(self, until: int | None = None) -> list[float]:
         """Run (resuming if ``config.resume`` says so) to ``config.steps``, or stop after step ``until``.
 
-        Returns the losses of the steps this call ran. Writes metrics.jsonl rows and checkpoints.
+        Returns the losses of the steps this call ran. Writes metrics.jsonl rows and checkpoints, and at the
+        last step the trained models (EMA weights where kept) to ``<output>/final`` (see ``export``).
         """
         cfg = self.config
         self._resume()
@@ -431,6 +450,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
         bar.close()
+        if self.step == cfg.steps:
+            self.export(self.output / "final")
         return self.losses[start:]
 
 
