@@ -97,6 +97,20 @@ def test_dataset_captions_buckets_and_bad_files(latents):
         BucketSampler(ds, batch_size=3, drop_last=True)
 
 
+def test_file_broken_after_the_scan_is_reported_and_skipped(latents, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in latents["mixed"].glob("*.safetensors"):
+        (data / f.name).write_bytes(f.read_bytes())
+    trainer = Trainer(config(data, tmp_path / "run", "steps=4", "checkpoint_every=100"))
+    assert len(trainer.dataset) == 4
+    broken = trainer.dataset.items[0].path
+    broken.write_bytes(b"truncated")
+    losses = trainer.train()
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert f"skipping {broken}" in capsys.readouterr().out
+
+
 def test_raw_latent_files_are_normalized(latents):
     raw_ds = LatentDataset(latents["raw"])
     z, meta = load_latents(raw_ds.items[0].path, raw=True)
