@@ -180,6 +180,8 @@ def test_resume_continues_exactly(latents, tmp_path):
         assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match=r"changed settings \(lr\)"):
+        Trainer(config(latents["mixed"], tmp_path / "split", *RESUME, "resume=auto", "lr=1")).train(until=6)
     rows = [json.loads(r) for r in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == pytest.approx(expected, abs=1e-6)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,8 @@ from .data import BucketSampler, LatentDataset
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "load_train_config", "train"]
 
 SCHEDULES = ("constant", "cosine")
+# settings that may change between an interrupted run and its resumption without a warning
+RESUME_FREE = ("resume", "progress", "device", "output", "steps")
 PRECISIONS = ("no", "bf16")
 
 
@@ -416,6 +419,15 @@ class Trainer:
         if folder is None:
             return  # "auto" with nothing to resume: a fresh run
         self.load_checkpoint(folder)
+        saved = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        now = OmegaConf.structured(self.config)
+        changed = [k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+        if changed:
+            warnings.warn(
+                f"resuming {folder} with changed settings ({', '.join(changed)}): the run will not match an "
+                "uninterrupted one",
+                stacklevel=2,
+            )
         metrics = self.output / "metrics.jsonl"
         if metrics.is_file():  # drop rows the interrupted run logged after this checkpoint
             rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
