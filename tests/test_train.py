@@ -97,6 +97,17 @@ def test_dataset_captions_buckets_and_bad_files(latents):
         BucketSampler(ds, batch_size=3, drop_last=True)
 
 
+def test_captions_from_csv(latents, tmp_path):
+    table = tmp_path / "captions.csv"
+    table.write_text('file_name,caption\nimg.png,"a green square, still"\n')
+    ds = LatentDataset(latents["mixed"], captions=table)
+    img = [it for it in ds.items if it.shape[1] == 1]
+    assert [it.caption for it in img] == ["a green square, still"]
+    (tmp_path / "bad.csv").write_text("name,caption\nimg.png,x\n")
+    with pytest.raises(ValueError, match="row 1 needs"):
+        LatentDataset(latents["mixed"], captions=tmp_path / "bad.csv")
+
+
 def test_file_broken_after_the_scan_is_reported_and_skipped(latents, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

@@ -10,6 +10,7 @@ all a checkpoint needs to continue exactly.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -32,19 +33,25 @@ class LatentItem:
 
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
-    """A ``metadata.jsonl`` (one ``{"path"|"file_name": ..., "caption"|"text": ...}`` per line) -> {key: caption}.
+    """A ``metadata.jsonl`` (one ``{"path"|"file_name": ..., "caption"|"text": ...}`` per line) or a ``.csv``
+    with a header holding the same column names -> {key: caption}.
 
     Keys are the path as written and its file name, so a row may name the source clip or the latent file.
     """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out: dict[str, str] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in enumerate(rows, 1):
         key = row.get("path", row.get("file_name"))
         caption = row.get("caption", row.get("text"))
         if not isinstance(key, str) or not isinstance(caption, str):
-            raise ValueError(f"{path}:{n}: each row needs a string 'path' (or 'file_name') and 'caption'")
+            raise ValueError(
+                f"{path}: row {n} needs a string 'path' (or 'file_name') and 'caption' (or 'text')"
+            )
         out[key] = caption
         out.setdefault(Path(key).name, caption)
     return out
@@ -68,7 +75,7 @@ def _caption(path: Path, meta: dict, table: dict[str, str]) -> str | None:
 class LatentDataset:
     """The latent files under ``root`` (a folder, searched recursively, or a list of files and folders).
 
-    Captions come from ``captions`` (a metadata.jsonl, see ``read_captions``), else the source clip's
+    Captions come from ``captions`` (a metadata.jsonl or .csv, see ``read_captions``), else the source clip's
     sidecar ``.txt``, else a ``.txt`` next to the latent file; a clip without one trains on the empty
     caption and is counted in ``uncaptioned``. Files that are not readable latent files are listed in
     ``bad`` as ``(path, reason)`` and skipped. ``dataset[i]`` is ``(latents (c t h w) float32, caption)``,

@@ -58,7 +58,7 @@ class TrainConfig:
     """Everything a denoiser training run needs; mirrored by ``configs/train/*.yaml``."""
 
     data: str = "???"  # folder of latent files (vidlatent encode's output)
-    captions: str | None = None  # metadata.jsonl with path + caption (else sidecar .txt files)
+    captions: str | None = None  # metadata.jsonl or .csv with path + caption (else sidecar .txt files)
     output: str = "runs/train"  # checkpoints/, metrics.jsonl
     dit: str = "tiny"  # dit preset name or vidlatent/diffusers folder
     dit_overrides: list[str] = field(default_factory=list)  # key=value DiTConfig fields (presets only)
