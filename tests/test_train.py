@@ -212,6 +212,18 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(latents, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_non_finite_gradient_stops_before_the_update(latents, tmp_path):
+    trainer = Trainer(config(latents["one"], tmp_path, "steps=10", "checkpoint_every=1"))
+    trainer.train(until=1)
+    before = {k: p.detach().clone() for k, p in trainer.params.items()}
+    trainer.dit.head.proj.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is (nan|inf) at step 2.*step-0000001"):
+        trainer.train()
+    assert trainer.step == 1
+    assert all(torch.equal(before[k], p) for k, p in trainer.params.items())
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+
+
 def test_gradient_checkpointing_and_bf16_options(latents, tmp_path):
     plain = Trainer(config(latents["one"], tmp_path / "a", "steps=2")).train()
     ckpt = Trainer(config(latents["one"], tmp_path / "b", "steps=2", "gradient_checkpointing=true")).train()

@@ -127,7 +127,7 @@ def _check(cfg: TrainConfig) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped without writing a checkpoint of the broken state."""
+    """The loss or gradient norm became NaN/inf; the run stopped without writing a checkpoint of that state."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -263,7 +263,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics.
 
-        Raises ``NonFiniteLossError`` (before touching the weights) when a loss is NaN or inf.
+        Raises ``NonFiniteLossError`` (before touching the weights) when a loss or the gradient norm is NaN/inf.
         """
         cfg = self.config
         for m in self.models.values():
@@ -289,6 +289,11 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"gradient norm is {grad_norm} at step {self.step + 1} (loss {total:.4g}); stopped before "
+                f"updating the weights. Last good checkpoint: {self.last_checkpoint or 'none written yet'}."
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
