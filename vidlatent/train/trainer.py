@@ -48,7 +48,8 @@ from .data import BucketSampler, LatentDataset
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "load_train_config", "train"]
 
 SCHEDULES = ("constant", "cosine")
-# settings that may change between an interrupted run and its resumption without a warning
+# settings that may change between an interrupted run and its resumption without a warning (steps only
+# with the constant schedule: the cosine one depends on it)
 RESUME_FREE = ("resume", "progress", "device", "output", "steps")
 PRECISIONS = ("no", "bf16")
 
@@ -426,7 +427,12 @@ class Trainer:
         self.load_checkpoint(folder)
         saved = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
         now = OmegaConf.structured(self.config)
-        changed = [k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+        free = (
+            RESUME_FREE
+            if self.config.schedule == "constant"
+            else tuple(k for k in RESUME_FREE if k != "steps")
+        )
+        changed = [k for k in now if k not in free and k in saved and saved[k] != now[k]]
         if changed:
             warnings.warn(
                 f"resuming {folder} with changed settings ({', '.join(changed)}): the run will not match an "
