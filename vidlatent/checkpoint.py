@@ -203,3 +203,24 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, kind: str = "auto")
         model.save_pretrained(folder)
         written[part] = folder
     return written
+
+
+def find_weights(folder: Path) -> Path:
+    """The weights file of a model folder: ours, diffusers' (single or sharded), or a lone .safetensors/.pth."""
+    names = (
+        WEIGHTS_NAME,
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "model.safetensors.index.json",
+        "diffusion_pytorch_model.bin",
+    )
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(
+        f"no unique weights file in {folder}: looked for {', '.join(names)} or a single .safetensors/.pth"
+        + (f"; found {', '.join(p.name for p in found)}" if found else "")
+    )

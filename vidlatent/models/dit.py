@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_into, load_state_dict, read_json, save_folder
+from ..checkpoint import CONFIG_NAME, find_weights, load_into, load_state_dict, read_json, save_folder
 from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, load_config
 from .layers import ATTENTION_BACKENDS, RMSNorm, apply_rope, attention, rope_3d
 
@@ -293,7 +293,7 @@ class VideoDiT(nn.Module):
             if not (path / CONFIG_NAME).is_file() and (path / "transformer" / CONFIG_NAME).is_file():
                 path = path / "transformer"
             meta = read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
-            path = _find_weights(path)
+            path = find_weights(path)
         kind = meta.get("_vidlatent_kind")
         if kind is not None and kind != "dit":
             raise ValueError(f"{src} holds a vidlatent {kind!r} model, not a dit")
@@ -365,25 +365,6 @@ def _drop_masked_tokens(context: torch.Tensor, mask: torch.Tensor | None):
     if not bool(keep.all()):
         context, mask = context[:, keep], mask[:, keep]
     return context, (None if bool(mask.all()) else mask)
-
-
-def _find_weights(folder: Path) -> Path:
-    names = (
-        WEIGHTS_NAME,
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.safetensors.index.json",
-        "model.safetensors.index.json",
-    )
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(
-        f"no unique weights file in {folder}: looked for {', '.join(names)} or a single .safetensors/.pth"
-        + (f"; found {', '.join(p.name for p in found)}" if found else "")
-    )
 
 
 # -------------------------------------------------------------------------------- checkpoint layouts

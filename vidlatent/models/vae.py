@@ -30,6 +30,7 @@ from einops import rearrange
 from ..checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    find_weights,
     load_into,
     load_state_dict,
     read_json,
@@ -639,7 +640,7 @@ class CausalVAE(nn.Module):
                 sd, layout = load_state_dict(path / WEIGHTS_NAME), "vidlatent"
             elif raw.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan":
                 cfg = config_from_dict(VAEConfig, {**vae_config_from_diffusers(raw), **overrides})
-                sd, layout = load_state_dict(_find_weights(path, "diffusion_pytorch_model")), "diffusers"
+                sd, layout = load_state_dict(find_weights(path)), "diffusers"
             else:
                 raise ValueError(
                     f"{path} holds a {raw['_class_name']}, not an AutoencoderKLWan or vidlatent VAE"
@@ -662,13 +663,6 @@ class CausalVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- checkpoint layouts
-
-
-def _find_weights(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors", f"{stem}.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"{folder} has no {stem}.safetensors (or .bin / sharded index)")
 
 
 def vae_config_from_diffusers(raw: dict) -> dict:
