@@ -1,23 +1,6 @@
 """Data: video and image file IO (``vidlatent.data.io``)."""
 
-from vidlatent.data.io import (
-    FRAME_POLICIES,
-    IMAGE_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-    WRITE_EXTENSIONS,
-    VideoReadError,
-    read_image,
-    read_video,
-    write_video,
-)
+from vidlatent.data import io
+from vidlatent.data.io import *  # noqa: F403  (the names io.__all__ lists)
 
-__all__ = [
-    "FRAME_POLICIES",
-    "IMAGE_EXTENSIONS",
-    "VIDEO_EXTENSIONS",
-    "WRITE_EXTENSIONS",
-    "VideoReadError",
-    "read_image",
-    "read_video",
-    "write_video",
-]
+__all__ = io.__all__
