@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from media import pattern
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -37,18 +38,6 @@ from vidlatent.pipelines.encode import (
 )
 
 
-def pattern(frames: int, h: int = 16, w: int = 32, phase: float = 0.0) -> torch.Tensor:
-    """A smooth moving colour pattern (3, t, h, w) in [-0.8, 0.8]: survives h264 well."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    out = [
-        torch.stack(
-            [torch.sin(3 * xx + 0.3 * i + phase), torch.cos(2 * yy - 0.2 * i), torch.sin(4 * xx * yy)]
-        )
-        for i in range(frames)
-    ]
-    return 0.8 * torch.stack(out, 1)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("clips")
@@ -60,8 +49,8 @@ def media(tmp_path_factory) -> dict:
         "img": d / "img.png",  # an image 16x16: a one-frame clip
         "bad": d / "bad.mp4",  # not a video
     }
-    write_video(f["a"], pattern(9), fps=8)
-    write_video(f["a2"], pattern(9, phase=1.0), fps=8)
+    write_video(f["a"], pattern(9, 16, 32), fps=8)
+    write_video(f["a2"], pattern(9, 16, 32, phase=1.0), fps=8)
     write_video(f["b"], pattern(5, 24, 32), fps=8)
     write_video(f["img"], pattern(1, 16, 16))
     f["bad"].write_bytes(np.random.default_rng(0).bytes(3000))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from media import pattern
 from safetensors.torch import load_file, save_file
 
 from vidlatent.cli import main
@@ -18,18 +19,6 @@ from vidlatent.models.dit import VideoDiT
 from vidlatent.models.text import load_text_encoder
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
-
-
-def pattern(frames: int, h: int = 32, w: int = 32, phase: float = 0.0) -> torch.Tensor:
-    """A smooth moving colour pattern (3, t, h, w) in [-0.8, 0.8]."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    out = [
-        torch.stack(
-            [torch.sin(3 * xx + 0.3 * i + phase), torch.cos(2 * yy - 0.2 * i), torch.sin(4 * xx * yy)]
-        )
-        for i in range(frames)
-    ]
-    return 0.8 * torch.stack(out, 1)
 
 
 @pytest.fixture(scope="module")
