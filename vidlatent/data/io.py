@@ -1,5 +1,6 @@
 """Video and image files in and out: ``read_video`` / ``read_image`` give (c t h w) tensors in [-1, 1],
-``write_video`` writes mp4, webm, gif, png or a folder of png frames atomically.
+``probe`` a file's frame count, rate and size from its headers, ``write_video`` writes mp4, webm, gif, png
+or a folder of png frames atomically.
 
 Shapes: b batch (1 at most when writing), c colour channels (3, RGB), t frames, h height, w width.
 
@@ -55,6 +56,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "WRITE_EXTENSIONS",
     "VideoReadError",
+    "probe",
     "read_image",
     "read_video",
     "write_video",
@@ -198,7 +200,7 @@ def _to_unit(chunk: np.ndarray, crop, size) -> torch.Tensor:
 
 
 def _probe(path: Path) -> dict:
-    """Frame count (declared, or counted packets) and frame rate of the first video stream."""
+    """Frame count (declared, or counted packets), frame rate and size (h, w) of the first video stream."""
     import av
 
     try:
@@ -207,6 +209,7 @@ def _probe(path: Path) -> dict:
                 raise VideoReadError(f"cannot read {path}: it has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            size = (int(stream.codec_context.height), int(stream.codec_context.width))
             count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     except VideoReadError:
         raise
@@ -214,7 +217,7 @@ def _probe(path: Path) -> dict:
         raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
     if count == 0:
         raise VideoReadError(f"cannot read {path}: the video stream holds no frames")
-    return {"count": int(count), "fps": float(rate) if rate else None}
+    return {"count": int(count), "fps": float(rate) if rate else None, "size": size}
 
 
 def _truncated(count: int, index: int) -> _DecodeFailure:
@@ -263,11 +266,11 @@ def _decode_files(files: list[Path], indices: list[int]):
 def _pillow_source(path: Path) -> dict:
     with iio.imopen(str(path), "r", plugin="pillow") as reader:
         props = reader.properties(index=...)
-        count = props.shape[0]
+        count, size = props.shape[0], (int(props.shape[1]), int(props.shape[2]))
         durations = [reader.metadata(index=i).get("duration") for i in range(count)] if count > 1 else []
     durations = [d for d in durations if d]
     fps = 1000.0 * len(durations) / sum(durations) if durations else None
-    return {"count": count, "fps": fps}
+    return {"count": count, "fps": fps, "size": size}
 
 
 def _folder_files(path: Path) -> list[Path]:
@@ -282,6 +285,38 @@ def _folder_files(path: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
+
+def probe(path: str | os.PathLike) -> dict:
+    """What ``read_video`` would see in a file, from headers only (nothing is decoded):
+    ``{"frames": count, "fps": rate or None, "size": (h, w)}``.
+
+    A video container that declares no frame count has its packets counted. Images, gifs and folders of
+    frames are probed with pillow (an image has 1 frame and no rate). Raises like ``read_video``:
+    FileNotFoundError, ValueError for an unsupported suffix, VideoReadError for an unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such video, image or frame folder: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            files = _folder_files(path)
+            shape = iio.improps(files[0], plugin="pillow").shape
+            source = {"count": len(files), "fps": None, "size": (int(shape[0]), int(shape[1]))}
+        elif suffix in IMAGE_EXTENSIONS:
+            source = _pillow_source(path)
+        elif suffix in VIDEO_EXTENSIONS:
+            source = _probe(path)
+        else:
+            raise ValueError(f"unsupported file type {path.suffix!r} for {path}")
+    except ValueError:  # VideoReadError included
+        raise
+    except Exception as err:
+        raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
+    if min(source["size"]) < 1:
+        raise VideoReadError(f"cannot read {path}: the header gives no frame size")
+    return {"frames": source["count"], "fps": source["fps"], "size": source["size"]}
 
 
 def read_video(
