@@ -1,4 +1,10 @@
-"""The denoiser trainer: flow matching on cached latents, with exact resume.
+"""One trainer for the denoiser (flow matching on cached latents) and the VAE, with exact resume.
+
+``task: denoiser`` trains a ``VideoDiT`` (and the built-in text encoder) on latent files; ``task: vae`` trains
+a ``CausalVAE`` on clips (L1 + SSIM + KL, optional patch discriminator after ``disc_start`` steps). For
+the VAE, ``data: shapes`` draws endless clips from the procedural shapes world (``data_options`` are
+``ShapesWorld`` arguments); the denoiser trains on latent files (``cache_world_latents`` writes them for the
+shapes world, ``vidlatent encode`` for video files).
 
 Letters: b batch, c channels, t latent frames, h height, w width, n text tokens, d width.
 
@@ -32,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
-from ..config import DiTConfig, load_config
+from ..config import DiTConfig, VAEConfig, load_config
+from ..data.shapes import ShapesWorld
 from ..diffusion.flow import (
     TIMESTEP_SAMPLING,
     add_noise,
@@ -43,11 +50,14 @@ from ..diffusion.flow import (
 )
 from ..models.dit import VideoDiT
 from ..models.text import load_text_encoder
+from ..models.vae import CausalVAE, StreamCache
 from .data import BucketSampler, LatentDataset
+from .losses import PatchDiscriminator, hinge_d_loss, vae_loss
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "load_train_config", "train"]
 
 SCHEDULES = ("constant", "cosine")
+TASKS = ("denoiser", "vae")
 # settings that may change between an interrupted run and its resumption without a warning (steps only
 # with the constant schedule: the cosine one depends on it)
 RESUME_FREE = ("resume", "progress", "device", "output", "steps")
@@ -56,15 +66,27 @@ PRECISIONS = ("no", "bf16")
 
 @dataclass
 class TrainConfig:
-    """Everything a denoiser training run needs; mirrored by ``configs/train/*.yaml``."""
+    """Everything a training run needs; mirrored by ``configs/train/*.yaml``."""
 
-    data: str = "???"  # folder of latent files (vidlatent encode's output)
+    task: str = "denoiser"  # denoiser | vae
+    data: str = "???"  # folder of latent files (vidlatent encode's output), or "shapes" (procedural)
+    data_options: dict = field(default_factory=dict)  # ShapesWorld arguments when data=shapes
     captions: str | None = None  # metadata.jsonl or .csv with path + caption (else sidecar .txt files)
     output: str = "runs/train"  # checkpoints/, metrics.jsonl
     dit: str = "tiny"  # dit preset name or vidlatent/diffusers folder
     dit_overrides: list[str] = field(default_factory=list)  # key=value DiTConfig fields (presets only)
     text_encoder: str = "tiny"  # preset name or folder
     train_text_encoder: bool = True  # the built-in encoder learns with the denoiser
+    text_overrides: list[str] = field(default_factory=list)  # key=value text config fields (presets only)
+    vae: str = "tiny"  # vae preset or folder: trained when task=vae; encodes data=shapes for the denoiser
+    vae_overrides: list[str] = field(default_factory=list)  # key=value VAEConfig fields (presets only)
+    l1_weight: float = 1.0  # VAE objective (task=vae)
+    mse_weight: float = 0.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1.0e-6
+    disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
+    disc_start: int = 0  # optimizer step at which the discriminator starts
+    disc_lr: float = 1.0e-4
     seed: int = 0
     steps: int = 1000  # optimizer steps
     batch_size: int = 1  # clips per micro-batch (one shape bucket)
@@ -106,8 +128,12 @@ def load_train_config(*files: str | os.PathLike, overrides=()) -> TrainConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(TASKS)}")
     if cfg.data == "???":
-        raise ValueError("no training data: set data=<folder of latent files>")
+        raise ValueError("no training data: set data=<folder of latent files> or data=shapes")
+    if cfg.task == "vae" and cfg.data != "shapes":
+        raise ValueError(f"task=vae trains on data=shapes (procedural clips); got data={cfg.data!r}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; accepted: {', '.join(SCHEDULES)}")
     if cfg.mixed_precision not in PRECISIONS:
@@ -153,13 +179,55 @@ class _LRLambda:
 
 
 class Trainer:
-    """Flow-matching training of a ``VideoDiT`` (and optionally the built-in text encoder) on latent files."""
+    """Training of a ``VideoDiT`` (flow matching; optionally with the built-in text encoder) on latent files,
+    or of a ``CausalVAE`` on procedural clips (``config.task``)."""
 
     def __init__(self, config: TrainConfig):
         _check(config)
         self.config = cfg = config
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output = Path(cfg.output)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.step = 0  # optimizer steps done
+        self.epoch, self.batch_index = 0, 0  # data position: next batch to read
+        self.last_checkpoint: Path | None = None
+        self.losses: list[float] = []  # loss of each step this process ran
+        self.disc = self.disc_optimizer = None
+        if cfg.task == "vae":
+            self._build_vae()
+        else:
+            self._build_denoiser()
+        self.params = {f"{n}.{k}": p for n, m in self.models.items() for k, p in m.named_parameters()}
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LRLambda(cfg))
+        self.ema = (
+            {k: p.detach().float().clone() for k, p in self.params.items()} if cfg.ema_decay > 0 else None
+        )
+
+    def _build_vae(self) -> None:
+        cfg = self.config
+        self.world = ShapesWorld(**{"seed": cfg.seed, **cfg.data_options})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if Path(cfg.vae).exists():
+                self.vae = CausalVAE.from_pretrained(cfg.vae, device=self.device, dtype=torch.float32)
+            else:
+                vae_cfg = load_config(VAEConfig, "vae", cfg.vae, overrides=cfg.vae_overrides)
+                self.vae = CausalVAE(vae_cfg).to(self.device)
+            if cfg.disc_weight > 0:
+                self.disc = PatchDiscriminator().to(self.device)
+        self.models = {"vae": self.vae}
+        if self.disc is not None:
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+
+    def _build_denoiser(self) -> None:
+        cfg = self.config
         self.dataset = LatentDataset(cfg.data, cfg.captions)
         if not len(self.dataset):
             raise ValueError(f"no usable latent files in {cfg.data}: {self.dataset.summary()}")
@@ -168,7 +236,9 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.text_encoder = load_text_encoder(cfg.text_encoder, device=self.device)
+            self.text_encoder = load_text_encoder(
+                cfg.text_encoder, device=self.device, overrides=cfg.text_overrides
+            )
             if Path(cfg.dit).exists():
                 self.dit = VideoDiT.from_pretrained(cfg.dit, device=self.device, dtype=torch.float32)
             else:
@@ -194,27 +264,15 @@ class Trainer:
             self.models["text_encoder"] = self.text_encoder
         else:
             self.text_encoder.requires_grad_(False).eval()
-        self.params = {f"{n}.{k}": p for n, m in self.models.items() for k, p in m.named_parameters()}
-        self.optimizer = torch.optim.AdamW(
-            list(self.params.values()),
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LRLambda(cfg))
-        self.ema = (
-            {k: p.detach().float().clone() for k, p in self.params.items()} if cfg.ema_decay > 0 else None
-        )
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.step = 0  # optimizer steps done
-        self.epoch, self.batch_index = 0, 0  # data position: next batch to read
-        self.last_checkpoint: Path | None = None
-        self.losses: list[float] = []  # loss of each step this process ran
 
     # ----------------------------------------------------------------------------------------- data
 
     def _next_batch(self) -> tuple[torch.Tensor, list[str]]:
+        if self.config.task == "vae":  # endless procedural clips: the data position is a clip counter
+            start = self.batch_index * self.config.batch_size
+            self.batch_index += 1
+            clips = [self.world.clip(i) for i in range(start, start + self.config.batch_size)]
+            return torch.stack([v for v, _ in clips]).to(self.device), [c for _, c in clips]
         while True:
             batches = self.sampler.epoch(self.epoch)
             if self.batch_index >= len(batches):
@@ -236,7 +294,52 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- step
 
+    def _vae_forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, mean, logvar) of a clip batch, sampling the posterior with the trainer's RNG."""
+        moments = self.vae.encode_step(video, StreamCache())[0]
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        noise = torch.randn(mean.shape, generator=self.generator).to(mean)
+        z = mean + (0.5 * logvar).exp() * noise
+        return self.vae.decode_step(z, StreamCache())[0], mean, logvar
+
+    def _vae_micro_step(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        use_bf16 = cfg.mixed_precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            recon, mean, logvar = self._vae_forward(video)
+        recon, mean, logvar = recon.float(), mean.float(), logvar.float()
+        loss, parts = vae_loss(
+            recon,
+            video,
+            mean,
+            logvar,
+            l1_weight=cfg.l1_weight,
+            mse_weight=cfg.mse_weight,
+            ssim_weight=cfg.ssim_weight,
+            kl_weight=cfg.kl_weight,
+        )
+        self._parts = parts
+        if self.disc is not None and self.step >= cfg.disc_start:
+            self.disc.requires_grad_(False)
+            adv = -self.disc(recon).mean()
+            loss = loss + cfg.disc_weight * adv
+            self._parts["adv"] = float(adv.detach())
+            self._fake = recon.detach()
+        return loss
+
+    def _disc_step(self, real: torch.Tensor) -> float:
+        """One discriminator update on the last micro-batch (hinge loss)."""
+        self.disc.requires_grad_(True)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        loss = hinge_d_loss(self.disc(real), self.disc(self._fake))
+        loss.backward()
+        self.disc_optimizer.step()
+        return float(loss.detach())
+
     def _micro_step(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        if self.config.task == "vae":
+            return self._vae_micro_step(x0)
         cfg, b = self.config, x0.shape[0]
         gen = self.generator
         sigma = sample_sigmas(b, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=gen)
@@ -270,8 +373,8 @@ class Trainer:
         for m in self.models.values():
             m.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
-        pt, ph, pw = self.dit.config.patch_size
+        total, tokens, parts = 0.0, 0, {}
+        pt, ph, pw = self.dit.config.patch_size if cfg.task == "denoiser" else (1, 1, 1)
         for _ in range(cfg.grad_accum):
             x0, captions = self._next_batch()
             loss = self._micro_step(x0, captions)
@@ -284,7 +387,9 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             b, _, t, h, w = x0.shape
-            tokens += b * (t // pt) * (h // ph) * (w // pw)
+            tokens += b * (t // pt) * (h // ph) * (w // pw)  # the VAE counts pixels
+            for k, v in getattr(self, "_parts", {}).items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
         params = list(self.params.values())
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
@@ -298,10 +403,13 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        if self.disc is not None and self.step >= cfg.disc_start:
+            parts["disc"] = self._disc_step(x0)
         self.step += 1
         self._update_ema()
         self.losses.append(total)
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        metrics = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return {**metrics, **parts}
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -325,8 +433,12 @@ class Trainer:
         """
         folder = Path(folder)
         with self.ema_weights() if ema and self.ema is not None else contextlib.nullcontext():
-            self.dit.save_pretrained(folder / "dit")
-            self.text_encoder.save_pretrained(folder / "text_encoder")
+            if self.config.task == "vae":
+                self.calibrate_latents()
+            for name, model in self.models.items():
+                model.save_pretrained(folder / name)
+            if self.config.task == "denoiser" and "text_encoder" not in self.models:
+                self.text_encoder.save_pretrained(folder / "text_encoder")
         return folder
 
     @torch.no_grad()
@@ -338,6 +450,8 @@ class Trainer:
         if ema:
             with self.ema_weights():
                 return self.evaluate(levels, max_clips, seed)
+        if self.config.task == "vae":
+            return self.evaluate_vae(max_clips)
         gen = torch.Generator().manual_seed(seed)
         sigma = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
         for m in self.models.values():
@@ -353,6 +467,34 @@ class Trainer:
             losses.append(flow_loss(pred, velocity_target(x0, noise)).item())
         return sum(losses) / len(losses)
 
+    @torch.no_grad()
+    def calibrate_latents(self, clips: int = 64) -> tuple[list[float], list[float]]:
+        """Set the VAE's ``latents_mean``/``latents_std`` to the per-channel statistics of the posterior mode
+        over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
+        opts = {**self.config.data_options, "seed": 20_000 + self.config.seed}
+        world = ShapesWorld(**opts)
+        self.vae.eval()
+        z = torch.cat([self.vae.encode(world.clip(i)[0][None].to(self.device)).mode() for i in range(clips)])
+        z = z.transpose(0, 1).flatten(1).double()
+        mean, std = z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+        self.vae.config.latents_mean, self.vae.config.latents_std = mean, std
+        return mean, std
+
+    @torch.no_grad()
+    def evaluate_vae(self, clips: int = 8, split: str = "heldout") -> float:
+        """Mean PSNR (dB) of the VAE's reconstruction (posterior mode, clamped) of ``clips`` clips of the
+        shapes world's ``split`` at the training size, drawn with a seed no training batch uses."""
+        opts = {**self.config.data_options, "split": split, "seed": 10_000 + self.config.seed}
+        world = ShapesWorld(**opts)
+        self.vae.eval()
+        scores = []
+        for i in range(clips):
+            video = world.clip(i)[0][None].to(self.device)
+            recon = self.vae.decode(self.vae.encode(video).mode())
+            mse = (recon.float() - video).pow(2).mean().clamp_min(1e-10)
+            scores.append(float(10 * torch.log10(4.0 / mse)))
+        return sum(scores) / len(scores)
+
     # ----------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
@@ -363,6 +505,9 @@ class Trainer:
         if self.ema is not None:
             ema = {k: v.cpu().contiguous() for k, v in self.ema.items()}
             atomic_write(folder / "ema.safetensors", lambda tmp: save_file(ema, tmp))
+        if self.disc is not None:
+            disc = {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}
+            atomic_write(folder / "disc.safetensors", lambda tmp: save_file(disc, tmp))
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -373,6 +518,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        if self.disc_optimizer is not None:
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
         atomic_write(folder / "state.pt", lambda tmp: torch.save(state, tmp))
         yaml = OmegaConf.to_yaml(OmegaConf.structured(self.config))
         atomic_write(folder / "config.yaml", lambda tmp: Path(tmp).write_text(yaml))
@@ -407,6 +554,9 @@ class Trainer:
             self.ema = {k: src[k].float().to(self.device).clone() for k in self.params}
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc is not None and (folder / "disc.safetensors").is_file():
+            self.disc.load_state_dict(load_file(folder / "disc.safetensors"))
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -467,8 +617,9 @@ class Trainer:
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                 bar.update(1)
+                extra = {"psnr": f"{m['psnr']:.2f}"} if "psnr" in m else {}
                 bar.set_postfix(
-                    loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}"
+                    loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", **extra
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()

@@ -1,0 +1,554 @@
+"""The shapes world: a seeded, endless procedural video generator, its caption grammar and an oracle.
+
+Every clip shows one to three flat-coloured shapes (circle, square, triangle in six saturated colours) moving
+left, right, up, down, along a diagonal or bouncing, over a low-saturation background (solid, gradient,
+soft stripes, soft checks). Captions come from a small grammar with paraphrases ("a red circle moving
+left", "a red ball slides to the left"). Backgrounds are kept desaturated so that the ``oracle`` can find
+objects by colour: it reads a clip and reports every object's colour, shape and motion, so generated
+videos can be scored without a person looking at them.
+
+The (colour, shape, motion) combinations are split once: ``HELDOUT`` combinations never appear in a
+training clip (no object of a training clip has one) and are used only for evaluation.
+
+Everything is a pure function of ``(seed, index)``: ``ShapesWorld(seed=s).clip(i)`` is the same clip on
+every machine. Letters: f frames, h height, w width.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "MOTIONS",
+    "HELDOUT",
+    "TRAIN_COMBOS",
+    "ShapeObject",
+    "Scene",
+    "ShapesWorld",
+    "caption",
+    "eval_prompts",
+    "grammar_words",
+    "oracle",
+    "parse_prompt",
+]
+
+# saturated RGB colours (0-255) whose hues are at least ~25 degrees apart
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (235, 215, 30),
+    "green": (40, 185, 60),
+    "blue": (40, 80, 230),
+    "purple": (150, 50, 210),
+}
+SHAPES = ("circle", "square", "triangle")
+# unit direction (dx, dy) in image coordinates (y grows downwards); "bouncing" rises and falls back
+MOTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+    "up-left": (-1.0, -1.0),
+    "up-right": (1.0, -1.0),
+    "down-left": (-1.0, 1.0),
+    "down-right": (1.0, 1.0),
+    "bouncing": (0.0, 0.0),
+}
+BACKGROUNDS = ("solid", "gradient", "stripes", "checks")
+
+# ----------------------------------------------------------------------------------------------- grammar
+
+SHAPE_WORDS = {
+    "circle": ("circle", "ball", "disk"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle",),
+}
+DIRECTION_PHRASES = {
+    "left": ("left", "to the left", "leftward"),
+    "right": ("right", "to the right", "rightward"),
+    "up": ("up", "upward", "upwards"),
+    "down": ("down", "downward", "downwards"),
+    "up-left": ("up and to the left", "up and left", "diagonally up and left"),
+    "up-right": ("up and to the right", "up and right", "diagonally up and right"),
+    "down-left": ("down and to the left", "down and left", "diagonally down and left"),
+    "down-right": ("down and to the right", "down and right", "diagonally down and right"),
+}
+MOVING_VERBS = ("moving", "moves", "slides", "sliding", "drifts", "goes", "travels")
+BOUNCING_PHRASES = ("bouncing", "bounces", "bouncing up and down", "hops up and down")
+BACKGROUND_PHRASES = {
+    "solid": ("on a plain background", "on a {tone} background"),
+    "gradient": ("over a gradient", "on a {tone} gradient background"),
+    "stripes": ("over soft stripes", "on a striped background"),
+    "checks": ("over soft checks", "on a checkered background"),
+}
+
+
+def _combo_split(seed: int = 2026, fraction: float = 0.2) -> tuple[tuple[str, str, str], ...]:
+    """Pick ~``fraction`` of all (colour, shape, motion) combinations to hold out, such that every pair of
+    attributes (colour+shape, colour+motion, shape+motion) still occurs in some training combination."""
+    combos = list(itertools.product(COLOURS, SHAPES, MOTIONS))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(combos))
+    held: list[tuple[str, str, str]] = []
+    pairs = {
+        k: {}
+        for k in ((0, 1), (0, 2), (1, 2))  # attribute pair -> {pair value: training combos with it}
+    }
+    for c in combos:
+        for k in pairs:
+            key = (c[k[0]], c[k[1]])
+            pairs[k][key] = pairs[k].get(key, 0) + 1
+    target = round(fraction * len(combos))
+    for j in order:
+        c = combos[j]
+        if all(pairs[k][(c[k[0]], c[k[1]])] > 1 for k in pairs):
+            held.append(c)
+            for k in pairs:
+                pairs[k][(c[k[0]], c[k[1]])] -= 1
+        if len(held) == target:
+            break
+    return tuple(sorted(held))
+
+
+HELDOUT: tuple[tuple[str, str, str], ...] = _combo_split()
+TRAIN_COMBOS: tuple[tuple[str, str, str], ...] = tuple(
+    c for c in itertools.product(COLOURS, SHAPES, MOTIONS) if c not in set(HELDOUT)
+)
+
+
+@dataclass
+class ShapeObject:
+    """One object of a scene: what it is, where it starts and how it moves (pixels; size = radius)."""
+
+    colour: str
+    shape: str
+    motion: str
+    size: float
+    x: float
+    y: float
+    speed: float  # pixels per frame along the motion direction (bouncing: height of the hop)
+    rgb: tuple[int, int, int] = (0, 0, 0)
+
+    def path(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Centre positions (x, y) at each frame."""
+        t = np.arange(frames, dtype=np.float64)
+        if self.motion == "bouncing":
+            phase = t / max(1, frames - 1)
+            return np.full(frames, self.x), self.y - self.speed * np.sin(np.pi * phase)
+        dx, dy = MOTIONS[self.motion]
+        norm = math.hypot(dx, dy)
+        return self.x + dx / norm * self.speed * t, self.y + dy / norm * self.speed * t
+
+
+@dataclass
+class Scene:
+    """A clip's content: objects drawn in order over a background, and one caption for it."""
+
+    objects: list[ShapeObject]
+    background: dict = field(default_factory=dict)
+    caption: str = ""
+    frames: int = 17
+
+
+def _tone(level: float) -> str:
+    return "dark" if level < 90 else ("light" if level > 170 else "gray")
+
+
+def caption(objects: list[ShapeObject], rng: np.random.Generator, background: dict | None = None) -> str:
+    """A paraphrased caption of ``objects`` (joined with "and"), sometimes naming the background."""
+    parts = []
+    for obj in objects:
+        noun = rng.choice(SHAPE_WORDS[obj.shape])
+        article = "an" if obj.colour[0] in "aeiou" else "a"
+        if obj.motion == "bouncing":
+            parts.append(f"{article} {obj.colour} {noun} {rng.choice(BOUNCING_PHRASES)}")
+        else:
+            verb, where = rng.choice(MOVING_VERBS), rng.choice(DIRECTION_PHRASES[obj.motion])
+            parts.append(f"{article} {obj.colour} {noun} {verb} {where}")
+    text = " and ".join(parts)
+    if background and rng.random() < 0.3:
+        phrase = rng.choice(BACKGROUND_PHRASES[background["kind"]])
+        text += " " + phrase.format(tone=_tone(background["level"]))
+    return text
+
+
+def grammar_words() -> list[str]:
+    """Every word the caption grammar can produce (the default text encoder's vocabulary)."""
+    texts = [*COLOURS, *itertools.chain(*SHAPE_WORDS.values()), *MOVING_VERBS, *BOUNCING_PHRASES]
+    texts += list(itertools.chain(*DIRECTION_PHRASES.values()))
+    texts += [
+        p.format(tone=t) for ps in BACKGROUND_PHRASES.values() for p in ps for t in ("dark", "light", "gray")
+    ]
+    words: list[str] = ["a", "an", "and"]
+    for text in texts:
+        for w in text.split():
+            if w not in words:
+                words.append(w)
+    return words
+
+
+def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
+    """(colour, shape, motion) named by a one-object prompt of the grammar; None for what it does not name."""
+    words = prompt.lower().replace(",", " ").split()
+    colour = next((w for w in words if w in COLOURS), None)
+    shape = next((s for s, names in SHAPE_WORDS.items() if any(n in words for n in names)), None)
+    motion = None
+    if "bouncing" in words or "bounces" in words or "hops" in words:
+        motion = "bouncing"
+    else:
+        vertical = "up" if {"up", "upward", "upwards"} & set(words) else None
+        vertical = vertical or ("down" if {"down", "downward", "downwards"} & set(words) else None)
+        horizontal = "left" if {"left", "leftward"} & set(words) else None
+        horizontal = horizontal or ("right" if {"right", "rightward"} & set(words) else None)
+        if vertical and horizontal:
+            motion = f"{vertical}-{horizontal}"
+        else:
+            motion = vertical or horizontal
+    return colour, shape, motion
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def _coverage(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of ``obj`` at centres (xs, ys) (f,) on the pixel grid -> (f, h, w)."""
+    dx = gx[None] - xs[:, None, None]
+    dy = gy[None] - ys[:, None, None]
+    r = obj.size
+    if obj.shape == "circle":
+        inside = r - np.sqrt(dx * dx + dy * dy)
+    elif obj.shape == "square":
+        inside = r * 0.9 - np.maximum(np.abs(dx), np.abs(dy))
+    else:  # upright isosceles triangle: apex at -r, base at +r*0.8, half-width r
+        top, bottom, half = -r, 0.8 * r, r
+        height = bottom - top
+        slope = half / height
+        # distance to the two slanted edges (approximately signed, normalised) and the base
+        side = (slope * (dy - top) - np.abs(dx)) / math.sqrt(1 + slope * slope)
+        inside = np.minimum(side, bottom - dy)
+    return np.clip(inside + 0.5, 0.0, 1.0)
+
+
+def _background(bg: dict, f: int, h: int, w: int, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    tint = np.asarray(bg["tint"], dtype=np.float64)  # small per-channel offsets keep it desaturated
+    level, kind = bg["level"], bg["kind"]
+    if kind == "solid":
+        grey = np.full((h, w), level)
+    elif kind == "gradient":
+        u = (gx * math.cos(bg["angle"]) + gy * math.sin(bg["angle"])) / max(h, w)
+        u = (u - u.min()) / max(1e-6, u.max() - u.min())
+        grey = level + (bg["level2"] - level) * u
+    elif kind == "stripes":
+        u = gx * math.cos(bg["angle"]) + gy * math.sin(bg["angle"])
+        grey = level + bg["amplitude"] * np.sin(2 * np.pi * u / bg["period"])
+    else:
+        grey = level + bg["amplitude"] * np.sin(2 * np.pi * gx / bg["period"]) * np.sin(
+            2 * np.pi * gy / bg["period"]
+        )
+    img = grey[..., None] + tint
+    return np.broadcast_to(img, (f, h, w, 3)).copy()
+
+
+def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
+    """The clip of ``scene`` as uint8 (f, h, w, 3)."""
+    gy, gx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    video = _background(scene.background, frames, height, width, gx, gy)
+    for obj in scene.objects:
+        xs, ys = obj.path(frames)
+        cov = _coverage(obj, xs, ys, gx, gy)[..., None]
+        video = video * (1 - cov) + np.asarray(obj.rgb, dtype=np.float64) * cov
+    return np.clip(np.round(video), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- world
+
+
+class ShapesWorld:
+    """Seeded, endless clips of the shapes world.
+
+    ``split``: "train" (objects only from ``TRAIN_COMBOS``), "heldout" (single objects from ``HELDOUT``) or
+    "all". ``clip(i)`` -> (video (3, f, h, w) float32 in [-1, 1], caption); ``scene(i)`` the description;
+    ``frames(i)`` the uint8 (f, h, w, 3) rendering. ``max_objects`` caps objects per clip (1-3).
+    """
+
+    def __init__(
+        self,
+        height: int = 64,
+        width: int = 64,
+        frames: int = 17,
+        split: str = "train",
+        seed: int = 0,
+        max_objects: int = 3,
+        image_fraction: float = 0.0,
+    ):
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
+        if height < 16 or width < 16 or frames < 1:
+            raise ValueError(
+                f"need height, width >= 16 and frames >= 1; got {height}x{width}, {frames} frames"
+            )
+        if not 1 <= max_objects <= 3:
+            raise ValueError(f"max_objects must be 1-3; got {max_objects}")
+        self.height, self.width, self.frames = height, width, frames
+        self.split, self.seed, self.max_objects = split, seed, max_objects
+        self.image_fraction = image_fraction
+        self.combos = {
+            "train": TRAIN_COMBOS,
+            "heldout": HELDOUT,
+            "all": tuple(itertools.product(COLOURS, SHAPES, MOTIONS)),
+        }[split]
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index, 0x5EA])
+
+    def make_object(
+        self, rng: np.random.Generator, colour: str, shape: str, motion: str, frames: int
+    ) -> ShapeObject:
+        """An object of the given kind with a random size, speed and a start that keeps its path in frame."""
+        h, w = self.height, self.width
+        side = min(h, w)
+        size = side * rng.uniform(0.12, 0.19)
+        jitter = rng.integers(-12, 13, size=3)
+        rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
+        steps = max(1, frames - 1)
+        if motion == "bouncing":
+            speed = side * rng.uniform(0.25, 0.4)  # hop height
+            x = rng.uniform(size, w - size)
+            y = rng.uniform(min(h - size, size + speed), h - size)
+            return ShapeObject(colour, shape, motion, size, x, y, speed, rgb)
+        dx, dy = MOTIONS[motion]
+        norm = math.hypot(dx, dy)
+        ux, uy = dx / norm, dy / norm
+        speed = side * rng.uniform(0.3, 0.5) / 16  # ~0.3-0.5 of the frame over 17 frames
+        room_x = (w - 2 * size) / abs(ux) if ux else math.inf
+        room_y = (h - 2 * size) / abs(uy) if uy else math.inf
+        speed = min(
+            speed, 0.95 * min(room_x, room_y) / steps
+        )  # long clips move slower, never leave the frame
+        travel = speed * steps
+        lo_x, hi_x = (size, w - size - ux * travel) if ux >= 0 else (size - ux * travel, w - size)
+        lo_y, hi_y = (size, h - size - uy * travel) if uy >= 0 else (size - uy * travel, h - size)
+        x, y = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+        return ShapeObject(colour, shape, motion, size, x, y, speed, rgb)
+
+    def make_background(self, rng: np.random.Generator) -> dict:
+        kind = str(rng.choice(BACKGROUNDS))
+        level = float(rng.uniform(25, 225))
+        bg = {"kind": kind, "level": level, "tint": (rng.uniform(-8, 8, size=3)).tolist()}
+        if kind == "gradient":
+            bg.update(level2=float(np.clip(level + rng.choice([-1, 1]) * rng.uniform(40, 110), 10, 240)))
+            bg.update(angle=float(rng.uniform(0, 2 * math.pi)))
+        elif kind in ("stripes", "checks"):
+            bg.update(amplitude=float(rng.uniform(8, 22)), period=float(rng.uniform(12, 28)))
+            bg.update(angle=float(rng.uniform(0, math.pi)))
+        return bg
+
+    def scene(self, index: int) -> Scene:
+        """The description of clip ``index`` (objects, background, caption)."""
+        rng = self._rng(index)
+        frames = 1 if rng.random() < self.image_fraction else self.frames
+        if self.split == "heldout":
+            count = 1
+        else:
+            weights = np.array([0.6, 0.3, 0.1][: self.max_objects])
+            count = 1 + int(rng.choice(self.max_objects, p=weights / weights.sum()))
+        objects, used = [], set()
+        while len(objects) < count:
+            colour, shape, motion = self.combos[rng.integers(len(self.combos))]
+            if colour in used:  # one object per colour, so captions and the oracle are unambiguous
+                continue
+            for _ in range(20):  # a few tries at a path that keeps clear of the objects already placed
+                obj = self.make_object(rng, colour, shape, motion, frames)
+                if all(_clear(obj, other, frames) for other in objects):
+                    break
+            else:  # no room: the clip keeps the objects it has
+                break
+            used.add(colour)
+            objects.append(obj)
+        background = self.make_background(rng)
+        return Scene(objects, background, caption(objects, rng, background), frames)
+
+    def render(self, scene: Scene) -> np.ndarray:
+        """``scene`` as uint8 (f, h, w, 3) at this world's size."""
+        return render(scene, scene.frames, self.height, self.width)
+
+    def clip(self, index: int) -> tuple[torch.Tensor, str]:
+        """Clip ``index``: (video (3, f, h, w) float32 in [-1, 1], caption)."""
+        scene = self.scene(index)
+        return to_tensor(self.render(scene)), scene.caption
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.clip(index)
+
+    def __iter__(self):
+        return (self.clip(i) for i in itertools.count())
+
+
+def _clear(a: ShapeObject, b: ShapeObject, frames: int) -> bool:
+    """Whether two objects never overlap (bounding circles) over ``frames`` frames."""
+    (ax, ay), (bx, by) = a.path(frames), b.path(frames)
+    return bool((np.hypot(ax - bx, ay - by) > 1.05 * (a.size + b.size)).all())
+
+
+def to_tensor(video: np.ndarray) -> torch.Tensor:
+    """uint8 (f, h, w, 3) -> float32 (3, f, h, w) in [-1, 1]."""
+    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def eval_prompts(split: str = "heldout", per_combo: int | None = None, count: int = 216, seed: int = 0):
+    """Evaluation prompts: list of (prompt, (colour, shape, motion)), single objects.
+
+    ``split`` "heldout" draws from ``HELDOUT`` (combinations no training clip shows), "train" from
+    ``TRAIN_COMBOS``. Each combination gets ``per_combo`` paraphrases (default: enough for ``count``).
+    """
+    combos = HELDOUT if split == "heldout" else TRAIN_COMBOS
+    rng = np.random.default_rng([seed, 0xE7A1])
+    if split != "heldout":
+        combos = [combos[i] for i in rng.permutation(len(combos))]
+    per = per_combo or math.ceil(count / len(combos))
+    out = []
+    for _ in range(per):
+        for colour, shape, motion in combos:
+            obj = ShapeObject(colour, shape, motion, 1.0, 0.0, 0.0, 0.0)
+            out.append((caption([obj], rng), (colour, shape, motion)))
+            if per_combo is None and len(out) == count:
+                return out
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+
+
+def _hsv(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rgb = video.astype(np.float64) / 255.0
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    delta = mx - mn
+    sat = np.where(mx > 1e-6, delta / np.maximum(mx, 1e-6), 0.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    d = np.maximum(delta, 1e-6)
+    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
+    return hue, sat, mx
+
+
+def _palette_hues() -> dict[str, float]:
+    out = {}
+    for name, rgb in COLOURS.items():
+        hue, _, _ = _hsv(np.asarray(rgb, dtype=np.uint8)[None])
+        out[name] = float(hue[0])
+    return out
+
+
+PALETTE_HUES = _palette_hues()
+
+
+def _hue_distance(a: np.ndarray, b: float) -> np.ndarray:
+    d = np.abs(a - b) % 360
+    return np.minimum(d, 360 - d)
+
+
+def _classify_shape(fill: float) -> str:
+    # fill = area / bounding-box area: square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5
+    if fill > 0.885:
+        return "square"
+    if fill > 0.64:
+        return "circle"
+    return "triangle"
+
+
+def _classify_motion(xs: np.ndarray, ys: np.ndarray, scale: float) -> str:
+    f = len(xs)
+    if f < 2:
+        return "still"
+    dx, dy = xs[-1] - xs[0], ys[-1] - ys[0]
+    mid = ys[f // 2 - 1 : f // 2 + 2].mean() if f >= 3 else ys.mean()
+    rise = min(ys[0], ys[-1]) - mid  # > 0 when the middle of the clip is higher (smaller y) than both ends
+    net = math.hypot(dx, dy)
+    if rise > 0.12 * scale and rise > 0.8 * net:
+        return "bouncing"
+    if net < 0.08 * scale:
+        return "still"
+    angle = math.degrees(math.atan2(-dy, dx)) % 360  # counter-clockwise from "right", y up
+    sector = int(((angle + 22.5) % 360) // 45)
+    return ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")[sector]
+
+
+def oracle(
+    video, min_area: float = 0.004, sat_threshold: float = 0.4, value_threshold: float = 0.3
+) -> list[dict]:
+    """Read a clip and report its objects: ``[{"colour", "shape", "motion", "area", "frames"}, ...]``.
+
+    ``video``: uint8 (f, h, w, 3), or float (3, f, h, w) / (f, h, w, 3) in [-1, 1]. Pixels saturated above
+    ``sat_threshold`` (backgrounds of the world are below ~0.15) are given the palette colour of nearest hue;
+    each colour present in at least half the frames with at least ``min_area`` of the frame is one object.
+    Its shape comes from how much of its bounding box it fills (median over frames), its motion from the
+    path of its centre. Objects are sorted by area, largest first. Objects of the same colour merge.
+    """
+    v = _as_uint8(video)
+    f, h, w, _ = v.shape
+    hue, sat, val = _hsv(v)
+    coloured = (sat > sat_threshold) & (val > value_threshold)
+    names = list(PALETTE_HUES)
+    dist = np.stack([_hue_distance(hue, PALETTE_HUES[n]) for n in names])
+    label = np.where(coloured, dist.argmin(0), -1)
+    found = []
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float64)
+    for k, name in enumerate(names):
+        mask = label == k
+        areas = mask.reshape(f, -1).sum(1)
+        present = areas >= min_area * h * w
+        if present.sum() < max(1, f / 2):
+            continue
+        fills, xs, ys = [], [], []
+        for i in np.flatnonzero(present):
+            m = _largest_component(mask[i])
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+            fills.append(m.sum() / box)
+            xs.append((gx * m).sum() / m.sum())
+            ys.append((gy * m).sum() / m.sum())
+        motion = (
+            _classify_motion(np.asarray(xs), np.asarray(ys), float(min(h, w))) if present.all() else "still"
+        )
+        found.append(
+            {
+                "colour": name,
+                "shape": _classify_shape(float(np.median(fills))),
+                "motion": motion,
+                "area": float(areas[present].mean() / (h * w)),
+                "frames": int(present.sum()),
+            }
+        )
+    return sorted(found, key=lambda o: -o["area"])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def _as_uint8(video) -> np.ndarray:
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu()
+        if video.dtype != torch.uint8:
+            if video.ndim == 4 and video.shape[0] == 3:
+                video = video.permute(1, 2, 3, 0)
+            video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return video.numpy()
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        if video.ndim == 4 and video.shape[0] == 3:
+            video = video.transpose(1, 2, 3, 0)
+        video = np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8)
+    return video

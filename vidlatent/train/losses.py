@@ -1,0 +1,114 @@
+"""Losses of the VAE objective: reconstruction (L1 + SSIM), KL, and an optional patch discriminator.
+
+Letters: b batch, c channels, t frames, h height, w width. Videos are (b, 3, t, h, w) in [-1, 1].
+No pretrained perceptual network is needed; ``perceptual`` takes any callable loaded from a local file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ssim", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
+
+
+def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity of two videos (b, c, t, h, w) in [-1, 1], frame by frame (differentiable).
+
+    Gaussian window, constants of Wang et al. 2004 for a data range of 2; ``window`` shrinks to fit small
+    frames. 1 means identical.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"ssim needs equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
+    c = a.shape[1]
+    x = a.transpose(1, 2).flatten(0, 1)  # (b t) c h w
+    y = b.transpose(1, 2).flatten(0, 1)
+    window = min(window, x.shape[-1], x.shape[-2])
+    g = _gaussian_window(window, sigma, x.device, x.dtype)
+    kh = g.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    kw = g.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+
+    def blur(z):
+        return F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)
+
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """A small 3D patch discriminator: strided (1,4,4) convolutions, one logit per space-time patch.
+
+    Frames are judged in groups by (3,4,4) kernels so motion matters too; it is causal-agnostic (it only ever
+    sees decoded clips during training).
+    """
+
+    def __init__(self, channels: int = 32, layers: int = 3, in_channels: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = []
+        cin = in_channels
+        for i in range(layers):
+            cout = channels * 2**i
+            mods += [nn.Conv3d(cin, cout, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1))]
+            if i > 0:
+                mods.append(nn.GroupNorm(min(32, cout // 4), cout))
+            mods.append(nn.LeakyReLU(0.2, inplace=True))
+            cin = cout
+        mods.append(nn.Conv3d(cin, 1, (3, 3, 3), padding=1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.net(video)
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator: real logits pushed above 1, fake ones below -1."""
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def vae_loss(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    l1_weight: float = 1.0,
+    mse_weight: float = 0.0,
+    ssim_weight: float = 0.2,
+    kl_weight: float = 1e-6,
+    perceptual=None,
+    perceptual_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The VAE's training loss without the adversarial term, and its parts (floats) for logging.
+
+    ``recon``/``target``: (b, 3, t, h, w) in [-1, 1]; ``mean``/``logvar``: the posterior moments. KL is the
+    per-element mean of KL(q || N(0, 1)). ``perceptual(recon, target) -> scalar`` is optional.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    total = recon.new_zeros(())
+    if l1_weight:
+        parts["l1"] = (recon - target).abs().mean()
+        total = total + l1_weight * parts["l1"]
+    if mse_weight:
+        parts["mse"] = F.mse_loss(recon, target)
+        total = total + mse_weight * parts["mse"]
+    if ssim_weight:
+        parts["ssim"] = 1.0 - ssim(recon, target)
+        total = total + ssim_weight * parts["ssim"]
+    parts["kl"] = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    if kl_weight:
+        total = total + kl_weight * parts["kl"]
+    if perceptual is not None and perceptual_weight:
+        parts["perceptual"] = perceptual(recon, target)
+        total = total + perceptual_weight * parts["perceptual"]
+    with torch.no_grad():
+        parts["psnr"] = 10 * torch.log10(4.0 / F.mse_loss(recon.clamp(-1, 1), target).clamp_min(1e-10))
+    return total, {k: float(v.detach()) for k, v in parts.items()}
