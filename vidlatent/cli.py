@@ -685,7 +685,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"vidlatent train: stopped: {err}", file=sys.stderr)
         return 1
-    print(f"trained {trainer.step} steps; last checkpoint {trainer.last_checkpoint}")
+    finally:  # under torchrun: leave the process group the trainer joined
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.dist.main:
+        print(f"trained {trainer.step} steps; last checkpoint {trainer.last_checkpoint}")
     return 0
 
 
@@ -696,7 +702,9 @@ def add_train(sub) -> None:
         description="Train a VideoDiT on the latent files `vidlatent encode` writes, as CONFIG (a yaml file "
         "or a train preset such as 'tiny') and key=value overrides say. resume=auto continues the latest "
         "checkpoint under output=. Exits 1 when the loss became NaN/inf (the last good checkpoint is kept).",
-        epilog="example:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto",
+        epilog="examples:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto\n"
+        "  torchrun --nproc_per_node=8 -m vidlatent.cli train CONFIG parallel=ddp|fsdp  "
+        "(global batch = batch_size x ranks x grad_accum)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config_file", metavar="CONFIG", help="train yaml file or preset name (tiny)")

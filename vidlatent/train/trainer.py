@@ -51,7 +51,9 @@ from ..diffusion.flow import (
 from ..models.dit import VideoDiT
 from ..models.text import load_text_encoder
 from ..models.vae import CausalVAE, StreamCache
+from . import distributed
 from .data import BucketSampler, LatentDataset
+from .distributed import share
 from .losses import PatchDiscriminator, hinge_d_loss, vae_loss
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "load_train_config", "train"]
@@ -60,7 +62,7 @@ SCHEDULES = ("constant", "cosine")
 TASKS = ("denoiser", "vae")
 # settings that may change between an interrupted run and its resumption without a warning (steps only
 # with the constant schedule: the cosine one depends on it)
-RESUME_FREE = ("resume", "progress", "device", "output", "steps")
+RESUME_FREE = ("resume", "progress", "device", "output", "steps", "parallel")
 PRECISIONS = ("no", "bf16")
 
 
@@ -112,6 +114,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" (latest under output, if any) or a checkpoint folder
     device: str | None = None  # default: cuda if available
     progress: bool = True
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
 
 
 def load_train_config(*files: str | os.PathLike, overrides=()) -> TrainConfig:
@@ -134,6 +137,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("no training data: set data=<folder of latent files> or data=shapes")
     if cfg.task == "vae" and cfg.data != "shapes":
         raise ValueError(f"task=vae trains on data=shapes (procedural clips); got data={cfg.data!r}")
+    if cfg.parallel not in distributed.PARALLEL:
+        raise ValueError(f"unknown parallel {cfg.parallel!r}; accepted: {', '.join(distributed.PARALLEL)}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; accepted: {', '.join(SCHEDULES)}")
     if cfg.mixed_precision not in PRECISIONS:
@@ -178,6 +183,18 @@ class _LRLambda:
         return lr_factor(step, self.cfg)
 
 
+class _Forward(torch.nn.Module):
+    """The trained models under one module whose forward is the trainer's (what DDP wraps and syncs)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], fn):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 class Trainer:
     """Training of a ``VideoDiT`` (flow matching; optionally with the built-in text encoder) on latent files,
     or of a ``CausalVAE`` on procedural clips (``config.task``)."""
@@ -185,7 +202,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         _check(config)
         self.config = cfg = config
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist, self.device = distributed.setup(cfg.device)
         self.output = Path(cfg.output)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0  # optimizer steps done
@@ -193,11 +210,32 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.losses: list[float] = []  # loss of each step this process ran
         self.disc = self.disc_optimizer = None
+        self._rows, self._n, self._weight = [], 1, None  # the micro-batch's share of its global batch
         if cfg.task == "vae":
             self._build_vae()
         else:
             self._build_denoiser()
-        self.params = {f"{n}.{k}": p for n, m in self.models.items() for k, p in m.named_parameters()}
+        self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
+        self._replicated = []  # FSDP: parameters kept whole on every rank, their gradients averaged here
+        if self.fsdp:
+            for name, m in self.models.items():
+                if name == "text_encoder":  # small, and a batch's captions need not use every embedding
+                    self._replicated += [p for p in m.parameters() if p.requires_grad]
+                else:
+                    distributed.wrap_fsdp(m)
+        self.params = {
+            f"{n}.{k}": p for n, m in self.models.items() for k, p in m.named_parameters() if p.requires_grad
+        }
+        self._forward_module = _Forward(self.models, self._forward)
+        if self.dist.enabled and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # a batch's captions need not use every token embedding of the built-in text encoder
+            unused = "text_encoder" in self.models
+            self._forward_module = DistributedDataParallel(
+                self._forward_module, device_ids=ids, find_unused_parameters=unused
+            )
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()),
             lr=cfg.lr,
@@ -231,7 +269,8 @@ class Trainer:
         self.dataset = LatentDataset(cfg.data, cfg.captions)
         if not len(self.dataset):
             raise ValueError(f"no usable latent files in {cfg.data}: {self.dataset.summary()}")
-        self.sampler = BucketSampler(self.dataset, cfg.batch_size, seed=cfg.seed)
+        # every rank reads the same global batches (batch_size clips per rank) and takes its share
+        self.sampler = BucketSampler(self.dataset, cfg.batch_size * self.dist.world_size, seed=cfg.seed)
         channels = self.dataset.items[0].shape[0]
 
         with torch.random.fork_rng(devices=[]):
@@ -268,10 +307,21 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- data
 
     def _next_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """This rank's share of the next global batch; sets ``_rows`` (its positions in the global batch, for
+        slicing the draws made for the whole of it), ``_n`` (the global batch size) and ``_weight``.
+
+        Every rank reads the same global batch and takes the positions ``distributed.share`` gives it. A rank
+        whose share is empty (a bucket's last, smaller batch) runs one clip with weight 0, so that every rank
+        joins the gradient reduction.
+        """
+        rank, world = self.dist.rank, self.dist.world_size
         if self.config.task == "vae":  # endless procedural clips: the data position is a clip counter
-            start = self.batch_index * self.config.batch_size
+            n = self.config.batch_size * world
+            start = self.batch_index * n
             self.batch_index += 1
-            clips = [self.world.clip(i) for i in range(start, start + self.config.batch_size)]
+            rows = list(share(n, rank, world))
+            clips = [self.world.clip(start + j) for j in rows]
+            self._rows, self._n, self._weight = rows, n, None
             return torch.stack([v for v, _ in clips]).to(self.device), [c for _, c in clips]
         while True:
             batches = self.sampler.epoch(self.epoch)
@@ -280,8 +330,9 @@ class Trainer:
                 continue
             idx = batches[self.batch_index]
             self.batch_index += 1
-            latents, captions = [], []
-            for i in idx:
+            latents, captions, rows = [], [], []
+            for j in share(len(idx), rank, world):
+                i = idx[j]
                 try:
                     z, caption = self.dataset[i]
                 except Exception as err:  # noqa: BLE001 - a file broken since the scan is reported, skipped
@@ -289,8 +340,21 @@ class Trainer:
                     continue
                 latents.append(z)
                 captions.append(caption)
-            if latents:
-                return torch.stack(latents).to(self.device), captions
+                rows.append(j)
+            if not self.dist.enabled:
+                if latents:
+                    self._rows, self._n, self._weight = list(range(len(rows))), len(rows), None
+                    return torch.stack(latents).to(self.device), captions
+                continue
+            # ranks must agree on the batch: a share that is empty (or all broken) becomes a weight-0 clip
+            self._n = len(idx)
+            if not latents:
+                latents, captions, rows = [torch.zeros(self.dataset.items[idx[0]].shape)], [""], [0]
+                self._weight = torch.zeros(1)
+            else:
+                self._weight = torch.full((len(rows),), 1.0 / len(idx))
+            self._rows = rows
+            return torch.stack(latents).to(self.device), captions
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -299,7 +363,7 @@ class Trainer:
         moments = self.vae.encode_step(video, StreamCache())[0]
         mean, logvar = moments.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
-        noise = torch.randn(mean.shape, generator=self.generator).to(mean)
+        noise = self._draw(torch.randn, mean.shape).to(mean)
         z = mean + (0.5 * logvar).exp() * noise
         return self.vae.decode_step(z, StreamCache())[0], mean, logvar
 
@@ -307,7 +371,7 @@ class Trainer:
         cfg = self.config
         use_bf16 = cfg.mixed_precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            recon, mean, logvar = self._vae_forward(video)
+            recon, mean, logvar = self._forward_module(video)
         recon, mean, logvar = recon.float(), mean.float(), logvar.float()
         loss, parts = vae_loss(
             recon,
@@ -326,6 +390,10 @@ class Trainer:
             loss = loss + cfg.disc_weight * adv
             self._parts["adv"] = float(adv.detach())
             self._fake = recon.detach()
+        if self.dist.enabled:  # this rank's part of the global batch mean (all clips have one shape)
+            share = len(self._rows) / self._n
+            self._parts = {k: v * share for k, v in self._parts.items()}
+            loss = loss * share
         return loss
 
     def _disc_step(self, real: torch.Tensor) -> float:
@@ -334,27 +402,51 @@ class Trainer:
         self.disc_optimizer.zero_grad(set_to_none=True)
         loss = hinge_d_loss(self.disc(real), self.disc(self._fake))
         loss.backward()
+        if self.dist.enabled:  # the mean of the ranks' gradients
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    distributed.all_reduce_(p.grad).div_(self.dist.world_size)
+            loss = distributed.all_reduce_(loss.detach().clone()) / self.dist.world_size
         self.disc_optimizer.step()
         return float(loss.detach())
 
     def _micro_step(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
         if self.config.task == "vae":
             return self._vae_micro_step(x0)
-        cfg, b = self.config, x0.shape[0]
-        gen = self.generator
-        sigma = sample_sigmas(b, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=gen)
+        cfg = self.config
+        sample = lambda n, generator: sample_sigmas(  # noqa: E731
+            n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
+        )
+        sigma = self._draw(sample, ())
         sigma = shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        drop = (torch.rand(b, generator=gen) < cfg.caption_dropout).tolist()
+        noise = self._draw(torch.randn, x0.shape).to(self.device)
+        drop = (self._draw(torch.rand, ()) < cfg.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
         sigma = sigma.to(self.device)
         x_sigma = add_noise(x0, noise, sigma)
         target = velocity_target(x0, noise)
         use_bf16 = cfg.mixed_precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            context, mask = self.text_encoder.encode(captions)
-            pred = self.dit(x_sigma, sigma, context, mask)
-        return flow_loss(pred, target)
+            pred = self._forward_module(x_sigma, sigma, captions)
+        if not self.dist.enabled:
+            return flow_loss(pred, target)
+        per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+        return (per_sample * self._weight.to(per_sample.device)).sum()  # this rank's part of the global mean
+
+    def _draw(self, fn, shape) -> torch.Tensor:
+        """``fn(size, generator=...)`` drawn for the whole global batch (``(_n, *shape[1:])``) from the shared
+        generator, sliced to this rank's rows: each clip gets what a single process would draw for it."""
+        full = fn((self._n, *tuple(shape)[1:]) if len(shape) else self._n, generator=self.generator)
+        return full[self._rows] if self.dist.enabled else full
+
+    def _forward(self, *args):
+        """The trained models' forward (what DDP wraps): ``(video)`` -> VAE (reconstruction, mean, logvar);
+        ``(x_sigma, sigma, captions)`` -> the denoiser's velocity."""
+        if self.config.task == "vae":
+            return self._vae_forward(*args)
+        x_sigma, sigma, captions = args
+        context, mask = self.text_encoder.encode(captions)
+        return self.dit(x_sigma, sigma, context, mask)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -375,23 +467,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, tokens, parts = 0.0, 0, {}
         pt, ph, pw = self.dit.config.patch_size if cfg.task == "denoiser" else (1, 1, 1)
-        for _ in range(cfg.grad_accum):
+        world = self.dist.world_size
+        for k in range(cfg.grad_accum):
             x0, captions = self._next_batch()
-            loss = self._micro_step(x0, captions)
-            if not torch.isfinite(loss):
-                where = self.last_checkpoint or "none written yet"
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step + 1}; stopped without saving. "
-                    f"Last good checkpoint: {where}. Lower lr, check the data, or disable bf16."
-                )
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            b, _, t, h, w = x0.shape
-            tokens += b * (t // pt) * (h // ph) * (w // pw)  # the VAE counts pixels
-            for k, v in getattr(self, "_parts", {}).items():
-                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            last = k == cfg.grad_accum - 1
+            no_sync = getattr(self._forward_module, "no_sync", None)  # DDP: reduce once per step
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self._micro_step(x0, captions)
+                value = distributed.all_reduce_(loss.detach().clone())  # the global batch's loss
+                if not torch.isfinite(value):
+                    where = self.last_checkpoint or "none written yet"
+                    raise NonFiniteLossError(
+                        f"loss is {value.item()} at step {self.step + 1}; stopped without saving. "
+                        f"Last good checkpoint: {where}. Lower lr, check the data, or disable bf16."
+                    )
+                (loss * world / cfg.grad_accum).backward()  # DDP/FSDP average over ranks
+            total += value.item() / cfg.grad_accum
+            _, _, t, h, w = x0.shape
+            tokens += self._n * (t // pt) * (h // ph) * (w // pw)  # the VAE counts pixels
+            for name, v in getattr(self, "_parts", {}).items():
+                parts[name] = parts.get(name, 0.0) + v / cfg.grad_accum
+        for p in self._replicated:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_(p.grad).div_(world)
+        if self.dist.enabled and parts:
+            names = sorted(parts)
+            summed = distributed.all_reduce_(torch.tensor([parts[n] for n in names], dtype=torch.float64))
+            parts = dict(zip(names, summed.tolist()))
         params = list(self.params.values())
-        if cfg.grad_clip > 0:
+        if self.fsdp:
+            grad_norm = self._clip_fsdp(params)
+        elif cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
@@ -410,6 +517,22 @@ class Trainer:
         self.losses.append(total)
         metrics = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         return {**metrics, **parts}
+
+    def _clip_fsdp(self, params: list[torch.Tensor]) -> float:
+        """Global gradient norm (and clipping, like ``clip_grad_norm_``) over sharded and replicated grads."""
+        replicated = {id(p) for p in self._replicated}
+        norms = []
+        for group in ([p for p in params if id(p) not in replicated], self._replicated):
+            grads = [p.grad for p in group if p.grad is not None]
+            if grads:
+                norms.append(distributed.full_tensor(torch.nn.utils.get_total_norm(grads)).float())
+        total = torch.stack(norms).square().sum().sqrt()
+        if self.config.grad_clip > 0:
+            coef = (self.config.grad_clip / (total + 1e-6)).clamp(max=1.0).item()
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return total.item()
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -433,13 +556,37 @@ class Trainer:
         """
         folder = Path(folder)
         with self.ema_weights() if ema and self.ema is not None else contextlib.nullcontext():
-            if self.config.task == "vae":
-                self.calibrate_latents()
-            for name, model in self.models.items():
-                model.save_pretrained(folder / name)
-            if self.config.task == "denoiser" and "text_encoder" not in self.models:
-                self.text_encoder.save_pretrained(folder / "text_encoder")
+            models = self._plain_models()  # FSDP: a collective, every rank calls export
+            if self.dist.main:
+                if self.config.task == "vae":
+                    self.calibrate_latents(vae=models["vae"])
+                for name, model in models.items():
+                    model.save_pretrained(folder / name)
+                if self.config.task == "denoiser" and "text_encoder" not in self.models:
+                    self.text_encoder.save_pretrained(folder / "text_encoder")
+        distributed.barrier()
         return folder
+
+    def _plain_models(self) -> dict[str, torch.nn.Module]:
+        """The trained models, unsharded: under FSDP, fresh copies (on rank 0; None elsewhere) holding the
+        gathered weights; else the models themselves."""
+        if not self.fsdp:
+            return self.models
+        out = {}
+        for name, model in self.models.items():
+            state = {k: distributed.full_tensor(v).cpu() for k, v in model.state_dict().items()}
+            if not self.dist.main:
+                continue
+            cfg = self.config
+            if name == "vae":
+                copy = CausalVAE(model.config)
+            elif name == "dit":
+                copy = VideoDiT(model.config)
+            else:
+                copy = load_text_encoder(cfg.text_encoder, device="cpu", overrides=cfg.text_overrides)
+            copy.load_state_dict(state)
+            out[name] = copy.to(self.device)
+        return out
 
     @torch.no_grad()
     def evaluate(self, levels: int = 8, max_clips: int = 8, seed: int = 0, ema: bool = False) -> float:
@@ -468,16 +615,19 @@ class Trainer:
         return sum(losses) / len(losses)
 
     @torch.no_grad()
-    def calibrate_latents(self, clips: int = 64) -> tuple[list[float], list[float]]:
-        """Set the VAE's ``latents_mean``/``latents_std`` to the per-channel statistics of the posterior mode
-        over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
+    def calibrate_latents(
+        self, clips: int = 64, vae: CausalVAE | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Set the VAE's (or ``vae``'s) ``latents_mean``/``latents_std`` to the per-channel statistics of the
+        posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
+        vae = self.vae if vae is None else vae
         opts = {**self.config.data_options, "seed": 20_000 + self.config.seed}
         world = ShapesWorld(**opts)
-        self.vae.eval()
-        z = torch.cat([self.vae.encode(world.clip(i)[0][None].to(self.device)).mode() for i in range(clips)])
+        vae.eval()
+        z = torch.cat([vae.encode(world.clip(i)[0][None].to(self.device)).mode() for i in range(clips)])
         z = z.transpose(0, 1).flatten(1).double()
         mean, std = z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
-        self.vae.config.latents_mean, self.vae.config.latents_std = mean, std
+        vae.config.latents_mean, vae.config.latents_std = mean, std
         return mean, std
 
     @torch.no_grad()
@@ -500,10 +650,16 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-XXXXXXX/`` atomically file by file, then point ``checkpoints/latest`` at it."""
         folder = self.output / "checkpoints" / f"step-{self.step:07d}"
-        weights = {k: p.detach().cpu().contiguous() for k, p in self.params.items()}
+        full = distributed.full_tensor  # FSDP: every rank gathers, rank 0 alone writes
+        weights = {k: full(p.detach()).cpu().contiguous() for k, p in self.params.items()}
+        ema = {k: full(v).cpu().contiguous() for k, v in self.ema.items()} if self.ema is not None else None
+        optimizer = self._optimizer_state()
+        if not self.dist.main:
+            distributed.barrier()
+            self.last_checkpoint = folder
+            return folder
         atomic_write(folder / "model.safetensors", lambda tmp: save_file(weights, tmp))
-        if self.ema is not None:
-            ema = {k: v.cpu().contiguous() for k, v in self.ema.items()}
+        if ema is not None:
             atomic_write(folder / "ema.safetensors", lambda tmp: save_file(ema, tmp))
         if self.disc is not None:
             disc = {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}
@@ -512,7 +668,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_index": self.batch_index,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -527,7 +683,25 @@ class Trainer:
             self.output / "checkpoints" / "latest", lambda tmp: Path(tmp).write_text(folder.name + "\n")
         )
         self.last_checkpoint = folder
+        distributed.barrier()  # the other ranks wait until the checkpoint is complete
         return folder
+
+    def _optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(torch.nn.ModuleDict(self.models), self.optimizer, options=opts)
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(torch.nn.ModuleDict(self.models), self.optimizer, state, options=opts)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder under ``output``, or None."""
@@ -547,13 +721,13 @@ class Trainer:
             raise ValueError(f"{folder}: checkpoint and model parameters differ: {sorted(missing)[:5]}")
         with torch.no_grad():
             for k, p in self.params.items():
-                p.copy_(weights[k])
+                p.copy_(_like(weights[k], p))
         if self.ema is not None:
             ema_file = folder / "ema.safetensors"
             src = load_file(ema_file) if ema_file.is_file() else weights
-            self.ema = {k: src[k].float().to(self.device).clone() for k in self.params}
+            self.ema = {k: _like(src[k].float(), p).clone() for k, p in self.params.items()}
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         if self.disc is not None and (folder / "disc.safetensors").is_file():
             self.disc.load_state_dict(load_file(folder / "disc.safetensors"))
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
@@ -590,7 +764,7 @@ class Trainer:
                 stacklevel=2,
             )
         metrics = self.output / "metrics.jsonl"
-        if metrics.is_file():  # drop rows the interrupted run logged after this checkpoint
+        if self.dist.main and metrics.is_file():  # drop rows the interrupted run logged after this checkpoint
             rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
             atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
@@ -603,17 +777,23 @@ class Trainer:
         cfg = self.config
         self._resume()
         stop = cfg.steps if until is None else min(until, cfg.steps)
-        self.output.mkdir(parents=True, exist_ok=True)
+        main = self.dist.main  # rank 0 alone writes metrics, checkpoints and the export
+        if main:
+            self.output.mkdir(parents=True, exist_ok=True)
         start = len(self.losses)
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (cfg.progress and main),
+            desc="train",
+            dynamic_ncols=True,
         )
-        with open(self.output / "metrics.jsonl", "a") as log:
+        with open(self.output / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
             while self.step < stop:
                 t0 = time.perf_counter()
                 m = self.train_step()
                 m["tokens_per_s"] = m.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                 bar.update(1)
@@ -627,6 +807,15 @@ class Trainer:
         if self.step == cfg.steps:
             self.export(self.output / "final")
         return self.losses[start:]
+
+
+def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor) placed like ``p``: on its device, sharded like it when it is a DTensor."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+    return t.to(p.device)
 
 
 def train(config: TrainConfig, until: int | None = None) -> Trainer:
