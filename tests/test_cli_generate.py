@@ -156,7 +156,8 @@ def one_line_error(capsys, argv, match: str) -> None:
     assert match in err, err
 
 
-def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys):
+def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
     out, tiny = tmp_path / "out.mp4", ["--model", "tiny", "-q"]
     cases = [
         (["edit", tmp_path / "missing.mp4", "a ball", "-o", out, *tiny], "no such file"),

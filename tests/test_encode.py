@@ -374,7 +374,7 @@ def test_reconstruct_returns_both_clips_and_their_metrics(media, vae):
 # ---------------------------------------------------------------------------------------------- models
 
 
-def test_load_vae_sources(tmp_path, vae):
+def test_load_vae_sources(tmp_path, vae, monkeypatch):
     again, src = load_vae("tiny")
     assert src == "preset:tiny" and vae_fingerprint(again) == vae_fingerprint(vae)  # seeded presets
     vae.save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline folder: its vae/ is used
@@ -382,6 +382,7 @@ def test_load_vae_sources(tmp_path, vae):
     assert folder_src == str((tmp_path / "pipe" / "vae").resolve())
     assert vae_fingerprint(from_folder) == vae_fingerprint(vae)
     assert vae_fingerprint(CausalVAE.from_pretrained("tiny", latents_std=[1.0] * 4)) != vae_fingerprint(vae)
+    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="default model is not installed"):
         load_vae("default")
     with pytest.raises(FileNotFoundError, match="no model at 'nope'"):

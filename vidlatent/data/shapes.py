@@ -275,7 +275,9 @@ class ShapesWorld:
 
     ``split``: "train" (objects only from ``TRAIN_COMBOS``), "heldout" (single objects from ``HELDOUT``) or
     "all". ``clip(i)`` -> (video (3, f, h, w) float32 in [-1, 1], caption); ``scene(i)`` the description;
-    ``frames(i)`` the uint8 (f, h, w, 3) rendering. ``max_objects`` caps objects per clip (1-3).
+    ``render(scene)`` the uint8 (f, h, w, 3) frames. ``max_objects`` caps objects per clip (1-3);
+    ``image_fraction`` of the clips are one-frame images; ``length`` makes the world a fixed set of that many
+    clips (index ``i`` shows clip ``i % length``), e.g. to overfit.
     """
 
     def __init__(
@@ -287,6 +289,7 @@ class ShapesWorld:
         seed: int = 0,
         max_objects: int = 3,
         image_fraction: float = 0.0,
+        length: int | None = None,
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
@@ -298,7 +301,7 @@ class ShapesWorld:
             raise ValueError(f"max_objects must be 1-3; got {max_objects}")
         self.height, self.width, self.frames = height, width, frames
         self.split, self.seed, self.max_objects = split, seed, max_objects
-        self.image_fraction = image_fraction
+        self.image_fraction, self.length = image_fraction, length
         self.combos = {
             "train": TRAIN_COMBOS,
             "heldout": HELDOUT,
@@ -352,7 +355,7 @@ class ShapesWorld:
 
     def scene(self, index: int) -> Scene:
         """The description of clip ``index`` (objects, background, caption)."""
-        rng = self._rng(index)
+        rng = self._rng(index % self.length if self.length else index)
         frames = 1 if rng.random() < self.image_fraction else self.frames
         if self.split == "heldout":
             count = 1

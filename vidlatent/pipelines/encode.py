@@ -173,6 +173,10 @@ def load_vae(
     it) or a VAE preset. Presets have random weights, seeded so that every process gets the same ones.
     ``overrides`` replace VAE config fields (e.g. ``chunk_size=2``).
     """
+    if str(model) == "default" and not Path(model).exists():
+        from .video import default_model_folder
+
+        model = default_model_folder()
     path = Path(model)
     if path.exists():
         if path.is_dir() and (path / "vae" / "config.json").is_file():
@@ -188,11 +192,6 @@ def load_vae(
         vae_name, seed = name, 0
     else:
         presets = sorted(set(list_presets("pipeline")) | set(list_presets("vae")))
-        if name == "default":
-            raise FileNotFoundError(
-                "the default model is not installed (it is not shipped yet); pass --model with a pipeline or "
-                f"VAE folder, a Wan 2.1 VAE checkpoint, or a preset ({', '.join(presets)})"
-            )
         raise FileNotFoundError(
             f"no model at {name!r}: not a file or folder, and not a preset ({', '.join(presets)})"
         )
@@ -290,6 +289,26 @@ def load_latents(path: str | os.PathLike, raw: bool = True) -> tuple[torch.Tenso
         std = torch.tensor(meta["latents_std"], dtype=torch.float64).view(shape)
         z = (z.double() * std + mean).float()
     return z, meta
+
+
+def latent_file_metadata(vae: CausalVAE, vae_src: str, normalized: bool, settings: dict) -> dict:
+    """The metadata every latent file of one job shares (format, statistics, VAE identity, settings)."""
+    cfg = vae.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vidlatent_version": _version(),
+        "normalized": "true" if normalized else "false",
+        "latents_mean": list(cfg.latents_mean),
+        "latents_std": list(cfg.latents_std),
+        "latent": settings.get("latent", "mode"),
+        "vae": {
+            "fingerprint": vae_fingerprint(vae),
+            "src": vae_src or "unknown",
+            "config": config_to_dict(cfg),
+        },
+        "settings": settings,
+    }
 
 
 def _write_latents(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -412,7 +431,6 @@ def encode_clips(
     report = JobReport("encode", rank=rank, world_size=world_size)
 
     fingerprint = vae_fingerprint(vae)
-    cfg = vae.config
     settings = {
         "frames": frames,
         "start": start,
@@ -427,17 +445,7 @@ def encode_clips(
         "save_logvar": bool(save_logvar),
         "vae": fingerprint,
     }
-    common_meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "vidlatent_version": _version(),
-        "normalized": "true" if normalized else "false",
-        "latents_mean": list(cfg.latents_mean),
-        "latents_std": list(cfg.latents_std),
-        "latent": settings["latent"],
-        "vae": {"fingerprint": fingerprint, "src": vae_src or "unknown", "config": config_to_dict(cfg)},
-        "settings": settings,
-    }
+    common_meta = latent_file_metadata(vae, vae_src, normalized, settings)
 
     # Decide per clip: skip (done before), fail (conflict), or encode.
     names = {p: latent_name(p) for p in sources}

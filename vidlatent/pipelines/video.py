@@ -77,6 +77,19 @@ class PipelinePreset:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
+
+
+def default_model_folder() -> Path:
+    """The shipped default model's pipeline folder (inside the package); a clear error if it is missing."""
+    if not (DEFAULT_MODEL / "dit").is_dir():
+        raise FileNotFoundError(
+            f"the default model is not installed (no weights at {DEFAULT_MODEL}); reinstall vidlatent, or give "
+            "a pipeline folder (vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights)"
+        )
+    return DEFAULT_MODEL
+
+
 def latent_mask(mask: torch.Tensor, temporal_factor: int, spatial_factor: int) -> torch.Tensor:
     """A per-pixel mask (b, t, h, w) bool (True = regenerate) -> latent mask (b, 1, t', h', w') bool.
 
@@ -134,10 +147,7 @@ class VideoPipeline:
         if path.is_dir():
             return cls._from_folder(path, device, dtype)
         if str(src) == "default":
-            raise FileNotFoundError(
-                "the default model is not installed (it is not shipped yet); give a pipeline folder "
-                "(vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights, for tests)"
-            )
+            return cls._from_folder(default_model_folder(), device, dtype)
         if str(src) in list_presets("pipeline"):
             return cls.from_preset(load_config(PipelinePreset, "pipeline", str(src)), device, dtype)
         raise FileNotFoundError(

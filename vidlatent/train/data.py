@@ -18,9 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.encode import expand_paths, load_latents, read_latent_metadata
+from ..pipelines.encode import (
+    _write_latents,
+    expand_paths,
+    latent_file_metadata,
+    load_latents,
+    read_latent_metadata,
+)
 
-__all__ = ["LatentDataset", "LatentItem", "BucketSampler", "read_captions"]
+__all__ = ["LatentDataset", "LatentItem", "BucketSampler", "read_captions", "cache_world_latents"]
 
 
 @dataclass
@@ -174,3 +180,57 @@ class BucketSampler:
                     batches.append(chunk)
         order = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[j] for j in order]
+
+
+def cache_world_latents(
+    world,
+    vae,
+    count: int,
+    folder: str | os.PathLike,
+    batch_size: int = 16,
+    start: int = 0,
+    vae_src: str = "unknown",
+    progress: bool = True,
+) -> Path:
+    """Encode clips ``start .. start+count-1`` of a ``ShapesWorld`` into a latent cache ``LatentDataset`` reads.
+
+    Writes ``clip-XXXXXXX.safetensors`` (normalized posterior mode, the format of ``vidlatent encode``) and a
+    ``metadata.jsonl`` of captions (pass it as ``captions``). Files already there are kept, so an interrupted
+    run resumes; the caption table is rewritten atomically at the end. Returns the caption file's path.
+    """
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "source": "shapes",
+        "world": {"height": world.height, "width": world.width, "frames": world.frames},
+        "split": world.split,
+        "seed": world.seed,
+        "latent": "mode",
+        "normalized": True,
+    }
+    meta = latent_file_metadata(vae, vae_src, True, settings)
+    rows, todo = [], []
+    for i in range(start, start + count):
+        name = f"clip-{i:07d}.safetensors"
+        rows.append(json.dumps({"path": name, "caption": world.scene(i).caption}))
+        if not (folder / name).is_file():
+            todo.append(i)
+    bar = tqdm(total=count, initial=count - len(todo), desc="cache", unit="clip", disable=not progress)
+    for s in range(0, len(todo), batch_size):
+        idx = todo[s : s + batch_size]
+        video = torch.stack([world.clip(i)[0] for i in idx]).to(vae.device, vae.dtype)
+        with torch.inference_mode():
+            z = vae.normalize(vae.encode(video).mode()).float().cpu()
+        for i, zi in zip(idx, z):
+            _write_latents(
+                folder / f"clip-{i:07d}.safetensors", {"latents": zi}, {**meta, "source": f"shapes:{i}"}
+            )
+        bar.update(len(idx))
+    bar.close()
+    captions = folder / "metadata.jsonl"
+    atomic_write(captions, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+    return captions

@@ -22,14 +22,14 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Mean structural similarity of two videos (b, c, t, h, w) in [-1, 1], frame by frame (differentiable).
 
-    Gaussian window, constants of Wang et al. 2004 for a data range of 2; ``window`` shrinks to fit small
-    frames. 1 means identical.
+    Computed on intensities mapped to [0, 1] with the constants of Wang et al. 2004 and a Gaussian window
+    (``window`` shrinks to fit small frames). 1 means identical.
     """
     if a.shape != b.shape:
         raise ValueError(f"ssim needs equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
     c = a.shape[1]
-    x = a.transpose(1, 2).flatten(0, 1)  # (b t) c h w
-    y = b.transpose(1, 2).flatten(0, 1)
+    x = a.transpose(1, 2).flatten(0, 1).add(1).mul(0.5)  # (b t) c h w in [0, 1]
+    y = b.transpose(1, 2).flatten(0, 1).add(1).mul(0.5)
     window = min(window, x.shape[-1], x.shape[-2])
     g = _gaussian_window(window, sigma, x.device, x.dtype)
     kh = g.view(1, 1, -1, 1).expand(c, 1, -1, 1)
@@ -38,7 +38,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     def blur(z):
         return F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)
 
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
     vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))

@@ -1,0 +1,102 @@
+"""task=vae: the VAE objective on the shapes world, exact resume with the discriminator, latent calibration,
+and the latent cache of the shapes world that the denoiser trains on."""
+
+import torch
+
+from vidlatent.data.shapes import ShapesWorld
+from vidlatent.models.vae import CausalVAE
+from vidlatent.train.data import LatentDataset, cache_world_latents
+from vidlatent.train.losses import PatchDiscriminator, hinge_d_loss, ssim, vae_loss
+from vidlatent.train.trainer import Trainer, load_train_config
+
+
+def vae_config(tmp_path, **kw):
+    options = {
+        "task": "vae",
+        "data": "shapes",
+        "data_options": {"height": 32, "width": 32, "frames": 5},
+        "vae": "tiny",
+        "steps": 6,
+        "batch_size": 2,
+        "lr": 2e-3,
+        "warmup_steps": 0,
+        "checkpoint_every": 3,
+        "ema_decay": 0.9,
+        "output": str(tmp_path / "run"),
+        "progress": False,
+        **kw,
+    }
+    return load_train_config("tiny", overrides=[f"{k}={v}" for k, v in options.items()])
+
+
+def test_losses():
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.tensor(1.0), atol=1e-5)
+    assert ssim(x, -x) < 0.2
+    mean, logvar = torch.zeros(2, 4, 2, 2, 2), torch.zeros(2, 4, 2, 2, 2)
+    loss, parts = vae_loss(x, x, mean, logvar)
+    assert parts["l1"] == 0 and abs(parts["ssim"]) < 1e-5 and parts["kl"] == 0 and loss.abs() < 1e-5
+    assert parts["psnr"] > 90
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    assert 20 < vae_loss(noisy, x, mean, logvar)[1]["psnr"] < 30
+    disc = PatchDiscriminator(channels=8)
+    logits = disc(x)
+    assert logits.shape[:3] == (2, 1, 5)
+    assert hinge_d_loss(torch.full((3,), 2.0), torch.full((3,), -2.0)) == 0
+
+
+def psnr_on(vae, world, clips):
+    video = torch.stack([world.clip(i)[0] for i in range(clips)])
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(video).mode())
+    return float(10 * torch.log10(4 / (recon - video).pow(2).mean()))
+
+
+def test_vae_training_improves_and_resumes_exactly(tmp_path):
+    options = {"height": 32, "width": 32, "frames": 1, "length": 4}  # four images, overfitted
+    kw = dict(steps=40, checkpoint_every=20, disc_weight=0.1, disc_start=30, lr=3e-3, data_options=options)
+    trainer = Trainer(vae_config(tmp_path, **kw))
+    world = ShapesWorld(**options)
+    before = psnr_on(trainer.vae, world, 4)
+    losses = trainer.train()
+    after = psnr_on(trainer.vae, world, 4)
+    assert after > before + 3, (before, after)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"psnr"' in rows[-1] and '"disc"' in rows[-1]  # the discriminator ran after disc_start
+    exported = CausalVAE.from_pretrained(tmp_path / "run" / "final" / "vae")
+    assert exported.config.latents_std != [1.0] * 4  # calibrated at export
+
+    # resume from step 20: the discriminator starts later, and its state is saved and restored from then on
+    resumed = Trainer(
+        vae_config(tmp_path, **kw, resume=str(tmp_path / "run" / "checkpoints" / "step-0000020"))
+    )
+    again = resumed.train()
+    assert len(again) == 20
+    assert max(abs(a - b) for a, b in zip(again, losses[20:])) < 1e-6
+
+
+def test_calibrated_latents_are_unit_scale(tmp_path):
+    trainer = Trainer(vae_config(tmp_path))
+    mean, std = trainer.calibrate_latents(clips=8)
+    world = ShapesWorld(height=32, width=32, frames=5, seed=20_000)
+    z = torch.cat(
+        [trainer.vae.normalize(trainer.vae.encode(world.clip(i)[0][None]).mode()) for i in range(8)]
+    )
+    assert z.mean().abs() < 1e-3 and abs(z.std().item() - 1) < 0.05
+
+
+def test_world_latent_cache(tmp_path):
+    vae = CausalVAE.from_pretrained("tiny").eval()
+    world = ShapesWorld(height=32, width=32, frames=5, seed=1)
+    captions = cache_world_latents(world, vae, 6, tmp_path / "cache", batch_size=4, progress=False)
+    data = LatentDataset(tmp_path / "cache", captions)
+    assert len(data) == 6 and data.bad == [] and data.uncaptioned == 0
+    z, caption = data[2]
+    assert caption == world.scene(2).caption
+    expect = vae.normalize(vae.encode(world.clip(2)[0][None]).mode())[0]
+    assert torch.allclose(z, expect, atol=1e-5)
+    stamp = (tmp_path / "cache" / "clip-0000002.safetensors").stat().st_mtime_ns
+    cache_world_latents(world, vae, 8, tmp_path / "cache", progress=False)  # rerun: keeps, adds two
+    assert (tmp_path / "cache" / "clip-0000002.safetensors").stat().st_mtime_ns == stamp
+    assert len(LatentDataset(tmp_path / "cache", captions)) == 8
