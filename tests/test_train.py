@@ -243,3 +243,25 @@ def test_cli_train_smoke(latents, tmp_path, capsys):
     assert load_text_encoder(out / "final" / "text_encoder").dim == dit.config.text_dim
     assert main(["train", "tiny", f"data={latents['mixed']}", "schedule=linear"]) == 2
     assert "unknown schedule" in capsys.readouterr().err
+
+
+def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vidlatent.config import DiTConfig, load_config
+    from vidlatent.train import dit_flops
+
+    dit = VideoDiT(load_config(DiTConfig, "dit", "tiny"))
+    c, (pt, ph, pw) = dit.config.in_channels, dit.config.patch_size
+    x, context = torch.randn(2, c, 3, 8, 8), torch.randn(2, 5, dit.config.text_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        dit(x, torch.rand(2), context)
+    tokens = (3 // pt) * (8 // ph) * (8 // pw)
+    # the counter sees the linear layers (addmm) but not CPU sdpa: add attention's 4 L (L + m) d per layer
+    attention = dit.config.num_layers * 4 * tokens * (tokens + 5) * dit.config.dim
+    assert counter.get_total_flops() + 2 * attention == 2 * dit_flops(dit.config, tokens, 5)
+
+    out = tmp_path / "run"
+    Trainer(config(latents["one"], out, "steps=2", "checkpoint_every=100")).train()
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tflop_s"] > 0 for r in rows)

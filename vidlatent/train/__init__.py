@@ -1,7 +1,7 @@
 """Training: the latent-cache dataset and the flow-matching denoiser trainer."""
 
 from .data import BucketSampler, LatentDataset, read_captions
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, load_train_config, train
+from .trainer import NonFiniteLossError, TrainConfig, Trainer, dit_flops, load_train_config, train
 
 __all__ = [
     "BucketSampler",
@@ -9,6 +9,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "dit_flops",
     "load_train_config",
     "read_captions",
     "train",

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
@@ -56,7 +57,7 @@ from .data import BucketSampler, LatentDataset
 from .distributed import share
 from .losses import PatchDiscriminator, hinge_d_loss, vae_loss
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "load_train_config", "train"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "dit_flops", "load_train_config", "train"]
 
 SCHEDULES = ("constant", "cosine")
 TASKS = ("denoiser", "vae")
@@ -86,6 +87,7 @@ class TrainConfig:
     mse_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1.0e-6
+    logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
     disc_start: int = 0  # optimizer step at which the discriminator starts
     disc_lr: float = 1.0e-4
@@ -183,6 +185,24 @@ class _LRLambda:
         return lr_factor(step, self.cfg)
 
 
+def dit_flops(config: DiTConfig, tokens: int, text_tokens: int) -> int:
+    """FLOPs (2 per multiply-add) of one ``VideoDiT`` forward on one sample of ``tokens`` video tokens and
+    ``text_tokens`` text tokens: every linear layer (2 x weights x the tokens it sees), the patch embedding,
+    and attention (4 x L x L x dim per layer for self-attention, 4 x L x m x dim for cross-attention).
+    Norms, rope and elementwise work are left out. Training costs about 3x this (forward + backward)."""
+    d, f, L, m = config.dim, config.ffn_dim, tokens, text_tokens
+    patch = math.prod(config.patch_size)
+    total = 2 * L * config.in_channels * patch * d  # patch embedding
+    total += 2 * m * (config.text_dim * d + d * d)  # text embedding MLP
+    total += 2 * (config.freq_dim * d + d * d + d * 6 * d)  # time embedding and modulation (per sample)
+    per_layer = 2 * L * 4 * d * d + 4 * L * L * d  # self-attention: q k v out, scores and values
+    per_layer += 2 * L * 2 * d * d + 2 * m * 2 * d * d + 4 * L * m * d  # cross-attention
+    per_layer += 2 * L * 2 * d * f  # feed-forward
+    total += config.num_layers * per_layer
+    total += 2 * L * d * config.out_channels * patch  # head
+    return total
+
+
 class _Forward(torch.nn.Module):
     """The trained models under one module whose forward is the trainer's (what DDP wraps and syncs)."""
 
@@ -210,6 +230,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.losses: list[float] = []  # loss of each step this process ran
         self.disc = self.disc_optimizer = None
+        self._flops: dict[tuple, float] = {}  # VAE training FLOPs per clip, by clip shape (counted once)
+        self._text_tokens = 0
         self._rows, self._n, self._weight = [], 1, None  # the micro-batch's share of its global batch
         if cfg.task == "vae":
             self._build_vae()
@@ -258,6 +280,8 @@ class Trainer:
             else:
                 vae_cfg = load_config(VAEConfig, "vae", cfg.vae, overrides=cfg.vae_overrides)
                 self.vae = CausalVAE(vae_cfg).to(self.device)
+                with torch.no_grad():  # start with little posterior noise; KL may raise it again
+                    self.vae.quant_conv.bias[vae_cfg.latent_channels :] = cfg.logvar_init
             if cfg.disc_weight > 0:
                 self.disc = PatchDiscriminator().to(self.device)
         self.models = {"vae": self.vae}
@@ -446,6 +470,7 @@ class Trainer:
             return self._vae_forward(*args)
         x_sigma, sigma, captions = args
         context, mask = self.text_encoder.encode(captions)
+        self._text_tokens = int(mask.sum(1).max()) if mask is not None else context.shape[1]
         return self.dit(x_sigma, sigma, context, mask)
 
     @torch.no_grad()
@@ -465,14 +490,20 @@ class Trainer:
         for m in self.models.values():
             m.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens, parts = 0.0, 0, {}
+        total, tokens, flops, parts = 0.0, 0, 0.0, {}
         pt, ph, pw = self.dit.config.patch_size if cfg.task == "denoiser" else (1, 1, 1)
         world = self.dist.world_size
         for k in range(cfg.grad_accum):
             x0, captions = self._next_batch()
             last = k == cfg.grad_accum - 1
             no_sync = getattr(self._forward_module, "no_sync", None)  # DDP: reduce once per step
-            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            # the VAE's FLOPs are counted (forward + backward) once per clip shape
+            key = tuple(x0.shape[1:])
+            counter = FlopCounterMode(display=False) if cfg.task == "vae" and key not in self._flops else None
+            with (
+                contextlib.nullcontext() if last or no_sync is None else no_sync(),
+                counter or contextlib.nullcontext(),
+            ):
                 loss = self._micro_step(x0, captions)
                 value = distributed.all_reduce_(loss.detach().clone())  # the global batch's loss
                 if not torch.isfinite(value):
@@ -484,7 +515,14 @@ class Trainer:
                 (loss * world / cfg.grad_accum).backward()  # DDP/FSDP average over ranks
             total += value.item() / cfg.grad_accum
             _, _, t, h, w = x0.shape
-            tokens += self._n * (t // pt) * (h // ph) * (w // pw)  # the VAE counts pixels
+            sample_tokens = (t // pt) * (h // ph) * (w // pw)  # the VAE counts pixels
+            tokens += self._n * sample_tokens
+            if counter is not None:
+                self._flops[key] = counter.get_total_flops() / x0.shape[0]
+            if cfg.task == "vae":
+                flops += self._n * self._flops[key]
+            else:
+                flops += self._n * 3 * dit_flops(self.dit.config, sample_tokens, self._text_tokens)
             for name, v in getattr(self, "_parts", {}).items():
                 parts[name] = parts.get(name, 0.0) + v / cfg.grad_accum
         for p in self._replicated:
@@ -515,7 +553,14 @@ class Trainer:
         self.step += 1
         self._update_ema()
         self.losses.append(total)
-        metrics = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        metrics = {
+            "step": self.step,
+            "loss": total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "flops": flops,
+        }
         return {**metrics, **parts}
 
     def _clip_fsdp(self, params: list[torch.Tensor]) -> float:
@@ -792,14 +837,20 @@ class Trainer:
             while self.step < stop:
                 t0 = time.perf_counter()
                 m = self.train_step()
-                m["tokens_per_s"] = m.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+                seconds = max(time.perf_counter() - t0, 1e-9)
+                m["tokens_per_s"] = m.pop("tokens") / seconds
+                m["tflop_s"] = m.pop("flops") / seconds / 1e12  # model FLOPs, all ranks together
                 if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                 bar.update(1)
                 extra = {"psnr": f"{m['psnr']:.2f}"} if "psnr" in m else {}
                 bar.set_postfix(
-                    loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", **extra
+                    loss=f"{m['loss']:.4f}",
+                    tok_s=f"{m['tokens_per_s']:.0f}",
+                    tflop_s=f"{m['tflop_s']:.3g}",
+                    lr=f"{m['lr']:.2e}",
+                    **extra,
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
