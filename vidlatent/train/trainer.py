@@ -117,6 +117,9 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available
     progress: bool = True
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
+    lora_rank: int = 0  # > 0: train LoRA adapters on the denoiser's blocks instead of its weights
+    lora_alpha: float | None = None  # adapter scale alpha / rank; default alpha = rank
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # see train.lora.add_lora
 
 
 def load_train_config(*files: str | os.PathLike, overrides=()) -> TrainConfig:
@@ -154,6 +157,10 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1; got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA); got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.task != "denoiser":
+        raise ValueError("LoRA (lora_rank > 0) trains the denoiser; set task=denoiser or lora_rank=0")
     if not 0 <= cfg.caption_dropout <= 1:
         raise ValueError(f"caption_dropout must be in [0, 1]; got {cfg.caption_dropout}")
     if not 0 <= cfg.ema_decay < 1:
@@ -238,6 +245,8 @@ class Trainer:
         else:
             self._build_denoiser()
         self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.fsdp and cfg.lora_rank:
+            raise ValueError("LoRA training under parallel=fsdp is not supported; use parallel=ddp")
         self._replicated = []  # FSDP: parameters kept whole on every rank, their gradients averaged here
         if self.fsdp:
             for name, m in self.models.items():
@@ -315,6 +324,12 @@ class Trainer:
                     self.device
                 )
         self.dit.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.lora_rank:  # base weights frozen; the adapters' A and B train (B starts at zero)
+            from .lora import add_lora
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                add_lora(self.dit, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
         if self.dit.config.in_channels != channels:
             raise ValueError(
                 f"the latents have {channels} channels; the denoiser takes {self.dit.config.in_channels}"
@@ -598,6 +613,11 @@ class Trainer:
     def export(self, folder: str | os.PathLike, ema: bool = True) -> Path:
         """Write ``folder/dit`` (``VideoDiT.from_pretrained`` reads it) and ``folder/text_encoder``
         (``load_text_encoder`` reads it), with the EMA weights when the run keeps them and ``ema`` is true.
+
+        With LoRA (``lora_rank > 0``) the adapter goes to ``folder/lora.safetensors`` in diffusers' layout
+        (``load_lora`` and diffusers' ``load_lora_weights`` read it) and ``folder/dit`` holds the base model
+        only when ``config.dit`` is a preset (a folder base is where it was); merge for inference with
+        ``load_lora`` + ``merge_lora``.
         """
         folder = Path(folder)
         with self.ema_weights() if ema and self.ema is not None else contextlib.nullcontext():
@@ -606,11 +626,23 @@ class Trainer:
                 if self.config.task == "vae":
                     self.calibrate_latents(vae=models["vae"])
                 for name, model in models.items():
+                    if name == "dit" and self.config.lora_rank:
+                        self._export_lora(folder)
+                        continue
                     model.save_pretrained(folder / name)
                 if self.config.task == "denoiser" and "text_encoder" not in self.models:
                     self.text_encoder.save_pretrained(folder / "text_encoder")
         distributed.barrier()
         return folder
+
+    def _export_lora(self, folder: Path) -> None:
+        from .lora import remove_lora, save_lora
+
+        save_lora(self.dit, folder / "lora.safetensors", layout="diffusers")
+        if not Path(self.config.dit).exists():  # a preset's base weights exist only in this run
+            import copy
+
+            remove_lora(copy.deepcopy(self.dit), merge=False).save_pretrained(folder / "dit")
 
     def _plain_models(self) -> dict[str, torch.nn.Module]:
         """The trained models, unsharded: under FSDP, fresh copies (on rank 0; None elsewhere) holding the
