@@ -265,3 +265,51 @@ def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
     Trainer(config(latents["one"], out, "steps=2", "checkpoint_every=100")).train()
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tflop_s"] > 0 for r in rows)
+
+
+def test_first_frame_conditioning_gives_clean_first_frame_outside_the_loss(latents, tmp_path):
+    def micro_step(trainer, bump: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-step whose prediction of latent frame 0 is moved by ``bump``; (loss, x0, model input)."""
+        seen, forward = {}, trainer._forward_module
+
+        def spy(x_sigma, sigma, captions):
+            seen["x"] = x_sigma
+            pred = forward(x_sigma, sigma, captions).clone()
+            pred[:, :, 0] += bump
+            return pred
+
+        trainer._forward_module = spy
+        state, batch_index = trainer.generator.get_state(), trainer.batch_index
+        x0, captions = trainer._next_batch()
+        loss = trainer._micro_step(x0, captions)
+        trainer.generator.set_state(state)
+        trainer.batch_index = batch_index
+        trainer._forward_module = forward
+        return loss, x0, seen["x"]
+
+    given = Trainer(config(latents["one"], tmp_path / "a", "first_frame_dropout=0"))
+    loss, x0, x_in = micro_step(given, 0.0)
+    assert x0.shape[2] > 1 and torch.equal(x_in[:, :, 0], x0[:, :, 0])
+    assert not torch.allclose(x_in[:, :, 1:], x0[:, :, 1:])
+    assert micro_step(given, 100.0)[0].item() == pytest.approx(loss.item(), abs=1e-6)  # frame 0 not learned
+
+    never = Trainer(config(latents["one"], tmp_path / "b", "first_frame_dropout=1"))
+    loss, x0, x_in = micro_step(never, 0.0)
+    assert not torch.allclose(x_in[:, :, 0], x0[:, :, 0])
+    assert micro_step(never, 100.0)[0].item() > loss.item() + 100
+    losses = Trainer(config(latents["mixed"], tmp_path / "c", "first_frame_dropout=0.5", "steps=3")).train()
+    assert all(math.isfinite(x) for x in losses)  # the image clip (one latent frame) is never conditioned
+
+
+def test_text_cache_encodes_each_caption_once_and_matches(latents, tmp_path):
+    frozen = ["train_text_encoder=false", "caption_dropout=0.5", "steps=4", "batch_size=2"]
+    plain = Trainer(config(latents["mixed"], tmp_path / "a", *frozen)).train()
+    cached = Trainer(config(latents["mixed"], tmp_path / "b", *frozen, "text_cache=true"))
+    calls = []
+    encode = cached.text_encoder.encode
+    cached.text_encoder.encode = lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    assert cached.train() == pytest.approx(plain, abs=1e-5)
+    captions = [c for call in calls for c in call]
+    assert len(captions) == len(set(captions)) == len(cached._text_cache)  # each distinct caption once
+    with pytest.raises(ValueError, match="text_cache=true needs a frozen text encoder"):
+        config(latents["mixed"], tmp_path, "text_cache=true")

@@ -117,6 +117,8 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available
     progress: bool = True
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
+    first_frame_dropout: float = 1.0  # image to video: P(the clean first latent frame is NOT given); 1 = off
+    text_cache: bool = False  # frozen text encoder (train_text_encoder=false): encode each caption once
     lora_rank: int = 0  # > 0: train LoRA adapters on the denoiser's blocks instead of its weights
     lora_alpha: float | None = None  # adapter scale alpha / rank; default alpha = rank
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # see train.lora.add_lora
@@ -161,6 +163,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA); got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.task != "denoiser":
         raise ValueError("LoRA (lora_rank > 0) trains the denoiser; set task=denoiser or lora_rank=0")
+    if not 0 <= cfg.first_frame_dropout <= 1:
+        raise ValueError(f"first_frame_dropout must be in [0, 1]; got {cfg.first_frame_dropout}")
+    if cfg.text_cache and cfg.train_text_encoder:
+        raise ValueError("text_cache=true needs a frozen text encoder (train_text_encoder=false)")
     if not 0 <= cfg.caption_dropout <= 1:
         raise ValueError(f"caption_dropout must be in [0, 1]; got {cfg.caption_dropout}")
     if not 0 <= cfg.ema_decay < 1:
@@ -239,6 +245,7 @@ class Trainer:
         self.disc = self.disc_optimizer = None
         self._flops: dict[tuple, float] = {}  # VAE training FLOPs per clip, by clip shape (counted once)
         self._text_tokens = 0
+        self._text_cache: dict[str, torch.Tensor] = {}  # caption -> real tokens (n d), with text_cache
         self._rows, self._n, self._weight = [], 1, None  # the micro-batch's share of its global batch
         if cfg.task == "vae":
             self._build_vae()
@@ -464,12 +471,27 @@ class Trainer:
         sigma = sigma.to(self.device)
         x_sigma = add_noise(x0, noise, sigma)
         target = velocity_target(x0, noise)
+        weight = None  # (b 1 t 1 1) loss weights when first frames are given
+        if cfg.first_frame_dropout < 1:  # drawn only when on, so runs without it keep their draws
+            given = (self._draw(torch.rand, ()) >= cfg.first_frame_dropout).to(self.device)
+            given &= x0.shape[2] > 1  # an image has no frame after the first to learn
+            first = torch.zeros(1, 1, x0.shape[2], 1, 1, dtype=torch.bool, device=self.device)
+            first[:, :, 0] = True
+            keep = given.view(-1, 1, 1, 1, 1) & first  # the clean first frame (sigma 0 there), not learned
+            x_sigma = torch.where(keep, x0, x_sigma)
+            weight = (~keep).float()
         use_bf16 = cfg.mixed_precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = self._forward_module(x_sigma, sigma, captions)
-        if not self.dist.enabled:
+        if weight is None and not self.dist.enabled:
             return flow_loss(pred, target)
-        per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+        sq = (pred.float() - target.float()).square()
+        if weight is None:
+            per_sample = sq.flatten(1).mean(dim=1)
+        else:  # the mean over the frames in the loss
+            per_sample = (sq * weight).flatten(1).sum(1) / weight.expand_as(sq).flatten(1).sum(1)
+        if not self.dist.enabled:
+            return per_sample.mean()
         return (per_sample * self._weight.to(per_sample.device)).sum()  # this rank's part of the global mean
 
     def _draw(self, fn, shape) -> torch.Tensor:
@@ -478,13 +500,31 @@ class Trainer:
         full = fn((self._n, *tuple(shape)[1:]) if len(shape) else self._n, generator=self.generator)
         return full[self._rows] if self.dist.enabled else full
 
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_encoder.encode``; with ``text_cache``, each distinct caption is encoded once and its real
+        tokens are kept, then batches are zero-padded to their longest caption with mask False."""
+        if not self.config.text_cache:
+            return self.text_encoder.encode(captions)
+        for c in dict.fromkeys(captions):
+            if c not in self._text_cache:
+                with torch.no_grad():
+                    tokens, mask = self.text_encoder.encode([c])
+                self._text_cache[c] = tokens[0][mask[0]].float()
+        rows = [self._text_cache[c] for c in captions]
+        n = max(r.shape[0] for r in rows)
+        context = torch.zeros(len(rows), n, rows[0].shape[1], device=rows[0].device)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+        for i, r in enumerate(rows):
+            context[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+        return context, mask
+
     def _forward(self, *args):
         """The trained models' forward (what DDP wraps): ``(video)`` -> VAE (reconstruction, mean, logvar);
         ``(x_sigma, sigma, captions)`` -> the denoiser's velocity."""
         if self.config.task == "vae":
             return self._vae_forward(*args)
         x_sigma, sigma, captions = args
-        context, mask = self.text_encoder.encode(captions)
+        context, mask = self._encode_text(captions)
         self._text_tokens = int(mask.sum(1).max()) if mask is not None else context.shape[1]
         return self.dit(x_sigma, sigma, context, mask)
 
