@@ -313,3 +313,28 @@ def test_text_cache_encodes_each_caption_once_and_matches(latents, tmp_path):
     assert len(captions) == len(set(captions)) == len(cached._text_cache)  # each distinct caption once
     with pytest.raises(ValueError, match="text_cache=true needs a frozen text encoder"):
         config(latents["mixed"], tmp_path, "text_cache=true")
+
+
+def vae_on_videos(folder, output, *overrides):
+    options = ["task=vae", f"data={folder}", "data_options={frames: 5, size: [32, 32]}", "vae=tiny"]
+    options += ["batch_size=2", "lr=2e-3", "ema_decay=0.9", "steps=4", "checkpoint_every=2"]
+    return config(folder, output, *options, *overrides)
+
+
+def test_vae_trains_on_a_video_folder_and_resumes_exactly(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(3):
+        write_video(clips / f"c{i}.mp4", pattern(7, phase=float(i)), fps=8)
+    write_video(clips / "still.png", pattern(1))
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    whole = Trainer(vae_on_videos(clips, tmp_path / "whole", "num_workers=1"))
+    assert len(whole.videos) == 4 and len(whole.videos.bad) == 1
+    expected = whole.train()
+    assert len(expected) == 4 and all(math.isfinite(x) for x in expected)
+    assert (tmp_path / "whole" / "final" / "vae" / "config.json").is_file()
+    head = Trainer(vae_on_videos(clips, tmp_path / "split")).train(until=2)
+    tail = Trainer(vae_on_videos(clips, tmp_path / "split", "resume=auto")).train()
+    assert head + tail == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="does not exist"):
+        vae_on_videos(tmp_path / "nowhere", tmp_path / "x")

@@ -73,7 +73,10 @@ class TrainConfig:
 
     task: str = "denoiser"  # denoiser | vae
     data: str = "???"  # folder of latent files (vidlatent encode's output), or "shapes" (procedural)
-    data_options: dict = field(default_factory=dict)  # ShapesWorld arguments when data=shapes
+    # ShapesWorld arguments when data=shapes; VideoFolderDataset ones (frames, size, buckets, fps, stride,
+    # images) when task=vae trains on a folder of videos
+    data_options: dict = field(default_factory=dict)
+    num_workers: int = 0  # DataLoader worker processes reading videos (task=vae on a folder)
     captions: str | None = None  # metadata.jsonl or .csv with path + caption (else sidecar .txt files)
     output: str = "runs/train"  # checkpoints/, metrics.jsonl
     dit: str = "tiny"  # dit preset name or vidlatent/diffusers folder
@@ -142,8 +145,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(TASKS)}")
     if cfg.data == "???":
         raise ValueError("no training data: set data=<folder of latent files> or data=shapes")
-    if cfg.task == "vae" and cfg.data != "shapes":
-        raise ValueError(f"task=vae trains on data=shapes (procedural clips); got data={cfg.data!r}")
+    if cfg.task == "vae" and cfg.data != "shapes" and not Path(cfg.data).exists():
+        raise ValueError(f"task=vae trains on data=shapes or a folder of videos; {cfg.data!r} does not exist")
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0; got {cfg.num_workers}")
     if cfg.parallel not in distributed.PARALLEL:
         raise ValueError(f"unknown parallel {cfg.parallel!r}; accepted: {', '.join(distributed.PARALLEL)}")
     if cfg.schedule not in SCHEDULES:
@@ -247,6 +252,7 @@ class Trainer:
         self._text_tokens = 0
         self._text_cache: dict[str, torch.Tensor] = {}  # caption -> real tokens (n d), with text_cache
         self._rows, self._n, self._weight = [], 1, None  # the micro-batch's share of its global batch
+        self._micro_gen: torch.Generator | None = None  # task=vae on videos: the batch's own generator
         if cfg.task == "vae":
             self._build_vae()
         else:
@@ -288,7 +294,28 @@ class Trainer:
 
     def _build_vae(self) -> None:
         cfg = self.config
-        self.world = ShapesWorld(**{"seed": cfg.seed, **cfg.data_options})
+        self.world = self.videos = self._loader = None
+        if cfg.data == "shapes":
+            self.world = ShapesWorld(**{"seed": cfg.seed, **cfg.data_options})
+        else:  # a folder of videos (and images): buckets of clip shapes, this rank's share of the batches
+            from .video_data import VideoBucketSampler, VideoFolderDataset
+
+            opts = dict(cfg.data_options)
+            for key in ("size",):
+                if opts.get(key) is not None:
+                    opts[key] = tuple(opts[key])
+            if opts.get("buckets") is not None:
+                opts["buckets"] = [tuple(b) for b in opts["buckets"]]
+            self.videos = VideoFolderDataset(cfg.data, cfg.captions, seed=cfg.seed, **opts)
+            if not len(self.videos):
+                raise ValueError(f"no usable videos in {cfg.data}: {self.videos.summary()}")
+            self.video_sampler = VideoBucketSampler(
+                self.videos,
+                cfg.batch_size,
+                seed=cfg.seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if Path(cfg.vae).exists():
@@ -361,6 +388,9 @@ class Trainer:
         joins the gradient reduction.
         """
         rank, world = self.dist.rank, self.dist.world_size
+        self._micro_gen = None
+        if self.config.task == "vae" and self.videos is not None:
+            return self._next_video_batch()
         if self.config.task == "vae":  # endless procedural clips: the data position is a clip counter
             n = self.config.batch_size * world
             start = self.batch_index * n
@@ -402,6 +432,40 @@ class Trainer:
             self._rows = rows
             return torch.stack(latents).to(self.device), captions
 
+    def _next_video_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """This rank's next batch of video clips (``VideoBucketSampler`` deals whole batches to ranks).
+
+        The posterior noise comes from a generator seeded by (seed, epoch, batch, rank), so ranks draw
+        different noise and a resumed run draws what the uninterrupted one did."""
+        from .video_data import make_loader
+
+        while True:
+            if self._loader is None:
+                self._loader = iter(
+                    make_loader(
+                        self.videos,
+                        self.video_sampler,
+                        self.epoch,
+                        num_workers=self.config.num_workers,
+                        start=self.batch_index,
+                    )
+                )
+            batch = next(self._loader, None)
+            if batch is None:
+                self.epoch, self.batch_index, self._loader = self.epoch + 1, 0, None
+                continue
+            self.batch_index += 1
+            videos, captions = batch
+            seed = ((self.config.seed * 1_000_003 + self.epoch) * 1_000_003 + self.batch_index) * 1009
+            self._micro_gen = torch.Generator().manual_seed((seed + self.dist.rank) % 2**63)
+            world = self.dist.world_size
+            if not len(videos):  # every clip of this rank's batch failed to load: join with weight 0
+                videos, captions = torch.zeros(1, *videos.shape[1:]), [""]
+                self._rows, self._n = [], world
+            else:
+                self._rows, self._n = list(range(len(videos))), len(videos) * world
+            return videos.to(self.device), captions
+
     # ----------------------------------------------------------------------------------------- step
 
     def _vae_forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -436,7 +500,7 @@ class Trainer:
             loss = loss + cfg.disc_weight * adv
             self._parts["adv"] = float(adv.detach())
             self._fake = recon.detach()
-        if self.dist.enabled:  # this rank's part of the global batch mean (all clips have one shape)
+        if self.dist.enabled or self._micro_gen is not None:  # this rank's part of the global batch mean
             share = len(self._rows) / self._n
             self._parts = {k: v * share for k, v in self._parts.items()}
             loss = loss * share
@@ -497,6 +561,8 @@ class Trainer:
     def _draw(self, fn, shape) -> torch.Tensor:
         """``fn(size, generator=...)`` drawn for the whole global batch (``(_n, *shape[1:])``) from the shared
         generator, sliced to this rank's rows: each clip gets what a single process would draw for it."""
+        if self._micro_gen is not None:  # per-batch generator: this rank's clips only
+            return fn(tuple(shape) if len(shape) else len(self._rows), generator=self._micro_gen)
         full = fn((self._n, *tuple(shape)[1:]) if len(shape) else self._n, generator=self.generator)
         return full[self._rows] if self.dist.enabled else full
 
@@ -738,11 +804,14 @@ class Trainer:
         """Set the VAE's (or ``vae``'s) ``latents_mean``/``latents_std`` to the per-channel statistics of the
         posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
         vae = self.vae if vae is None else vae
-        opts = {**self.config.data_options, "seed": 20_000 + self.config.seed}
-        world = ShapesWorld(**opts)
         vae.eval()
-        z = torch.cat([vae.encode(world.clip(i)[0][None].to(self.device)).mode() for i in range(clips)])
-        z = z.transpose(0, 1).flatten(1).double()
+        z = torch.cat(
+            [
+                vae.encode(video[None].to(self.device)).mode()[0].flatten(1).double()
+                for video in self._eval_clips(clips, None, 20_000)
+            ],
+            dim=1,
+        )
         mean, std = z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
         vae.config.latents_mean, vae.config.latents_std = mean, std
         return mean, std
@@ -751,16 +820,26 @@ class Trainer:
     def evaluate_vae(self, clips: int = 8, split: str = "heldout") -> float:
         """Mean PSNR (dB) of the VAE's reconstruction (posterior mode, clamped) of ``clips`` clips of the
         shapes world's ``split`` at the training size, drawn with a seed no training batch uses."""
-        opts = {**self.config.data_options, "split": split, "seed": 10_000 + self.config.seed}
-        world = ShapesWorld(**opts)
         self.vae.eval()
         scores = []
-        for i in range(clips):
-            video = world.clip(i)[0][None].to(self.device)
+        for video in self._eval_clips(clips, split, 10_000):
+            video = video[None].to(self.device)
             recon = self.vae.decode(self.vae.encode(video).mode())
             mse = (recon.float() - video).pow(2).mean().clamp_min(1e-10)
             scores.append(float(10 * torch.log10(4.0 / mse)))
         return sum(scores) / len(scores)
+
+    def _eval_clips(self, clips: int, split: str | None, offset: int):
+        """Clips for evaluation and calibration: the shapes world's ``split`` (None: the training one) at a
+        seed no training batch uses, or (videos) the first ``clips`` clips of the folder as epoch 0 cuts them."""
+        if self.videos is not None:
+            for i in range(min(clips, len(self.videos))):
+                yield self.videos[i][0]
+            return
+        opts = {**self.config.data_options, "seed": offset + self.config.seed}
+        world = ShapesWorld(**(opts if split is None else {**opts, "split": split}))
+        for i in range(clips):
+            yield world.clip(i)[0]
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
@@ -854,6 +933,7 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
+        self._loader = None  # task=vae on videos: the loader restarts at the restored position
         self.last_checkpoint = folder
 
     # ----------------------------------------------------------------------------------------- loop
