@@ -14,9 +14,11 @@ from media import pattern
 from safetensors.torch import load_file, save_file
 
 from vidlatent.cli import main
-from vidlatent.data.io import write_video
+from vidlatent.config import VAEConfig, load_config
+from vidlatent.data.io import read_video, write_video
 from vidlatent.models.dit import VideoDiT
 from vidlatent.models.text import load_text_encoder
+from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
 
@@ -248,7 +250,7 @@ def test_cli_train_smoke(latents, tmp_path, capsys):
 def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vidlatent.config import DiTConfig, load_config
+    from vidlatent.config import DiTConfig
     from vidlatent.train import dit_flops
 
     dit = VideoDiT(load_config(DiTConfig, "dit", "tiny"))
@@ -338,3 +340,35 @@ def test_vae_trains_on_a_video_folder_and_resumes_exactly(tmp_path):
     assert head + tail == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="does not exist"):
         vae_on_videos(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_periodic_samples(latents, tmp_path):
+    out = tmp_path / "dit"
+    trainer = Trainer(config(latents["one"], out, "steps=2", "sample_every=1", "sample_steps=2", "vae=tiny"))
+    trainer.train()
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert samples == ["step-0000001.gif", "step-0000002.gif"]
+    video = read_video(out / "samples" / "step-0000002.gif")[0]
+    assert video.shape[1] == 9 and video.shape[-1] == 32  # one prompt: the clip's 9 frames at 32 x 32
+    other = tmp_path / "vae8"
+    CausalVAE(
+        load_config(
+            VAEConfig,
+            "vae",
+            "tiny",
+            overrides=[
+                "latent_channels=8",
+                "latents_mean=[0,0,0,0,0,0,0,0]",
+                "latents_std=[1,1,1,1,1,1,1,1]",
+            ],
+        )
+    ).save_pretrained(other)
+    with pytest.warns(UserWarning, match="latent channels"):  # this VAE's latents differ: no samples
+        Trainer(config(latents["one"], tmp_path / "x", "steps=1", "sample_every=1", f"vae={other}")).train()
+    assert not (tmp_path / "x" / "samples").exists()
+
+    vae = tmp_path / "vae"
+    options = ["task=vae", "data=shapes", "data_options={height: 32, width: 32, frames: 5}", "vae=tiny"]
+    Trainer(config("shapes", vae, *options, "steps=1", "sample_every=1")).train()
+    video = read_video(vae / "samples" / "step-0000001.gif")[0]
+    assert video.shape[1] == 5 and video.shape[-1] == 64  # the clip and its reconstruction side by side

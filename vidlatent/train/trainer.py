@@ -122,6 +122,9 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
     first_frame_dropout: float = 1.0  # image to video: P(the clean first latent frame is NOT given); 1 = off
     text_cache: bool = False  # frozen text encoder (train_text_encoder=false): encode each caption once
+    sample_every: int = 0  # steps between <output>/samples/step-XXXXXXX.gif (0 = none); EMA weights if kept
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle moves right"])  # denoiser
+    sample_steps: int = 10  # sampler steps of a denoiser sample
     lora_rank: int = 0  # > 0: train LoRA adapters on the denoiser's blocks instead of its weights
     lora_alpha: float | None = None  # adapter scale alpha / rank; default alpha = rank
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # see train.lora.add_lora
@@ -160,6 +163,10 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.timestep_sampling not in TIMESTEP_SAMPLING:
         raise ValueError(
             f"unknown timestep_sampling {cfg.timestep_sampling!r}; accepted: {', '.join(TIMESTEP_SAMPLING)}"
+        )
+    if cfg.sample_every < 0 or cfg.sample_steps < 1:
+        raise ValueError(
+            f"need sample_every >= 0 and sample_steps >= 1; got {cfg.sample_every}, {cfg.sample_steps}"
         )
     for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
@@ -750,6 +757,75 @@ class Trainer:
 
             remove_lora(copy.deepcopy(self.dit), merge=False).save_pretrained(folder / "dit")
 
+    @torch.no_grad()
+    def write_sample(self) -> Path | None:
+        """Write ``<output>/samples/step-XXXXXXX.gif`` (atomically) with the EMA weights where kept: for the
+        VAE, a held-out clip and its reconstruction side by side; for the denoiser, a short generation per
+        ``sample_prompts`` entry (side by side), decoded by ``config.vae`` when its latent channels match the
+        denoiser's (else nothing is written). Draws from no training RNG. Returns the file, or None."""
+        if self.fsdp:
+            if not getattr(self, "_warned_sample", False):
+                warnings.warn("sample_every is not supported under parallel=fsdp; no samples", stacklevel=2)
+                self._warned_sample = True
+            return None
+        cfg = self.config
+        path = self.output / "samples" / f"step-{self.step:07d}.gif"
+        with self.ema_weights() if self.ema is not None else contextlib.nullcontext():
+            if cfg.task == "vae":
+                video = next(self._eval_clips(1, "heldout", 10_000))[None].to(self.device)
+                self.vae.eval()
+                recon = self.vae.decode(self.vae.encode(video).mode()).float()
+                out = torch.cat([video, recon], dim=-1)[0]
+            else:
+                vae = self._sample_vae()
+                if vae is None:
+                    return None
+                from ..diffusion.sampling import denoise
+
+                self.dit.eval()
+                context, mask = self._encode_text(list(cfg.sample_prompts))
+                shape = (len(cfg.sample_prompts), *self.dataset.items[0].shape)
+                gen = torch.Generator().manual_seed(cfg.seed)
+                z = denoise(
+                    self.dit,
+                    shape,
+                    context,
+                    mask,
+                    sampler="euler",
+                    steps=cfg.sample_steps,
+                    shift=cfg.shift,
+                    generator=gen,
+                    progress=False,
+                )
+                out = torch.cat(list(vae.decode(vae.denormalize(z)).float()), dim=-1)
+        from ..data.io import write_video
+
+        return write_video(path, out.cpu(), fps=8)
+
+    def _sample_vae(self) -> CausalVAE | None:
+        """``config.vae`` for decoding denoiser samples (loaded once), or None (with one warning) when it does
+        not load or its latent channels differ from the denoiser's."""
+        if not hasattr(self, "_decoder"):
+            self._decoder = None
+            try:
+                from ..pipelines.encode import load_vae
+
+                with torch.random.fork_rng(devices=[]):  # a preset's random init leaves the global RNG alone
+                    vae = load_vae(self.config.vae, device=self.device)[0].eval()
+            except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+                warnings.warn(f"no samples: vae={self.config.vae!r} does not load ({err})", stacklevel=2)
+                return None
+            channels = self.dit.config.in_channels
+            if vae.config.latent_channels != channels:
+                warnings.warn(
+                    f"no samples: vae={self.config.vae!r} has {vae.config.latent_channels} latent channels, "
+                    f"the denoiser {channels}",
+                    stacklevel=2,
+                )
+                return None
+            self._decoder = vae
+        return self._decoder
+
     def _plain_models(self) -> dict[str, torch.nn.Module]:
         """The trained models, unsharded: under FSDP, fresh copies (on rank 0; None elsewhere) holding the
         gathered weights; else the models themselves."""
@@ -1006,6 +1082,8 @@ class Trainer:
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and main:
+                    self.write_sample()
         bar.close()
         if self.step == cfg.steps:
             self.export(self.output / "final")
