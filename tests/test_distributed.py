@@ -92,10 +92,9 @@ def test_ddp_two_ranks_match_one_process(data, tmp_path):
     torchrun(f"data={data}", f"output={tmp_path / 'ddp'}", "batch_size=1", *RUN)
     got = losses(tmp_path / "ddp")
     assert len(got) == 4
-    print("ddp max loss diff", max(abs(a - b) for a, b in zip(got, expected)))
-    print("ddp max weight diff", max_weight_diff(tmp_path / "one", tmp_path / "ddp"))
     assert got == pytest.approx(expected, abs=1e-5), (got, expected)
-    assert max_weight_diff(tmp_path / "one", tmp_path / "ddp") < 1e-5
+    diff = max_weight_diff(tmp_path / "one", tmp_path / "ddp")
+    assert diff < 1e-5, diff  # measured: losses equal bitwise, weights within 6e-8 (CPU, gloo)
     assert max_weight_diff(tmp_path / "one", tmp_path / "ddp", "ema.safetensors") < 1e-5
     # rank 0 alone wrote: one metrics file, checkpoints, the export
     assert (tmp_path / "ddp" / "final" / "dit" / "config.json").is_file()
@@ -116,8 +115,6 @@ def test_ddp_resume_and_fsdp_match_one_process(data, tmp_path):
     assert max_weight_diff(tmp_path / "one", tmp_path / "split") < 1e-5
     # FSDP2 (fully_shard per block, then the root) on gloo
     torchrun(f"data={data}", f"output={tmp_path / 'fsdp'}", "batch_size=1", *RUN, "parallel=fsdp")
-    print("fsdp", max(abs(a - b) for a, b in zip(losses(tmp_path / "fsdp"), expected)))
-    print("fsdp w", max_weight_diff(tmp_path / "one", tmp_path / "fsdp"))
     assert losses(tmp_path / "fsdp") == pytest.approx(expected, abs=1e-5)
     assert max_weight_diff(tmp_path / "one", tmp_path / "fsdp") < 1e-5
     assert (tmp_path / "fsdp" / "final" / "dit" / "config.json").is_file()

@@ -14,6 +14,20 @@ micro-batch draws sigmas (logit-normal or uniform, then shifted), noise and capt
 position, goes into every checkpoint, so an interrupted run resumed from a checkpoint computes the same
 losses as one that was never stopped.
 
+Under ``torchrun --nproc_per_node=N`` (``distributed.setup``: nccl on CUDA, gloo on CPU) the models run as
+DDP or FSDP2 (``parallel``). Every rank reads the same global batch of ``batch_size * N`` clips and takes
+its share; sigmas, noise and caption dropout are drawn for the whole global batch from the shared generator
+and sliced, so N ranks compute what one process with the global batch would (a rank with an empty share
+joins with a weight-0 clip). Rank 0 alone writes metrics, checkpoints, samples and the export; every rank
+resumes from the same checkpoint. For ``task: vae`` on a folder of videos, ``VideoBucketSampler`` deals
+whole batches to the ranks instead, and each batch's posterior noise comes from its own seeded generator.
+
+``lora_rank > 0`` trains LoRA adapters (``train.lora``) on the denoiser's blocks: checkpoints hold the
+adapters (and the text encoder when trained), the export writes ``final/lora.safetensors``.
+``first_frame_dropout < 1`` trains image-to-video conditioning, ``text_cache`` encodes each caption once
+with a frozen text encoder, ``sample_every`` writes ``<output>/samples/step-XXXXXXX.gif``. Each step's model
+FLOPs give the ``tflop_s`` of metrics.jsonl.
+
 A checkpoint is a folder ``<output>/checkpoints/step-XXXXXXX/`` holding ``model.safetensors`` (denoiser and,
 when trained, text encoder: keys ``dit.*`` / ``text_encoder.*``), ``ema.safetensors`` (same keys),
 ``state.pt`` (optimizer, scheduler, RNG states, data position; loads under ``weights_only=True``) and
