@@ -277,7 +277,9 @@ class ShapesWorld:
     "all". ``clip(i)`` -> (video (3, f, h, w) float32 in [-1, 1], caption); ``scene(i)`` the description;
     ``render(scene)`` the uint8 (f, h, w, 3) frames. ``max_objects`` caps objects per clip (1-3);
     ``image_fraction`` of the clips are one-frame images; ``length`` makes the world a fixed set of that many
-    clips (index ``i`` shows clip ``i % length``), e.g. to overfit.
+    clips (index ``i`` shows clip ``i % length``), e.g. to overfit. ``crop`` (a multiple of 8) makes ``clip``
+    return a ``crop`` x ``crop`` window of each rendering, placed by the clip's seed (cheap VAE training at the
+    shapes' full-size scale).
     """
 
     def __init__(
@@ -290,6 +292,7 @@ class ShapesWorld:
         max_objects: int = 3,
         image_fraction: float = 0.0,
         length: int | None = None,
+        crop: int | None = None,
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
@@ -301,7 +304,9 @@ class ShapesWorld:
             raise ValueError(f"max_objects must be 1-3; got {max_objects}")
         self.height, self.width, self.frames = height, width, frames
         self.split, self.seed, self.max_objects = split, seed, max_objects
-        self.image_fraction, self.length = image_fraction, length
+        if crop is not None and (crop <= 0 or crop % 8 or crop > min(height, width)):
+            raise ValueError(f"crop must be a positive multiple of 8 up to the frame size; got {crop}")
+        self.image_fraction, self.length, self.crop = image_fraction, length, crop
         self.combos = {
             "train": TRAIN_COMBOS,
             "heldout": HELDOUT,
@@ -385,7 +390,13 @@ class ShapesWorld:
     def clip(self, index: int) -> tuple[torch.Tensor, str]:
         """Clip ``index``: (video (3, f, h, w) float32 in [-1, 1], caption)."""
         scene = self.scene(index)
-        return to_tensor(self.render(scene)), scene.caption
+        video = to_tensor(self.render(scene))
+        if self.crop:
+            rng = np.random.default_rng([self.seed, index, 0xC409])
+            y = int(rng.integers(0, (self.height - self.crop) // 8 + 1)) * 8
+            x = int(rng.integers(0, (self.width - self.crop) // 8 + 1)) * 8
+            video = video[..., y : y + self.crop, x : x + self.crop]
+        return video, scene.caption
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self.clip(index)
