@@ -3,7 +3,8 @@
     python scripts/train_default.py [--out runs/default] [--stages vae cache dit ship eval]
 
 Stages (each resumes where an interrupted run stopped; rerunning a finished stage is a no-op):
-  vae    vidlatent train default-vae            (configs: vidlatent/configs/train/default-vae.yaml)
+  vae    vidlatent train default-vae            (configs: vidlatent/configs/train/default-vae.yaml), then
+         vidlatent train default-vae-finetune   (whole clips, from the first run's export)
   cache  encode --clips training clips of the world (17 frames, 64x64) with the trained VAE into latent files
   dit    vidlatent train default-dit            (configs: vidlatent/configs/train/default-dit.yaml)
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json) at --ship
@@ -62,7 +63,7 @@ def stage_cache(out: Path, clips: int) -> None:
     from vidlatent.models.vae import CausalVAE
     from vidlatent.train.data import cache_world_latents
 
-    vae_dir = out / "vae" / "final" / "vae"
+    vae_dir = out / "vae-finetune" / "final" / "vae"
     vae = CausalVAE.from_pretrained(vae_dir).eval()
     world = ShapesWorld(64, 64, 17, split="train", seed=1)
     cache_world_latents(world, vae, clips, out / "latents", batch_size=16, vae_src=str(vae_dir))
@@ -70,7 +71,7 @@ def stage_cache(out: Path, clips: int) -> None:
 
 def stage_ship(out: Path, ship: Path) -> None:
     ship.mkdir(parents=True, exist_ok=True)
-    for name, src in (("vae", out / "vae" / "final" / "vae"), ("dit", out / "dit" / "final" / "dit"),
+    for name, src in (("vae", out / "vae-finetune" / "final" / "vae"), ("dit", out / "dit" / "final" / "dit"),
                       ("text_encoder", out / "dit" / "final" / "text_encoder")):  # fmt: skip
         if (ship / name).exists():
             shutil.rmtree(ship / name)
@@ -83,6 +84,7 @@ def stage_ship(out: Path, ship: Path) -> None:
 def model_card(out: Path, ship: Path, results: dict) -> str:
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     vae_cfg = (ROOT / "vidlatent" / "configs" / "train" / "default-vae.yaml").read_text()
+    vae_ft_cfg = (ROOT / "vidlatent" / "configs" / "train" / "default-vae-finetune.yaml").read_text()
     dit_cfg = (ROOT / "vidlatent" / "configs" / "train" / "default-dit.yaml").read_text()
     from safetensors.torch import load_file
 
@@ -114,9 +116,13 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "|---|---|",
         *[f"| {k} | {v / 60:.1f} min |" for k, v in timings.items()],
         "",
-        "Stage 1, `vidlatent train default-vae`:",
+        "Stage 1a, `vidlatent train default-vae`:",
         "```yaml",
         vae_cfg.strip(),
+        "```",
+        "Stage 1b, `vidlatent train default-vae-finetune`:",
+        "```yaml",
+        vae_ft_cfg.strip(),
         "```",
         "Stage 2, `vidlatent train default-dit` on latents of the training split (world seed 1):",
         "```yaml",
@@ -166,6 +172,9 @@ def main() -> None:
     if "vae" in args.stages:
         cmd = [*vidlatent, "train", "default-vae", f"output={out / 'vae'}", "resume=auto", *args.vae_args]
         timed(out, "vae", lambda: run(cmd))
+        cmd = [*vidlatent, "train", "default-vae-finetune", f"vae={out / 'vae' / 'final' / 'vae'}",
+               f"output={out / 'vae-finetune'}", "resume=auto", *args.vae_args]  # fmt: skip
+        timed(out, "vae-finetune", lambda: run(cmd))
     if "cache" in args.stages:
         timed(out, "cache", lambda: stage_cache(out, args.clips))
     if "dit" in args.stages:
