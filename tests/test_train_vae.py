@@ -54,7 +54,7 @@ def psnr_on(vae, world, clips):
 
 def test_vae_training_improves_and_resumes_exactly(tmp_path):
     options = {"height": 32, "width": 32, "frames": 1, "length": 4}  # four images, overfitted
-    kw = dict(steps=40, checkpoint_every=20, disc_weight=0.1, disc_start=30, lr=3e-3, data_options=options)
+    kw = dict(steps=40, checkpoint_every=20, disc_weight=0.1, disc_start=30, lr=1e-3, data_options=options)
     trainer = Trainer(vae_config(tmp_path, **kw))
     world = ShapesWorld(**options)
     before = psnr_on(trainer.vae, world, 4)
