@@ -63,7 +63,7 @@ def stage_cache(out: Path, clips: int) -> None:
     from vidlatent.models.vae import CausalVAE
     from vidlatent.train.data import cache_world_latents
 
-    vae_dir = out / "vae-finetune" / "final" / "vae"
+    vae_dir = out / "vae" / "final" / "vae"  # stage 1b trains only the decoder: these latents stay valid
     vae = CausalVAE.from_pretrained(vae_dir).eval()
     world = ShapesWorld(64, 64, 17, split="train", seed=1)
     cache_world_latents(world, vae, clips, out / "latents", batch_size=16, vae_src=str(vae_dir))

@@ -76,6 +76,16 @@ def test_vae_training_improves_and_resumes_exactly(tmp_path):
     assert max(abs(a - b) for a, b in zip(again, losses[20:])) < 1e-6
 
 
+def test_decoder_only_training_keeps_the_latent_space(tmp_path):
+    trainer = Trainer(vae_config(tmp_path, steps=3, vae_train="decoder"))
+    encoder = {k: v.clone() for k, v in trainer.vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in trainer.vae.decoder.state_dict().items()}
+    trainer.train()
+    assert all(torch.equal(v, trainer.vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not all(torch.equal(v, trainer.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in trainer.params)
+
+
 def test_calibrated_latents_are_unit_scale(tmp_path):
     trainer = Trainer(vae_config(tmp_path))
     mean, std = trainer.calibrate_latents(clips=8)

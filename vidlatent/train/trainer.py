@@ -104,6 +104,7 @@ class TrainConfig:
     mse_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1.0e-6
+    vae_train: str = "all"  # all | decoder (the encoder and so the latent space stay fixed)
     logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
     disc_start: int = 0  # optimizer step at which the discriminator starts
@@ -158,6 +159,8 @@ def load_train_config(*files: str | os.PathLike, overrides=()) -> TrainConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
+    if cfg.vae_train not in ("all", "decoder"):
+        raise ValueError(f"unknown vae_train {cfg.vae_train!r}; accepted: all, decoder")
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; accepted: {', '.join(TASKS)}")
     if cfg.data == "???":
@@ -348,6 +351,9 @@ class Trainer:
                     self.vae.quant_conv.bias[vae_cfg.latent_channels :] = cfg.logvar_init
             if cfg.disc_weight > 0:
                 self.disc = PatchDiscriminator().to(self.device)
+        if cfg.vae_train == "decoder":  # latents of this VAE stay valid (e.g. a denoiser trains on them)
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         self.models = {"vae": self.vae}
         if self.disc is not None:
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
@@ -491,7 +497,9 @@ class Trainer:
 
     def _vae_forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstruction, mean, logvar) of a clip batch, sampling the posterior with the trainer's RNG."""
-        moments = self.vae.encode_step(video, StreamCache())[0]
+        frozen = self.config.vae_train == "decoder"
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            moments = self.vae.encode_step(video, StreamCache())[0]
         mean, logvar = moments.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         noise = self._draw(torch.randn, mean.shape).to(mean)
