@@ -758,7 +758,7 @@ class Trainer:
         with self.ema_weights() if ema and self.ema is not None else contextlib.nullcontext():
             models = self._plain_models()  # FSDP: a collective, every rank calls export
             if self.dist.main:
-                if self.config.task == "vae":
+                if self.config.task == "vae" and self.config.vae_train == "all":  # frozen encoder: stats kept
                     self.calibrate_latents(vae=models["vae"])
                 for name, model in models.items():
                     if name == "dit" and self.config.lora_rank:
