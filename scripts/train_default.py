@@ -124,6 +124,7 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "```yaml",
         vae_ft_cfg.strip(),
         "```",
+        *(["", (out / "HISTORY.md").read_text().strip(), ""] if (out / "HISTORY.md").is_file() else []),
         "Stage 2, `vidlatent train default-dit` on latents of the training split (world seed 1):",
         "```yaml",
         dit_cfg.strip(),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ssim", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
+__all__ = ["ssim", "edge_weights", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
 
 
 def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
@@ -43,6 +43,20 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean()
+
+
+def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-pixel loss weights ``1 + strength * edge`` (b, 1, t, h, w), ``edge`` being the largest absolute
+    difference to a horizontal or vertical neighbour over the channels: small objects and outlines, a few
+    percent of the pixels, then weigh as much as flat areas, so they are learnt early."""
+    gx = (video[..., :, 1:] - video[..., :, :-1]).abs().amax(1, keepdim=True)
+    gy = (video[..., 1:, :] - video[..., :-1, :]).abs().amax(1, keepdim=True)
+    edge = torch.zeros_like(video[:, :1])
+    edge[..., :, 1:] = gx
+    edge[..., :, :-1] = torch.maximum(edge[..., :, :-1], gx)
+    edge[..., 1:, :] = torch.maximum(edge[..., 1:, :], gy)
+    edge[..., :-1, :] = torch.maximum(edge[..., :-1, :], gy)
+    return 1.0 + strength * edge
 
 
 class PatchDiscriminator(nn.Module):
@@ -86,20 +100,34 @@ def vae_loss(
     kl_weight: float = 1e-6,
     perceptual=None,
     perceptual_weight: float = 0.0,
+    edge_weight: float = 0.0,
+    chroma_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VAE's training loss without the adversarial term, and its parts (floats) for logging.
 
     ``recon``/``target``: (b, 3, t, h, w) in [-1, 1]; ``mean``/``logvar``: the posterior moments. KL is the
     per-element mean of KL(q || N(0, 1)). ``perceptual(recon, target) -> scalar`` is optional.
+    ``edge_weight`` > 0 weighs the L1 and MSE terms per pixel by ``edge_weights(target, edge_weight)``.
+    ``chroma_weight`` adds the MSE of the two BT.601 colour-difference channels (Cb, Cr): colour is a small
+    share of the variance of mostly grey footage and is otherwise learnt late.
     """
     parts: dict[str, torch.Tensor] = {}
     total = recon.new_zeros(())
+    weight = edge_weights(target, edge_weight) if edge_weight else None
+    err = recon - target
     if l1_weight:
-        parts["l1"] = (recon - target).abs().mean()
+        parts["l1"] = (err.abs() * weight).mean() if weight is not None else err.abs().mean()
         total = total + l1_weight * parts["l1"]
     if mse_weight:
-        parts["mse"] = F.mse_loss(recon, target)
+        parts["mse"] = (err.square() * weight).mean() if weight is not None else err.square().mean()
         total = total + mse_weight * parts["mse"]
+    if chroma_weight:
+        cbcr = torch.tensor(
+            [[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]], dtype=err.dtype, device=err.device
+        )
+        diff = torch.einsum("kc,bc...->bk...", cbcr, err)
+        parts["chroma"] = (diff.square() * weight).mean() if weight is not None else diff.square().mean()
+        total = total + chroma_weight * parts["chroma"]
     if ssim_weight:
         parts["ssim"] = 1.0 - ssim(recon, target)
         total = total + ssim_weight * parts["ssim"]

@@ -104,6 +104,8 @@ class TrainConfig:
     mse_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1.0e-6
+    chroma_weight: float = 0.0  # MSE of the Cb/Cr colour differences (see losses.vae_loss)
+    edge_weight: float = 0.0  # extra L1/MSE weight on pixels at edges of the target (see losses.edge_weights)
     vae_train: str = "all"  # all | decoder (the encoder and so the latent space stay fixed)
     logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
@@ -521,6 +523,8 @@ class Trainer:
             mse_weight=cfg.mse_weight,
             ssim_weight=cfg.ssim_weight,
             kl_weight=cfg.kl_weight,
+            edge_weight=cfg.edge_weight,
+            chroma_weight=cfg.chroma_weight,
         )
         self._parts = parts
         if self.disc is not None and self.step >= cfg.disc_start:
