@@ -1,12 +1,13 @@
 """task=vae: the VAE objective on the shapes world, exact resume with the discriminator, latent calibration,
 and the latent cache of the shapes world that the denoiser trains on."""
 
+import pytest
 import torch
 
 from vidlatent.data.shapes import ShapesWorld
 from vidlatent.models.vae import CausalVAE
 from vidlatent.train.data import LatentDataset, cache_world_latents
-from vidlatent.train.losses import PatchDiscriminator, hinge_d_loss, ssim, vae_loss
+from vidlatent.train.losses import PatchDiscriminator, edge_weights, hinge_d_loss, ssim, vae_loss
 from vidlatent.train.trainer import Trainer, load_train_config
 
 
@@ -43,6 +44,21 @@ def test_losses():
     logits = disc(x)
     assert logits.shape[:3] == (2, 1, 5)
     assert hinge_d_loss(torch.full((3,), 2.0), torch.full((3,), -2.0)) == 0
+
+
+def test_edge_and_chroma_weights():
+    x = torch.zeros(1, 3, 1, 8, 8)
+    x[..., 2:4, 2:4] = 1.0  # a white square on black
+    w = edge_weights(x, 10.0)
+    assert w.shape == (1, 1, 1, 8, 8) and w[0, 0, 0, 0, 0] == 1 and w[0, 0, 0, 2, 2] == 11
+    z = torch.zeros(1, 4, 1, 1, 1)
+    plain, edged = vae_loss(0 * x, x, z, z, edge_weight=0)[1], vae_loss(0 * x, x, z, z, edge_weight=10)[1]
+    assert edged["l1"] == pytest.approx(11 * plain["l1"])  # every wrong pixel is an edge pixel here
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    colour = torch.zeros_like(x)
+    colour[:, 0] = 1.0  # red
+    assert vae_loss(x, x, z, z, chroma_weight=5)[1]["chroma"] == 0
+    assert vae_loss(grey, colour, z, z, chroma_weight=5)[1]["chroma"] > 0.01  # a grey guess of red costs
 
 
 def psnr_on(vae, world, clips):
