@@ -1,0 +1,55 @@
+"""The shipped default model: it is installed with the package, small, and it really does what it is asked."""
+
+import subprocess
+import sys
+
+import torch
+
+from vidlatent import VideoPipeline
+from vidlatent.data.shapes import ShapesWorld, eval_prompts, oracle
+from vidlatent.pipelines.video import DEFAULT_MODEL
+
+
+def test_weights_ship_inside_the_package_and_are_small():
+    files = list(DEFAULT_MODEL.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"vae", "dit", "text_encoder"}
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    assert (DEFAULT_MODEL / "pipeline.json").is_file() and (DEFAULT_MODEL / "MODEL_CARD.md").is_file()
+
+
+def test_default_pipeline_follows_held_out_prompts():
+    """A handful of held-out prompts (combinations never trained on), read back by the oracle.
+
+    The shipped model is undertrained (see MODEL_CARD.md: 39% colour on 216 held-out prompts), so the bar is
+    its measured level on these 8 prompts with this seed (6 clips with an object, 3 with the asked colour),
+    which a random or broken model does not reach: it catches a model that stopped working.
+    """
+    pipe = VideoPipeline.from_pretrained("default")
+    assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (17, 64, 64)
+    prompts = eval_prompts("heldout", count=32)[::4]  # 8 prompts, 8 different combinations
+    videos = pipe.generate([p for p, _ in prompts], seed=0, progress=False)
+    assert videos.shape == (8, 3, 17, 64, 64) and torch.isfinite(videos).all()
+    found = [oracle(video) for video in videos]
+    colour = sum(bool(f) and f[0]["colour"] == c for f, (_, (c, _, _)) in zip(found, prompts))
+    assert sum(bool(f) for f in found) >= 5 and colour >= 3, (found, colour)
+
+
+def test_default_vae_reconstructs_held_out_clips():
+    vae = VideoPipeline.from_pretrained("default").vae
+    world = ShapesWorld(64, 64, 17, split="heldout", seed=99)
+    video = torch.stack([world.clip(i)[0] for i in range(3)])
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(video).mode())
+    psnr = 10 * torch.log10(4 / (recon - video).pow(2).mean())
+    assert psnr > 23, psnr  # 25.8 dB measured; the target (32 dB) is not reached yet
+
+
+def test_cli_generate_uses_the_default_model(tmp_path):
+    out = tmp_path / "out.mp4"
+    cmd = [sys.executable, "-m", "vidlatent.cli", "generate", "a red circle moving right", "-o", str(out)]
+    proc = subprocess.run(cmd + ["--seed", "0", "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from vidlatent.data.io import read_video
+
+    video = read_video(out)[0]
+    assert video.shape == (3, 17, 64, 64)
