@@ -126,3 +126,44 @@ def test_world_latent_cache(tmp_path):
     cache_world_latents(world, vae, 8, tmp_path / "cache", progress=False)  # rerun: keeps, adds two
     assert (tmp_path / "cache" / "clip-0000002.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentDataset(tmp_path / "cache", captions)) == 8
+
+
+PERCEPTUAL = """
+import torch
+
+
+class Features(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, padding=1)
+
+    def forward(self, recon, target):
+        return (self.conv(recon) - self.conv(target)).abs().mean()
+
+
+def build():
+    return Features()
+"""
+
+
+def test_perceptual_network_plugs_in_from_local_files(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    (tmp_path / "my_perceptual.py").write_text(PERCEPTUAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_perceptual
+
+    weights = {k: torch.randn_like(v) for k, v in my_perceptual.build().state_dict().items()}
+    save_file(weights, tmp_path / "features.safetensors")
+    kw = dict(steps=1, perceptual="my_perceptual:build", perceptual_weight=0.5,
+              perceptual_weights=str(tmp_path / "features.safetensors"))  # fmt: skip
+    trainer = Trainer(vae_config(tmp_path, **kw))
+    assert torch.equal(trainer.perceptual.conv.weight, weights["conv.weight"])
+    assert not any(p.requires_grad for p in trainer.perceptual.parameters())
+    trainer.train()
+    assert "perceptual" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    save_file({"other.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(Exception, match="other.weight"):
+        Trainer(vae_config(tmp_path, **{**kw, "perceptual_weights": str(tmp_path / "bad.safetensors")}))
+    with pytest.raises(ValueError, match="module:factory"):
+        Trainer(vae_config(tmp_path, **{**kw, "perceptual": "my_perceptual"}))

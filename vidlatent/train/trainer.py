@@ -104,6 +104,11 @@ class TrainConfig:
     mse_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1.0e-6
+    perceptual: str | None = (
+        None  # "module:factory" making a (recon, target) -> scalar loss module (your code)
+    )
+    perceptual_weights: str | None = None  # safetensors file loaded into it (no code runs while loading)
+    perceptual_weight: float = 0.0
     chroma_weight: float = 0.0  # MSE of the Cb/Cr colour differences (see losses.vae_loss)
     edge_weight: float = 0.0  # extra L1/MSE weight on pixels at edges of the target (see losses.edge_weights)
     vae_train: str = "all"  # all | decoder (the encoder and so the latent space stay fixed)
@@ -202,6 +207,26 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"caption_dropout must be in [0, 1]; got {cfg.caption_dropout}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
+
+
+def _load_perceptual(cfg: TrainConfig, device) -> torch.nn.Module:
+    """The optional perceptual loss network: ``cfg.perceptual`` names a factory ("package.module:function")
+    that builds it, ``cfg.perceptual_weights`` a safetensors file for its weights; it is frozen."""
+    import importlib
+
+    module_name, _, attr = cfg.perceptual.partition(":")
+    if not attr:
+        raise ValueError(f"perceptual must be 'module:factory'; got {cfg.perceptual!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the perceptual network {cfg.perceptual!r}: {err}") from err
+    net = factory()
+    if cfg.perceptual_weights:
+        from ..checkpoint import load_into
+
+        load_into(net, load_file(cfg.perceptual_weights), what=f"perceptual network {cfg.perceptual_weights}")
+    return net.to(device).eval().requires_grad_(False)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -353,6 +378,7 @@ class Trainer:
                     self.vae.quant_conv.bias[vae_cfg.latent_channels :] = cfg.logvar_init
             if cfg.disc_weight > 0:
                 self.disc = PatchDiscriminator().to(self.device)
+        self.perceptual = _load_perceptual(cfg, self.device) if cfg.perceptual else None
         if cfg.vae_train == "decoder":  # latents of this VAE stay valid (e.g. a denoiser trains on them)
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
@@ -525,6 +551,8 @@ class Trainer:
             kl_weight=cfg.kl_weight,
             edge_weight=cfg.edge_weight,
             chroma_weight=cfg.chroma_weight,
+            perceptual=self.perceptual,
+            perceptual_weight=cfg.perceptual_weight,
         )
         self._parts = parts
         if self.disc is not None and self.step >= cfg.disc_start:
