@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch
 
 from vidlatent import VideoPipeline
 from vidlatent.data.shapes import ShapesWorld, eval_prompts, oracle
+from vidlatent.pipelines.encode import psnr
 
 
 def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) -> dict:
@@ -58,7 +60,7 @@ def vae_psnr(vae, clips: int, seed: int = 12345) -> dict:
     for i in range(clips):
         video = world.clip(i)[0][None]
         recon = vae.decode(vae.encode(video).mode())
-        scores.append(float(10 * torch.log10(4 / (recon - video).pow(2).mean())))
+        scores.append(psnr(recon, video, data_range=2.0))
     return {"clips": clips, "psnr_mean": sum(scores) / clips, "psnr_min": min(scores)}
 
 
@@ -70,7 +72,7 @@ def cli_time(model: str | None, runs: int) -> dict:
             if model:
                 cmd += ["--model", model]
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
             times.append(time.perf_counter() - t0)
     return {"runs": runs, "best_s": min(times), "worst_s": max(times)}
 

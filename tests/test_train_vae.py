@@ -6,6 +6,7 @@ import torch
 
 from vidlatent.data.shapes import ShapesWorld
 from vidlatent.models.vae import CausalVAE
+from vidlatent.pipelines.encode import psnr
 from vidlatent.train.data import LatentDataset, cache_world_latents
 from vidlatent.train.losses import PatchDiscriminator, edge_weights, hinge_d_loss, ssim, vae_loss
 from vidlatent.train.trainer import Trainer, load_train_config
@@ -65,7 +66,7 @@ def psnr_on(vae, world, clips):
     video = torch.stack([world.clip(i)[0] for i in range(clips)])
     with torch.no_grad():
         recon = vae.decode(vae.encode(video).mode())
-    return float(10 * torch.log10(4 / (recon - video).pow(2).mean()))
+    return psnr(recon, video, data_range=2.0)
 
 
 def test_vae_training_improves_and_resumes_exactly(tmp_path):

@@ -746,10 +746,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
-def _gaussian(size: int, sigma: float) -> torch.Tensor:
+def gaussian_window(size: int, sigma: float) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, c1: float, c2: float) -> torch.Tensor:
+    """Per-window SSIM of single-channel images (n, 1, h, w) with the separable window ``g`` (1D, sums to
+    1) and the stability constants ``c1``, ``c2`` ("valid" windows only); differentiable."""
+    gh, gw = g.view(1, 1, -1, 1).to(x), g.view(1, 1, 1, -1).to(x)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(z, gh), gw)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
 
 
 def ssim(
@@ -782,20 +795,13 @@ def ssim(
             raise ValueError(f"luma needs 3 (RGB) channels, got {a.shape[0]}")
         w = torch.tensor(_LUMA, dtype=torch.float64).view(3, 1, 1, 1)
         a, b = (a.double() * w).sum(0, keepdim=True), (b.double() * w).sum(0, keepdim=True)
-    g = _gaussian(window, sigma)
-    gh, gw = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
+    g = gaussian_window(window, sigma)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(x, gh), gw)
-
     total, count = 0.0, 0
     for i in range(0, a.shape[1], 8):  # a few frames at a time bounds the float64 working memory
         x = rearrange(a[:, i : i + 8].double(), "c t h w -> (t c) 1 h w")
         y = rearrange(b[:, i : i + 8].double(), "c t h w -> (t c) 1 h w")
-        mx, my = blur(x), blur(y)
-        vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-        smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        smap = ssim_map(x, y, g, c1, c2)
         total += smap.sum().item()
         count += smap.numel()
     return total / count

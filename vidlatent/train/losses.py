@@ -9,14 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+
+from ..pipelines.encode import gaussian_window, ssim_map
 
 __all__ = ["ssim", "edge_weights", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
-
-
-def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    return g / g.sum()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
@@ -27,22 +24,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     """
     if a.shape != b.shape:
         raise ValueError(f"ssim needs equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
-    c = a.shape[1]
-    x = a.transpose(1, 2).flatten(0, 1).add(1).mul(0.5)  # (b t) c h w in [0, 1]
-    y = b.transpose(1, 2).flatten(0, 1).add(1).mul(0.5)
+    x = rearrange(a, "b c t h w -> (b t c) 1 h w").add(1).mul(0.5)  # in [0, 1]
+    y = rearrange(b, "b c t h w -> (b t c) 1 h w").add(1).mul(0.5)
     window = min(window, x.shape[-1], x.shape[-2])
-    g = _gaussian_window(window, sigma, x.device, x.dtype)
-    kh = g.view(1, 1, -1, 1).expand(c, 1, -1, 1)
-    kw = g.view(1, 1, 1, -1).expand(c, 1, 1, -1)
-
-    def blur(z):
-        return F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)
-
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean()
+    return ssim_map(x, y, gaussian_window(window, sigma), 0.01**2, 0.03**2).mean()
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:

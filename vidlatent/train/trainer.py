@@ -66,6 +66,7 @@ from ..diffusion.flow import (
 from ..models.dit import VideoDiT
 from ..models.text import load_text_encoder
 from ..models.vae import CausalVAE, StreamCache
+from ..pipelines.encode import psnr
 from . import distributed
 from .data import BucketSampler, LatentDataset
 from .distributed import share
@@ -955,8 +956,7 @@ class Trainer:
         for video in self._eval_clips(clips, split, 10_000):
             video = video[None].to(self.device)
             recon = self.vae.decode(self.vae.encode(video).mode())
-            mse = (recon.float() - video).pow(2).mean().clamp_min(1e-10)
-            scores.append(float(10 * torch.log10(4.0 / mse)))
+            scores.append(min(psnr(recon.float(), video, data_range=2.0), 100.0))
         return sum(scores) / len(scores)
 
     def _eval_clips(self, clips: int, split: str | None, offset: int):
