@@ -123,12 +123,17 @@ def stage_refine(out: Path, extra: list[str]) -> None:
 
 
 def stage_ship(out: Path, ship: Path) -> None:
-    ship.mkdir(parents=True, exist_ok=True)
     last = {lane: list(runs)[-1] for lane, runs in REFINE.items()}  # the last run of each lane
     refined = all((out / name / "final").is_dir() for name in last.values())
     vae_run, dit_run = (last["vae"], last["dit"]) if refined else ("vae-finetune", "dit")
-    for name, src in (("vae", out / vae_run / "final" / "vae"), ("dit", out / dit_run / "final" / "dit"),
-                      ("text_encoder", out / dit_run / "final" / "text_encoder")):  # fmt: skip
+    parts = (("vae", out / vae_run / "final" / "vae"), ("dit", out / dit_run / "final" / "dit"),
+             ("text_encoder", out / dit_run / "final" / "text_encoder"))  # fmt: skip
+    missing = [str(src) for _, src in parts if not src.is_dir()]
+    if missing:
+        raise SystemExit(f"ship: no trained model at {', '.join(missing)}; run the earlier stages first")
+    print(f"shipping {vae_run} (vae) and {dit_run} (dit, text_encoder) from {out}", flush=True)
+    ship.mkdir(parents=True, exist_ok=True)
+    for name, src in parts:
         if (ship / name).exists():
             shutil.rmtree(ship / name)
         shutil.copytree(src, ship / name)
@@ -188,8 +193,8 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         dit_cfg.strip(),
         "```",
         "",
-        "Stage 3 (refine), both runs at once with one CPU thread each (the encoder stays frozen, so the stage-2",
-        "latents stay valid):",
+        "Stage 3 (refine), the two lanes at once with one CPU thread each, each lane's runs in order (the encoder",
+        "stays frozen, so the stage-2 latents stay valid):",
         "",
         *[
             f"- {lane}: `vidlatent train {' '.join(args)}`"

@@ -372,3 +372,15 @@ def test_periodic_samples(latents, tmp_path):
     Trainer(config("shapes", vae, *options, "steps=1", "sample_every=1")).train()
     video = read_video(vae / "samples" / "step-0000001.gif")[0]
     assert video.shape[1] == 5 and video.shape[-1] == 64  # the clip and its reconstruction side by side
+
+
+def test_unknown_or_mistyped_option_is_a_clear_error():
+    """Config merging (every preset kind, the trainer, the CLI) names a bad key and what is accepted."""
+    import pytest
+
+    from vidlatent.train.trainer import load_train_config
+
+    with pytest.raises(ValueError, match=r"'bogus'.*accepted: .*task"):
+        load_train_config("tiny", overrides=["bogus=1"])
+    with pytest.raises(ValueError, match="bad option: Value 'abc'"):
+        load_train_config("tiny", overrides=["steps=abc"])

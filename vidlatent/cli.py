@@ -115,8 +115,8 @@ def _load_pipeline(args: argparse.Namespace):
     """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides."""
     import torch
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
+    from .config import merge_config
     from .diffusion.sampling import SAMPLERS
     from .pipelines import VideoPipeline
 
@@ -128,15 +128,8 @@ def _load_pipeline(args: argparse.Namespace):
         raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = VideoPipeline.from_pretrained(args.model, device=device)
-    try:
-        conf = OmegaConf.merge(
-            OmegaConf.structured(pipe.config),
-            *[OmegaConf.load(f) for f in args.config],
-            OmegaConf.from_dotlist(list(args.overrides)),
-        )
-    except OmegaConfBaseException as err:
-        raise ValueError(f"bad option: {str(err).splitlines()[0]}") from None
-    pipe.config = OmegaConf.to_object(conf)
+    parts = [OmegaConf.load(f) for f in args.config]
+    pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     pipe.progress = not args.quiet
     return pipe
 

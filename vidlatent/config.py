@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -59,9 +60,21 @@ class VAEConfig:
         return 2 ** sum(bool(t) for t in self.temporal_downsample)
 
 
+def merge_config(base: Any, *parts: Any) -> Any:
+    """``base`` (a config dataclass or an instance of one) with ``parts`` (dicts / OmegaConf nodes) merged over it
+    in order, as the dataclass. An unknown key or a value of the wrong type raises ``ValueError`` naming it (and,
+    for an unknown key, the accepted ones) instead of OmegaConf's traceback."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), *parts))
+    except ConfigKeyError as err:
+        names = ", ".join(f.name for f in dataclasses.fields(base))
+        raise ValueError(f"bad option: {str(err).splitlines()[0]}; accepted: {names}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad option: {str(err).splitlines()[0]}") from None
+
+
 def _structured(cls: type[T], data: Any) -> T:
-    base = OmegaConf.structured(cls)
-    return OmegaConf.to_object(OmegaConf.merge(base, data))  # type: ignore[return-value]
+    return merge_config(cls, data)
 
 
 def list_presets(kind: str) -> list[str]:
@@ -81,8 +94,7 @@ def load_config(cls: type[T], kind: str, preset: str | None = None, *files: str 
     parts += [OmegaConf.load(f) for f in files]
     if overrides:
         parts.append(OmegaConf.from_dotlist(list(overrides)))
-    merged = OmegaConf.merge(OmegaConf.structured(cls), *parts)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return merge_config(cls, *parts)
 
 
 def config_from_dict(cls: type[T], data: dict) -> T:

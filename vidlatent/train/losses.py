@@ -30,6 +30,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     return ssim_map(x, y, gaussian_window(window, sigma), 0.01**2, 0.03**2).mean()
 
 
+_CBCR = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])  # RGB -> BT.601 Cb, Cr
+
+
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
     """Per-pixel loss weights ``1 + strength * edge`` (b, 1, t, h, w), ``edge`` being the largest absolute
     difference to a horizontal or vertical neighbour over the channels: small objects and outlines, a few
@@ -99,19 +102,20 @@ def vae_loss(
     parts: dict[str, torch.Tensor] = {}
     total = recon.new_zeros(())
     weight = edge_weights(target, edge_weight) if edge_weight else None
+
+    def pixel_mean(x: torch.Tensor) -> torch.Tensor:  # edge-weighted where asked
+        return (x * weight).mean() if weight is not None else x.mean()
+
     err = recon - target
     if l1_weight:
-        parts["l1"] = (err.abs() * weight).mean() if weight is not None else err.abs().mean()
+        parts["l1"] = pixel_mean(err.abs())
         total = total + l1_weight * parts["l1"]
     if mse_weight:
-        parts["mse"] = (err.square() * weight).mean() if weight is not None else err.square().mean()
+        parts["mse"] = pixel_mean(err.square())
         total = total + mse_weight * parts["mse"]
     if chroma_weight:
-        cbcr = torch.tensor(
-            [[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]], dtype=err.dtype, device=err.device
-        )
-        diff = torch.einsum("kc,bc...->bk...", cbcr, err)
-        parts["chroma"] = (diff.square() * weight).mean() if weight is not None else diff.square().mean()
+        diff = torch.einsum("kc,bc...->bk...", _CBCR.to(err), err)
+        parts["chroma"] = pixel_mean(diff.square())
         total = total + chroma_weight * parts["chroma"]
     if ssim_weight:
         parts["ssim"] = 1.0 - ssim(recon, target)

@@ -105,9 +105,8 @@ class TrainConfig:
     mse_weight: float = 0.0
     ssim_weight: float = 0.2
     kl_weight: float = 1.0e-6
-    perceptual: str | None = (
-        None  # "module:factory" making a (recon, target) -> scalar loss module (your code)
-    )
+    # "module:factory" making a (recon, target) -> scalar loss module (your code)
+    perceptual: str | None = None
     perceptual_weights: str | None = None  # safetensors file loaded into it (no code runs while loading)
     perceptual_weight: float = 0.0
     chroma_weight: float = 0.0  # MSE of the Cb/Cr colour differences (see losses.vae_loss)
