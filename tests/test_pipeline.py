@@ -224,6 +224,31 @@ def test_animate_first_frame_is_the_image_reconstruction(pipe):
         pipe.animate(image, "a ball", frames=8)
 
 
+def test_animate_first_frame_clean_or_noised_as_the_denoiser_sees_it(pipe):
+    """``first_frame="clean"`` gives the denoiser the image's latent itself at every step (as training with
+    first_frame_dropout < 1 did); the default "noised" gives it noised to the step's sigma."""
+    image = pattern(frames=1)
+    z_image = pipe.encode(image)
+    seen = []
+    handle = pipe.dit.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, :, :1].clone()))
+    try:
+        for mode in ("clean", "noised"):
+            seen.clear()
+            z = pipe.animate(
+                image, "the ball", frames=9, first_frame=mode, steps=4, seed=0, output_type="latent"
+            )
+            assert torch.equal(z[:, :, :1], z_image) and len(seen) == 4
+            given = [(x - z_image).abs().max().item() for x in seen]  # every row of each (guided) batch
+            if mode == "clean":
+                assert max(given) == 0, given
+            else:
+                assert min(given[:-1]) > 0.1, given  # noised at every step with sigma > 0
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="unknown first_frame 'sharp'; accepted: noised, clean"):
+        pipe.animate(image, "a ball", frames=9, first_frame="sharp")
+
+
 # ------------------------------------------------------------------------------------------------ morph
 
 

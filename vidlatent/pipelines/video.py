@@ -39,6 +39,7 @@ from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
 MORPH_MODES = ("latent", "noise")
 OUTPUT_TYPES = ("video", "latent")
+FIRST_FRAME = ("noised", "clean")  # animate: how the image's latent is given to the denoiser at each step
 Media = torch.Tensor | str | os.PathLike
 
 
@@ -56,6 +57,9 @@ class PipelineConfig:
     fps: float = 16.0
     negative_prompt: str = ""
     seed: int | None = None  # None: a fresh random seed per call
+    # animate: the image's latent as the denoiser sees it at each step, "noised" to the step's sigma (right for any
+    # text-to-video model) or "clean" (how a denoiser trained with first_frame_dropout < 1 saw it)
+    first_frame: str = "noised"
 
 
 @dataclass
@@ -360,6 +364,7 @@ class VideoPipeline:
         negative_prompt: str | None = None,
         *,
         strength: float = 1.0,
+        first_frame: str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
@@ -370,14 +375,19 @@ class VideoPipeline:
     ) -> torch.Tensor:
         """Image to video: the image's latent is held as the first latent frame; the rest is generated.
 
-        The image's latent is pasted like inpaint's known region (noised to each step's sigma, clean at the
-        end), so the first latent frame of the result is the image's latent exactly; the causal decoder
-        decodes frame 0 from latent frame 0 alone, so the first output frame is the image's VAE
-        reconstruction. strength < 1 starts the other frames from the still image noised to that level
-        (less motion, more likeness).
+        The image's latent is pasted before every denoiser call: with ``first_frame="noised"`` (the config's
+        default) like inpaint's known region, noised to each step's sigma, which suits any text-to-video model;
+        with ``"clean"`` as it is, which is what a denoiser trained with ``first_frame_dropout < 1`` saw. Either
+        way the first latent frame of the result is the image's latent exactly; the causal decoder decodes
+        frame 0 from latent frame 0 alone, so the first output frame is the image's VAE reconstruction.
+        strength < 1 starts the other frames from the still image noised to that level (less motion, more
+        likeness).
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        first_frame = self.config.first_frame if first_frame is None else first_frame
+        if first_frame not in FIRST_FRAME:
+            raise ValueError(f"unknown first_frame {first_frame!r}; accepted: {', '.join(FIRST_FRAME)}")
         image = self._video_input(image)
         if image.shape[2] != 1:
             raise ValueError(f"animate takes an image (one frame); got {image.shape[2]} frames")
@@ -389,7 +399,7 @@ class VideoPipeline:
         keep = torch.zeros(1, 1, still.shape[2], 1, 1, dtype=torch.bool, device=still.device)
         keep[:, :, 0] = True
         opts = self._options(steps, guidance, sampler, shift, progress)
-        hook = self._keep_hook(still, keep, noise)
+        hook = self._keep_hook(still, keep, noise, clean=first_frame == "clean")
         init = still if strength < 1 else None
         z = self._sample(
             noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook
@@ -532,12 +542,14 @@ class VideoPipeline:
         return noise.to(self.device), generator
 
     @staticmethod
-    def _keep_hook(known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> Callable:
+    def _keep_hook(
+        known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, clean: bool = False
+    ) -> Callable:
         """Sampling hook: where ``keep``, replace the latents by ``known`` noised to the step's sigma with the
-        sampler's start noise (``known`` itself at the final sigma 0)."""
+        sampler's start noise (``known`` itself at the final sigma 0, and at every step with ``clean``)."""
 
         def hook(step: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
-            level = torch.full((x.shape[0],), sigma, device=x.device)
+            level = torch.full((x.shape[0],), 0.0 if clean else sigma, device=x.device)
             return torch.where(keep, add_noise(known, noise, level), x)
 
         return hook

@@ -24,7 +24,8 @@ whole batches to the ranks instead, and each batch's posterior noise comes from 
 
 ``lora_rank > 0`` trains LoRA adapters (``train.lora``) on the denoiser's blocks: checkpoints hold the
 adapters (and the text encoder when trained), the export writes ``final/lora.safetensors``.
-``first_frame_dropout < 1`` trains image-to-video conditioning, ``text_cache`` encodes each caption once
+``first_frame_dropout < 1`` trains image-to-video conditioning (sample it with ``animate(...,
+first_frame="clean")``), ``text_cache`` encodes each caption once
 with a frozen text encoder, ``sample_every`` writes ``<output>/samples/step-XXXXXXX.gif``. Each step's model
 FLOPs give the ``tflop_s`` of metrics.jsonl.
 
