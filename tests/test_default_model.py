@@ -21,9 +21,10 @@ def test_weights_ship_inside_the_package_and_are_small():
 def test_default_pipeline_follows_held_out_prompts():
     """A handful of held-out prompts (combinations never trained on), read back by the oracle.
 
-    The shipped model is still early (see MODEL_CARD.md: 69% colour, 28% motion on 216 held-out prompts), so the
-    bar is just under its measured level on these 8 prompts with this seed (8 clips with an object, 6 with the
-    asked colour), which a random or broken model does not reach: it catches a model that stopped working.
+    The bars are just under the shipped model's measured level on these 8 prompts with this seed (8 clips with
+    an object; 7 with the asked colour, 5 with the asked shape, 7 with the asked motion; on 216 held-out prompts
+    MODEL_CARD.md has 94% / 60% / 76%), which a random or broken model does not reach (about 17% colour, 33%
+    shape, 11% motion): it catches a model that stopped working.
     """
     pipe = VideoPipeline.from_pretrained("default")
     assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (17, 64, 64)
@@ -31,8 +32,12 @@ def test_default_pipeline_follows_held_out_prompts():
     videos = pipe.generate([p for p, _ in prompts], seed=0, progress=False)
     assert videos.shape == (8, 3, 17, 64, 64) and torch.isfinite(videos).all()
     found = [oracle(video) for video in videos]
-    colour = sum(bool(f) and f[0]["colour"] == c for f, (_, (c, _, _)) in zip(found, prompts))
-    assert sum(bool(f) for f in found) >= 7 and colour >= 5, (found, colour)
+    right = {
+        key: sum(bool(f) and f[0][key] == asked[i] for f, (_, asked) in zip(found, prompts))
+        for i, key in enumerate(("colour", "shape", "motion"))
+    }
+    assert sum(bool(f) for f in found) >= 7, found
+    assert right["colour"] >= 6 and right["shape"] >= 4 and right["motion"] >= 6, (right, found)
 
 
 def test_default_vae_reconstructs_held_out_clips():
@@ -42,7 +47,7 @@ def test_default_vae_reconstructs_held_out_clips():
     with torch.no_grad():
         recon = vae.decode(vae.encode(video).mode())
     value = psnr(recon, video, data_range=2.0)
-    assert value > 25.5, value  # 27.2 dB measured; the target (32 dB) is not reached yet
+    assert value > 28.5, value  # 29.5 dB measured; the target (32 dB) is not reached yet
 
 
 def test_cli_generate_uses_the_default_model(tmp_path):
