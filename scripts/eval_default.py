@@ -64,9 +64,9 @@ def vae_psnr(vae, clips: int, seed: int = 12345) -> dict:
         video = world.clip(i)[0][None]
         recon = vae.decode(vae.encode(video).mode())
         scores.append(psnr(recon, video, data_range=2.0))
-        truth, found = oracle(video[0])[0], oracle(recon[0])
+        truth, found = world.scene(i).objects[0], oracle(recon[0])  # held-out clips show one object
         for key in kept:
-            kept[key] += bool(found) and found[0][key] == truth[key]
+            kept[key] += bool(found) and found[0][key] == getattr(truth, key)
     return {"clips": clips, "psnr_mean": sum(scores) / clips, "psnr_min": min(scores),
             **{f"oracle_{key}": n / clips for key, n in kept.items()}}  # fmt: skip
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-clips", type=int, default=64)
     ap.add_argument("--cli-runs", type=int, default=3)
-    ap.add_argument("--splits", nargs="+", default=["heldout", "train"])
+    ap.add_argument("--splits", nargs="+", default=["heldout", "train"], choices=["heldout", "train"])
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
     args = ap.parse_args()

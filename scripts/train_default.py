@@ -291,7 +291,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/default", help="working folder (checkpoints, latents, logs)")
     ap.add_argument("--ship", default=str(SHIP), help="where the pipeline folder goes")
-    ap.add_argument("--stages", nargs="+", default=["vae", "cache", "dit", "refine", "joint", "ship", "eval"])
+    stages = ["vae", "cache", "dit", "refine", "joint", "ship", "eval"]
+    ap.add_argument("--stages", nargs="+", default=stages, choices=stages)
     ap.add_argument("--clips", type=int, default=5000, help="training clips cached for the denoiser")
     ap.add_argument("--joint-clips", type=int, default=8000, help="training clips cached again in stage 4")
     ap.add_argument("--vae-args", nargs="*", default=[])
