@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from vidlatent import VideoPipeline
+from vidlatent.checkpoint import atomic_write
 from vidlatent.data.shapes import ShapesWorld, eval_prompts, oracle
 from vidlatent.pipelines.encode import psnr
 
@@ -119,7 +120,7 @@ def main() -> None:
         results["cli"] = cli_time(args.model, args.cli_runs)
         print(f"cli generate: {results['cli']['best_s']:.1f}-{results['cli']['worst_s']:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=str)))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from vidlatent.checkpoint import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIP = ROOT / "vidlatent" / "weights" / "default"
 PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval_default.py)
@@ -94,6 +96,11 @@ JOINT = {
 STAGE_LANES = {"joint": JOINT, "refine": REFINE}
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (an interrupted run leaves the old file or none)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -105,7 +112,7 @@ def timed(out: Path, stage: str, fn) -> None:
     t0 = time.perf_counter()
     fn()
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
-    timings_file.write_text(json.dumps(timings, indent=2))
+    write_text(timings_file, json.dumps(timings, indent=2))
 
 
 def stage_cache(out: Path, clips: int, vae_dir: Path, dest: Path) -> None:
@@ -173,11 +180,14 @@ def stage_ship(out: Path, ship: Path) -> None:
         raise SystemExit(f"ship: no trained model at {', '.join(missing)}; run the earlier stages first")
     print(f"shipping {vae_run} (vae) and {dit_run} (dit, text_encoder) from {out}", flush=True)
     ship.mkdir(parents=True, exist_ok=True)
-    for name, src in parts:
+    for name, src in parts:  # each part copied whole beside its place, then swapped in
+        tmp = ship / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
         if (ship / name).exists():
             shutil.rmtree(ship / name)
-        shutil.copytree(src, ship / name)
-    (ship / "pipeline.json").write_text(json.dumps(PIPELINE, indent=2) + "\n")
+        tmp.rename(ship / name)
+    write_text(ship / "pipeline.json", json.dumps(PIPELINE, indent=2) + "\n")
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
     print(f"shipped {ship}: {size / 2**20:.1f} MiB of weights")
 
@@ -329,7 +339,7 @@ def main() -> None:
                "--json", str(results_file), *args.eval_args]  # fmt: skip
         run(cmd)
         card = model_card(out, ship, json.loads(results_file.read_text()))
-        (ship / "MODEL_CARD.md").write_text(card)
+        write_text(ship / "MODEL_CARD.md", card)
         print(card)
 
 
