@@ -22,8 +22,8 @@ def test_default_pipeline_follows_held_out_prompts():
     """A handful of held-out prompts (combinations never trained on), read back by the oracle.
 
     The bars are just under the shipped model's measured level on these 8 prompts with this seed (8 clips with
-    an object; 7 with the asked colour, 5 with the asked shape, 7 with the asked motion; on 216 held-out prompts
-    MODEL_CARD.md has 94% / 60% / 76%), which a random or broken model does not reach (about 17% colour, 33%
+    an object; 7 with the asked colour, 6 with the asked shape, 7 with the asked motion; on 216 held-out prompts
+    MODEL_CARD.md has 95% / 65% / 93%), which a random or broken model does not reach (about 17% colour, 33%
     shape, 11% motion): it catches a model that stopped working.
     """
     pipe = VideoPipeline.from_pretrained("default")
@@ -37,7 +37,7 @@ def test_default_pipeline_follows_held_out_prompts():
         for i, key in enumerate(("colour", "shape", "motion"))
     }
     assert sum(bool(f) for f in found) >= 7, found
-    assert right["colour"] >= 6 and right["shape"] >= 4 and right["motion"] >= 6, (right, found)
+    assert right["colour"] >= 6 and right["shape"] >= 5 and right["motion"] >= 6, (right, found)
 
 
 def test_default_vae_reconstructs_held_out_clips():
@@ -47,7 +47,7 @@ def test_default_vae_reconstructs_held_out_clips():
     with torch.no_grad():
         recon = vae.decode(vae.encode(video).mode())
     value = psnr(recon, video, data_range=2.0)
-    assert value > 28.5, value  # 29.5 dB measured; the target (32 dB) is not reached yet
+    assert value > 29.5, value  # 30.4 dB measured; the target (32 dB) is not reached yet
 
 
 def test_cli_generate_uses_the_default_model(tmp_path):
