@@ -336,7 +336,9 @@ def main() -> None:
     ap.add_argument("--joint-clips", type=int, default=8000, help="training clips cached again in stage 4")
     ap.add_argument("--vae-args", nargs="*", default=[])
     ap.add_argument("--dit-args", nargs="*", default=[])
-    ap.add_argument("--refine-args", nargs="*", default=[])
+    ap.add_argument(
+        "--refine-args", nargs="*", default=[], help="key=value for every run of stages refine, joint, polish"
+    )
     ap.add_argument("--eval-args", nargs="*", default=[])
     args = ap.parse_args()
     out, ship = Path(args.out), Path(args.ship)
