@@ -140,7 +140,8 @@ def timed(out: Path, stage: str, fn) -> None:
     write_text(timings_file, json.dumps(timings, indent=2))
 
 
-def stage_cache(out: Path, clips: int, vae_dir: Path, dest: Path) -> None:
+def stage_cache(clips: int, vae_dir: Path, dest: Path) -> None:
+    """Encode ``clips`` training clips of the world with the VAE at ``vae_dir`` into ``dest`` (resumes)."""
     from vidlatent.data.shapes import ShapesWorld
     from vidlatent.models.vae import CausalVAE
     from vidlatent.train.data import cache_world_latents
@@ -185,9 +186,7 @@ def run_lanes(out: Path, lanes: dict, extra: list[str]) -> None:
 def stage_joint(out: Path, clips: int, extra: list[str]) -> None:
     """Stage 4: the whole VAE (both threads), its latents cached afresh, then the ``JOINT`` lanes."""
     run(train_cmd(out, JOINT_VAE[0], JOINT_VAE[1:], "vae-joint", extra))
-    latents = out / "latents-joint"
-    if not (latents / "metadata.jsonl").is_file():
-        stage_cache(out, clips, out / "vae-joint" / "final" / "vae", latents)
+    stage_cache(clips, out / "vae-joint" / "final" / "vae", out / "latents-joint")
     run_lanes(out, JOINT, extra)
 
 
@@ -343,20 +342,18 @@ def main() -> None:
     args = ap.parse_args()
     out, ship = Path(args.out), Path(args.ship)
     out.mkdir(parents=True, exist_ok=True)
-    vidlatent = [sys.executable, "-m", "vidlatent.cli"]
     if "vae" in args.stages:
-        cmd = [*vidlatent, "train", "default-vae", f"output={out / 'vae'}", "resume=auto", *args.vae_args]
-        timed(out, "vae", lambda: run(cmd))
-        cmd = [*vidlatent, "train", "default-vae-finetune", f"vae={out / 'vae' / 'final' / 'vae'}",
-               f"output={out / 'vae-finetune'}", "resume=auto", *args.vae_args]  # fmt: skip
+        timed(out, "vae", lambda: run(train_cmd(out, "default-vae", [], "vae", args.vae_args)))
+        cmd = train_cmd(
+            out, "default-vae-finetune", ["vae={out}/vae/final/vae"], "vae-finetune", args.vae_args
+        )
         timed(out, "vae-finetune", lambda: run(cmd))
     if "cache" in args.stages:
         vae_dir = out / "vae" / "final" / "vae"  # stage 1b trains only the decoder: these latents stay valid
-        timed(out, "cache", lambda: stage_cache(out, args.clips, vae_dir, out / "latents"))
+        timed(out, "cache", lambda: stage_cache(args.clips, vae_dir, out / "latents"))
     if "dit" in args.stages:
-        latents = out / "latents"
-        cmd = [*vidlatent, "train", "default-dit", f"data={latents}", f"captions={latents / 'metadata.jsonl'}",
-               f"output={out / 'dit'}", "resume=auto", *args.dit_args]  # fmt: skip
+        cmd = train_cmd(out, "default-dit", ["data={out}/latents", "captions={out}/latents/metadata.jsonl"], "dit",
+                        args.dit_args)  # fmt: skip
         timed(out, "dit", lambda: run(cmd))
     if "refine" in args.stages:
         timed(out, "refine", lambda: run_lanes(out, REFINE, args.refine_args))
