@@ -303,6 +303,28 @@ def test_first_frame_conditioning_gives_clean_first_frame_outside_the_loss(laten
     assert all(math.isfinite(x) for x in losses)  # the image clip (one latent frame) is never conditioned
 
 
+def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):
+    def batches(fraction: float) -> list[torch.Tensor]:
+        """The clean latents of each of 8 micro-steps of a run with ``image_fraction=fraction``."""
+        trainer = Trainer(
+            config(latents["one"], tmp_path / str(fraction), f"image_fraction={fraction}", "steps=8")
+        )
+        seen, micro_step = [], trainer._micro_step
+        trainer._micro_step = lambda x0, captions: seen.append(x0) or micro_step(x0, captions)
+        assert all(math.isfinite(x) for x in trainer.train())
+        return seen
+
+    clip = LatentDataset(latents["one"])[0][0]
+    assert clip.shape[1] > 1
+    assert all(torch.equal(x0[0], clip) for x0 in batches(0.0))
+    assert all(torch.equal(x0[0], clip[:, :1]) for x0 in batches(1.0))  # latent frame 0 alone: the image
+    assert sorted({x0.shape[2] for x0 in batches(0.5)}) == [1, clip.shape[1]]  # both kinds of batch
+    with pytest.raises(ValueError, match=r"image_fraction must be in \[0, 1\]"):
+        config(latents["one"], tmp_path, "image_fraction=1.5")
+    with pytest.raises(ValueError, match="data_options.image_fraction"):
+        load_train_config("default-vae", overrides=["image_fraction=0.5", "progress=false"])
+
+
 def test_text_cache_encodes_each_caption_once_and_matches(latents, tmp_path):
     frozen = ["train_text_encoder=false", "caption_dropout=0.5", "steps=4", "batch_size=2"]
     plain = Trainer(config(latents["mixed"], tmp_path / "a", *frozen)).train()

@@ -25,7 +25,8 @@ whole batches to the ranks instead, and each batch's posterior noise comes from 
 ``lora_rank > 0`` trains LoRA adapters (``train.lora``) on the denoiser's blocks: checkpoints hold the
 adapters (and the text encoder when trained), the export writes ``final/lora.safetensors``.
 ``first_frame_dropout < 1`` trains image-to-video conditioning (sample it with ``animate(...,
-first_frame="clean")``), ``text_cache`` encodes each caption once
+first_frame="clean")``), ``image_fraction > 0`` trains that share of micro-batches on their first latent
+frame alone (one-frame generation from video latents), ``text_cache`` encodes each caption once
 with a frozen text encoder, ``sample_every`` writes ``<output>/samples/step-XXXXXXX.gif``. Each step's model
 FLOPs give the ``tflop_s`` of metrics.jsonl.
 
@@ -144,6 +145,7 @@ class TrainConfig:
     progress: bool = True
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
     first_frame_dropout: float = 1.0  # image to video: P(the clean first latent frame is NOT given); 1 = off
+    image_fraction: float = 0.0  # denoiser: P(a micro-batch keeps its first latent frame only); 0 = off
     text_cache: bool = False  # frozen text encoder (train_text_encoder=false): encode each caption once
     sample_every: int = 0  # steps between <output>/samples/step-XXXXXXX.gif (0 = none); EMA weights if kept
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle moves right"])  # denoiser
@@ -202,6 +204,13 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("LoRA (lora_rank > 0) trains the denoiser; set task=denoiser or lora_rank=0")
     if not 0 <= cfg.first_frame_dropout <= 1:
         raise ValueError(f"first_frame_dropout must be in [0, 1]; got {cfg.first_frame_dropout}")
+    if not 0 <= cfg.image_fraction <= 1:
+        raise ValueError(f"image_fraction must be in [0, 1]; got {cfg.image_fraction}")
+    if cfg.image_fraction and cfg.task != "denoiser":
+        raise ValueError(
+            "image_fraction trains the denoiser on first latent frames; for a VAE on the shapes world use "
+            "data_options.image_fraction"
+        )
     if cfg.text_cache and cfg.train_text_encoder:
         raise ValueError("text_cache=true needs a frozen text encoder (train_text_encoder=false)")
     if not 0 <= cfg.caption_dropout <= 1:
@@ -678,6 +687,12 @@ class Trainer:
         world = self.dist.world_size
         for k in range(cfg.grad_accum):
             x0, captions = self._next_batch()
+            if cfg.image_fraction and torch.rand((), generator=self.generator) < cfg.image_fraction:
+                # one-frame training (text to image) from video latents: a causal VAE encodes a clip's first
+                # frame exactly as it encodes that frame alone, so latent frame 0 is the image's latent. Drawn
+                # from the shared generator: every rank makes the same choice. Only when on: other runs keep
+                # their draws.
+                x0 = x0[:, :, :1]
             last = k == cfg.grad_accum - 1
             no_sync = getattr(self._forward_module, "no_sync", None)  # DDP: reduce once per step
             # the VAE's FLOPs are counted (forward + backward) once per clip shape
