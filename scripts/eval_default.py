@@ -5,6 +5,8 @@
 Prints and writes (``--json``):
 * text-to-video on held-out prompts (colour/shape/motion combinations no training clip shows) and on prompts
   seen in training: how often the largest object the oracle finds has the asked colour, shape and motion;
+* text-to-image (split ``image``: the held-out prompts generated as one frame): colour and shape, as above
+  (one frame shows no motion, so "all" means colour and shape);
 * VAE reconstruction PSNR on held-out clips of the world (17 frames, 64x64), and how often the oracle still reads
   their object's colour, shape and motion right through the VAE (roughly a ceiling for the denoiser's scores);
 * wall time of ``vidlatent generate "a red circle moving right" -o out.mp4`` in a fresh process (best and
@@ -31,8 +33,12 @@ from vidlatent.pipelines.encode import psnr
 
 
 def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) -> dict:
+    """Generate ``count`` prompts of ``split`` (``image``: the held-out ones, one frame each) and score them."""
+    keys = ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
+    if split == "image":
+        split, job = "heldout", {**job, "frames": 1}
     prompts = eval_prompts(split, count=count)
-    hits = {"colour": 0, "shape": 0, "motion": 0, "all": 0, "nothing": 0}
+    hits = {**dict.fromkeys(keys, 0), "all": 0, "nothing": 0}
     misses = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s : s + batch]
@@ -43,13 +49,13 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
                 hits["nothing"] += 1
                 misses.append((prompt, None))
                 continue
-            top = found[0]
-            ok = (top["colour"] == colour, top["shape"] == shape, top["motion"] == motion)
-            for key, good in zip(("colour", "shape", "motion"), ok):
+            top, asked = found[0], {"colour": colour, "shape": shape, "motion": motion}
+            ok = [top[key] == asked[key] for key in keys]
+            for key, good in zip(keys, ok):
                 hits[key] += good
             hits["all"] += all(ok)
             if not all(ok):
-                misses.append((prompt, (top["colour"], top["shape"], top["motion"])))
+                misses.append((prompt, tuple(top[key] for key in keys)))
         print(f"  {split}: {min(s + batch, len(prompts))}/{len(prompts)}", file=sys.stderr)
     n = len(prompts)
     return {"prompts": n, **{k: v / n for k, v in hits.items()}, "examples_missed": misses[:10]}
@@ -93,11 +99,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-clips", type=int, default=64)
     ap.add_argument("--cli-runs", type=int, default=3)
-    ap.add_argument("--splits", nargs="+", default=["heldout", "train"], choices=["heldout", "train"])
+    splits = ["heldout", "train", "image"]
+    ap.add_argument("--splits", nargs="+", default=splits, choices=splits)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     pipe = VideoPipeline.from_pretrained(args.model or "default")
     job = {}
     for kv in args.overrides:
@@ -109,8 +116,8 @@ def main() -> None:
         results[split] = score_prompts(pipe, split, args.count, args.batch, args.seed, **job)
         results[split]["seconds"] = time.perf_counter() - t0
         r = results[split]
-        print(f"{split}: colour {r['colour']:.1%} shape {r['shape']:.1%} motion {r['motion']:.1%} "
-              f"all {r['all']:.1%} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts)")  # fmt: skip
+        scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)
+        print(f"{split}: {scores} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts)")
     if args.vae_clips:
         results["vae"] = vae_psnr(pipe.vae, args.vae_clips)
         v = results["vae"]
