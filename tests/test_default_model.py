@@ -22,8 +22,8 @@ def test_default_pipeline_follows_held_out_prompts():
     """A handful of held-out prompts (combinations never trained on), read back by the oracle.
 
     The bars are just under the shipped model's measured level on these 8 prompts with this seed (8 clips with
-    an object; 7 with the asked colour, 6 with the asked shape, 7 with the asked motion; on 216 held-out prompts
-    MODEL_CARD.md has 95% / 65% / 93%), which a random or broken model does not reach (about 17% colour, 33%
+    an object; 7 with the asked colour, 6 with the asked shape, 8 with the asked motion; on 216 held-out prompts
+    MODEL_CARD.md has 98% / 66% / 98%), which a random or broken model does not reach (about 17% colour, 33%
     shape, 11% motion): it catches a model that stopped working.
     """
     pipe = VideoPipeline.from_pretrained("default")
@@ -37,7 +37,20 @@ def test_default_pipeline_follows_held_out_prompts():
         for i, key in enumerate(("colour", "shape", "motion"))
     }
     assert sum(bool(f) for f in found) >= 7, found
-    assert right["colour"] >= 6 and right["shape"] >= 5 and right["motion"] >= 6, (right, found)
+    assert right["colour"] >= 6 and right["shape"] >= 5 and right["motion"] >= 7, (right, found)
+
+
+def test_default_pipeline_makes_images_of_the_asked_colour():
+    """Text to image (one frame) on the same 8 held-out prompts: measured 7 images with an object, 7 of the asked
+    colour (216 prompts: 92%; a random model about 17%). Shape (4 of 8 here, 51% on 216) is not asserted: a bar
+    under it would sit near chance (33%)."""
+    pipe = VideoPipeline.from_pretrained("default")
+    prompts = eval_prompts("heldout", count=32)[::4]
+    images = pipe.generate([p for p, _ in prompts], seed=0, frames=1, progress=False)
+    assert images.shape == (8, 3, 1, 64, 64) and torch.isfinite(images).all()
+    found = [oracle(image) for image in images]
+    colour = sum(bool(f) and f[0]["colour"] == asked[0] for f, (_, asked) in zip(found, prompts))
+    assert sum(bool(f) for f in found) >= 6 and colour >= 6, found
 
 
 def test_default_vae_reconstructs_held_out_clips():
@@ -47,7 +60,7 @@ def test_default_vae_reconstructs_held_out_clips():
     with torch.no_grad():
         recon = vae.decode(vae.encode(video).mode())
     value = psnr(recon, video, data_range=2.0)
-    assert value > 29.5, value  # 30.4 dB measured; the target (32 dB) is not reached yet
+    assert value > 30.5, value  # 31.2 dB measured; the target (32 dB) is not reached yet
 
 
 def test_cli_generate_uses_the_default_model(tmp_path):
