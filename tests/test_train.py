@@ -321,7 +321,7 @@ def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):
     assert sorted({x0.shape[2] for x0 in batches(0.5)}) == [1, clip.shape[1]]  # both kinds of batch
     with pytest.raises(ValueError, match=r"image_fraction must be in \[0, 1\]"):
         config(latents["one"], tmp_path, "image_fraction=1.5")
-    with pytest.raises(ValueError, match="data_options.image_fraction"):
+    with pytest.raises(ValueError, match=r"image_fraction trains the denoiser \(task=denoiser\)"):
         load_train_config("default-vae", overrides=["image_fraction=0.5", "progress=false"])
 
 

@@ -208,8 +208,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"image_fraction must be in [0, 1]; got {cfg.image_fraction}")
     if cfg.image_fraction and cfg.task != "denoiser":
         raise ValueError(
-            "image_fraction trains the denoiser on first latent frames; for a VAE on the shapes world use "
-            "data_options.image_fraction"
+            "image_fraction trains the denoiser (task=denoiser) on first latent frames; a causal VAE already "
+            "learns images from every clip's first frame, which it encodes on its own"
         )
     if cfg.text_cache and cfg.train_text_encoder:
         raise ValueError("text_cache=true needs a frozen text encoder (train_text_encoder=false)")
