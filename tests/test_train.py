@@ -323,6 +323,9 @@ def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):
         config(latents["one"], tmp_path, "image_fraction=1.5")
     with pytest.raises(ValueError, match=r"image_fraction trains the denoiser \(task=denoiser\)"):
         load_train_config("default-vae", overrides=["image_fraction=0.5", "progress=false"])
+    with pytest.raises(ValueError, match="cannot share a batch"):  # the shapes world's own images, for a VAE
+        load_train_config("default-vae", overrides=["data_options.image_fraction=0.5", "batch_size=2"])
+    load_train_config("default-vae", overrides=["data_options.image_fraction=0.5", "batch_size=1"])
 
 
 def test_text_cache_encodes_each_caption_once_and_matches(latents, tmp_path):

@@ -177,6 +177,12 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("no training data: set data=<folder of latent files> or data=shapes")
     if cfg.task == "vae" and cfg.data != "shapes" and not Path(cfg.data).exists():
         raise ValueError(f"task=vae trains on data=shapes or a folder of videos; {cfg.data!r} does not exist")
+    mixed = 0 < (cfg.data_options or {}).get("image_fraction", 0) < 1
+    if cfg.task == "vae" and cfg.data == "shapes" and mixed and cfg.batch_size > 1:
+        raise ValueError(
+            "data_options.image_fraction between 0 and 1 mixes one-frame and longer clips, which cannot share a "
+            f"batch (batch_size={cfg.batch_size}); use batch_size=1, or image_fraction 0 or 1"
+        )
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {cfg.num_workers}")
     if cfg.parallel not in distributed.PARALLEL:
