@@ -36,8 +36,8 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
     """Generate ``count`` prompts of ``split`` (``image``: the held-out ones, one frame each) and score them."""
     keys = ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
     if split == "image":
-        split, job = "heldout", {**job, "frames": 1}
-    prompts = eval_prompts(split, count=count)
+        job = {**job, "frames": 1}
+    prompts = eval_prompts("heldout" if split == "image" else split, count=count)
     hits = {**dict.fromkeys(keys, 0), "all": 0, "nothing": 0}
     misses = []
     for s in range(0, len(prompts), batch):
@@ -108,7 +108,11 @@ def main() -> None:
     pipe = VideoPipeline.from_pretrained(args.model or "default")
     job = {}
     for kv in args.overrides:
-        k, v = kv.split("=", 1)
+        k, _, v = kv.partition("=")
+        if not v or not hasattr(pipe.config, k):
+            ap.error(
+                f"bad job option {kv!r}: expected key=value with key one of {', '.join(vars(pipe.config))}"
+            )
         job[k] = type(getattr(pipe.config, k))(v)
     results = {"model": args.model or "default", "job": {**vars(pipe.config), **job}}
     for split in args.splits:

@@ -139,11 +139,8 @@ JOINT2 = {
                        "seed=9", "shift=3", "image_fraction=0.25"],
     },
 }  # fmt: skip
-# Stages that retrain the whole VAE: (its run, the run's name, the latents cached with it, the lanes after it).
-JOINT_STAGES = {
-    "joint": (JOINT_VAE, "vae-joint", "latents-joint", JOINT),
-    "joint2": (JOINT2_VAE, "vae-joint2", "latents-joint2", JOINT2),
-}
+# Stages that retrain the whole VAE: (its run, the lanes after it). Stage S names the run vae-S, its latents latents-S.
+JOINT_STAGES = {"joint": (JOINT_VAE, JOINT), "joint2": (JOINT2_VAE, JOINT2)}
 # Later stages first: ship takes the latest stage whose lanes all finished.
 STAGE_LANES = {"joint2": JOINT2, "polish": POLISH, "joint": JOINT, "refine": REFINE}
 
@@ -212,9 +209,9 @@ def run_lanes(out: Path, lanes: dict, extra: list[str]) -> None:
 
 def stage_joint(out: Path, stage: str, clips: int, extra: list[str]) -> None:
     """Stages 4 and 6: the whole VAE (both threads), its latents cached afresh, then the stage's lanes."""
-    (config, *overrides), name, latents, lanes = JOINT_STAGES[stage]
-    run(train_cmd(out, config, overrides, name, extra))
-    stage_cache(clips, out / name / "final" / "vae", out / latents)
+    (config, *overrides), lanes = JOINT_STAGES[stage]
+    run(train_cmd(out, config, overrides, f"vae-{stage}", extra))
+    stage_cache(clips, out / f"vae-{stage}" / "final" / "vae", out / f"latents-{stage}")
     run_lanes(out, lanes, extra)
 
 
@@ -263,9 +260,10 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
     params = {n: sum(t.numel() for t in load_file(ship / n / "model.safetensors").values())
               for n in ("vae", "dit", "text_encoder")}  # fmt: skip
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
-    clips = len(list((out / "latents").glob("clip-*.safetensors")))
-    joint_clips = len(list((out / "latents-joint").glob("clip-*.safetensors")))
-    joint2_clips = len(list((out / "latents-joint2").glob("clip-*.safetensors")))
+    clips, joint_clips, joint2_clips = (
+        len(list((out / folder).glob("clip-*.safetensors")))
+        for folder in ("latents", "latents-joint", "latents-joint2")
+    )
     history_file = out / "HISTORY.md"  # the runs as they actually went, written by hand
     history = (
         ["## How it actually ran", "", history_file.read_text().strip(), ""] if history_file.is_file() else []
