@@ -7,6 +7,8 @@ Prints and writes (``--json``):
   seen in training: how often the largest object the oracle finds has the asked colour, shape and motion;
 * text-to-image (split ``image``: the held-out prompts generated as one frame): colour and shape, as above
   (one frame shows no motion, so "all" means colour and shape);
+* image-to-video (split ``animate``): the first frames of held-out clips of the world animated with their
+  captions, scored as above, and the PSNR of the first output frame against the still (``first_psnr``);
 * VAE reconstruction PSNR on held-out clips of the world (17 frames, 64x64), and how often the oracle still reads
   their object's colour, shape and motion right through the VAE (roughly a ceiling for the denoiser's scores);
 * wall time of ``vidlatent generate "a red circle moving right" -o out.mp4`` in a fresh process (best and
@@ -31,19 +33,42 @@ from vidlatent.checkpoint import atomic_write
 from vidlatent.data.shapes import ShapesWorld, eval_prompts, oracle
 from vidlatent.pipelines.encode import psnr
 
+ANIMATE_SEED = 2024  # the held-out clips whose first frames the animate split starts from
+
 
 def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) -> dict:
-    """Generate ``count`` prompts of ``split`` (``image``: the held-out ones, one frame each) and score them."""
+    """Generate ``count`` items of ``split`` and score them with the oracle.
+
+    ``heldout``/``train``: text to video from the split's prompts; ``image``: the held-out prompts as one frame
+    (colour and shape); ``animate``: image to video from the first frame of held-out clips of the world with their
+    captions (also the PSNR of the first output frame against the still, ``first_psnr``).
+    """
     keys = ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
-    if split == "image":
-        job = {**job, "frames": 1}
-    prompts = eval_prompts("heldout" if split == "image" else split, count=count)
+    if split == "animate":
+        world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
+        scenes = [world.scene(i) for i in range(count)]
+        prompts = [
+            (sc.caption, (sc.objects[0].colour, sc.objects[0].shape, sc.objects[0].motion)) for sc in scenes
+        ]
+        stills = torch.stack([world.clip(i)[0][:, :1] for i in range(count)])
+
+        def make(s: int, chunk: list) -> torch.Tensor:
+            videos = pipe.animate(stills[s : s + len(chunk)], [p for p, _ in chunk], seed=seed + s, progress=False,
+                                  **job)  # fmt: skip
+            first.extend(psnr(v[:, :1], still, data_range=2.0) for v, still in zip(videos, stills[s:]))
+            return videos
+    else:
+        job = {**job, "frames": 1} if split == "image" else job
+        prompts = eval_prompts("heldout" if split == "image" else split, count=count)
+
+        def make(s: int, chunk: list) -> torch.Tensor:
+            return pipe.generate([p for p, _ in chunk], seed=seed + s, progress=False, **job)
+
     hits = {**dict.fromkeys(keys, 0), "all": 0, "nothing": 0}
-    misses = []
+    misses, first = [], []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s : s + batch]
-        videos = pipe.generate([p for p, _ in chunk], seed=seed + s, progress=False, **job)
-        for (prompt, (colour, shape, motion)), video in zip(chunk, videos):
+        for (prompt, (colour, shape, motion)), video in zip(chunk, make(s, chunk)):
             found = oracle(video)
             if not found:
                 hits["nothing"] += 1
@@ -58,7 +83,8 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
                 misses.append((prompt, tuple(top[key] for key in keys)))
         print(f"  {split}: {min(s + batch, len(prompts))}/{len(prompts)}", file=sys.stderr)
     n = len(prompts)
-    return {"prompts": n, **{k: v / n for k, v in hits.items()}, "examples_missed": misses[:10]}
+    extra = {"first_psnr": sum(first) / n} if first else {}
+    return {"prompts": n, **{k: v / n for k, v in hits.items()}, **extra, "examples_missed": misses[:10]}
 
 
 @torch.no_grad()
@@ -99,7 +125,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-clips", type=int, default=64)
     ap.add_argument("--cli-runs", type=int, default=3)
-    splits = ["heldout", "train", "image"]
+    splits = ["heldout", "train", "image", "animate"]
     ap.add_argument("--splits", nargs="+", default=splits, choices=splits)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
@@ -121,7 +147,8 @@ def main() -> None:
         results[split]["seconds"] = time.perf_counter() - t0
         r = results[split]
         scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)
-        print(f"{split}: {scores} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts)")
+        first = f", first frame {r['first_psnr']:.2f} dB" if "first_psnr" in r else ""
+        print(f"{split}: {scores} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts{first})")
     if args.vae_clips:
         results["vae"] = vae_psnr(pipe.vae, args.vae_clips)
         v = results["vae"]
