@@ -16,6 +16,7 @@ Stages (each resumes where an interrupted run stopped; rerunning a finished stag
   joint2 stage 4 again from stage 5's exports (``JOINT2_VAE``, ``JOINT2``); the denoiser also learns one-frame
          clips (``image_fraction``)
   polish3 both stage-6 lanes carried on (``POLISH3``); the denoiser with uniform sigmas (low-sigma detail)
+  i2v    the denoiser alone learns image-to-video conditioning (``I2V``: ``first_frame_dropout``)
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json) at --ship
   eval   scripts/eval_default.py on it, then write MODEL_CARD.md beside the weights
 
@@ -159,10 +160,28 @@ POLISH3 = {
                         "seed=10", "timestep_sampling=uniform", "shift=1", "image_fraction=0.25"],
     },
 }  # fmt: skip
+# Stage 8 ("i2v"): the denoiser alone carries on with the clean first latent frame given in half of its clip batches
+# (``first_frame_dropout``), so that animate can hand it the still as it is (``first_frame: clean``). Until then
+# animate pasted the still noised to each step's sigma into a denoiser that had only ever made whole clips.
+I2V = {
+    "dit": {
+        "dit-i2v": ["default-dit", "dit={out}/dit-polish3/final/dit", "text_encoder={out}/dit-polish3/final/text_encoder",
+                    "data={out}/latents-joint2", "captions={out}/latents-joint2/metadata.jsonl", "steps=4500",
+                    "lr=1.5e-4", "warmup_steps=50", "seed=11", "timestep_sampling=uniform", "shift=1",
+                    "image_fraction=0.25", "first_frame_dropout=0.5"],
+    },
+}  # fmt: skip
 # Stages that retrain the whole VAE: (its run, the lanes after it). Stage S names the run vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": (JOINT_VAE, JOINT), "joint2": (JOINT2_VAE, JOINT2)}
-# Later stages first: ship takes the latest stage whose lanes all finished.
-STAGE_LANES = {"polish3": POLISH3, "joint2": JOINT2, "polish": POLISH, "joint": JOINT, "refine": REFINE}
+# Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
+STAGE_LANES = {
+    "i2v": I2V,
+    "polish3": POLISH3,
+    "joint2": JOINT2,
+    "polish": POLISH,
+    "joint": JOINT,
+    "refine": REFINE,
+}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -235,13 +254,20 @@ def stage_joint(out: Path, stage: str, clips: int, extra: list[str]) -> None:
     run_lanes(out, lanes, extra)
 
 
-def stage_ship(out: Path, ship: Path) -> None:
-    vae_run, dit_run = "vae-finetune", "dit"  # stages 1b and 2, unless a later stage finished
+def shipped_runs(out: Path) -> tuple[str, str]:
+    """The (VAE run, denoiser run) to ship: each from the latest stage that trains it and whose lanes all finished
+    (the last run of its lane), else from stages 1b and 2."""
+    picked = {}
     for lanes in STAGE_LANES.values():
-        last = {lane: list(runs)[-1] for lane, runs in lanes.items()}  # the last run of each lane
+        last = {lane: list(runs)[-1] for lane, runs in lanes.items()}
         if all((out / name / "final").is_dir() for name in last.values()):
-            vae_run, dit_run = last["vae"], last["dit"]
-            break
+            for lane, name in last.items():
+                picked.setdefault(lane, name)
+    return picked.get("vae", "vae-finetune"), picked.get("dit", "dit")
+
+
+def stage_ship(out: Path, ship: Path) -> None:
+    vae_run, dit_run = shipped_runs(out)
     parts = (("vae", out / vae_run / "final" / "vae"), ("dit", out / dit_run / "final" / "dit"),
              ("text_encoder", out / dit_run / "final" / "text_encoder"))  # fmt: skip
     missing = [str(src) for _, src in parts if not src.is_dir()]
@@ -352,6 +378,10 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "",
         *lane_lines(POLISH3),
         "",
+        "Stage 8 (i2v): the denoiser alone, learning image-to-video conditioning:",
+        "",
+        *lane_lines(I2V),
+        "",
         *history,
         "## Evaluation (`scripts/eval_default.py`)",
         "",
@@ -362,12 +392,17 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for split, label in (("heldout", "held-out combinations"), ("train", "combinations seen in training"),
-                         ("image", "held-out prompts as one frame (text to image; all = colour and shape)")):  # fmt: skip
+                         ("image", "held-out prompts as one frame (text to image; all = colour and shape)"),
+                         ("animate", "first frames of held-out clips animated with their captions (image to video)")):  # fmt: skip
         if split in results:
             r = results[split]
             motion = f"{r['motion']:.1%}" if "motion" in r else "-"
             lines.append(f"| {label} | {r['prompts']} | {r['colour']:.1%} | {r['shape']:.1%} | {motion} "
                          f"| {r['all']:.1%} | {r['nothing']:.1%} |")  # fmt: skip
+    if "animate" in results:
+        a = results["animate"]
+        lines += ["", f"Image to video: the first output frame against the still, {a['first_psnr']:.2f} dB PSNR "
+                      f"(animate with first_frame={results.get('job', {}).get('first_frame')})."]  # fmt: skip
     if "vae" in results:
         v = results["vae"]
         lines += ["", f"VAE on {v['clips']} held-out clips (17x64x64): PSNR {v['psnr_mean']:.2f} dB mean, "
@@ -388,7 +423,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/default", help="working folder (checkpoints, latents, logs)")
     ap.add_argument("--ship", default=str(SHIP), help="where the pipeline folder goes")
-    stages = ["vae", "cache", "dit", "refine", "joint", "polish", "joint2", "polish3", "ship", "eval"]
+    stages = ["vae", "cache", "dit", "refine", "joint", "polish", "joint2", "polish3", "i2v", "ship", "eval"]
     ap.add_argument("--stages", nargs="+", default=stages, choices=stages)
     ap.add_argument("--clips", type=int, default=5000, help="training clips cached for the denoiser")
     ap.add_argument("--joint-clips", type=int, default=8000, help="training clips cached again in stage 4")
@@ -398,7 +433,7 @@ def main() -> None:
         "--refine-args",
         nargs="*",
         default=[],
-        help="key=value for every run of stages refine, joint, polish, joint2, polish3",
+        help="key=value for every run of stages refine to i2v",
     )
     ap.add_argument("--eval-args", nargs="*", default=[])
     args = ap.parse_args()
@@ -427,6 +462,8 @@ def main() -> None:
         timed(out, "joint2", lambda: stage_joint(out, "joint2", args.joint_clips, args.refine_args))
     if "polish3" in args.stages:
         timed(out, "polish3", lambda: run_lanes(out, POLISH3, args.refine_args))
+    if "i2v" in args.stages:
+        timed(out, "i2v", lambda: run_lanes(out, I2V, args.refine_args))
     if "ship" in args.stages:
         stage_ship(out, ship)
     if "eval" in args.stages:
