@@ -53,6 +53,7 @@ PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval
     "fps": 8.0,
     "negative_prompt": "",
     "seed": None,
+    "first_frame": "clean",  # animate: the stage-8 denoiser learnt the clean still (first_frame_dropout)
 }
 
 
