@@ -18,6 +18,7 @@ Prints and writes (``--json``):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -140,10 +141,11 @@ def main() -> None:
                 f"bad job option {kv!r}: expected key=value with key one of {', '.join(vars(pipe.config))}"
             )
         job[k] = type(getattr(pipe.config, k))(v)
-    results = {"model": args.model or "default", "job": {**vars(pipe.config), **job}}
+    pipe.config = dataclasses.replace(pipe.config, **job)  # every job takes them, first_frame (animate) too
+    results = {"model": args.model or "default", "job": vars(pipe.config)}
     for split in args.splits:
         t0 = time.perf_counter()
-        results[split] = score_prompts(pipe, split, args.count, args.batch, args.seed, **job)
+        results[split] = score_prompts(pipe, split, args.count, args.batch, args.seed)
         results[split]["seconds"] = time.perf_counter() - t0
         r = results[split]
         scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)
