@@ -1,7 +1,7 @@
 """Reproduce the shipped default model from nothing: the shapes world, our trainer, our configs.
 
     python scripts/train_default.py [--out runs/default] [--stages vae cache dit refine joint polish joint2 polish3
-                                                            ship eval]
+                                                            i2v ship eval]
 
 Stages (each resumes where an interrupted run stopped; rerunning a finished stage is a no-op):
   vae    vidlatent train default-vae            (configs: vidlatent/configs/train/default-vae.yaml), then
@@ -53,7 +53,6 @@ PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval
     "fps": 8.0,
     "negative_prompt": "",
     "seed": None,
-    "first_frame": "clean",  # animate: the stage-8 denoiser learnt the clean still (first_frame_dropout)
 }
 
 
@@ -283,7 +282,11 @@ def stage_ship(out: Path, ship: Path) -> None:
         if (ship / name).exists():
             shutil.rmtree(ship / name)
         tmp.rename(ship / name)
-    write_text(ship / "pipeline.json", json.dumps(PIPELINE, indent=2) + "\n")
+    # animate hands the still over as it is to a denoiser that learnt it (first_frame_dropout: stage 8)
+    i2v = any(arg.startswith("first_frame_dropout=") for lanes in STAGE_LANES.values()
+              for arg in lanes.get("dit", {}).get(dit_run, []))  # fmt: skip
+    pipeline = {**PIPELINE, "first_frame": "clean" if i2v else "noised"}
+    write_text(ship / "pipeline.json", json.dumps(pipeline, indent=2) + "\n")
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
     print(f"shipped {ship}: {size / 2**20:.1f} MiB of weights")
 
