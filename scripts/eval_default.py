@@ -140,6 +140,8 @@ def main() -> None:
             ap.error(
                 f"bad job option {kv!r}: expected key=value with key one of {', '.join(vars(pipe.config))}"
             )
+        if k == "seed":
+            ap.error("the seed of each batch comes from --seed; it is not a job option")
         job[k] = type(getattr(pipe.config, k))(v)
     pipe.config = dataclasses.replace(pipe.config, **job)  # every job takes them, first_frame (animate) too
     results = {"model": args.model or "default", "job": vars(pipe.config)}
