@@ -45,7 +45,7 @@ SHIP = ROOT / "vidlatent" / "weights" / "default"
 PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval_default.py)
     "sampler": "unipc",
     "steps": 20,
-    "guidance": 7.0,
+    "guidance": 5.0,
     "shift": 3.0,
     "frames": 17,
     "height": 64,
