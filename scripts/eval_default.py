@@ -45,6 +45,7 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
     captions (also the PSNR of the first output frame against the still, ``first_psnr``).
     """
     keys = ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
+    misses, first = [], []  # first: animate's first-frame PSNRs
     if split == "animate":
         world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
         scenes = [world.scene(i) for i in range(count)]
@@ -66,7 +67,6 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
             return pipe.generate([p for p, _ in chunk], seed=seed + s, progress=False, **job)
 
     hits = {**dict.fromkeys(keys, 0), "all": 0, "nothing": 0}
-    misses, first = [], []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s : s + batch]
         for (prompt, (colour, shape, motion)), video in zip(chunk, make(s, chunk)):

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,6 +57,18 @@ PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval
 }
 
 
+def vae_from(run: str, *overrides: str) -> list[str]:
+    """A ``default-vae-finetune`` run starting from ``run``'s exported VAE (``{out}`` is --out)."""
+    return ["default-vae-finetune", f"vae={{out}}/{run}/final/vae", *overrides]
+
+
+def dit_from(run: str, latents: str, *overrides: str) -> list[str]:
+    """A ``default-dit`` run starting from ``run``'s exported denoiser and text encoder, on the latent clips cached
+    in ``latents`` (with their captions)."""
+    return ["default-dit", f"dit={{out}}/{run}/final/dit", f"text_encoder={{out}}/{run}/final/text_encoder",
+            f"data={{out}}/{latents}", f"captions={{out}}/{latents}/metadata.jsonl", *overrides]  # fmt: skip
+
+
 # Stage 3 ("refine"): two lanes side by side, one CPU thread each (the denoiser's small kernels do not gain from a
 # second thread, so this trains faster here than two threads in turn). Each lane is a list of runs, in order:
 # run name -> train config and overrides ({out} is --out). The decoder alone learns, so the latents stay valid.
@@ -63,41 +76,34 @@ PIPELINE = {  # sampling defaults of the shipped model (chosen with scripts/eval
 # motion are decided) and the pipeline samples with the same shift.
 REFINE = {
     "vae": {
-        "vae-refine": ["default-vae-finetune", "vae={out}/vae-finetune/final/vae", "steps=2000", "lr=3e-4",
-                       "warmup_steps=30", "seed=2"],
-        "vae-refine2": ["default-vae-finetune", "vae={out}/vae-refine/final/vae", "steps=1300", "lr=2e-4",
-                        "warmup_steps=20", "seed=3"],
+        "vae-refine": vae_from("vae-finetune", "steps=2000", "lr=3e-4", "warmup_steps=30", "seed=2"),
+        "vae-refine2": vae_from("vae-refine", "steps=1300", "lr=2e-4", "warmup_steps=20", "seed=3"),
     },
     "dit": {
-        "dit-refine": ["default-dit", "dit={out}/dit/final/dit", "text_encoder={out}/dit/final/text_encoder",
-                       "data={out}/latents", "captions={out}/latents/metadata.jsonl", "steps=4000", "lr=3e-4",
-                       "warmup_steps=50", "seed=2"],
-        "dit-refine2": ["default-dit", "dit={out}/dit-refine/final/dit",
-                        "text_encoder={out}/dit-refine/final/text_encoder", "data={out}/latents",
-                        "captions={out}/latents/metadata.jsonl", "steps=7000", "lr=3e-4", "warmup_steps=50",
-                        "seed=3", "shift=3"],
+        "dit-refine": dit_from("dit", "latents", "steps=4000", "lr=3e-4", "warmup_steps=50", "seed=2"),
+        "dit-refine2": dit_from(
+            "dit-refine", "latents", "steps=7000", "lr=3e-4", "warmup_steps=50", "seed=3", "shift=3"
+        ),
     },
-}  # fmt: skip
+}
 
 # Stage 4 ("joint"): the encoder learns too. Through the stage-3 VAE the oracle found the right colour in only 20
 # of 32 held-out clips, and a linear probe from its latents to the objects' colours missed badly: the frozen encoder
 # had not learnt colour, and no decoder or denoiser can add it back. So the whole VAE trains (both threads, alone),
 # the training clips are encoded again with it, and then its decoder alone and the stage-3 denoiser (adapting to
 # the new latents) train side by side as in stage 3.
-JOINT_VAE = ["default-vae-finetune", "vae={out}/vae-refine2/final/vae", "vae_train=all", "steps=2400", "lr=4e-4",
-             "warmup_steps=30", "seed=4", "checkpoint_every=100"]  # fmt: skip
+JOINT_VAE = vae_from("vae-refine2", "vae_train=all", "steps=2400", "lr=4e-4", "warmup_steps=30",
+                     "seed=4", "checkpoint_every=100")  # fmt: skip
 JOINT = {
     "vae": {
-        "vae-joint-dec": ["default-vae-finetune", "vae={out}/vae-joint/final/vae", "steps=1700", "lr=2e-4",
-                          "warmup_steps=20", "seed=5"],
+        "vae-joint-dec": vae_from("vae-joint", "steps=1700", "lr=2e-4", "warmup_steps=20", "seed=5"),
     },
     "dit": {
-        "dit-joint": ["default-dit", "dit={out}/dit-refine2/final/dit",
-                      "text_encoder={out}/dit-refine2/final/text_encoder", "data={out}/latents-joint",
-                      "captions={out}/latents-joint/metadata.jsonl", "steps=6000", "lr=3e-4", "warmup_steps=50",
-                      "seed=5", "shift=3"],
+        "dit-joint": dit_from(
+            "dit-refine2", "latents-joint", "steps=6000", "lr=3e-4", "warmup_steps=50", "seed=5", "shift=3"
+        ),
     },
-}  # fmt: skip
+}
 # Stage 5 ("polish"): both stage-4 lanes carried on from their exports with a fresh, lower schedule (the latents stay
 # valid: only the decoder learns). When stage 4 stopped, the denoiser's loss was still falling (mean over its last
 # 750 steps 0.215, against 0.237 at its middle) and motion, which the VAE keeps (98% through the VAE), was the
@@ -106,42 +112,43 @@ JOINT = {
 # schedule from its first run's export.
 POLISH = {
     "vae": {
-        "vae-polish": ["default-vae-finetune", "vae={out}/vae-joint-dec/final/vae", "steps=2400", "lr=1.5e-4",
-                       "warmup_steps=20", "seed=6"],
-        "vae-polish2": ["default-vae-finetune", "vae={out}/vae-polish/final/vae", "steps=1600", "lr=1e-4",
-                        "warmup_steps=20", "seed=7"],
+        "vae-polish": vae_from("vae-joint-dec", "steps=2400", "lr=1.5e-4", "warmup_steps=20", "seed=6"),
+        "vae-polish2": vae_from("vae-polish", "steps=1600", "lr=1e-4", "warmup_steps=20", "seed=7"),
     },
     "dit": {
-        "dit-polish": ["default-dit", "dit={out}/dit-joint/final/dit",
-                       "text_encoder={out}/dit-joint/final/text_encoder", "data={out}/latents-joint",
-                       "captions={out}/latents-joint/metadata.jsonl", "steps=7500", "lr=2e-4", "warmup_steps=50",
-                       "seed=6", "shift=3"],
-        "dit-polish2": ["default-dit", "dit={out}/dit-polish/final/dit",
-                        "text_encoder={out}/dit-polish/final/text_encoder", "data={out}/latents-joint",
-                        "captions={out}/latents-joint/metadata.jsonl", "steps=5000", "lr=1.5e-4",
-                        "warmup_steps=50", "seed=7", "shift=3"],
+        "dit-polish": dit_from(
+            "dit-joint", "latents-joint", "steps=7500", "lr=2e-4", "warmup_steps=50", "seed=6", "shift=3"
+        ),
+        "dit-polish2": dit_from(
+            "dit-polish", "latents-joint", "steps=5000", "lr=1.5e-4", "warmup_steps=50", "seed=7", "shift=3"
+        ),
     },
-}  # fmt: skip
+}
 # Stage 6 ("joint2"): stage 4 again from stage 5's exports. The decoder alone had flattened out (+0.7, then +0.27
 # dB) and shape, which the oracle misreads in 20% of true clips after the VAE round trip, was capped by the VAE: so
 # the whole VAE trains again (lower rate than stage 4: it starts from a trained pair), the clips are cached again,
 # and its decoder and the stage-5 denoiser (adapting to the new latents) train side by side. The denoiser now also
 # learns one-frame generation (text to image; the morph and animate inputs): ``image_fraction`` of its batches keep
 # only each clip's first latent frame, which the causal VAE encodes exactly as it encodes that frame alone.
-JOINT2_VAE = ["default-vae-finetune", "vae={out}/vae-polish2/final/vae", "vae_train=all", "steps=2600", "lr=2e-4",
-              "warmup_steps=30", "seed=8", "checkpoint_every=100"]  # fmt: skip
+JOINT2_VAE = vae_from("vae-polish2", "vae_train=all", "steps=2600", "lr=2e-4", "warmup_steps=30",
+                      "seed=8", "checkpoint_every=100")  # fmt: skip
 JOINT2 = {
     "vae": {
-        "vae-joint2-dec": ["default-vae-finetune", "vae={out}/vae-joint2/final/vae", "steps=1600", "lr=1.5e-4",
-                           "warmup_steps=20", "seed=9"],
+        "vae-joint2-dec": vae_from("vae-joint2", "steps=1600", "lr=1.5e-4", "warmup_steps=20", "seed=9"),
     },
     "dit": {
-        "dit-joint2": ["default-dit", "dit={out}/dit-polish2/final/dit",
-                       "text_encoder={out}/dit-polish2/final/text_encoder", "data={out}/latents-joint2",
-                       "captions={out}/latents-joint2/metadata.jsonl", "steps=5500", "lr=2e-4", "warmup_steps=50",
-                       "seed=9", "shift=3", "image_fraction=0.25"],
+        "dit-joint2": dit_from(
+            "dit-polish2",
+            "latents-joint2",
+            "steps=5500",
+            "lr=2e-4",
+            "warmup_steps=50",
+            "seed=9",
+            "shift=3",
+            "image_fraction=0.25",
+        ),
     },
-}  # fmt: skip
+}
 # Stage 7 ("polish3"): both stage-6 lanes carried on. The generated squares were blobs the oracle read as circles (0
 # of 21 held-out square prompts right) although the VAE keeps true squares (13 of 16 held-out square clips), and
 # an edit at strength 0.2 (only sigmas below ~0.43 re-run) already turned every square into a blob: the denoiser
@@ -151,29 +158,43 @@ JOINT2 = {
 # VAE passed 32 dB and one-frame images gained, but squares stayed blobs (0 of 21; HISTORY in the model card).
 POLISH3 = {
     "vae": {
-        "vae-polish3": ["default-vae-finetune", "vae={out}/vae-joint2-dec/final/vae", "steps=3000", "lr=1.5e-4",
-                        "warmup_steps=20", "seed=10"],
+        "vae-polish3": vae_from("vae-joint2-dec", "steps=3000", "lr=1.5e-4", "warmup_steps=20", "seed=10"),
     },
     "dit": {
-        "dit-polish3": ["default-dit", "dit={out}/dit-joint2/final/dit",
-                        "text_encoder={out}/dit-joint2/final/text_encoder", "data={out}/latents-joint2",
-                        "captions={out}/latents-joint2/metadata.jsonl", "steps=9000", "lr=2e-4", "warmup_steps=50",
-                        "seed=10", "timestep_sampling=uniform", "shift=1", "image_fraction=0.25"],
+        "dit-polish3": dit_from(
+            "dit-joint2",
+            "latents-joint2",
+            "steps=9000",
+            "lr=2e-4",
+            "warmup_steps=50",
+            "seed=10",
+            "timestep_sampling=uniform",
+            "shift=1",
+            "image_fraction=0.25",
+        ),
     },
-}  # fmt: skip
+}
 # Stage 8 ("i2v"): the denoiser alone carries on with the clean first latent frame given in half of its clip batches
 # (``first_frame_dropout``), so that animate can hand it the still as it is (``first_frame: clean``). Until then
 # animate pasted the still noised to each step's sigma into a denoiser that had only ever made whole clips.
 I2V = {
     "dit": {
-        "dit-i2v": ["default-dit", "dit={out}/dit-polish3/final/dit", "text_encoder={out}/dit-polish3/final/text_encoder",
-                    "data={out}/latents-joint2", "captions={out}/latents-joint2/metadata.jsonl", "steps=4500",
-                    "lr=1.5e-4", "warmup_steps=50", "seed=11", "timestep_sampling=uniform", "shift=1",
-                    "image_fraction=0.25", "first_frame_dropout=0.5"],
+        "dit-i2v": dit_from(
+            "dit-polish3",
+            "latents-joint2",
+            "steps=4500",
+            "lr=1.5e-4",
+            "warmup_steps=50",
+            "seed=11",
+            "timestep_sampling=uniform",
+            "shift=1",
+            "image_fraction=0.25",
+            "first_frame_dropout=0.5",
+        ),
     },
-}  # fmt: skip
-# Stages that retrain the whole VAE: (its run, the lanes after it). Stage S names the run vae-S, its latents latents-S.
-JOINT_STAGES = {"joint": (JOINT_VAE, JOINT), "joint2": (JOINT2_VAE, JOINT2)}
+}
+# Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
+JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
 STAGE_LANES = {
     "i2v": I2V,
@@ -249,10 +270,10 @@ def run_lanes(out: Path, lanes: dict, extra: list[str]) -> None:
 
 def stage_joint(out: Path, stage: str, clips: int, extra: list[str]) -> None:
     """Stages 4 and 6: the whole VAE (both threads), its latents cached afresh, then the stage's lanes."""
-    (config, *overrides), lanes = JOINT_STAGES[stage]
+    config, *overrides = JOINT_STAGES[stage]
     run(train_cmd(out, config, overrides, f"vae-{stage}", extra))
     stage_cache(clips, out / f"vae-{stage}" / "final" / "vae", out / f"latents-{stage}")
-    run_lanes(out, lanes, extra)
+    run_lanes(out, STAGE_LANES[stage], extra)
 
 
 def shipped_runs(out: Path) -> tuple[str, str]:
@@ -308,8 +329,10 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
     dit_cfg = (ROOT / "vidlatent" / "configs" / "train" / "default-dit.yaml").read_text()
     from safetensors.torch import load_file
 
-    params = {n: sum(t.numel() for t in load_file(ship / n / "model.safetensors").values())
-              for n in ("vae", "dit", "text_encoder")}  # fmt: skip
+    params = {
+        n: sum(t.numel() for t in load_file(ship / n / "model.safetensors").values())
+        for n in ("vae", "dit", "text_encoder")
+    }
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
     clips, joint_clips, joint2_clips = (
         len(list((out / folder).glob("clip-*.safetensors")))
@@ -428,7 +451,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/default", help="working folder (checkpoints, latents, logs)")
     ap.add_argument("--ship", default=str(SHIP), help="where the pipeline folder goes")
-    stages = ["vae", "cache", "dit", "refine", "joint", "polish", "joint2", "polish3", "i2v", "ship", "eval"]
+    stages = ["vae", "cache", "dit", *reversed(STAGE_LANES), "ship", "eval"]
     ap.add_argument("--stages", nargs="+", default=stages, choices=stages)
     ap.add_argument("--clips", type=int, default=5000, help="training clips cached for the denoiser")
     ap.add_argument("--joint-clips", type=int, default=8000, help="training clips cached again in stage 4")
@@ -457,18 +480,12 @@ def main() -> None:
         cmd = train_cmd(out, "default-dit", ["data={out}/latents", "captions={out}/latents/metadata.jsonl"], "dit",
                         args.dit_args)  # fmt: skip
         timed(out, "dit", lambda: run(cmd))
-    if "refine" in args.stages:
-        timed(out, "refine", lambda: run_lanes(out, REFINE, args.refine_args))
-    if "joint" in args.stages:
-        timed(out, "joint", lambda: stage_joint(out, "joint", args.joint_clips, args.refine_args))
-    if "polish" in args.stages:
-        timed(out, "polish", lambda: run_lanes(out, POLISH, args.refine_args))
-    if "joint2" in args.stages:
-        timed(out, "joint2", lambda: stage_joint(out, "joint2", args.joint_clips, args.refine_args))
-    if "polish3" in args.stages:
-        timed(out, "polish3", lambda: run_lanes(out, POLISH3, args.refine_args))
-    if "i2v" in args.stages:
-        timed(out, "i2v", lambda: run_lanes(out, I2V, args.refine_args))
+    # stages 3-8 in order; a stage in JOINT_STAGES trains its whole VAE and caches latents before its lanes
+    for stage in reversed(STAGE_LANES):
+        if stage in args.stages and stage in JOINT_STAGES:
+            timed(out, stage, partial(stage_joint, out, stage, args.joint_clips, args.refine_args))
+        elif stage in args.stages:
+            timed(out, stage, partial(run_lanes, out, STAGE_LANES[stage], args.refine_args))
     if "ship" in args.stages:
         stage_ship(out, ship)
     if "eval" in args.stages:
