@@ -113,6 +113,64 @@ def test_file_broken_after_the_scan_is_reported_and_skipped(latents, tmp_path, c
     assert f"skipping {broken}" in capsys.readouterr().out
 
 
+def test_in_memory_dataset_serves_the_same_clips_and_trains_the_same(latents, tmp_path, monkeypatch):
+    ds = LatentDataset(latents["mixed"], captions=latents["metadata"])
+    mem = LatentDataset(latents["mixed"], captions=latents["metadata"], in_memory=True)
+    assert [it.path for it in mem.items] == [it.path for it in ds.items] and len(mem.bad) == 2
+    for i in range(len(ds)):
+        (a, ca), (b, cb) = ds[i], mem[i]
+        assert ca == cb and torch.equal(a, b)
+    # a file broken after the scan but before the in-memory read is dropped and listed with the bad ones
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in latents["mixed"].glob("*.safetensors"):
+        (data / f.name).write_bytes(f.read_bytes())
+    losses = Trainer(config(data, tmp_path / "disk", "steps=3", "checkpoint_every=100")).train()
+    memory = Trainer(config(data, tmp_path / "mem", "steps=3", "checkpoint_every=100", "data_in_memory=true"))
+    assert memory.train() == losses  # same batches, same draws: the same run
+
+    victim = sorted(data.glob("*.safetensors"))[0]
+    real = LatentDataset._read
+
+    def flaky(item):
+        if item.path == victim:
+            raise OSError("gone")
+        return real(item)
+
+    monkeypatch.setattr(LatentDataset, "_read", staticmethod(flaky))
+    partial = LatentDataset(data, in_memory=True)
+    assert len(partial) == 3 and str(victim) in [p for p, _ in partial.bad]
+
+
+def test_max_minutes_ends_the_run_and_its_cosine_on_time(latents, tmp_path, monkeypatch):
+    """A fake clock makes every step take 0.5 s: a 3-second budget stops a 1000-step run after 6 steps, the
+    cosine has run its course by then, the checkpoint and export are written, and a resume runs no more."""
+    import vidlatent.train.trainer as trainer_module
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock) * 0.5)
+    budget = [
+        "steps=1000",
+        "max_minutes=0.05",
+        "schedule=cosine",
+        "warmup_steps=0",
+        "lr=1e-3",
+        "min_lr_ratio=0",
+        "checkpoint_every=100",
+    ]
+    run = Trainer(config(latents["one"], tmp_path, *budget))
+    assert len(run.train()) == 6 and run.step == 6 and run.elapsed == pytest.approx(3.0)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+    assert (tmp_path / "final" / "dit" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    again = Trainer(config(latents["one"], tmp_path, *budget, "resume=auto"))
+    assert again.train() == [] and again.step == 6 and again.elapsed == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        Trainer(config(latents["one"], tmp_path, "max_minutes=-1"))
+
+
 def test_raw_latent_files_are_normalized(latents):
     raw_ds = LatentDataset(latents["raw"])
     z, meta = load_latents(raw_ds.items[0].path, raw=True)
@@ -213,6 +271,10 @@ def test_non_finite_gradient_stops_before_the_update(latents, tmp_path):
     assert trainer.step == 1
     assert all(torch.equal(before[k], p) for k, p in trainer.params.items())
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+
+
+def test_mixed_precision_no_on_the_command_line_is_no():
+    assert load_train_config("tiny", overrides=["data=x", "mixed_precision=no"]).mixed_precision == "no"
 
 
 def test_gradient_checkpointing_and_bf16_options(latents, tmp_path):

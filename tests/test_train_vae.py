@@ -3,6 +3,7 @@ and the latent cache of the shapes world that the denoiser trains on."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vidlatent.data.shapes import ShapesWorld
 from vidlatent.models.vae import CausalVAE
@@ -127,10 +128,20 @@ def test_world_latent_cache(tmp_path):
     cache_world_latents(world, vae, 8, tmp_path / "cache", progress=False)  # rerun: keeps, adds two
     assert (tmp_path / "cache" / "clip-0000002.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentDataset(tmp_path / "cache", captions)) == 8
+    # rendering in worker processes gives the same files (2 workers; the first 8 clips again, elsewhere)
+    cache_world_latents(world, vae, 8, tmp_path / "pool", batch_size=3, progress=False, workers=2)
+    for i in range(8):
+        name = f"clip-{i:07d}.safetensors"
+        a, b = load_file(tmp_path / "cache" / name), load_file(tmp_path / "pool" / name)
+        assert torch.equal(a["latents"], b["latents"]), name
+    assert (tmp_path / "pool" / "metadata.jsonl").read_text() == captions.read_text()
+    with pytest.raises(ValueError, match="crop"):
+        cache_world_latents(ShapesWorld(32, 32, 5, crop=16), vae, 2, tmp_path / "crop", workers=2)
 
 
 PERCEPTUAL = """
 import torch
+from safetensors.torch import load_file
 
 
 class Features(torch.nn.Module):

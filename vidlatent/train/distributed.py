@@ -62,10 +62,10 @@ def share(n: int, rank: int, world_size: int) -> range:
     return range(lo, lo + q + (rank < r))
 
 
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (nothing without a process group); returns it."""
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (``op="max"``: the largest of) ``t`` over ranks in place (nothing without a process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 

@@ -95,6 +95,7 @@ class TrainConfig:
     data_options: dict = field(default_factory=dict)
     num_workers: int = 0  # DataLoader worker processes reading videos (task=vae on a folder)
     captions: str | None = None  # metadata.jsonl or .csv with path + caption (else sidecar .txt files)
+    data_in_memory: bool = False  # denoiser: read every latent file once at the start, not per batch
     output: str = "runs/train"  # checkpoints/, metrics.jsonl
     dit: str = "tiny"  # dit preset name or vidlatent/diffusers folder
     dit_overrides: list[str] = field(default_factory=list)  # key=value DiTConfig fields (presets only)
@@ -120,6 +121,7 @@ class TrainConfig:
     disc_lr: float = 1.0e-4
     seed: int = 0
     steps: int = 1000  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock budget of the training steps (summed over resumes); 0 = none
     batch_size: int = 1  # clips per micro-batch (one shape bucket)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1.0e-4
@@ -164,6 +166,8 @@ def load_train_config(*files: str | os.PathLike, overrides=()) -> TrainConfig:
         else:
             paths.append(f)
     cfg = load_config(TrainConfig, "train", preset, *paths, overrides=overrides)
+    if cfg.mixed_precision == "False":  # YAML reads a bare ``mixed_precision=no`` as the boolean false
+        cfg.mixed_precision = "no"
     _check(cfg)
     return cfg
 
@@ -185,6 +189,8 @@ def _check(cfg: TrainConfig) -> None:
         )
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {cfg.num_workers}")
+    if cfg.max_minutes < 0:
+        raise ValueError(f"max_minutes must be >= 0 (0 = no time budget); got {cfg.max_minutes}")
     if cfg.parallel not in distributed.PARALLEL:
         raise ValueError(f"unknown parallel {cfg.parallel!r}; accepted: {', '.join(distributed.PARALLEL)}")
     if cfg.schedule not in SCHEDULES:
@@ -249,13 +255,17 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without writing a checkpoint of that state."""
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+def lr_factor(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine.
+
+    With ``max_minutes`` the cosine runs to whichever ends first: ``steps``, or the budget (``time_used`` is
+    the fraction of it spent), so a run stopped by its budget has finished its schedule."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = max((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), time_used)
+    progress = min(1.0, progress)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -265,9 +275,10 @@ class _LRLambda:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.time_used = 0.0  # fraction of max_minutes spent (set by the trainer before each step)
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.cfg)
+        return lr_factor(step, self.cfg, self.time_used)
 
 
 def dit_flops(config: DiTConfig, tokens: int, text_tokens: int) -> int:
@@ -311,6 +322,7 @@ class Trainer:
         self.output = Path(cfg.output)
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0  # optimizer steps done
+        self.elapsed = 0.0  # seconds spent in training steps, over resumes (max_minutes)
         self.epoch, self.batch_index = 0, 0  # data position: next batch to read
         self.last_checkpoint: Path | None = None
         self.losses: list[float] = []  # loss of each step this process ran
@@ -354,7 +366,8 @@ class Trainer:
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LRLambda(cfg))
+        self._lr_lambda = _LRLambda(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.ema = (
             {k: p.detach().float().clone() for k, p in self.params.items()} if cfg.ema_decay > 0 else None
         )
@@ -404,7 +417,7 @@ class Trainer:
 
     def _build_denoiser(self) -> None:
         cfg = self.config
-        self.dataset = LatentDataset(cfg.data, cfg.captions)
+        self.dataset = LatentDataset(cfg.data, cfg.captions, in_memory=cfg.data_in_memory)
         if not len(self.dataset):
             raise ValueError(f"no usable latent files in {cfg.data}: {self.dataset.summary()}")
         # every rank reads the same global batches (batch_size clips per rank) and takes its share
@@ -685,6 +698,7 @@ class Trainer:
         Raises ``NonFiniteLossError`` (before touching the weights) when a loss or the gradient norm is NaN/inf.
         """
         cfg = self.config
+        started = time.perf_counter()
         for m in self.models.values():
             m.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -751,6 +765,9 @@ class Trainer:
             )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.elapsed += time.perf_counter() - started
+        if cfg.max_minutes:  # the next step's lr follows the time spent so far
+            self._lr_lambda.time_used = self._time_used()
         self.scheduler.step()
         if self.disc is not None and self.step >= cfg.disc_start:
             parts["disc"] = self._disc_step(x0)
@@ -766,6 +783,13 @@ class Trainer:
             "flops": flops,
         }
         return {**metrics, **parts}
+
+    def _time_used(self) -> float:
+        """The fraction of ``max_minutes`` spent (0 without a budget): the ranks' largest, so all agree."""
+        if not self.config.max_minutes:
+            return 0.0
+        spent = distributed.all_reduce_(torch.tensor([self.elapsed], device=self.device), op="max")
+        return float(spent.item()) / (60 * self.config.max_minutes)
 
     def _clip_fsdp(self, params: list[torch.Tensor]) -> float:
         """Global gradient norm (and clipping, like ``clip_grad_norm_``) over sharded and replicated grads."""
@@ -1015,6 +1039,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_index": self.batch_index,
+            "elapsed": self.elapsed,
             "optimizer": optimizer,
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "generator": self.generator.get_state(),
@@ -1084,6 +1109,8 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
+        self.elapsed = float(state.get("elapsed", 0.0))  # checkpoints from before max_minutes have none
+        self._lr_lambda.time_used = self._time_used()
         self._loader = None  # task=vae on videos: the loader restarts at the restored position
         self.last_checkpoint = folder
 
@@ -1117,7 +1144,8 @@ class Trainer:
             atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
     def train(self, until: int | None = None) -> list[float]:
-        """Run (resuming if ``config.resume`` says so) to ``config.steps``, or stop after step ``until``.
+        """Run (resuming if ``config.resume`` says so) to ``config.steps`` (or until ``max_minutes`` of
+        training steps are spent), or stop after step ``until``.
 
         Returns the losses of the steps this call ran. Writes metrics.jsonl rows and checkpoints, and at the
         last step the trained models (EMA weights where kept) to ``<output>/final`` (see ``export``).
@@ -1137,13 +1165,14 @@ class Trainer:
             dynamic_ncols=True,
         )
         with open(self.output / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
-            while self.step < stop:
+            while self.step < stop and self._lr_lambda.time_used < 1:
                 t0 = time.perf_counter()
                 m = self.train_step()
                 seconds = max(time.perf_counter() - t0, 1e-9)
+                last = self.step == cfg.steps or self._lr_lambda.time_used >= 1
                 m["tokens_per_s"] = m.pop("tokens") / seconds
                 m["tflop_s"] = m.pop("flops") / seconds / 1e12  # model FLOPs, all ranks together
-                if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if log is not None and (self.step % cfg.log_every == 0 or last):
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                 bar.update(1)
@@ -1155,12 +1184,12 @@ class Trainer:
                     lr=f"{m['lr']:.2e}",
                     **extra,
                 )
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and main:
                     self.write_sample()
         bar.close()
-        if self.step == cfg.steps:
+        if self.step == cfg.steps or self._lr_lambda.time_used >= 1:
             self.export(self.output / "final")
         return self.losses[start:]
 
