@@ -18,6 +18,7 @@ Letters: b batch, n tokens, d width, h heads, e head dim, k character trigrams p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -112,9 +113,14 @@ def build_vocab(texts: Iterable[str], min_count: int = 1, max_size: int | None =
 
 def word_trigrams(word: str, buckets: int) -> list[int]:
     """Hashed character trigrams of ``<word>`` in ``[1, buckets]`` (0 is padding); crc32, so stable everywhere."""
+    return list(_trigrams(word, buckets))
+
+
+@functools.lru_cache(maxsize=65536)  # a training run tokenizes the same few hundred words every step
+def _trigrams(word: str, buckets: int) -> tuple[int, ...]:
     padded = f"<{word}>"
     grams = [padded[i : i + 3] for i in range(max(len(padded) - 2, 1))][:_MAX_TRIGRAMS]
-    return [1 + zlib.crc32(g.encode("utf-8")) % buckets for g in grams]
+    return tuple(1 + zlib.crc32(g.encode("utf-8")) % buckets for g in grams)
 
 
 def _check_text(text) -> str:
@@ -227,21 +233,25 @@ class BuiltinTextEncoder(TextEncoder):
                 words = words[: cfg.max_length]
             rows.append(words)
         n = cfg.max_length if cfg.padding == "max_length" else max(max(len(w) for w in rows), 1)
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros(len(rows), n, dtype=torch.bool)
         grams = [
             [word_trigrams(w, cfg.trigram_buckets) if cfg.trigram_buckets else [] for w in r] for r in rows
         ]
         k = max((len(g) for r in grams for g in r), default=0)
-        trigrams = torch.zeros(len(rows), n, k, dtype=torch.long)
-        for i, words in enumerate(rows):
+        ids, trigrams, mask = (
+            [],
+            [],
+            [],
+        )  # nested lists made into tensors once (a training batch: 128 prompts)
+        for words, word_grams in zip(rows, grams):
             if not words:  # the empty prompt: one real <empty> token
-                ids[i, 0], mask[i, 0] = self.index[EMPTY], True
-                continue
-            ids[i, : len(words)] = torch.tensor([self.index.get(w, self.index[UNK]) for w in words])
-            mask[i, : len(words)] = True
-            for j, g in enumerate(grams[i]):
-                trigrams[i, j, : len(g)] = torch.tensor(g)
+                words, word_grams = [EMPTY], [[]]
+            pad = n - len(words)
+            ids.append([self.index.get(w, self.index[UNK]) for w in words] + [0] * pad)
+            trigrams.append([g + [0] * (k - len(g)) for g in word_grams] + [[0] * k] * pad)
+            mask.append([True] * len(words) + [False] * pad)
+        ids = torch.tensor(ids, dtype=torch.long)
+        trigrams = torch.tensor(trigrams, dtype=torch.long).view(len(rows), n, k)
+        mask = torch.tensor(mask, dtype=torch.bool)
         return ids, trigrams, mask
 
     def forward(self, ids: torch.Tensor, trigrams: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
