@@ -18,7 +18,8 @@ Stages (each resumes where an interrupted run stopped; rerunning a finished stag
   polish3 both stage-6 lanes carried on (``POLISH3``); the denoiser with uniform sigmas (low-sigma detail)
   i2v    the denoiser alone learns image-to-video conditioning (``I2V``: ``first_frame_dropout``)
   gpu    on a CUDA GPU: --gpu-clips clips cached, then three denoiser runs sharing it for a wall-clock budget
-         (``GPU``: two with one token per latent pixel, and the stage-8 denoiser carried on)
+         (``GPU``: two with one token per latent pixel, and the stage-8 denoiser carried on); the larger patch-1
+         run then carries on
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json) at --ship
   eval   scripts/eval_default.py on it, then write MODEL_CARD.md beside the weights
 
@@ -29,6 +30,7 @@ Wall times of the stages are kept in ``<out>/timings.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -195,15 +197,19 @@ I2V = {
         ),
     },
 }
-# Stage 9 ("gpu"): on one GPU (an H200), three denoiser runs sharing it, each stopped by a wall-clock budget
+# Stage 9 ("gpu"): on one GPU (an NVIDIA H200), three denoiser runs sharing it, each stopped by a wall-clock budget
 # (``max_minutes``; the cosine runs to it), on --gpu-clips training clips cached with the stage-7 VAE (the same
 # encoder as stage 6's). After stage 8 the generated squares were still blobs (1 of 21 held-out square prompts) with
 # every sampler setting tried: the 2x2-patch denoiser sees one token per 16x16 pixels. Two runs start afresh with
 # one token per latent pixel (``default-fine``, ``default-fine-small``; the text encoder from stage 8); the third
 # carries the stage-8 denoiser on with the same data and budget, to tell the architecture from the extra training.
+# Then the larger patch-1 run carries on alone (``dit-fine2``; it ran on a second machine with the first 12000 of
+# the clips cached afresh). The budgets are those the runs had; steps reached on the H200 are in the model card.
 GPU_ARGS = ("batch_size=128", "data_in_memory=true", "mixed_precision=bf16", "timestep_sampling=uniform", "shift=1",
-            "image_fraction=0.25", "first_frame_dropout=0.5", "steps=1000000", "max_minutes=6",
-            "checkpoint_every=2500", "log_every=50")  # fmt: skip
+            "image_fraction=0.25", "first_frame_dropout=0.5", "steps=1000000", "checkpoint_every=2500",
+            "log_every=50")  # fmt: skip
+SHARED = "max_minutes=6.31"  # the three runs at once
+GPU_CLIPS, GPU_NAME = 24000, "NVIDIA H200"
 
 
 def dit_new(preset: str, text_from: str, latents: str, *overrides: str) -> list[str]:
@@ -214,27 +220,20 @@ def dit_new(preset: str, text_from: str, latents: str, *overrides: str) -> list[
 
 GPU = {
     "dit": {
-        "dit-fine": dit_new(
-            "default-fine", "dit-i2v", "latents-gpu", *GPU_ARGS, "lr=6e-4", "warmup_steps=300", "seed=12"
-        )
-    },  # fmt: skip
+        "dit-fine": dit_new("default-fine", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
+                            "warmup_steps=300", "seed=12"),
+        "dit-fine2": dit_from("dit-fine", "latents-gpu", *GPU_ARGS, "max_minutes=2.53", "lr=3e-4",
+                              "warmup_steps=100", "seed=15"),
+    },
     "dit-small": {
-        "dit-fine-small": dit_new(
-            "default-fine-small",
-            "dit-i2v",
-            "latents-gpu",
-            *GPU_ARGS,
-            "lr=6e-4",
-            "warmup_steps=300",
-            "seed=13",
-        )
-    },  # fmt: skip
+        "dit-fine-small": dit_new("default-fine-small", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
+                                  "warmup_steps=300", "seed=13"),
+    },
     "dit-cont": {
-        "dit-gpu-cont": dit_from(
-            "dit-i2v", "latents-gpu", *GPU_ARGS, "lr=2e-4", "warmup_steps=100", "seed=14"
-        )
-    },  # fmt: skip
-}
+        "dit-gpu-cont": dit_from("dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=2e-4", "warmup_steps=100",
+                                 "seed=14"),
+    },
+}  # fmt: skip
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
@@ -378,6 +377,18 @@ def lane_lines(lanes: dict) -> list[str]:
     ]
 
 
+def dit_preset(folder: Path) -> str:
+    """The name of the dit preset whose layout the denoiser at ``folder`` has (else "custom")."""
+    from vidlatent.config import DiTConfig, list_presets, load_config
+
+    shipped = json.loads((folder / "config.json").read_text())
+    for name in list_presets("dit"):
+        preset = dataclasses.asdict(load_config(DiTConfig, "dit", name))
+        if all(shipped.get(k) == v for k, v in preset.items() if k != "gradient_checkpointing"):
+            return name
+    return "custom"
+
+
 def model_card(out: Path, ship: Path, results: dict) -> str:
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     vae_cfg = (ROOT / "vidlatent" / "configs" / "train" / "default-vae.yaml").read_text()
@@ -390,10 +401,11 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         for n in ("vae", "dit", "text_encoder")
     }
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
-    clips, joint_clips, joint2_clips = (
+    clips, joint_clips, joint2_clips, gpu_clips = (
         len(list((out / folder).glob("clip-*.safetensors")))
-        for folder in ("latents", "latents-joint", "latents-joint2")
+        for folder in ("latents", "latents-joint", "latents-joint2", "latents-gpu")
     )
+    gpu_clips = gpu_clips or GPU_CLIPS  # cached on the GPU machine, not kept here
     history_file = out / "HISTORY.md"  # the runs as they actually went, written by hand
     history = (
         ["## How it actually ran", "", history_file.read_text().strip(), ""] if history_file.is_file() else []
@@ -409,19 +421,19 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "| part | preset | parameters |",
         "|---|---|---|",
         f"| VAE (Wan 2.1 layout, 4x8x8, 16 channels) | vae/default | {params['vae'] / 1e6:.2f}M |",
-        f"| denoiser (Wan 2.1 T2V layout) | dit/default | {params['dit'] / 1e6:.2f}M |",
+        f"| denoiser (Wan 2.1 T2V layout) | dit/{dit_preset(ship / 'dit')} | {params['dit'] / 1e6:.2f}M |",
         f"| text encoder (built-in, word level) | text/default | {params['text_encoder'] / 1e6:.3f}M |",
         "",
         f"Weights: {size / 2**20:.1f} MiB of safetensors (fp32).",
         "",
         "## Training",
         "",
-        f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
-        f"torch {torch.__version__}.",
+        f"Hardware: stages 1-8 on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no "
+        f"GPU, torch {torch.__version__}; stage 9 on one {GPU_NAME} (torch 2.11).",
         "",
         "| stage | wall time |",
         "|---|---|",
-        *[f"| {k} | {v / 60:.1f} min |" for k, v in timings.items()],
+        *[f"| {k}{f' ({GPU_NAME})' if k == 'gpu' else ''} | {v / 60:.1f} min |" for k, v in timings.items()],
         "",
         "Stage 1a, `vidlatent train default-vae`:",
         "```yaml",
@@ -465,6 +477,11 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "Stage 8 (i2v): the denoiser alone, learning image-to-video conditioning:",
         "",
         *lane_lines(I2V),
+        "",
+        f"Stage 9 (gpu), on one {GPU_NAME}: {gpu_clips} training clips cached with the stage-7 VAE, then three",
+        "runs sharing the GPU, each for a wall-clock budget (`max_minutes`); the dit lane's second run alone after:",
+        "",
+        *lane_lines(GPU),
         "",
         *history,
         "## Evaluation (`scripts/eval_default.py`)",
@@ -511,7 +528,9 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=stages, choices=stages)
     ap.add_argument("--clips", type=int, default=5000, help="training clips cached for the denoiser")
     ap.add_argument("--joint-clips", type=int, default=8000, help="training clips cached again in stage 4")
-    ap.add_argument("--gpu-clips", type=int, default=24000, help="training clips cached for stage 9 (gpu)")
+    ap.add_argument(
+        "--gpu-clips", type=int, default=GPU_CLIPS, help="training clips cached for stage 9 (gpu)"
+    )
     ap.add_argument("--vae-args", nargs="*", default=[])
     ap.add_argument("--dit-args", nargs="*", default=[])
     ap.add_argument(
