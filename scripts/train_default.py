@@ -201,7 +201,7 @@ I2V = {
 # (``max_minutes``; the cosine runs to it), on --gpu-clips training clips cached with the stage-7 VAE (the same
 # encoder as stage 6's). After stage 8 the generated squares were still blobs (1 of 21 held-out square prompts) with
 # every sampler setting tried: the 2x2-patch denoiser sees one token per 16x16 pixels. Two runs start afresh with
-# one token per latent pixel (``default-fine``, ``default-fine-small``; the text encoder from stage 8); the third
+# one token per latent pixel (``default``, ``default-fine-small``; the text encoder from stage 8); the third
 # carries the stage-8 denoiser on with the same data and budget, to tell the architecture from the extra training.
 # Then the larger patch-1 run carries on alone (``dit-fine2``; it ran on a second machine with the first 12000 of
 # the clips cached afresh). The budgets are those the runs had; steps reached on the H200 are in the model card.
@@ -220,7 +220,7 @@ def dit_new(preset: str, text_from: str, latents: str, *overrides: str) -> list[
 
 GPU = {
     "dit": {
-        "dit-fine": dit_new("default-fine", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
+        "dit-fine": dit_new("default", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
                             "warmup_steps=300", "seed=12"),
         "dit-fine2": dit_from("dit-fine", "latents-gpu", *GPU_ARGS, "max_minutes=2.53", "lr=3e-4",
                               "warmup_steps=100", "seed=15"),
