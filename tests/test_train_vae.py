@@ -135,8 +135,13 @@ def test_world_latent_cache(tmp_path):
         a, b = load_file(tmp_path / "cache" / name), load_file(tmp_path / "pool" / name)
         assert torch.equal(a["latents"], b["latents"]), name
     assert (tmp_path / "pool" / "metadata.jsonl").read_text() == captions.read_text()
+    cropped = ShapesWorld(32, 32, 5, crop=16)
     with pytest.raises(ValueError, match="crop"):
-        cache_world_latents(ShapesWorld(32, 32, 5, crop=16), vae, 2, tmp_path / "crop", workers=2)
+        cache_world_latents(cropped, vae, 2, tmp_path / "crop", workers=2)
+    cache_world_latents(cropped, vae, 2, tmp_path / "crop", progress=False)  # in-process: the cropped clips
+    z = LatentDataset(tmp_path / "crop")[1][0]
+    expect = vae.normalize(vae.encode(cropped.clip(1)[0][None]).mode())[0]
+    assert z.shape[-1] == 2 and torch.allclose(z, expect, atol=1e-5)
 
 
 PERCEPTUAL = """

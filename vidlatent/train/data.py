@@ -251,7 +251,7 @@ def cache_world_latents(
     rows, batch = [], []
 
     def encode() -> None:
-        clips = [world.clip(i)[0] if world.crop else to_tensor(frames) for i, frames in batch]
+        clips = [f if isinstance(f, torch.Tensor) else to_tensor(f) for _, f in batch]
         video = torch.stack(clips).to(vae.device, vae.dtype)
         with torch.inference_mode():
             z = vae.normalize(vae.encode(video).mode()).float().cpu()
@@ -262,19 +262,21 @@ def cache_world_latents(
         bar.update(len(batch))
         batch.clear()
 
-    for i, (caption, frames) in zip(indices, items):
-        rows.append(json.dumps({"path": f"clip-{i:07d}.safetensors", "caption": caption}))
-        if frames is None:  # cached by an earlier run
-            bar.update(1)
-            continue
-        batch.append((i, frames))
-        if len(batch) == batch_size:
+    try:
+        for i, (caption, frames) in zip(indices, items):
+            rows.append(json.dumps({"path": f"clip-{i:07d}.safetensors", "caption": caption}))
+            if frames is None:  # cached by an earlier run
+                bar.update(1)
+                continue
+            batch.append((i, frames))
+            if len(batch) == batch_size:
+                encode()
+        if batch:
             encode()
-    if batch:
-        encode()
-    bar.close()
-    if pool is not None:
-        pool.shutdown()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     captions = folder / "metadata.jsonl"
     atomic_write(captions, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
     return captions
@@ -293,8 +295,9 @@ def _cached_item(index: int):
 
 
 def _item(world, folder: Path, index: int):
-    """(caption, uint8 (f, h, w, 3) frames) of clip ``index``; frames None when its file is already there."""
+    """(caption, uint8 (f, h, w, 3) frames) of clip ``index``; frames None when its file is already there, and
+    the clip itself (``ShapesWorld.clip``: cropped) for a world with ``crop``."""
     scene = world.scene(index)
     if (folder / f"clip-{index:07d}.safetensors").is_file():
         return scene.caption, None
-    return scene.caption, world.render(scene)
+    return scene.caption, world.clip(index)[0] if world.crop else world.render(scene)
