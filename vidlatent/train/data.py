@@ -87,8 +87,8 @@ class LatentDataset:
     caption and is counted in ``uncaptioned``. Files that are not readable latent files are listed in
     ``bad`` as ``(path, reason)`` and skipped. ``dataset[i]`` is ``(latents (c t h w) float32, caption)``,
     normalized latents (files stored raw are normalized with the statistics they carry). ``in_memory`` reads
-    every file once here and serves batches from memory (a GPU step outruns per-step file reads; a 17-frame
-    64x64 clip of the default VAE takes 20 KB).
+    every file once here and serves batches from memory (a GPU step is quicker than reading its batch; a
+    17-frame 64x64 clip of the default VAE takes 20 KB).
     """
 
     def __init__(self, root, captions: str | os.PathLike | None = None, in_memory: bool = False):
