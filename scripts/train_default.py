@@ -66,11 +66,16 @@ def vae_from(run: str, *overrides: str) -> list[str]:
     return ["default-vae-finetune", f"vae={{out}}/{run}/final/vae", *overrides]
 
 
-def dit_from(run: str, latents: str, *overrides: str) -> list[str]:
-    """A ``default-dit`` run starting from ``run``'s exported denoiser and text encoder, on the latent clips cached
-    in ``latents`` (with their captions)."""
-    return ["default-dit", f"dit={{out}}/{run}/final/dit", f"text_encoder={{out}}/{run}/final/text_encoder",
+def dit_run(dit: str, text_from: str, latents: str, *overrides: str) -> list[str]:
+    """A ``default-dit`` run of denoiser ``dit`` (a preset, or an export) with ``text_from``'s exported text
+    encoder, on the latent clips cached in ``latents`` (with their captions)."""
+    return ["default-dit", f"dit={dit}", f"text_encoder={{out}}/{text_from}/final/text_encoder",
             f"data={{out}}/{latents}", f"captions={{out}}/{latents}/metadata.jsonl", *overrides]  # fmt: skip
+
+
+def dit_from(run: str, latents: str, *overrides: str) -> list[str]:
+    """A ``default-dit`` run starting from ``run``'s exported denoiser and text encoder, on ``latents``."""
+    return dit_run(f"{{out}}/{run}/final/dit", run, latents, *overrides)
 
 
 # Stage 3 ("refine"): two lanes side by side, one CPU thread each (the denoiser's small kernels do not gain from a
@@ -212,21 +217,15 @@ SHARED = "max_minutes=6.31"  # the three runs at once
 GPU_CLIPS, GPU_NAME = 24000, "NVIDIA H200"
 
 
-def dit_new(preset: str, text_from: str, latents: str, *overrides: str) -> list[str]:
-    """A ``default-dit`` run of a fresh ``preset`` denoiser with ``text_from``'s exported text encoder."""
-    return ["default-dit", f"dit={preset}", f"text_encoder={{out}}/{text_from}/final/text_encoder",
-            f"data={{out}}/{latents}", f"captions={{out}}/{latents}/metadata.jsonl", *overrides]  # fmt: skip
-
-
 GPU = {
     "dit": {
-        "dit-fine": dit_new("default", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
+        "dit-fine": dit_run("default", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
                             "warmup_steps=300", "seed=12"),
         "dit-fine2": dit_from("dit-fine", "latents-gpu", *GPU_ARGS, "max_minutes=2.53", "lr=3e-4",
                               "warmup_steps=100", "seed=15"),
     },
     "dit-small": {
-        "dit-fine-small": dit_new("default-fine-small", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
+        "dit-fine-small": dit_run("default-fine-small", "dit-i2v", "latents-gpu", *GPU_ARGS, SHARED, "lr=6e-4",
                                   "warmup_steps=300", "seed=13"),
     },
     "dit-cont": {

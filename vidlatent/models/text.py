@@ -237,11 +237,8 @@ class BuiltinTextEncoder(TextEncoder):
             [word_trigrams(w, cfg.trigram_buckets) if cfg.trigram_buckets else [] for w in r] for r in rows
         ]
         k = max((len(g) for r in grams for g in r), default=0)
-        ids, trigrams, mask = (
-            [],
-            [],
-            [],
-        )  # nested lists made into tensors once (a training batch: 128 prompts)
+        # nested lists, made into tensors once (a training batch tokenizes 128 prompts a step)
+        ids, trigrams, mask = [], [], []
         for words, word_grams in zip(rows, grams):
             if not words:  # the empty prompt: one real <empty> token
                 words, word_grams = [EMPTY], [[]]

@@ -788,8 +788,15 @@ class Trainer:
         """The fraction of ``max_minutes`` spent (0 without a budget): the ranks' largest, so all agree."""
         if not self.config.max_minutes:
             return 0.0
-        spent = distributed.all_reduce_(torch.tensor([self.elapsed], device=self.device), op="max")
-        return float(spent.item()) / (60 * self.config.max_minutes)
+        spent = self.elapsed
+        if self.dist.enabled:  # a collective per step only where there are ranks to agree
+            spent = distributed.all_reduce_(torch.tensor([spent], device=self.device), op="max").item()
+        return spent / (60 * self.config.max_minutes)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is over: all ``steps`` done, or its ``max_minutes`` spent."""
+        return self.step >= self.config.steps or self._lr_lambda.time_used >= 1
 
     def _clip_fsdp(self, params: list[torch.Tensor]) -> float:
         """Global gradient norm (and clipping, like ``clip_grad_norm_``) over sharded and replicated grads."""
@@ -1165,11 +1172,11 @@ class Trainer:
             dynamic_ncols=True,
         )
         with open(self.output / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
-            while self.step < stop and self._lr_lambda.time_used < 1:
+            while self.step < stop and not self.finished:
                 t0 = time.perf_counter()
                 m = self.train_step()
                 seconds = max(time.perf_counter() - t0, 1e-9)
-                last = self.step == cfg.steps or self._lr_lambda.time_used >= 1
+                last = self.finished
                 m["tokens_per_s"] = m.pop("tokens") / seconds
                 m["tflop_s"] = m.pop("flops") / seconds / 1e12  # model FLOPs, all ranks together
                 if log is not None and (self.step % cfg.log_every == 0 or last):
@@ -1189,7 +1196,7 @@ class Trainer:
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and main:
                     self.write_sample()
         bar.close()
-        if self.step == cfg.steps or self._lr_lambda.time_used >= 1:
+        if self.finished:
             self.export(self.output / "final")
         return self.losses[start:]
 
