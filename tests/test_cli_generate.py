@@ -107,6 +107,8 @@ def test_jobs_in_a_subprocess_write_their_videos(runs, job, name, shape):
         (["morph", "{media}/a.png", "{media}/b.png", "--frames", "3", "--mode", "noise", "--prompt-a", "red",
           "--prompt-b", "blue", "--steps", "4"], "noise.webm", (3, 3, 32, 32)),
         (["edit", "{media}/a.png", "a blue box", "--height", "16", "--width", "16"], "edit.png", (3, 1, 16, 16)),
+        (["edit", "{media}/clip.mp4", "a blue box", "--source-prompt", "a red box", "--source-guidance", "2",
+          "--strength", "0.5", "steps=3"], "flow.mp4", (3, 5, 32, 48)),
     ],
 )  # fmt: skip
 def test_jobs_in_process_write_their_videos(media, tmp_path, capsys, argv, name, shape):
@@ -169,6 +171,9 @@ def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys, monkeypatch):
         (["edit", media / "clip.mp4", "a ball", "--frame-policy", "none", "-o", out, *tiny],
          "7 frames selected, but frame_policy='none' needs 1 + 4k"),
         (["generate", "a ball", "--sampler", "ddim", "-o", out, *tiny], "unknown sampler 'ddim'"),
+        (["edit", media / "clip.mp4", "a ball", "--source-guidance", "2", "-o", out, *tiny], "give --source-prompt"),
+        (["edit", media / "clip.mp4", "a ball", "--source-prompt", "a box", "--sampler", "dpm", "-o", out, *tiny],
+         "runs on the euler grid"),
         (["generate", "a ball", "-o", out, *tiny, "stepz=3"], "Key 'stepz' not in 'PipelineConfig'"),
         (["generate", "a ball", "-o", tmp_path / "out.avi", *tiny], "cannot write"),
         (["generate", "a ball", "-o", tmp_path / "out.png", *tiny], "holds one image but the output has 5"),

@@ -115,6 +115,22 @@ def test_edit_strength_one_ignores_the_input(pipe):
         pipe.edit(a, "a ball", strength=1.5)
 
 
+def test_flow_edit_keeps_the_input_when_both_prompts_agree_and_is_seeded(pipe):
+    video = pattern()
+    kept = pipe.edit(video, "a ball", 0.7, source_prompt="a ball", source_guidance=5.0, guidance=5.0, seed=1)
+    assert torch.equal(kept, pipe.edit(video, "a ball", strength=0.0))  # the VAE reconstruction, exactly
+    a, b = (pipe.edit(video, "a red ball", 0.7, source_prompt="a ball", seed=2, output_type="latent")
+            for _ in range(2))  # fmt: skip
+    assert torch.equal(a, b) and not torch.equal(a, pipe.encode(video))
+    batch = torch.cat([pattern(), pattern(phase=2.0)])
+    out = pipe.edit(batch, ["a", "b"], 0.5, source_prompt=["c", "d"], seed=0, steps=2)
+    assert out.shape == (2, 3, 5, 32, 32)
+    with pytest.raises(ValueError, match="runs on the euler grid"):
+        pipe.edit(video, "a ball", 0.5, source_prompt="a cube", sampler="unipc")
+    with pytest.raises(ValueError, match="2 prompts for a batch of 1"):
+        pipe.edit(video, "a ball", 0.5, source_prompt=["a", "b"])
+
+
 def test_edit_accepts_images_and_batches(pipe):
     image = pattern(frames=1)[0, :, 0]  # (3, h, w)
     assert pipe.edit(image, "a ball", 0.5, seed=0, steps=2).shape == (1, 3, 1, 32, 32)

@@ -5,7 +5,7 @@ import torch
 
 from vidlatent.config import DiTConfig, load_config
 from vidlatent.diffusion.flow import add_noise
-from vidlatent.diffusion.sampling import SAMPLERS, denoise, invert, make_scheduler, sigma_schedule
+from vidlatent.diffusion.sampling import SAMPLERS, denoise, flow_edit, invert, make_scheduler, sigma_schedule
 from vidlatent.models.dit import VideoDiT
 
 SHAPE = (2, 1, 4, 32, 32)
@@ -207,6 +207,41 @@ def test_sdedit_strength_starts_from_noised_init():
     start = scheduler.sigmas[6]
     assert len(sigmas_seen) == 4 and sigmas_seen[0] == pytest.approx(start.item())
     torch.testing.assert_close(out, add_noise(init, z, start.expand(2)))
+
+
+@pytest.mark.parametrize("strength", [0.3, 1.0])
+@pytest.mark.parametrize("guidance", [(1.0, 1.0), (5.0, 1.5)])
+def test_flow_edit_moves_a_point_mass_by_the_difference_of_the_prompts(strength, guidance):
+    # For data at one point a (given by the context), v(x) = (x - a) / sigma, and with guidance g against a
+    # negative point n the guided point is n + g (a - n). The edit d = z - x0 then obeys
+    # dd/dsigma = (d - D) / sigma with D the target's guided point minus the source's: Euler steps shrink
+    # d - D by sigma_next / sigma each, so at sigma 0 the edit has moved x0 by exactly D, whatever the noise.
+    x0, (g_target, g_source) = noise(3), guidance
+    target, source, negative = (
+        torch.full((2, 1, 1), 2.0),
+        torch.full((2, 1, 1), -1.0),
+        torch.full((1, 1, 1), 0.5),
+    )
+    out = flow_edit(point_mass, x0, target, None, source, None, negative=negative, guidance=g_target,
+                    source_guidance=g_source, steps=12, shift=3.0, strength=strength,
+                    generator=torch.Generator().manual_seed(0), progress=False)  # fmt: skip
+    moved = (0.5 + g_target * (2.0 - 0.5)) - (0.5 + g_source * (-1.0 - 0.5))
+    torch.testing.assert_close(out, x0 + moved, rtol=1e-5, atol=1e-4)
+
+
+def test_flow_edit_with_the_same_prompt_on_both_sides_returns_the_input_exactly():
+    dit = VideoDiT(load_config(DiTConfig, "dit", "tiny")).eval()
+    with torch.no_grad():  # the output head starts at zero (no velocity at all): give every weight a value
+        for i, p in enumerate(dit.parameters()):
+            p.copy_(noise(100 + i, p.shape) * 0.1)
+    x0, context = noise(4, (1, 16, 2, 8, 8)), noise(5, (1, 3, 32))
+    out = flow_edit(dit, x0, context, None, context.clone(), None, negative=torch.zeros(1, 3, 32), guidance=4.0,
+                    source_guidance=4.0, steps=6, strength=0.8, progress=False)  # fmt: skip
+    assert torch.equal(out, x0)
+    other = flow_edit(dit, x0, -context, None, context, None, steps=6, strength=0.8, progress=False)
+    assert not torch.allclose(other, x0)
+    with pytest.raises(ValueError, match="strength must be in"):
+        flow_edit(dit, x0, context, None, context, None, strength=0.0, progress=False)
 
 
 def test_bad_arguments_are_rejected():

@@ -48,7 +48,8 @@ JOB_EXAMPLES = {
   vidlatent generate "a red ball bouncing" -o ball.mp4 --model my_pipeline --frames 17 --seed 1
   vidlatent generate "a red ball" -o ball.png --frames 1 --height 256 --width 256 steps=20 guidance=4""",
     "edit": """example:
-  vidlatent edit clip.mp4 "a blue ball bouncing" --strength 0.6 -o edited.mp4 --model my_pipeline""",
+  vidlatent edit clip.mp4 "a blue ball bouncing" --strength 0.6 -o edited.mp4 --model my_pipeline
+  vidlatent edit clip.mp4 "a blue ball bouncing" --source-prompt "a red ball bouncing" -o edited.mp4""",
     "inpaint": """example:
   vidlatent inpaint clip.mp4 --mask mask.png "a green square" -o inpainted.mp4 --model my_pipeline
   (white mask pixels are regenerated; a mask video gives one mask per frame)""",
@@ -235,6 +236,10 @@ def _add_read_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    if args.source_guidance is not None and args.source_prompt is None:
+        raise ValueError("--source-guidance is FlowEdit's: give --source-prompt (what the input shows) too")
+    if args.source_prompt is not None and args.sampler not in (None, "euler"):  # before reading the input
+        raise ValueError(f"an edit with --source-prompt runs on the euler grid; got --sampler {args.sampler}")
     _check_inputs(args.input)
     _check_output(args.output)
     pipe = _load_pipeline(args)
@@ -242,18 +247,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
     video, info, note = _read_clip(pipe, args.input, args, frames=args.frames)
     _check_output(args.output, video.shape[1])
     _notes(note)
+    source = {"source_prompt": args.source_prompt}
+    if args.source_guidance is not None:
+        source["source_guidance"] = args.source_guidance
     out = pipe.edit(
-        video, args.prompt, args.strength, args.negative_prompt, seed=seed, **_sampling_kwargs(args)
+        video, args.prompt, args.strength, args.negative_prompt, seed=seed, **source, **_sampling_kwargs(args)
     )
     return _write(pipe, out, args.output, args.fps or info["fps"], seed)
 
 
 def add_edit(sub) -> None:
-    p = _job_parser(sub, "edit", "re-draw a video or image after a prompt (SDEdit)")
+    p = _job_parser(sub, "edit", "re-draw a video or image after a prompt (SDEdit, or FlowEdit)")
     p.add_argument("input", help="video or image to edit")
     p.add_argument("prompt", help="what it should become")
     p.add_argument(
         "--strength", type=float, default=0.6, help="0 keeps the input, 1 ignores it (default 0.6)"
+    )
+    p.add_argument(
+        "--source-prompt",
+        default=None,
+        help="what the input shows: edit by FlowEdit (keeps layout and motion better; twice the compute)",
+    )
+    p.add_argument(
+        "--source-guidance", type=float, default=None, help="FlowEdit: the source prompt's guidance (4)"
     )
     _add_read_flags(p)
     _job_flags(p)

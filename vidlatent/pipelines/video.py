@@ -30,7 +30,7 @@ from ..checkpoint import atomic_write
 from ..config import DiTConfig, config_to_dict, list_presets, load_config
 from ..data.io import read_video, write_video
 from ..diffusion.flow import add_noise
-from ..diffusion.sampling import SAMPLERS, denoise, invert
+from ..diffusion.sampling import SAMPLERS, denoise, flow_edit, invert
 from ..models.dit import VideoDiT
 from ..models.text import TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
@@ -282,6 +282,8 @@ class VideoPipeline:
         strength: float = 0.6,
         negative_prompt: str | None = None,
         *,
+        source_prompt: str | Sequence[str] | None = None,
+        source_guidance: float = 4.0,
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
@@ -290,20 +292,39 @@ class VideoPipeline:
         output_type: str = "video",
         progress: bool | None = None,
     ) -> torch.Tensor:
-        """SDEdit: encode ``video`` (tensor or file), noise it to ``strength``, denoise the rest with ``prompt``.
+        """Re-draw ``video`` (tensor or file) after ``prompt``, keeping as much of it as ``strength`` says.
 
         strength in [0, 1]: the fraction of the schedule re-run. 0 returns the input's VAE reconstruction
         exactly (nothing is sampled); near 0 only the last small-sigma steps run, so the result stays close to
-        it; 1 starts from pure noise and ignores the input (the same as ``generate`` with that seed and size).
+        it; 1 starts from pure noise.
+
+        Without ``source_prompt`` this is SDEdit: the input is noised to the strength's sigma and denoised with
+        ``prompt`` (at 1 the same as ``generate`` with that seed and size). What the noise has not hidden yet
+        (layout, then colours) stays, so small changes need little strength and big ones much.
+        With ``source_prompt`` (what the input shows) it is FlowEdit (``diffusion.sampling.flow_edit``): the
+        edit follows the difference between the two prompts' velocities, so what they share (layout, motion)
+        is kept at strengths where SDEdit loses it; each step runs the denoiser on both prompts (twice
+        SDEdit's cost), on the Euler sampler's grid (``sampler`` must be unset or ``euler``).
+        ``source_guidance``: the source side's classifier-free guidance (``guidance`` is the target's).
         """
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        if source_prompt is not None and sampler not in (None, "euler"):
+            raise ValueError(f"an edit with source_prompt runs on the euler grid; got sampler {sampler!r}")
         video = self._video_input(video)
         z0 = self.encode(video)
         if strength == 0:
             return self._output(z0, output_type)
         noise, generator = self._noise(z0.shape, seed)
         opts = self._options(steps, guidance, sampler, shift, progress)
+        if source_prompt is not None:
+            context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
+            source, source_mask = self.text_encoder.encode(self._prompts(source_prompt, len(z0)))
+            negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
+            z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
+                          source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
+                          strength=strength, generator=generator, progress=opts["progress"])  # fmt: skip
+            return self._output(z, output_type)
         init = z0 if strength < 1 else None
         z = self._sample(
             noise, self._prompts(prompt, len(z0)), negative_prompt, opts, generator, init, strength
@@ -474,10 +495,7 @@ class VideoPipeline:
         opts = self._options(steps, guidance, "euler", shift, progress)
         tokens, mask = self.text_encoder.encode([prompt_a, prompt_b])
         mask = mask.any(dim=0, keepdim=True).expand(2, -1)  # the union: one context layout for every frame
-        negative = {}
-        if guidance != 1:
-            neg, neg_mask = self.text_encoder.encode([self.config.negative_prompt])
-            negative = {"negative": neg, "negative_mask": neg_mask}
+        negative = self._negative(None, guidance != 1)
         kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], progress=opts["progress"])
         noise = invert(self.dit, z, tokens, mask, refine=refine, **negative, **kw)
 
@@ -496,11 +514,7 @@ class VideoPipeline:
     def _sample(self, noise, prompts, negative_prompt, opts, generator, init=None, strength=1.0, hook=None):
         """The one call to the sampling loop that every job makes."""
         context, context_mask = self.text_encoder.encode(prompts)
-        negative = {}
-        if opts["guidance"] != 1:
-            neg = self.config.negative_prompt if negative_prompt is None else negative_prompt
-            tokens, mask = self.text_encoder.encode([neg])
-            negative = {"negative": tokens, "negative_mask": mask}
+        negative = self._negative(negative_prompt, opts["guidance"] != 1)
         return denoise(
             self.dit,
             noise,
@@ -513,6 +527,14 @@ class VideoPipeline:
             generator=generator,
             **opts,
         )
+
+    def _negative(self, negative_prompt: str | None, guided: bool) -> dict:
+        """The unconditional tokens as ``negative``/``negative_mask`` keywords (none when nothing is guided)."""
+        if not guided:
+            return {}
+        neg = self.config.negative_prompt if negative_prompt is None else negative_prompt
+        tokens, mask = self.text_encoder.encode([neg])
+        return {"negative": tokens, "negative_mask": mask}
 
     def _options(self, steps, guidance, sampler, shift, progress) -> dict:
         cfg = self.config
