@@ -9,6 +9,9 @@ Prints and writes (``--json``):
   (one frame shows no motion, so "all" means colour and shape);
 * image-to-video (split ``animate``): the first frames of held-out clips of the world animated with their
   captions, scored as above, and the PSNR of the first output frame against the still (``first_psnr``);
+* video-to-video (splits ``edit-shape`` and ``edit-colour``, ``--edit-strength`` 0.5): the same held-out clips
+  edited with a caption that asks for the next shape (circle -> square -> triangle) or another colour and the
+  clip's own motion; scored as above against what the caption asks;
 * VAE reconstruction PSNR on held-out clips of the world (17 frames, 64x64), and how often the oracle still reads
   their object's colour, shape and motion right through the VAE (roughly a ceiling for the denoiser's scores);
 * wall time of ``vidlatent generate "a red circle moving right" -o out.mp4`` in a fresh process (best and
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -27,22 +31,45 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vidlatent import VideoPipeline
 from vidlatent.checkpoint import atomic_write
-from vidlatent.data.shapes import ShapesWorld, eval_prompts, oracle
+from vidlatent.data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
 from vidlatent.pipelines.encode import psnr
 
 ANIMATE_SEED = 2024  # the held-out clips whose first frames the animate split starts from
 
 
-def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) -> dict:
+def edit_target(obj: ShapeObject, split: str) -> tuple[str, str, str]:
+    """What an edit split asks of a clip's object: the next shape, or the colour three along, same motion."""
+    shape, colour = obj.shape, obj.colour
+    if split == "edit-shape":
+        shape = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+    else:
+        names = list(COLOURS)
+        colour = names[(names.index(colour) + 3) % len(names)]
+    return colour, shape, obj.motion
+
+
+def score_prompts(
+    pipe,
+    split: str,
+    count: int,
+    batch: int,
+    seed: int,
+    strength: float = 0.5,
+    source: dict | None = None,
+    **job,
+) -> dict:
     """Generate ``count`` items of ``split`` and score them with the oracle.
 
     ``heldout``/``train``: text to video from the split's prompts; ``image``: the held-out prompts as one frame
     (colour and shape); ``animate``: image to video from the first frame of held-out clips of the world with their
-    captions (also the PSNR of the first output frame against the still, ``first_psnr``).
+    captions (also the PSNR of the first output frame against the still, ``first_psnr``); ``edit-shape`` /
+    ``edit-colour``: those clips edited at ``strength`` towards a caption with another shape / colour (with
+    ``source``, by FlowEdit from the clip's own caption; ``source`` holds its other options, if any).
     """
     keys = ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
     misses, first = [], []  # first: animate's first-frame PSNRs
@@ -59,6 +86,25 @@ def score_prompts(pipe, split: str, count: int, batch: int, seed: int, **job) ->
                                   **job)  # fmt: skip
             first.extend(psnr(v[:, :1], still, data_range=2.0) for v, still in zip(videos, stills[s:]))
             return videos
+    elif split.startswith("edit-"):
+        world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
+        rng = np.random.default_rng([seed, 0xED17])
+        prompts = []
+        for i in range(count):
+            colour, shape, motion = edit_target(world.scene(i).objects[0], split)
+            prompts.append(
+                (
+                    caption([ShapeObject(colour, shape, motion, 1.0, 0.0, 0.0, 0.0)], rng),
+                    (colour, shape, motion),
+                )
+            )
+        clips = torch.stack([world.clip(i)[0] for i in range(count)])
+        captions = [world.scene(i).caption for i in range(count)]
+
+        def make(s: int, chunk: list) -> torch.Tensor:
+            flow = {"source_prompt": captions[s : s + len(chunk)], **source} if source else {}
+            return pipe.edit(clips[s : s + len(chunk)], [p for p, _ in chunk], strength, seed=seed + s,
+                             progress=False, **flow, **job)  # fmt: skip
     else:
         job = {**job, "frames": 1} if split == "image" else job
         prompts = eval_prompts("heldout" if split == "image" else split, count=count)
@@ -126,8 +172,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-clips", type=int, default=64)
     ap.add_argument("--cli-runs", type=int, default=3)
-    splits = ["heldout", "train", "image", "animate"]
+    splits = ["heldout", "train", "image", "animate", "edit-shape", "edit-colour"]
     ap.add_argument("--splits", nargs="+", default=splits, choices=splits)
+    ap.add_argument("--edit-count", type=int, default=72, help="clips per edit split")
+    ap.add_argument("--edit-strength", type=float, default=0.5)
+    ap.add_argument("--edit-source", action="store_true", help="edit by FlowEdit from each clip's caption")
+    ap.add_argument("--source-guidance", type=float, default=None, help="FlowEdit's source guidance")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
     args = ap.parse_args()
@@ -147,7 +197,15 @@ def main() -> None:
     results = {"model": args.model or "default", "job": vars(pipe.config)}
     for split in args.splits:
         t0 = time.perf_counter()
-        results[split] = score_prompts(pipe, split, args.count, args.batch, args.seed)
+        edit = split.startswith("edit-")
+        count = args.edit_count if edit else args.count
+        flow = None
+        if args.edit_source:
+            default = inspect.signature(pipe.edit).parameters["source_guidance"].default
+            flow = {"source_guidance": default if args.source_guidance is None else args.source_guidance}
+        results[split] = score_prompts(pipe, split, count, args.batch, args.seed, args.edit_strength, flow)
+        if edit:
+            results[split].update(strength=args.edit_strength, flow_edit=flow, guidance=pipe.config.guidance)
         results[split]["seconds"] = time.perf_counter() - t0
         r = results[split]
         scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)

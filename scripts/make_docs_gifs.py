@@ -49,8 +49,11 @@ def main() -> None:
     vidlatent(
         "generate", "a purple triangle moving down", "-o", f"{out}/generate2.gif", "--seed", "2", model=m
     )
-    vidlatent("edit", f"{out}/generate.gif", "a blue square moving right", "--strength", "0.5",
+    vidlatent("edit", f"{out}/generate.gif", "a red square moving right", "--strength", "0.5",
               "-o", f"{out}/edit.gif", "--seed", "1", model=m)  # fmt: skip
+    vidlatent("edit", f"{out}/generate.gif", "a blue circle moving right", "--source-prompt",
+              "a red circle moving right", "--strength", "0.7", "--guidance", "10", "-o", f"{out}/edit_flow.gif",
+              "--seed", "1", model=m)  # fmt: skip
     vidlatent("inpaint", f"{out}/input.gif", "--mask", f"{out}/mask.png", "a green triangle moving left",
               "-o", f"{out}/inpaint.gif", "--seed", "1", model=m)  # fmt: skip
     prompt = f"a {still.colour} {still.shape} moving right"

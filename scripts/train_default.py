@@ -499,6 +499,18 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
             motion = f"{r['motion']:.1%}" if "motion" in r else "-"
             lines.append(f"| {label} | {r['prompts']} | {r['colour']:.1%} | {r['shape']:.1%} | {motion} "
                          f"| {r['all']:.1%} | {r['nothing']:.1%} |")  # fmt: skip
+    edits = {
+        "edit-shape": "held-out clips edited to the next shape",
+        "edit-colour": "held-out clips recoloured",
+    }
+    for key, r in results.items():  # edit splits, maybe several runs ("edit-colour", "edit-colour-0.7", ...)
+        if key.startswith("edit-") and isinstance(r, dict):
+            what = next(label for split, label in edits.items() if key.startswith(split))
+            flow = r.get("flow_edit")
+            how = "SDEdit" if flow is None else f"FlowEdit with source guidance {flow['source_guidance']}"
+            lines.append(f"| {what}, strength {r['strength']}, {how}, guidance {r['guidance']} | {r['prompts']} "
+                         f"| {r['colour']:.1%} | {r['shape']:.1%} | {r['motion']:.1%} | {r['all']:.1%} "
+                         f"| {r['nothing']:.1%} |")  # fmt: skip
     if "animate" in results:
         a = results["animate"]
         lines += ["", f"Image to video: the first output frame against the still, {a['first_psnr']:.2f} dB PSNR "
