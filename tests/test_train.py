@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,18 @@ def test_gradient_checkpointing_and_bf16_options(latents, tmp_path):
     assert ckpt == pytest.approx(plain, abs=1e-6)
     bf16 = Trainer(config(latents["one"], tmp_path / "c", "steps=2", "mixed_precision=bf16")).train()
     assert all(math.isfinite(x) for x in bf16) and bf16 != plain
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_blocks_train_like_eager_ones(latents, tmp_path):
+    torch._dynamo.reset()
+    plain = Trainer(config(latents["mixed"], tmp_path / "a", "steps=3"))
+    compiled = Trainer(config(latents["mixed"], tmp_path / "b", "steps=3", "compile=true"))
+    assert compiled.train() == pytest.approx(plain.train(), rel=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the blocks really ran compiled
+    assert set(compiled.dit.state_dict()) == set(plain.dit.state_dict())  # checkpoints keep their key names
+    with pytest.raises(ValueError, match="compiles the denoiser"):
+        load_train_config("tiny", overrides=["data=shapes", "task=vae", "vae=tiny", "compile=true"])
 
 
 def test_cli_train_smoke(latents, tmp_path, capsys):
