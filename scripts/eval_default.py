@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ from vidlatent import VideoPipeline
 from vidlatent.checkpoint import atomic_write
 from vidlatent.data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
 from vidlatent.pipelines.encode import psnr
+from vidlatent.pipelines.video import SOURCE_GUIDANCE
 
 ANIMATE_SEED = 2024  # the held-out clips whose first frames the animate split starts from
 
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
     args = ap.parse_args()
+    if args.source_guidance is not None and not args.edit_source:
+        ap.error("--source-guidance is FlowEdit's: add --edit-source")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     pipe = VideoPipeline.from_pretrained(args.model or "default", device=args.device)
     job = {}
@@ -203,8 +205,9 @@ def main() -> None:
         count = args.edit_count if edit else args.count
         flow = None
         if args.edit_source:
-            default = inspect.signature(pipe.edit).parameters["source_guidance"].default
-            flow = {"source_guidance": default if args.source_guidance is None else args.source_guidance}
+            flow = {
+                "source_guidance": SOURCE_GUIDANCE if args.source_guidance is None else args.source_guidance
+            }
         results[split] = score_prompts(pipe, split, count, args.batch, args.seed, args.edit_strength, flow)
         if edit:
             results[split].update(strength=args.edit_strength, flow_edit=flow, guidance=pipe.config.guidance)

@@ -123,12 +123,17 @@ def test_flow_edit_keeps_the_input_when_both_prompts_agree_and_is_seeded(pipe):
             for _ in range(2))  # fmt: skip
     assert torch.equal(a, b) and not torch.equal(a, pipe.encode(video))
     batch = torch.cat([pattern(), pattern(phase=2.0)])
-    out = pipe.edit(batch, ["a", "b"], 0.5, source_prompt=["c", "d"], seed=0, steps=2)
-    assert out.shape == (2, 3, 5, 32, 32)
+    out = pipe.edit(batch, ["a", "b"], 0.5, source_prompt=["a", "d"], guidance=3.0, source_guidance=3.0, seed=0,
+                    steps=3, output_type="latent")  # fmt: skip
+    z = pipe.encode(batch)  # each clip is paired with its own prompts: only the second one moves
+    torch.testing.assert_close(out[0], z[0], rtol=0, atol=1e-6)
+    assert (out[1] - z[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="runs on the euler grid"):
         pipe.edit(video, "a ball", 0.5, source_prompt="a cube", sampler="unipc")
-    with pytest.raises(ValueError, match="2 prompts for a batch of 1"):
+    with pytest.raises(ValueError, match="source_prompt: 2 prompts for a batch of 1"):
         pipe.edit(video, "a ball", 0.5, source_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="give source_prompt"):
+        pipe.edit(video, "a ball", 0.5, source_guidance=2.0)
 
 
 def test_edit_accepts_images_and_batches(pipe):

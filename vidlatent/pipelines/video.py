@@ -43,6 +43,9 @@ FIRST_FRAME = ("noised", "clean")  # animate: how the image's latent is given to
 Media = torch.Tensor | str | os.PathLike
 
 
+SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.5-4 on the default model)
+
+
 @dataclass
 class PipelineConfig:
     """A pipeline's defaults for every job (``pipeline.json`` in a pipeline folder); each job can override."""
@@ -283,7 +286,7 @@ class VideoPipeline:
         negative_prompt: str | None = None,
         *,
         source_prompt: str | Sequence[str] | None = None,
-        source_guidance: float = 4.0,
+        source_guidance: float | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
@@ -296,21 +299,25 @@ class VideoPipeline:
 
         strength in [0, 1]: the fraction of the schedule re-run. 0 returns the input's VAE reconstruction
         exactly (nothing is sampled); near 0 only the last small-sigma steps run, so the result stays close to
-        it; 1 starts from pure noise.
+        it.
 
         Without ``source_prompt`` this is SDEdit: the input is noised to the strength's sigma and denoised with
         ``prompt`` (at 1 the same as ``generate`` with that seed and size). What the noise has not hidden yet
-        (layout, then colours) stays, so small changes need little strength and big ones much.
+        (layout, then colours) stays, so small changes need little strength and big ones much; 1 starts from
+        pure noise and ignores the input.
         With ``source_prompt`` (what the input shows) it is FlowEdit (``diffusion.sampling.flow_edit``): the
         edit follows the difference between the two prompts' velocities, so what they share (layout, motion)
         is kept at strengths where SDEdit loses it; each step runs the denoiser on both prompts (twice
         SDEdit's cost), on the Euler sampler's grid (``sampler`` must be unset or ``euler``).
-        ``source_guidance``: the source side's classifier-free guidance (``guidance`` is the target's).
+        Even at strength 1 it keeps what the prompts share. ``source_guidance``: the source side's
+        classifier-free guidance (``guidance`` is the target's; default 4, which did best on the default model).
         """
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
         if source_prompt is not None and sampler not in (None, "euler"):
             raise ValueError(f"an edit with source_prompt runs on the euler grid; got sampler {sampler!r}")
+        if source_guidance is not None and source_prompt is None:
+            raise ValueError("source_guidance is FlowEdit's: give source_prompt (what the input shows) too")
         video = self._video_input(video)
         z0 = self.encode(video)
         if strength == 0:
@@ -318,8 +325,11 @@ class VideoPipeline:
         noise, generator = self._noise(z0.shape, seed)
         opts = self._options(steps, guidance, sampler, shift, progress)
         if source_prompt is not None:
+            source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
             context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
-            source, source_mask = self.text_encoder.encode(self._prompts(source_prompt, len(z0)))
+            source, source_mask = self.text_encoder.encode(
+                self._prompts(source_prompt, len(z0), "source_prompt")
+            )
             negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
             z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
                           source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
@@ -583,10 +593,10 @@ class VideoPipeline:
             return self.decode(z)
         raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
 
-    def _prompts(self, prompt: str | Sequence[str], b: int) -> list[str]:
+    def _prompts(self, prompt: str | Sequence[str], b: int, name: str = "prompt") -> list[str]:
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
         if len(prompts) != b:
-            raise ValueError(f"{len(prompts)} prompts for a batch of {b} inputs")
+            raise ValueError(f"{name}: {len(prompts)} prompts for a batch of {b} inputs")
         return prompts
 
     def _latent_shape(self, b: int, frames: int, height: int, width: int) -> tuple[int, ...]:

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
@@ -140,7 +141,9 @@ class TrainConfig:
     shift: float = 1.0  # sigma shift applied to the sampled sigmas
     mixed_precision: str = "no"  # no | bf16 (autocast)
     gradient_checkpointing: bool = False
-    compile: bool = False  # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on step 1)
+    compile: bool = (
+        False  # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on step 1)
+    )
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the last step
     log_every: int = 1  # steps between metrics.jsonl rows
     resume: str | None = None  # "auto" (latest under output, if any) or a checkpoint folder
@@ -339,7 +342,9 @@ class Trainer:
             self._build_vae()
         else:
             self._build_denoiser()
-        if cfg.compile:  # per block, before any FSDP wrapping: the weights keep their names
+        if (
+            cfg.compile
+        ):  # per block: one graph serves every block; before FSDP wraps them (torchtitan's order)
             for block in self.dit.blocks:
                 block.compile()
         self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
@@ -365,17 +370,17 @@ class Trainer:
             self._forward_module = DistributedDataParallel(
                 self._forward_module, device_ids=ids, find_unused_parameters=unused
             )
-        # One kernel for the whole update on a GPU (fused), a few multi-tensor ops elsewhere (foreach), rather
-        # than ~10 ops per parameter tensor: a small model's step is otherwise mostly kernel launches.
-        fused = self.device.type in ("cuda", "cpu") and not self.fsdp
+        # The fused update (one kernel on a GPU) rather than ~10 ops per parameter tensor: a small model's GPU
+        # step is otherwise mostly kernel launches. Not under FSDP, where sharded and whole (text encoder)
+        # parameters mix and torch picks the implementation.
+        self._fused = self.device.type in ("cuda", "cpu") and not self.fsdp
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            fused=fused or None,
-            foreach=None if fused else True,
+            fused=self._fused or None,
         )
         self._lr_lambda = _LRLambda(cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
@@ -700,12 +705,16 @@ class Trainer:
         if self.ema is None:
             return
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        ema, live = list(self.ema.values()), list(self.params.values())
-        if all(p.dtype == torch.float32 for p in live):
-            torch._foreach_lerp_(ema, live, 1 - decay)  # one multi-tensor op, not one per parameter
-            return
-        for e, p in zip(ema, live):  # parameters kept in another dtype: averaged in fp32
-            e.lerp_(p.detach().float(), 1 - decay)
+        groups: dict[bool, tuple[list, list]] = {}  # one multi-tensor op per kind (FSDP shards or whole)
+        for k, p in self.params.items():
+            if p.dtype != torch.float32:  # parameters kept in another dtype: averaged in fp32
+                self.ema[k].lerp_(p.detach().float(), 1 - decay)
+                continue
+            ema, live = groups.setdefault(isinstance(p, DTensor), ([], []))
+            ema.append(self.ema[k])
+            live.append(p)
+        for ema, live in groups.values():
+            torch._foreach_lerp_(ema, live, 1 - decay)
 
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics.
@@ -1091,6 +1100,15 @@ class Trainer:
     def _load_optimizer_state(self, state: dict) -> None:
         if not self.fsdp:
             self.optimizer.load_state_dict(state)
+            # the saved groups bring back the implementation they were saved with: this run's choice wins
+            for group in self.optimizer.param_groups:
+                group["fused"], group["foreach"] = self._fused or None, None
+                for p in (
+                    group["params"] if self._fused else []
+                ):  # fused steps count on the parameter's device
+                    st = self.optimizer.state.get(p, {})
+                    if "step" in st:
+                        st["step"] = st["step"].to(p.device, torch.float32)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
