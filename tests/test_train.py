@@ -498,5 +498,7 @@ def test_unknown_or_mistyped_option_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"'bogus'.*accepted: .*task"):
         load_train_config("tiny", overrides=["bogus=1"])
-    with pytest.raises(ValueError, match="bad option: Value 'abc'"):
+    with pytest.raises(ValueError, match="bad option steps: Value 'abc'"):
         load_train_config("tiny", overrides=["steps=abc"])
+    with pytest.raises(ValueError, match=r"bad option betas\[1\]: Value 'a'"):
+        load_train_config("tiny", overrides=["betas=[0.9,a]"])

@@ -70,7 +70,8 @@ def merge_config(base: Any, *parts: Any) -> Any:
         names = ", ".join(f.name for f in dataclasses.fields(base))
         raise ValueError(f"bad option: {str(err).splitlines()[0]}; accepted: {names}") from None
     except OmegaConfBaseException as err:
-        raise ValueError(f"bad option: {str(err).splitlines()[0]}") from None
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"bad option{f' {key}' if key else ''}: {str(err).splitlines()[0]}") from None
 
 
 def _structured(cls: type[T], data: Any) -> T:
