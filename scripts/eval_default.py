@@ -89,15 +89,8 @@ def score_prompts(
     elif split.startswith("edit-"):
         world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
         rng = np.random.default_rng([seed, 0xED17])
-        prompts = []
-        for i in range(count):
-            colour, shape, motion = edit_target(world.scene(i).objects[0], split)
-            prompts.append(
-                (
-                    caption([ShapeObject(colour, shape, motion, 1.0, 0.0, 0.0, 0.0)], rng),
-                    (colour, shape, motion),
-                )
-            )
+        asked = [edit_target(world.scene(i).objects[0], split) for i in range(count)]
+        prompts = [(caption([ShapeObject(*a, 1.0, 0.0, 0.0, 0.0)], rng), a) for a in asked]
         clips = torch.stack([world.clip(i)[0] for i in range(count)])
         captions = [world.scene(i).caption for i in range(count)]
 

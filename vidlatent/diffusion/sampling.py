@@ -36,6 +36,13 @@ def make_scheduler(sampler: str, shift: float = 1.0):
     return SAMPLERS[sampler](shift)
 
 
+def first_step(steps: int, strength: float) -> int:
+    """The step a run that re-runs ``strength`` of a ``steps``-step schedule starts at (at least the last step)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    return steps - max(1, round(steps * strength))
+
+
 @torch.no_grad()
 def denoise(
     model: Callable[..., torch.Tensor],
@@ -71,13 +78,11 @@ def denoise(
             tuple(noise), generator=generator, device=generator.device if generator else "cpu"
         )
     noise = noise.to(device=context.device, dtype=torch.float32)
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    start = first_step(steps, strength)
     if init is None and strength != 1:
         raise ValueError("strength < 1 (SDEdit) needs init latents to start from")
     scheduler = make_scheduler(sampler, shift)
     scheduler.set_timesteps(steps, device=noise.device)
-    start = steps - max(1, round(steps * strength)) if init is not None else 0
     scheduler.set_begin_index(start)
     sigmas = scheduler.sigmas.float()
     x = noise if init is None else add_noise(init.float(), noise, sigmas[start].expand(noise.shape[0]))
@@ -122,10 +127,8 @@ def flow_edit(
     classifier-free guidance of each side against ``negative`` (the paper uses less on the source side).
     The noise is drawn from ``generator`` (the same seed, the same edit).
     """
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    start = first_step(steps, strength)
     sigmas = sigma_schedule("euler", steps, shift).to(x0.device)
-    start = steps - max(1, round(steps * strength))
     target_v = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
     source_v = guided_velocity(model, source, source_mask, negative, negative_mask, source_guidance)
     x0 = x0.float()

@@ -141,9 +141,8 @@ class TrainConfig:
     shift: float = 1.0  # sigma shift applied to the sampled sigmas
     mixed_precision: str = "no"  # no | bf16 (autocast)
     gradient_checkpointing: bool = False
-    compile: bool = (
-        False  # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on step 1)
-    )
+    # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on the first step)
+    compile: bool = False
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the last step
     log_every: int = 1  # steps between metrics.jsonl rows
     resume: str | None = None  # "auto" (latest under output, if any) or a checkpoint folder
@@ -342,9 +341,8 @@ class Trainer:
             self._build_vae()
         else:
             self._build_denoiser()
-        if (
-            cfg.compile
-        ):  # per block: one graph serves every block; before FSDP wraps them (torchtitan's order)
+        if cfg.compile:
+            # per block: one graph serves every block; before FSDP wraps them (torchtitan's order)
             for block in self.dit.blocks:
                 block.compile()
         self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
@@ -1103,10 +1101,8 @@ class Trainer:
             # the saved groups bring back the implementation they were saved with: this run's choice wins
             for group in self.optimizer.param_groups:
                 group["fused"], group["foreach"] = self._fused or None, None
-                for p in (
-                    group["params"] if self._fused else []
-                ):  # fused steps count on the parameter's device
-                    st = self.optimizer.state.get(p, {})
+            if self._fused:  # fused AdamW counts its steps in fp32 on each parameter's device
+                for p, st in self.optimizer.state.items():
                     if "step" in st:
                         st["step"] = st["step"].to(p.device, torch.float32)
             return
