@@ -105,6 +105,17 @@ def test_edit_strength_zero_is_the_reconstruction_and_small_strength_stays_close
     assert (edited - pipe.decode(z0)).abs().mean() < 0.05
 
 
+def test_edit_latents_is_edit_without_the_encoding(pipe):
+    video = pattern()
+    for strength in (0.0, 0.4, 1.0):
+        want = pipe.edit(video, "a ball", strength, seed=3, output_type="latent")
+        got = pipe.edit_latents(pipe.encode(video), "a ball", strength, seed=3)
+        assert torch.equal(got, want), strength
+    assert not torch.equal(got, pipe.edit_latents(pipe.encode(video), "a ball", 0.4, seed=3))
+    with pytest.raises(ValueError, match="strength must be in"):
+        pipe.edit_latents(pipe.encode(video), "a ball", -0.1)
+
+
 def test_edit_strength_one_ignores_the_input(pipe):
     a, b = pattern(), -pattern(phase=1.0)
     out_a = pipe.edit(a, "a ball", strength=1.0, seed=5, output_type="latent")

@@ -104,6 +104,59 @@ def test_decoder_only_training_keeps_the_latent_space(tmp_path):
     assert all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in trainer.params)
 
 
+def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
+    from vidlatent import VideoPipeline
+
+    VideoPipeline.from_pretrained("tiny").save_pretrained(tmp_path / "pipe")
+    cfg = vae_config(tmp_path, steps=2, vae_train="decoder", vae=tmp_path / "pipe" / "vae",
+                     redraw_pipeline=tmp_path / "pipe", redraw_fraction=0.5, redraw_strength="[0.3,0.6]")  # fmt: skip
+    trainer = Trainer(cfg)
+    edits, decoded = [], []
+    edit_latents, decode_step = trainer.redraw.edit_latents, trainer.vae.decode_step
+
+    def spy_edit(latents, prompt, strength, **kw):
+        out = edit_latents(latents, prompt, strength, **kw)
+        edits.append((latents, prompt, strength, out))
+        return out
+
+    def spy_decode(z, cache):
+        decoded.append(z.detach().clone())
+        return decode_step(z, cache)
+
+    trainer.redraw.edit_latents, trainer.vae.decode_step = spy_edit, spy_decode
+    trainer.train()
+    assert len(decoded) == 2 and 1 <= len(edits) <= 3  # 4 clips, each re-drawn with probability 0.5 (seeded)
+    redrawn = [edit[3] for edit in edits]
+    for z in torch.cat(decoded):  # each decoder input is a posterior sample or one of the re-drawn latents
+        matches = [torch.allclose(z, trainer.vae.denormalize(r[0]), atol=1e-6) for r in redrawn]
+        assert sum(matches) <= 1
+    found = sum(
+        torch.allclose(z, trainer.vae.denormalize(r[0]), atol=1e-6)
+        for z in torch.cat(decoded)
+        for r in redrawn
+    )
+    assert found == len(edits)
+    for latents, prompt, strength, out in edits:
+        assert 0.3 <= strength <= 0.6 and isinstance(prompt, str) and prompt
+        assert not torch.allclose(out, latents)  # the denoiser moved them
+
+
+def test_redraw_pipeline_errors_name_the_problem(tmp_path):
+    from vidlatent import VideoPipeline
+
+    VideoPipeline.from_pretrained("tiny").save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="vae_train=decoder"):
+        Trainer(vae_config(tmp_path, redraw_pipeline=tmp_path / "pipe"))
+    with pytest.raises(ValueError, match="redraw_strength"):
+        Trainer(
+            vae_config(
+                tmp_path, vae_train="decoder", redraw_pipeline=tmp_path / "pipe", redraw_strength="[0.5,0.2]"
+            )
+        )
+    with pytest.raises(ValueError, match="encodes differently.*encoder"):  # a VAE other than the pipeline's
+        Trainer(vae_config(tmp_path, vae_train="decoder", redraw_pipeline=tmp_path / "pipe", seed=7))
+
+
 def test_calibrated_latents_are_unit_scale(tmp_path):
     trainer = Trainer(vae_config(tmp_path))
     mean, std = trainer.calibrate_latents(clips=8)

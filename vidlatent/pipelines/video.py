@@ -335,11 +335,42 @@ class VideoPipeline:
                           source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
                           strength=strength, generator=generator, progress=opts["progress"])  # fmt: skip
             return self._output(z, output_type)
+        z = self._redraw(z0, noise, generator, prompt, strength, negative_prompt, opts)
+        return self._output(z, output_type)
+
+    @torch.no_grad()
+    def edit_latents(
+        self,
+        latents: torch.Tensor,
+        prompt: str | Sequence[str],
+        strength: float = 0.6,
+        negative_prompt: str | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """SDEdit on normalized latents (b, c, t', h', w') (what ``encode`` returns) -> normalized latents: the
+        same as ``edit(..., output_type="latent")`` without its encoding (``edit`` runs exactly this after it).
+        """
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        z0 = latents.to(self.device, torch.float32)
+        if strength == 0:
+            return z0
+        noise, generator = self._noise(z0.shape, seed)
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        return self._redraw(z0, noise, generator, prompt, strength, negative_prompt, opts)
+
+    def _redraw(self, z0, noise, generator, prompt, strength, negative_prompt, opts) -> torch.Tensor:
+        """SDEdit of normalized latents ``z0`` from ``noise`` (``edit`` and ``edit_latents``)."""
         init = z0 if strength < 1 else None
-        z = self._sample(
+        return self._sample(
             noise, self._prompts(prompt, len(z0)), negative_prompt, opts, generator, init, strength
         )
-        return self._output(z, output_type)
 
     @torch.no_grad()
     def inpaint(

@@ -116,6 +116,13 @@ class TrainConfig:
     chroma_weight: float = 0.0  # MSE of the Cb/Cr colour differences (see losses.vae_loss)
     edge_weight: float = 0.0  # extra L1/MSE weight on pixels at edges of the target (see losses.edge_weights)
     vae_train: str = "all"  # all | decoder (the encoder and so the latent space stay fixed)
+    # vae_train=decoder: a pipeline folder (or "default") whose denoiser re-draws a share of the encoded clips
+    # from their captions (SDEdit) before the decoder sees them, so it learns to draw what a denoiser leaves
+    redraw_pipeline: str | None = None
+    redraw_fraction: float = 0.5  # share of the clips re-drawn
+    redraw_strength: list[float] = field(
+        default_factory=lambda: [0.05, 0.4]
+    )  # each clip's strength: U(lo, hi)
     logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
     disc_start: int = 0  # optimizer step at which the discriminator starts
@@ -234,6 +241,18 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"caption_dropout must be in [0, 1]; got {cfg.caption_dropout}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
+    if cfg.redraw_pipeline is not None:
+        if cfg.task != "vae" or cfg.vae_train != "decoder":
+            raise ValueError(
+                "redraw_pipeline trains the decoder on re-drawn latents: set task=vae and vae_train=decoder"
+            )
+        strength = list(cfg.redraw_strength)
+        if len(strength) != 2 or not 0 <= strength[0] <= strength[1] <= 1:
+            raise ValueError(
+                f"redraw_strength must be [lo, hi] with 0 <= lo <= hi <= 1; got {cfg.redraw_strength}"
+            )
+        if not 0 < cfg.redraw_fraction <= 1:
+            raise ValueError(f"redraw_fraction must be in (0, 1]; got {cfg.redraw_fraction}")
 
 
 def _load_perceptual(cfg: TrainConfig, device) -> torch.nn.Module:
@@ -425,9 +444,34 @@ class Trainer:
         if cfg.vae_train == "decoder":  # latents of this VAE stay valid (e.g. a denoiser trains on them)
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
+        self.redraw = self._redraw_pipeline() if cfg.redraw_pipeline is not None else None
         self.models = {"vae": self.vae}
         if self.disc is not None:
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+
+    def _redraw_pipeline(self):
+        """``redraw_pipeline``'s denoiser and text encoder (frozen) around the VAE being trained. Its encoder must
+        be the one the denoiser learnt on: the re-drawn latents would mean nothing otherwise."""
+        from ..pipelines.video import VideoPipeline
+
+        ref = VideoPipeline.from_pretrained(self.config.redraw_pipeline, device=self.device)
+        theirs, ours = ref.vae.state_dict(), self.vae.state_dict()
+        differ = [
+            k
+            for k in theirs
+            if k.startswith(("encoder.", "quant_conv."))
+            and (k not in ours or not torch.equal(theirs[k], ours[k]))
+        ]
+        stats = ("latents_mean", "latents_std")
+        differ += [k for k in stats if getattr(ref.vae.config, k) != getattr(self.vae.config, k)]
+        if differ:
+            raise ValueError(
+                f"redraw_pipeline {self.config.redraw_pipeline}: its VAE encodes differently from the trained VAE "
+                f"({len(differ)} differences: {', '.join(differ[:5])}); its denoiser learnt on other latents"
+            )
+        ref.dit.requires_grad_(False).eval()
+        ref.text_encoder.requires_grad_(False).eval()
+        return VideoPipeline(self.vae, ref.dit, ref.text_encoder, ref.config)
 
     def _build_denoiser(self) -> None:
         cfg = self.config
@@ -566,8 +610,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- step
 
-    def _vae_forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, mean, logvar) of a clip batch, sampling the posterior with the trainer's RNG."""
+    def _vae_forward(
+        self, video: torch.Tensor, captions: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, mean, logvar) of a clip batch, sampling the posterior with the trainer's RNG; with
+        ``redraw_pipeline``, a share of the clips is decoded from latents re-drawn from their captions."""
         frozen = self.config.vae_train == "decoder"
         with torch.no_grad() if frozen else contextlib.nullcontext():
             moments = self.vae.encode_step(video, StreamCache())[0]
@@ -575,13 +622,32 @@ class Trainer:
         logvar = logvar.clamp(-30.0, 20.0)
         noise = self._draw(torch.randn, mean.shape).to(mean)
         z = mean + (0.5 * logvar).exp() * noise
+        if self.redraw is not None:
+            z = self._redrawn(z, mean, captions)
         return self.vae.decode_step(z, StreamCache())[0], mean, logvar
 
-    def _vae_micro_step(self, video: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _redrawn(self, z: torch.Tensor, mean: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """``z`` with each clip picked (``redraw_fraction``) replaced by its posterior mean edited (SDEdit, the
+        pipeline's sampler settings) after its caption at a strength drawn from ``redraw_strength``."""
+        cfg = self.config
+        pick, level, seed = self._draw(torch.rand, (len(z), 3)).unbind(1)
+        lo, hi = cfg.redraw_strength
+        z = z.clone()
+        for i in torch.nonzero(pick < cfg.redraw_fraction).flatten().tolist():
+            start = self.vae.normalize(mean[i : i + 1].float())
+            strength = lo + (hi - lo) * float(level[i])
+            edited = self.redraw.edit_latents(
+                start, captions[i], strength, seed=int(seed[i] * 2**31), progress=False
+            )
+            z[i : i + 1] = self.vae.denormalize(edited).to(z.dtype)
+        return z
+
+    def _vae_micro_step(self, video: torch.Tensor, captions: list[str]) -> torch.Tensor:
         cfg = self.config
         use_bf16 = cfg.mixed_precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            recon, mean, logvar = self._forward_module(video)
+            recon, mean, logvar = self._forward_module(video, captions)
         recon, mean, logvar = recon.float(), mean.float(), logvar.float()
         loss, parts = vae_loss(
             recon,
@@ -626,7 +692,7 @@ class Trainer:
 
     def _micro_step(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
         if self.config.task == "vae":
-            return self._vae_micro_step(x0)
+            return self._vae_micro_step(x0, captions)
         cfg = self.config
         sample = lambda n, generator: sample_sigmas(  # noqa: E731
             n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
@@ -689,7 +755,7 @@ class Trainer:
         return context, mask
 
     def _forward(self, *args):
-        """The trained models' forward (what DDP wraps): ``(video)`` -> VAE (reconstruction, mean, logvar);
+        """The trained models' forward (what DDP wraps): ``(video, captions)`` -> VAE (reconstruction, mean, logvar);
         ``(x_sigma, sigma, captions)`` -> the denoiser's velocity."""
         if self.config.task == "vae":
             return self._vae_forward(*args)
