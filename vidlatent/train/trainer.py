@@ -120,9 +120,8 @@ class TrainConfig:
     # from their captions (SDEdit) before the decoder sees them, so it learns to draw what a denoiser leaves
     redraw_pipeline: str | None = None
     redraw_fraction: float = 0.5  # share of the clips re-drawn
-    redraw_strength: list[float] = field(
-        default_factory=lambda: [0.05, 0.4]
-    )  # each clip's strength: U(lo, hi)
+    # each re-drawn clip's SDEdit strength: uniform in [lo, hi]
+    redraw_strength: list[float] = field(default_factory=lambda: [0.05, 0.4])
     logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
     disc_start: int = 0  # optimizer step at which the discriminator starts
