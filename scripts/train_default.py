@@ -452,7 +452,7 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "",
         "## Training",
         "",
-        f"Hardware: stages 1-8 on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no "
+        f"Hardware: stages 1-8 and 10 on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no "
         f"GPU, torch {torch.__version__}; stage 9 on one {GPU_NAME} (torch 2.11).",
         "",
         "| stage | wall time |",
