@@ -578,7 +578,7 @@ def main() -> None:
         "--refine-args",
         nargs="*",
         default=[],
-        help="key=value for every run of stages refine to i2v",
+        help="key=value for every run of stages refine to redraw",
     )
     ap.add_argument("--eval-args", nargs="*", default=[])
     args = ap.parse_args()
@@ -597,7 +597,7 @@ def main() -> None:
         cmd = train_cmd(out, "default-dit", ["data={out}/latents", "captions={out}/latents/metadata.jsonl"], "dit",
                         args.dit_args)  # fmt: skip
         timed(out, "dit", lambda: run(cmd))
-    # stages 3-8 in order; a stage in JOINT_STAGES trains its whole VAE and caches latents before its lanes
+    # stages 3-10 in order; a stage in JOINT_STAGES trains its whole VAE and caches latents before its lanes
     for stage in reversed(STAGE_LANES):
         if stage in args.stages and stage in JOINT_STAGES:
             timed(out, stage, partial(stage_joint, out, stage, args.joint_clips, args.refine_args))

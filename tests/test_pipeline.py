@@ -111,7 +111,11 @@ def test_edit_latents_is_edit_without_the_encoding(pipe):
         want = pipe.edit(video, "a ball", strength, seed=3, output_type="latent")
         got = pipe.edit_latents(pipe.encode(video), "a ball", strength, seed=3)
         assert torch.equal(got, want), strength
-    assert not torch.equal(got, pipe.edit_latents(pipe.encode(video), "a ball", 0.4, seed=3))
+    z = pipe.encode(video)
+    assert not torch.equal(
+        pipe.edit_latents(z, "a ball", 0.4, seed=3), pipe.edit_latents(z, "a ball", 0.4, seed=4)
+    )
+    assert pipe.edit_latents(z, "a ball", 0.0) is not z  # a new tensor, as edit's
     with pytest.raises(ValueError, match="strength must be in"):
         pipe.edit_latents(pipe.encode(video), "a ball", -0.1)
 

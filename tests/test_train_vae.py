@@ -112,18 +112,30 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
                      redraw_pipeline=tmp_path / "pipe", redraw_fraction=0.5, redraw_strength="[0.3,0.6]")  # fmt: skip
     trainer = Trainer(cfg)
     edits, decoded = [], []
-    edit_latents, decode_step = trainer.redraw.edit_latents, trainer.vae.decode_step
+    edit_latents, decode_step, redrawn = (
+        trainer.redraw.edit_latents,
+        trainer.vae.decode_step,
+        trainer._redrawn,
+    )
+    batches = []  # each batch's captions
+
+    def spy_redrawn(z, mean, captions):
+        batches.append((list(captions), trainer.vae.normalize(mean.float())))
+        return redrawn(z, mean, captions)
 
     def spy_edit(latents, prompt, strength, **kw):
         out = edit_latents(latents, prompt, strength, **kw)
         edits.append((latents, prompt, strength, out))
+        captions, starts = batches[-1]  # the clip re-drawn is one of this batch's, with its own caption
+        rows = [i for i, start in enumerate(starts) if torch.allclose(start[None], latents, atol=1e-6)]
+        assert len(rows) == 1 and captions[rows[0]] == prompt, (rows, prompt, captions)
         return out
 
     def spy_decode(z, cache):
         decoded.append(z.detach().clone())
         return decode_step(z, cache)
 
-    trainer.redraw.edit_latents, trainer.vae.decode_step = spy_edit, spy_decode
+    trainer.redraw.edit_latents, trainer.vae.decode_step, trainer._redrawn = spy_edit, spy_decode, spy_redrawn
     trainer.train()
     assert len(decoded) == 2 and 1 <= len(edits) <= 3  # 4 clips, each re-drawn with probability 0.5 (seeded)
     redrawn = [edit[3] for edit in edits]

@@ -360,7 +360,7 @@ class VideoPipeline:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
         z0 = latents.to(self.device, torch.float32)
         if strength == 0:
-            return z0
+            return z0.clone()
         noise, generator = self._noise(z0.shape, seed)
         opts = self._options(steps, guidance, sampler, shift, progress)
         return self._redraw(z0, noise, generator, prompt, strength, negative_prompt, opts)

@@ -633,13 +633,14 @@ class Trainer:
         pick, level, seed = self._draw(torch.rand, (len(z), 3)).unbind(1)
         lo, hi = cfg.redraw_strength
         z = z.clone()
-        for i in torch.nonzero(pick < cfg.redraw_fraction).flatten().tolist():
-            start = self.vae.normalize(mean[i : i + 1].float())
-            strength = lo + (hi - lo) * float(level[i])
-            edited = self.redraw.edit_latents(
-                start, captions[i], strength, seed=int(seed[i] * 2**31), progress=False
-            )
-            z[i : i + 1] = self.vae.denormalize(edited).to(z.dtype)
+        with torch.autocast(self.device.type, enabled=False):  # sampled in fp32, as the pipeline samples
+            for i in torch.nonzero(pick < cfg.redraw_fraction).flatten().tolist():
+                start = self.vae.normalize(mean[i : i + 1].float())
+                strength = lo + (hi - lo) * float(level[i])
+                edited = self.redraw.edit_latents(
+                    start, captions[i], strength, seed=int(seed[i] * 2**31), progress=False
+                )
+                z[i : i + 1] = self.vae.denormalize(edited).to(z.dtype)
         return z
 
     def _vae_micro_step(self, video: torch.Tensor, captions: list[str]) -> torch.Tensor:
