@@ -92,7 +92,8 @@ def test_jobs_in_a_subprocess_write_their_videos(runs, job, name, shape):
     done = finish(procs[job])
     assert f"wrote {out / name}" in done.stdout
     assert tuple(frames_of(out / name)[0].shape) == shape
-    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
+    # no temporary file of this job left behind (the other jobs may still be writing theirs beside it)
+    assert not any(p.name.startswith(f".{name}.") for p in out.iterdir())
     if job == "inpaint":  # the input's crop is reported, once
         assert done.stderr.count("centre-cropped to 32x48 (multiples of 16x16)") == 1
 
