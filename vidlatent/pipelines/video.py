@@ -320,22 +320,21 @@ class VideoPipeline:
             raise ValueError("source_guidance is FlowEdit's: give source_prompt (what the input shows) too")
         video = self._video_input(video)
         z0 = self.encode(video)
-        if strength == 0:
-            return self._output(z0, output_type)
-        noise, generator = self._noise(z0.shape, seed)
-        opts = self._options(steps, guidance, sampler, shift, progress)
-        if source_prompt is not None:
-            source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
-            context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
-            source, source_mask = self.text_encoder.encode(
-                self._prompts(source_prompt, len(z0), "source_prompt")
-            )
-            negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
-            z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
-                          source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
-                          strength=strength, generator=generator, progress=opts["progress"])  # fmt: skip
+        if source_prompt is None or strength == 0:
+            z = self.edit_latents(z0, prompt, strength, negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                                  sampler=sampler, shift=shift, progress=progress)  # fmt: skip
             return self._output(z, output_type)
-        z = self._redraw(z0, noise, generator, prompt, strength, negative_prompt, opts)
+        _, generator = self._noise(
+            z0.shape, seed
+        )  # drawn as SDEdit draws it: same seed, same generator state
+        opts = self._options(steps, guidance, sampler, shift, progress)
+        source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
+        context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
+        source, source_mask = self.text_encoder.encode(self._prompts(source_prompt, len(z0), "source_prompt"))
+        negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
+        z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
+                      source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
+                      strength=strength, generator=generator, progress=opts["progress"])  # fmt: skip
         return self._output(z, output_type)
 
     @torch.no_grad()
@@ -354,7 +353,7 @@ class VideoPipeline:
         progress: bool | None = None,
     ) -> torch.Tensor:
         """SDEdit on normalized latents (b, c, t', h', w') (what ``encode`` returns) -> normalized latents: the
-        same as ``edit(..., output_type="latent")`` without its encoding (``edit`` runs exactly this after it).
+        same as ``edit(..., output_type="latent")`` without its encoding (``edit`` calls it after encoding).
         """
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
@@ -363,10 +362,6 @@ class VideoPipeline:
             return z0.clone()
         noise, generator = self._noise(z0.shape, seed)
         opts = self._options(steps, guidance, sampler, shift, progress)
-        return self._redraw(z0, noise, generator, prompt, strength, negative_prompt, opts)
-
-    def _redraw(self, z0, noise, generator, prompt, strength, negative_prompt, opts) -> torch.Tensor:
-        """SDEdit of normalized latents ``z0`` from ``noise`` (``edit`` and ``edit_latents``)."""
         init = z0 if strength < 1 else None
         return self._sample(
             noise, self._prompts(prompt, len(z0)), negative_prompt, opts, generator, init, strength
