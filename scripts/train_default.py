@@ -242,24 +242,22 @@ GPU = {
 # only 6 of 16 true squares: the denoiser's last, small-sigma steps leave latents that this decoder, trained only
 # on the encoder's latents, draws round. Here it learns to draw the true clip from what the denoiser leaves too.
 REDRAW_PIPELINE = "pipeline-gpu"  # the stage-7 VAE with the stage-9 denoiser, assembled by the stage
-REDRAW = {
-    "vae": {
-        "vae-redraw": vae_from("vae-polish3", f"redraw_pipeline={{out}}/{REDRAW_PIPELINE}", "redraw_fraction=0.5",
-                               "redraw_strength=[0.05,0.4]", "steps=100000", "max_minutes=60", "lr=1e-4",
-                               "warmup_steps=20", "seed=20"),
-    },
-}  # fmt: skip
+
+
+def redraw_from(run: str, minutes: int, seed: int) -> list[str]:
+    """A decoder run from ``run``'s export for ``minutes`` of steps (cosine to them), half of its clips re-drawn by
+    the ``REDRAW_PIPELINE`` denoiser at strengths U(0.05, 0.4)."""
+    return vae_from(run, f"redraw_pipeline={{out}}/{REDRAW_PIPELINE}", "redraw_fraction=0.5",
+                    "redraw_strength=[0.05,0.4]", "steps=100000", f"max_minutes={minutes}", "lr=1e-4",
+                    "warmup_steps=20", f"seed={seed}")  # fmt: skip
+
+
+REDRAW = {"vae": {"vae-redraw": redraw_from("vae-polish3", 60, seed=20)}}
 # Stage 11 ("redraw2"): stage 10 carried on from its export with a fresh schedule, both CPU threads on the one lane.
 # Stage 10 had taken held-out shape from 75.0 to 78.2% (already 78.2% at its step 900) and its VAE PSNR was back to
 # 32.01 dB after a dip (31.80 at step 900); the same re-drawing pipeline (the denoiser is all it uses of it: the
 # trained VAE takes the place of its VAE) with the same settings, for 55 minutes of steps.
-REDRAW2 = {
-    "vae": {
-        "vae-redraw2": vae_from("vae-redraw", f"redraw_pipeline={{out}}/{REDRAW_PIPELINE}", "redraw_fraction=0.5",
-                                "redraw_strength=[0.05,0.4]", "steps=100000", "max_minutes=55", "lr=1e-4",
-                                "warmup_steps=20", "seed=21"),
-    },
-}  # fmt: skip
+REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
