@@ -258,6 +258,8 @@ REDRAW = {"vae": {"vae-redraw": redraw_from("vae-polish3", 60, seed=20)}}
 # 32.01 dB after a dip (31.80 at step 900); the same re-drawing pipeline (the denoiser is all it uses of it: the
 # trained VAE takes the place of its VAE) with the same settings, for 55 minutes of steps.
 REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
+# CPU threads of each lane where a stage's lanes do not run with one each (stage 11: one lane, both threads).
+LANE_THREADS = {"redraw2": 2}
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
@@ -371,9 +373,9 @@ def shipped_runs(out: Path) -> tuple[str, str]:
 
 def stage_redraw(out: Path, stage: str, extra: list[str]) -> None:
     """Stages 10 and 11: the pipeline the decoder's clips are re-drawn with (stage-7 VAE, stage-9 denoiser; only its
-    denoiser and text encoder are used), then the stage's lane (stage 11 with both CPU threads)."""
+    denoiser and text encoder are used), then the stage's lane with its ``LANE_THREADS``."""
     assemble(out, out / REDRAW_PIPELINE, "vae-polish3", list(GPU["dit"])[-1])
-    run_lanes(out, STAGE_LANES[stage], extra, threads=1 if stage == "redraw" else 2)
+    run_lanes(out, STAGE_LANES[stage], extra, threads=LANE_THREADS.get(stage, 1))
 
 
 def stage_ship(out: Path, ship: Path) -> None:

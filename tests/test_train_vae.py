@@ -112,7 +112,7 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
                      redraw_pipeline=tmp_path / "pipe", redraw_fraction=0.5, redraw_strength="[0.3,0.6]")  # fmt: skip
     trainer = Trainer(cfg)
     edits, decoded = [], []
-    edit_latents, decode_step, redrawn = (
+    edit_latents, decode_step, redraw_batch = (
         trainer.redraw.edit_latents,
         trainer.vae.decode_step,
         trainer._redrawn,
@@ -121,7 +121,7 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
 
     def spy_redrawn(z, mean, captions):
         batches.append((list(captions), trainer.vae.normalize(mean.float())))
-        return redrawn(z, mean, captions)
+        return redraw_batch(z, mean, captions)
 
     def spy_edit(latents, prompt, strength, **kw):
         out = edit_latents(latents, prompt, strength, **kw)

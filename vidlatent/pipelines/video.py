@@ -324,9 +324,8 @@ class VideoPipeline:
             z = self.edit_latents(z0, prompt, strength, negative_prompt, steps=steps, guidance=guidance, seed=seed,
                                   sampler=sampler, shift=shift, progress=progress)  # fmt: skip
             return self._output(z, output_type)
-        _, generator = self._noise(
-            z0.shape, seed
-        )  # drawn as SDEdit draws it: same seed, same generator state
+        # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
+        _, generator = self._noise(z0.shape, seed)
         opts = self._options(steps, guidance, sampler, shift, progress)
         source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
         context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
