@@ -547,7 +547,8 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         if split in results:
             r = results[split]
             motion = f"{r['motion']:.1%}" if "motion" in r else "-"
-            lines.append(f"| {label} | {r['prompts']} | {r['colour']:.1%} | {r['shape']:.1%} | {motion} "
+            n = f"{r['prompts']} x {len(r['seeds'])} seeds" if "seeds" in r else r["prompts"]
+            lines.append(f"| {label} | {n} | {r['colour']:.1%} | {r['shape']:.1%} | {motion} "
                          f"| {r['all']:.1%} | {r['nothing']:.1%} |")  # fmt: skip
     edits = {
         "edit-shape": "held-out clips edited to the next shape",
@@ -561,6 +562,14 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
             lines.append(f"| {what}, strength {r['strength']}, {how}, guidance {r['guidance']} | {r['prompts']} "
                          f"| {r['colour']:.1%} | {r['shape']:.1%} | {r['motion']:.1%} | {r['all']:.1%} "
                          f"| {r['nothing']:.1%} |")  # fmt: skip
+    seeded = [(split, r) for split, r in results.items() if isinstance(r, dict) and "per_seed" in r]
+    if seeded:
+        lines += ["", "Rows with several seeds pool the same prompts sampled with each seed; each seed alone "
+                      "(colour / shape / motion):"]  # fmt: skip
+    for split, r in seeded:
+        each = "; ".join(f"seed {o['seed']} " + " / ".join(f"{o[k]:.1%}" for k in ("colour", "shape", "motion")
+                                                           if k in o) for o in r["per_seed"])  # fmt: skip
+        lines.append(f"- {split}: {each}")
     if "animate" in results:
         a = results["animate"]
         lines += ["", f"Image to video: the first output frame against the still, {a['first_psnr']:.2f} dB PSNR "
