@@ -1,7 +1,7 @@
 """Reproduce the shipped default model from nothing: the shapes world, our trainer, our configs.
 
     python scripts/train_default.py [--out runs/default] [--stages vae cache dit refine joint polish joint2 polish3
-                                                            i2v gpu redraw redraw2 gpu2 ship eval]
+                                                            i2v gpu redraw redraw2 gpu2 redraw3 ship eval]
                                                            [--adopt-ship]
 
 Stages (each resumes where an interrupted run stopped; rerunning a finished stage is a no-op):
@@ -25,6 +25,8 @@ Stages (each resumes where an interrupted run stopped; rerunning a finished stag
   redraw2 the stage-10 decoder carried on the same way with a fresh schedule and both CPU threads (``REDRAW2``)
   gpu2   on a CUDA GPU: --gpu2-clips clips cached, then the stage-9 denoiser carried on alone (``GPU2``; not yet
          run: see the note above ``GPU2``)
+  redraw3 the stage-11 decoder carried on with the stage-12 denoiser re-drawing half of its clips (``REDRAW3``;
+         not yet run)
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json) at --ship
   eval   scripts/eval_default.py on it, then write MODEL_CARD.md beside the weights
 
@@ -252,10 +254,10 @@ RUNS_FILE = "runs.json"  # in a shipped folder: the runs its vae and dit (with t
 REDRAW_PIPELINE = "pipeline-gpu"  # the stage-7 VAE with the stage-9 denoiser, assembled by the stage
 
 
-def redraw_from(run: str, minutes: int, seed: int) -> list[str]:
+def redraw_from(run: str, minutes: int, seed: int, pipeline: str = REDRAW_PIPELINE) -> list[str]:
     """A decoder run from ``run``'s export for ``minutes`` of steps (cosine to them), half of its clips re-drawn by
-    the ``REDRAW_PIPELINE`` denoiser at strengths U(0.05, 0.4)."""
-    return vae_from(run, f"redraw_pipeline={{out}}/{REDRAW_PIPELINE}", "redraw_fraction=0.5",
+    the denoiser of ``{out}/<pipeline>`` at strengths U(0.05, 0.4)."""
+    return vae_from(run, f"redraw_pipeline={{out}}/{pipeline}", "redraw_fraction=0.5",
                     "redraw_strength=[0.05,0.4]", "steps=100000", f"max_minutes={minutes}", "lr=1e-4",
                     "warmup_steps=20", f"seed={seed}")  # fmt: skip
 
@@ -276,12 +278,20 @@ REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
 GPU2_CLIPS = 36000
 GPU2 = {"dit": {"dit-fine3": dit_from("dit-fine2", "latents-gpu", *GPU_ARGS, "max_minutes=7", "lr=2e-4",
                                       "warmup_steps=100", "seed=23")}}  # fmt: skip
-# CPU threads of each lane where a stage's lanes do not run with one each (stage 11: one lane, both threads).
-LANE_THREADS = {"redraw2": 2}
+# Stage 13 ("redraw3"), not yet run (it needs stage 12's denoiser): the stage-11 decoder carried on as in stage 11,
+# its clips re-drawn by the stage-12 denoiser, which a decoder has not seen yet.
+REDRAW3 = {"vae": {"vae-redraw-fine3": redraw_from("vae-redraw2", 55, seed=24, pipeline="pipeline-gpu2")}}
+# Each re-drawing stage's pipeline folder and the denoiser run it holds (only the denoiser and its text encoder are
+# used; the VAE beside them is the stage-7 one, or the latest there is).
+REDRAWN_BY = {"redraw": (REDRAW_PIPELINE, "dit-fine2"), "redraw2": (REDRAW_PIPELINE, "dit-fine2"),
+              "redraw3": ("pipeline-gpu2", "dit-fine3")}  # fmt: skip
+# CPU threads of each lane where a stage's lanes do not run with one each (stages 11, 13: one lane, both threads).
+LANE_THREADS = {"redraw2": 2, "redraw3": 2}
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
 STAGE_LANES = {
+    "redraw3": REDRAW3,
     "gpu2": GPU2,
     "redraw2": REDRAW2,
     "redraw": REDRAW,
@@ -393,9 +403,11 @@ def shipped_runs(out: Path) -> tuple[str, str]:
 
 
 def stage_redraw(out: Path, stage: str, extra: list[str]) -> None:
-    """Stages 10 and 11: the pipeline the decoder's clips are re-drawn with (stage-7 VAE, stage-9 denoiser; only its
-    denoiser and text encoder are used), then the stage's lane with its ``LANE_THREADS``."""
-    assemble(out, out / REDRAW_PIPELINE, "vae-polish3", list(GPU["dit"])[-1])
+    """Stages 10, 11 and 13: the pipeline the decoder's clips are re-drawn with (``REDRAWN_BY``; only its denoiser
+    and text encoder are used), then the stage's lane with its ``LANE_THREADS``."""
+    folder, dit_run = REDRAWN_BY[stage]
+    vae_run = "vae-polish3" if (out / "vae-polish3" / "final").is_dir() else shipped_runs(out)[0]
+    assemble(out, out / folder, vae_run, dit_run)
     run_lanes(out, STAGE_LANES[stage], extra, threads=LANE_THREADS.get(stage, 1))
 
 
@@ -485,10 +497,15 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         for folder, default in (("latents", CLIPS), ("latents-joint", JOINT_CLIPS),
                                 ("latents-joint2", JOINT_CLIPS), ("latents-gpu", GPU_CLIPS))
     )  # fmt: skip
-    stage12 = []  # listed once it has run
-    if (out / list(GPU2["dit"])[-1] / "final").is_dir():
-        stage12 = [f"Stage 12 (gpu2), on one GPU: {GPU2_CLIPS} training clips cached (the first {GPU_CLIPS} are stage "
-                   "9's), then the stage-9 denoiser carried on alone:", "", *lane_lines(GPU2), ""]  # fmt: skip
+    later = {  # stages 12 and 13, listed once they have run
+        "gpu2": f"Stage 12 (gpu2), on one GPU: {GPU2_CLIPS} training clips cached (the first {GPU_CLIPS} are stage "
+                "9's), then the stage-9 denoiser carried on alone:",
+        "redraw3": "Stage 13 (redraw3), stage 11 carried on with its clips re-drawn by the stage-12 denoiser "
+                   "instead, with both CPU threads:",
+    }  # fmt: skip
+    ran = [(head, STAGE_LANES[stage]) for stage, head in later.items()
+           if all((out / list(runs)[-1] / "final").is_dir() for runs in STAGE_LANES[stage].values())]  # fmt: skip
+    later_lines = [line for head, lanes in ran for line in (head, "", *lane_lines(lanes), "")]
     history_file = out / "HISTORY.md"  # the runs as they actually went, written by hand
     history = (
         ["## How it actually ran", "", history_file.read_text().strip(), ""] if history_file.is_file() else []
@@ -575,7 +592,7 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "",
         *lane_lines(REDRAW2),
         "",
-        *stage12,
+        *later_lines,
         *history,
         "## Evaluation (`scripts/eval_default.py`)",
         "",
@@ -689,7 +706,7 @@ def main() -> None:
         elif stage in args.stages and stage in ("gpu", "gpu2"):
             clips = args.gpu_clips if stage == "gpu" else args.gpu2_clips
             timed(out, stage, partial(stage_gpu, out, stage, clips, args.refine_args, args.device))
-        elif stage in args.stages and stage in ("redraw", "redraw2"):
+        elif stage in args.stages and stage in REDRAWN_BY:
             timed(out, stage, partial(stage_redraw, out, stage, args.refine_args))
         elif stage in args.stages:
             timed(out, stage, partial(run_lanes, out, STAGE_LANES[stage], args.refine_args))
