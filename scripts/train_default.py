@@ -271,10 +271,10 @@ REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
 # Stage 12 ("gpu2"), prepared and tried on the CPU but not yet run on a GPU: the stage-9 denoiser (dit-fine2) carried
 # on on a GPU for longer than stage 9's 2.5 minutes, on GPU2_CLIPS cached clips (the first 24000 are stage 9's:
 # every VAE since stage 6 trains its decoder alone, so its encoder, and the latents, are stage 6's). Why: after
-# stage 11 held-out shape stood at 78.7% with the decoder-side lever spent (stage 10 +3.2 points, stage 11 +0.5, a
-# higher re-drawing strength +0), the generated squares still rounded; the 2.5 minutes of dit-fine2 had added about
-# 7 points of shape (72 prompts), and on the CPU this denoiser takes about 6 s a step. A redraw pass of the decoder
-# against the new denoiser (as stage 10) would come after it.
+# stage 11 held-out shape stood at 78.2% (three sampling seeds) with the decoder-side lever spent (stage 10 +3.2
+# points, stage 11 +0.5, a higher re-drawing strength +0), the generated squares still rounded; the 2.5 minutes of
+# dit-fine2 had added about 7 points of shape (72 prompts), and on the CPU this denoiser takes about 6 s a step. A
+# redraw pass of the decoder against the new denoiser (stage 13) comes after it.
 GPU2_CLIPS = 36000
 # Stage 9's runs went at 8.5-10.9 steps a second whatever their size, bound by per-step overhead: here the batch is
 # 512 (4x), about 47 MiB of activations kept for backward per clip under bf16 (measured on the CPU), ~24 GiB.
