@@ -278,7 +278,7 @@ REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
 GPU2_CLIPS = 36000
 # Stage 9's runs went at 8.5-10.9 steps a second whatever their size, bound by per-step overhead: here the batch is
 # 512 (4x), about 47 MiB of activations kept for backward per clip under bf16 (measured on the CPU), ~24 GiB.
-GPU2 = {"dit": {"dit-fine3": dit_from("dit-fine2", "latents-gpu", *GPU_ARGS, "batch_size=512", "max_minutes=7",
+GPU2 = {"dit": {"dit-fine3": dit_from("dit-fine2", "latents-gpu", *GPU_ARGS, "batch_size=512", "max_minutes=6",
                                       "lr=3e-4", "warmup_steps=100", "seed=23")}}  # fmt: skip
 # Stage 13 ("redraw3"), not yet run (it needs stage 12's denoiser): the stage-11 decoder carried on as in stage 11,
 # its clips re-drawn by the stage-12 denoiser, which a decoder has not seen yet.
