@@ -1,7 +1,7 @@
 """Reproduce the shipped default model from nothing: the shapes world, our trainer, our configs.
 
     python scripts/train_default.py [--out runs/default] [--stages vae cache dit refine joint polish joint2 polish3
-                                                            i2v gpu redraw redraw2 gpu2 redraw3 ship eval]
+                                                            i2v gpu redraw redraw2 carry gpu2 redraw3 ship eval]
                                                            [--adopt-ship]
 
 Stages (each resumes where an interrupted run stopped; rerunning a finished stage is a no-op):
@@ -23,16 +23,17 @@ Stages (each resumes where an interrupted run stopped; rerunning a finished stag
          run then carries on
   redraw the stage-7 decoder carried on with the stage-9 denoiser re-drawing half of its clips (``REDRAW``)
   redraw2 the stage-10 decoder carried on the same way with a fresh schedule and both CPU threads (``REDRAW2``)
-  gpu2   on a CUDA GPU: --gpu2-clips clips cached, then the stage-9 denoiser carried on alone (``GPU2``; not yet
+  carry  the stage-9 denoiser carried on on the CPU (``CARRY``), on clips cached afresh
+  gpu2   on a CUDA GPU: --gpu2-clips clips cached, then the stage-12 denoiser carried on alone (``GPU2``; not yet
          run: see the note above ``GPU2``)
-  redraw3 the stage-11 decoder carried on with the stage-12 denoiser re-drawing half of its clips (``REDRAW3``;
+  redraw3 the stage-11 decoder carried on with the stage-13 denoiser re-drawing half of its clips (``REDRAW3``;
          not yet run)
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json) at --ship
   eval   scripts/eval_default.py on it, then write MODEL_CARD.md beside the weights
 
 ``--adopt-ship`` starts from the shipped model where the working folder lacks the runs it came from (a fresh
 machine): its parts are copied to ``<out>/<run>/final`` as its ``runs.json`` names them. On a GPU machine with this
-repository and nothing else, ``python scripts/train_default.py --adopt-ship --stages gpu2`` is stage 12 whole.
+repository and nothing else, ``python scripts/train_default.py --adopt-ship --stages gpu2`` is stage 13 whole.
 
 Extra ``key=value`` arguments after ``--vae-args`` / ``--dit-args`` go to the two ``vidlatent train`` runs.
 Wall times of the stages are kept in ``<out>/timings.json``.
@@ -268,33 +269,45 @@ REDRAW = {"vae": {"vae-redraw": redraw_from("vae-polish3", 60, seed=20)}}
 # 32.01 dB after a dip (31.80 at step 900); the same re-drawing pipeline (the denoiser is all it uses of it: the
 # trained VAE takes the place of its VAE) with the same settings, for 55 minutes of steps.
 REDRAW2 = {"vae": {"vae-redraw2": redraw_from("vae-redraw", 55, seed=21)}}
-# Stage 12 ("gpu2"), prepared and tried on the CPU but not yet run on a GPU: the stage-9 denoiser (dit-fine2) carried
+# Stage 12 ("carry"), on this CPU with both threads: dit-fine2 carried on for 50 minutes of steps on whole clips,
+# CARRY_CLIPS training clips cached afresh (world seed 1, its first clips, by the encoder every VAE since stage 6
+# shares), under bf16 autocast (about 1.3x faster than fp32 here: this AMD EPYC has avx512_bf16). Why: held-out
+# shape stood at 78.2% over three sampling seeds with the decoder-side lever spent and no GPU lent; an earlier
+# CPU carry-on of 42 minutes, mostly on first latent frames (image_fraction 0.75), had shown no gain.
+CARRY_CLIPS = 6000
+CARRY = {"dit": {"dit-cpu": dit_from("dit-fine2", "latents-carry", "batch_size=32", "data_in_memory=true",
+                                     "mixed_precision=bf16", "timestep_sampling=uniform", "shift=1",
+                                     "image_fraction=0.25", "first_frame_dropout=0.5", "steps=100000",
+                                     "max_minutes=50", "lr=1e-4", "warmup_steps=20", "seed=25",
+                                     "checkpoint_every=200", "log_every=10")}}  # fmt: skip
+# Stage 13 ("gpu2"), prepared and tried on the CPU but not yet run on a GPU: the stage-12 denoiser (dit-cpu) carried
 # on on a GPU for longer than stage 9's 2.5 minutes, on GPU2_CLIPS cached clips (the first 24000 are stage 9's:
-# every VAE since stage 6 trains its decoder alone, so its encoder, and the latents, are stage 6's). Why: after
-# stage 11 held-out shape stood at 78.2% (three sampling seeds) with the decoder-side lever spent (stage 10 +3.2
-# points, stage 11 +0.5, a higher re-drawing strength +0), the generated squares still rounded; the 2.5 minutes of
-# dit-fine2 had added about 7 points of shape (72 prompts), and on the CPU this denoiser takes about 6 s a step. A
-# redraw pass of the decoder against the new denoiser (stage 13) comes after it.
+# every VAE since stage 6 trains its decoder alone, so its encoder, and the latents, are stage 6's). Why: the 2.5
+# minutes of dit-fine2 had added about 7 points of held-out shape (72 prompts), and 50 CPU minutes (stage 12: 55700
+# clips shown, 30% of what dit-fine2's 2.5 GPU minutes showed) about 3 more on seen prompts; the generated squares
+# are still what the model gets wrong most. A redraw pass of the decoder against the new denoiser (stage 14) comes
+# after it.
 GPU2_CLIPS = 36000
 # Stage 9's runs went at 8.5-10.9 steps a second whatever their size, bound by per-step overhead: here the batch is
 # 512 (4x), about 47 MiB of activations kept for backward per clip under bf16 (measured on the CPU), ~24 GiB.
-GPU2 = {"dit": {"dit-fine3": dit_from("dit-fine2", "latents-gpu", *GPU_ARGS, "batch_size=512", "max_minutes=6",
+GPU2 = {"dit": {"dit-fine3": dit_from("dit-cpu", "latents-gpu", *GPU_ARGS, "batch_size=512", "max_minutes=6",
                                       "lr=3e-4", "warmup_steps=100", "seed=23")}}  # fmt: skip
-# Stage 13 ("redraw3"), not yet run (it needs stage 12's denoiser): the stage-11 decoder carried on as in stage 11,
-# its clips re-drawn by the stage-12 denoiser, which a decoder has not seen yet.
+# Stage 14 ("redraw3"), not yet run (it needs stage 13's denoiser): the stage-11 decoder carried on as in stage 11,
+# its clips re-drawn by the stage-13 denoiser, which a decoder has not seen yet.
 REDRAW3 = {"vae": {"vae-redraw-fine3": redraw_from("vae-redraw2", 55, seed=24, pipeline="pipeline-gpu2")}}
 # Each re-drawing stage's pipeline folder and the denoiser run it holds (only the denoiser and its text encoder are
 # used; the VAE beside them is the stage-7 one, or the latest there is).
 REDRAWN_BY = {"redraw": (REDRAW_PIPELINE, "dit-fine2"), "redraw2": (REDRAW_PIPELINE, "dit-fine2"),
               "redraw3": ("pipeline-gpu2", "dit-fine3")}  # fmt: skip
-# CPU threads of each lane where a stage's lanes do not run with one each (stages 11, 13: one lane, both threads).
-LANE_THREADS = {"redraw2": 2, "redraw3": 2}
+# CPU threads of each lane where a stage's lanes do not run with one each (stages 11, 12, 14: one lane, both threads).
+LANE_THREADS = {"redraw2": 2, "carry": 2, "redraw3": 2}
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
 JOINT_STAGES = {"joint": JOINT_VAE, "joint2": JOINT2_VAE}
 # Later stages first: ship takes each part from the latest stage that trains it and whose lanes all finished.
 STAGE_LANES = {
     "redraw3": REDRAW3,
     "gpu2": GPU2,
+    "carry": CARRY,
     "redraw2": REDRAW2,
     "redraw": REDRAW,
     "gpu": GPU,
@@ -380,7 +393,7 @@ def stage_joint(out: Path, stage: str, clips: int, extra: list[str]) -> None:
 
 def stage_gpu(out: Path, stage: str, clips: int, extra: list[str], device: str = "cuda") -> None:
     """Stages 9 and 12: ``clips`` training clips cached on the GPU (rendered by all but two CPU cores) with the
-    stage-7 VAE (stage 12: the latest VAE there is; the encoder is the same), then the stage's runs at once,
+    stage-7 VAE (stage 13: the latest VAE there is; the encoder is the same), then the stage's runs at once,
     sharing it. (``device="cpu"`` only to try a stage out.)"""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
@@ -390,6 +403,13 @@ def stage_gpu(out: Path, stage: str, clips: int, extra: list[str], device: str =
     vae_run = "vae-polish3" if stage == "gpu" else shipped_runs(out)[0]
     stage_cache(clips, out / vae_run / "final" / "vae", out / "latents-gpu", device, workers)
     run_lanes(out, STAGE_LANES[stage], [f"device={device}", *extra])
+
+
+def stage_carry(out: Path, extra: list[str]) -> None:
+    """Stage 12: ``CARRY_CLIPS`` training clips cached with the latest VAE's encoder, then the ``CARRY`` run with both
+    CPU threads."""
+    stage_cache(CARRY_CLIPS, out / shipped_runs(out)[0] / "final" / "vae", out / "latents-carry")
+    run_lanes(out, CARRY, extra, threads=LANE_THREADS["carry"])
 
 
 def shipped_runs(out: Path) -> tuple[str, str]:
@@ -499,10 +519,12 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         for folder, default in (("latents", CLIPS), ("latents-joint", JOINT_CLIPS),
                                 ("latents-joint2", JOINT_CLIPS), ("latents-gpu", GPU_CLIPS))
     )  # fmt: skip
-    later = {  # stages 12 and 13, listed once they have run
-        "gpu2": f"Stage 12 (gpu2), on one GPU: {GPU2_CLIPS} training clips cached (the first {GPU_CLIPS} are stage "
-                "9's), then the stage-9 denoiser carried on alone:",
-        "redraw3": "Stage 13 (redraw3), stage 11 carried on with its clips re-drawn by the stage-12 denoiser "
+    later = {  # stages 12 to 14, listed once they have run
+        "carry": f"Stage 12 (carry), on this CPU: {CARRY_CLIPS} training clips cached afresh, then the stage-9 "
+                 "denoiser carried on with both threads:",
+        "gpu2": f"Stage 13 (gpu2), on one GPU: {GPU2_CLIPS} training clips cached (the first {GPU_CLIPS} are stage "
+                "9's), then the stage-12 denoiser carried on alone:",
+        "redraw3": "Stage 14 (redraw3), stage 11 carried on with its clips re-drawn by the stage-13 denoiser "
                    "instead, with both CPU threads:",
     }  # fmt: skip
     ran = [(head, STAGE_LANES[stage]) for stage, head in later.items()
@@ -530,7 +552,7 @@ def model_card(out: Path, ship: Path, results: dict) -> str:
         "",
         "## Training",
         "",
-        f"Hardware: stages 1-8, 10 and 11 on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no "
+        f"Hardware: stages 1-8 and 10-12 on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no "
         f"GPU, torch {torch.__version__}; stage 9 on one {GPU_NAME} (torch 2.11).",
         "",
         "| stage | wall time |",
@@ -667,7 +689,7 @@ def main() -> None:
         "--gpu-clips", type=int, default=GPU_CLIPS, help="training clips cached for stage 9 (gpu)"
     )
     ap.add_argument(
-        "--gpu2-clips", type=int, default=GPU2_CLIPS, help="training clips cached for stage 12 (gpu2)"
+        "--gpu2-clips", type=int, default=GPU2_CLIPS, help="training clips cached for stage 13 (gpu2)"
     )
     ap.add_argument(
         "--device", default="cuda", help="where stages gpu and gpu2 run (cpu only to try them out)"
@@ -708,6 +730,8 @@ def main() -> None:
         elif stage in args.stages and stage in ("gpu", "gpu2"):
             clips = args.gpu_clips if stage == "gpu" else args.gpu2_clips
             timed(out, stage, partial(stage_gpu, out, stage, clips, args.refine_args, args.device))
+        elif stage in args.stages and stage == "carry":
+            timed(out, stage, partial(stage_carry, out, args.refine_args))
         elif stage in args.stages and stage in REDRAWN_BY:
             timed(out, stage, partial(stage_redraw, out, stage, args.refine_args))
         elif stage in args.stages:
