@@ -297,8 +297,8 @@ GPU2 = {"dit": {"dit-fine3": dit_from("dit-cpu", "latents-gpu", *GPU_ARGS, "batc
 REDRAW3 = {"vae": {"vae-redraw-fine3": redraw_from("vae-redraw2", 55, seed=24, pipeline="pipeline-gpu2")}}
 # Each re-drawing stage's pipeline folder and the denoiser run it holds (only the denoiser and its text encoder are
 # used; the VAE beside them is the stage-7 one, or the latest there is).
-REDRAWN_BY = {"redraw": (REDRAW_PIPELINE, "dit-fine2"), "redraw2": (REDRAW_PIPELINE, "dit-fine2"),
-              "redraw3": ("pipeline-gpu2", "dit-fine3")}  # fmt: skip
+REDRAWN_BY = {"redraw": (REDRAW_PIPELINE, list(GPU["dit"])[-1]), "redraw2": (REDRAW_PIPELINE, list(GPU["dit"])[-1]),
+              "redraw3": ("pipeline-gpu2", list(GPU2["dit"])[-1])}  # fmt: skip
 # CPU threads of each lane where a stage's lanes do not run with one each (stages 11, 12, 14: one lane, both threads).
 LANE_THREADS = {"redraw2": 2, "carry": 2, "redraw3": 2}
 # Stages that retrain the whole VAE before their lanes: that run. Stage S names it vae-S, its latents latents-S.
@@ -392,23 +392,21 @@ def stage_joint(out: Path, stage: str, clips: int, extra: list[str]) -> None:
 
 
 def stage_gpu(out: Path, stage: str, clips: int, extra: list[str], device: str = "cuda") -> None:
-    """Stages 9 and 12: ``clips`` training clips cached on the GPU (rendered by all but two CPU cores) with the
-    stage-7 VAE (stage 13: the latest VAE there is; the encoder is the same), then the stage's runs at once,
-    sharing it. (``device="cpu"`` only to try a stage out.)"""
+    """Stages 9 and 13: ``clips`` training clips cached on the GPU (rendered by all but two CPU cores) with the
+    ``encoder_run``'s VAE, then the stage's runs at once, sharing it. (``device="cpu"`` only to try a stage out.)"""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             f"stage {stage} trains on a CUDA GPU; none is visible (torch.cuda.is_available() is False)"
         )
     workers = max(1, (os.cpu_count() or 4) - 2)
-    vae_run = "vae-polish3" if stage == "gpu" else shipped_runs(out)[0]
-    stage_cache(clips, out / vae_run / "final" / "vae", out / "latents-gpu", device, workers)
+    stage_cache(clips, out / encoder_run(out) / "final" / "vae", out / "latents-gpu", device, workers)
     run_lanes(out, STAGE_LANES[stage], [f"device={device}", *extra])
 
 
 def stage_carry(out: Path, extra: list[str]) -> None:
-    """Stage 12: ``CARRY_CLIPS`` training clips cached with the latest VAE's encoder, then the ``CARRY`` run with both
-    CPU threads."""
-    stage_cache(CARRY_CLIPS, out / shipped_runs(out)[0] / "final" / "vae", out / "latents-carry")
+    """Stage 12: ``CARRY_CLIPS`` training clips cached with the ``encoder_run``'s VAE, then the ``CARRY`` run with both CPU
+    threads."""
+    stage_cache(CARRY_CLIPS, out / encoder_run(out) / "final" / "vae", out / "latents-carry")
     run_lanes(out, CARRY, extra, threads=LANE_THREADS["carry"])
 
 
@@ -424,17 +422,34 @@ def shipped_runs(out: Path) -> tuple[str, str]:
     return picked.get("vae", "vae-finetune"), picked.get("dit", "dit")
 
 
+def encoder_run(out: Path) -> str:
+    """The VAE run whose encoder later stages cache latents with: stage 7's, else (a working folder seeded by
+    --adopt-ship) the latest there is. Every VAE since stage 6 trains its decoder alone, so all of them encode
+    alike."""
+    return "vae-polish3" if (out / "vae-polish3" / "final").is_dir() else shipped_runs(out)[0]
+
+
 def stage_redraw(out: Path, stage: str, extra: list[str]) -> None:
-    """Stages 10, 11 and 13: the pipeline the decoder's clips are re-drawn with (``REDRAWN_BY``; only its denoiser
+    """Stages 10, 11 and 14: the pipeline the decoder's clips are re-drawn with (``REDRAWN_BY``; only its denoiser
     and text encoder are used), then the stage's lane with its ``LANE_THREADS``."""
     folder, dit_run = REDRAWN_BY[stage]
-    vae_run = "vae-polish3" if (out / "vae-polish3" / "final").is_dir() else shipped_runs(out)[0]
-    assemble(out, out / folder, vae_run, dit_run)
+    assemble(out, out / folder, encoder_run(out), dit_run)
     run_lanes(out, STAGE_LANES[stage], extra, threads=LANE_THREADS.get(stage, 1))
 
 
 def stage_ship(out: Path, ship: Path) -> None:
     assemble(out, ship, *shipped_runs(out))
+
+
+def copy_into_place(src: Path, dest: Path) -> None:
+    """Copy folder ``src`` to ``dest`` whole beside it first, then swap it in (an interrupted copy leaves the old
+    folder or none, never half a one)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
 
 
 def assemble(out: Path, ship: Path, vae_run: str, dit_run: str) -> None:
@@ -446,13 +461,8 @@ def assemble(out: Path, ship: Path, vae_run: str, dit_run: str) -> None:
         raise SystemExit(f"{ship}: no trained model at {', '.join(missing)}; run the earlier stages first")
     print(f"assembling {ship}: {vae_run} (vae) and {dit_run} (dit, text_encoder) from {out}", flush=True)
     ship.mkdir(parents=True, exist_ok=True)
-    for name, src in parts:  # each part copied whole beside its place, then swapped in
-        tmp = ship / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        if (ship / name).exists():
-            shutil.rmtree(ship / name)
-        tmp.rename(ship / name)
+    for name, src in parts:
+        copy_into_place(src, ship / name)
     # animate hands the still over as it is to a denoiser that learnt it (first_frame_dropout: stage 8)
     i2v = any(arg.startswith("first_frame_dropout=") for lanes in STAGE_LANES.values()
               for arg in lanes.get("dit", {}).get(dit_run, []))  # fmt: skip
@@ -474,10 +484,7 @@ def adopt_ship(out: Path, ship: Path) -> None:
         dest = out / run_name / "final" / part
         if not dest.is_dir():
             print(f"adopting {ship / part} as {dest}", flush=True)
-            tmp = dest.with_name(f".{part}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(ship / part, tmp)
-            tmp.rename(dest)
+            copy_into_place(ship / part, dest)
 
 
 def lane_lines(lanes: dict) -> list[str]:
