@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="job options, e.g. steps=20 guidance=4")
     args = ap.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds repeats a seed ({' '.join(map(str, args.seeds))}): each seed samples once")
     if args.source_guidance is not None and not args.edit_source:
         ap.error("--source-guidance is FlowEdit's: add --edit-source")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
