@@ -128,11 +128,24 @@ def _load_pipeline(args: argparse.Namespace):
     if bad:
         raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quiet:
+        _silence_progress()
     pipe = VideoPipeline.from_pretrained(args.model, device=device)
     parts = [OmegaConf.load(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     pipe.progress = not args.quiet
     return pipe
+
+
+def _silence_progress() -> None:
+    """``-q``: no progress bars from the libraries that load and write models either (transformers, diffusers)."""
+    import importlib
+
+    for name in ("transformers", "diffusers"):
+        try:
+            importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
+        except ImportError:  # transformers is optional
+            pass
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -416,7 +429,7 @@ LATENT_EXAMPLES = {
     "reconstruct": """example:
   vidlatent reconstruct clip.mp4 -o recon.mp4 --model my_pipeline --frames 17 --size 256 256""",
     "convert": """examples:
-  vidlatent convert Wan2.1-T2V-1.3B-Diffusers -o wan_folders/       (vae/ and dit/ from a pipeline root)
+  vidlatent convert Wan2.1-T2V-1.3B-Diffusers -o wan/      (a whole pipeline folder: --model wan/)
   vidlatent convert Wan2.1-T2V-1.3B/Wan2.1_VAE.pth -o my_vae/ --kind vae""",
 }
 
@@ -659,9 +672,14 @@ def add_reconstruct(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint
+    from .convert import convert_checkpoint
 
-    for kind, folder in convert_checkpoint(args.src, args.output, args.kind).items():
+    if args.quiet:
+        _silence_progress()
+    converted = convert_checkpoint(
+        args.src, args.output, args.kind, copy_text_encoder=not args.link_text_encoder
+    )
+    for kind, folder in converted.items():
         print(f"wrote {kind} to {folder}")
     return 0
 
@@ -679,7 +697,11 @@ def add_convert(sub) -> None:
         "src", metavar="SRC", help="diffusers folder, pipeline root, Wan folder or checkpoint file"
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--kind", choices=["auto", "vae", "dit"], default="auto", help="what SRC holds (auto)")
+    p.add_argument("--kind", choices=["auto", "pipeline", "vae", "dit"], default="auto",
+                   help="what SRC holds (auto: a root with text_encoder/ is a whole pipeline)")  # fmt: skip
+    p.add_argument("--link-text-encoder", action="store_true",
+                   help="pipeline: record where the text encoder is instead of copying its weights")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
 
 

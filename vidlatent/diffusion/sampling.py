@@ -5,7 +5,8 @@ Letters: b batch, c channels, t h w latent frames/height/width, m text tokens, d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,25 +16,33 @@ from .flow import add_noise
 
 Hook = Callable[[int, float, torch.Tensor], torch.Tensor]
 _FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+# sampler name -> (diffusers scheduler class, the name of its shift argument, the arguments it is made with);
 # diffusers is imported on first use: it takes seconds, and importing vidlatent should not
 SAMPLERS = {
-    "euler": lambda shift: _diffusers().FlowMatchEulerDiscreteScheduler(shift=shift),
-    "unipc": lambda shift: _diffusers().UniPCMultistepScheduler(flow_shift=shift, **_FLOW),
-    "dpm": lambda shift: _diffusers().DPMSolverMultistepScheduler(flow_shift=shift, **_FLOW),
+    "euler": ("FlowMatchEulerDiscreteScheduler", "shift", {}),
+    "unipc": ("UniPCMultistepScheduler", "flow_shift", _FLOW),
+    "dpm": ("DPMSolverMultistepScheduler", "flow_shift", _FLOW),
 }
+# what the denoiser is given as its noise level: "continuous" sigma (the model computes 1000 * sigma), or the
+# scheduler's own timesteps / 1000 ("scheduler": UniPC's are integers, 999, 937, ..., as Wan and diffusers give)
+TIMESTEPS = ("continuous", "scheduler")
 
 
-def _diffusers():
+def make_scheduler(sampler: str, shift: float = 1.0, config: Mapping[str, Any] | None = None):
+    """A fresh diffusers scheduler for a sampler name (``euler``, ``unipc``, ``dpm``) and a sigma shift.
+
+    ``config``: a diffusers scheduler config (a model folder's ``scheduler_config.json``); when it names this
+    sampler's class, the scheduler is built from it (solver order, final sigmas, ...) with ``shift`` put in.
+    """
     import diffusers
 
-    return diffusers
-
-
-def make_scheduler(sampler: str, shift: float = 1.0):
-    """A fresh diffusers scheduler for a sampler name (``euler``, ``unipc``, ``dpm``) and a sigma shift."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
-    return SAMPLERS[sampler](shift)
+    name, shift_arg, kwargs = SAMPLERS[sampler]
+    cls = getattr(diffusers, name)
+    if config and config.get("_class_name") == name:
+        return cls.from_config(dict(config), **{shift_arg: shift})
+    return cls(**{shift_arg: shift}, **kwargs)
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -61,6 +70,8 @@ def denoise(
     hook: Hook | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    timesteps: str = "continuous",
+    scheduler_config: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Integrate ``model(x, sigma, context, context_mask) -> velocity`` from noise to data; returns fp32 latents.
 
@@ -72,7 +83,13 @@ def denoise(
         first ``(1 - strength)`` of the steps.
     hook(step, sigma, latents) -> latents: called before every model call and once more at the end with
         sigma 0 (step == number of steps run); pipelines use it to paste known regions or frames.
+    timesteps: the noise level the model is given: ``"continuous"``, the schedule's sigma; ``"scheduler"``,
+        the scheduler's own timestep / num_train_timesteps (in float64: UniPC's timesteps are whole numbers,
+        which is what Wan models see in Wan's and diffusers' pipelines).
+    scheduler_config: a diffusers scheduler config that builds the sampler's scheduler (``make_scheduler``).
     """
+    if timesteps not in TIMESTEPS:
+        raise ValueError(f"unknown timesteps {timesteps!r}; accepted: {', '.join(TIMESTEPS)}")
     if not isinstance(noise, torch.Tensor):
         noise = torch.randn(
             tuple(noise), generator=generator, device=generator.device if generator else "cpu"
@@ -81,17 +98,21 @@ def denoise(
     start = first_step(steps, strength)
     if init is None and strength != 1:
         raise ValueError("strength < 1 (SDEdit) needs init latents to start from")
-    scheduler = make_scheduler(sampler, shift)
+    scheduler = make_scheduler(sampler, shift, scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
     scheduler.set_begin_index(start)
     sigmas = scheduler.sigmas.float()
+    levels = sigmas
+    if timesteps == "scheduler":
+        levels = scheduler.timesteps.double() / scheduler.config.num_train_timesteps
+        levels = levels.float() if noise.device.type == "mps" else levels  # mps has no float64
     x = noise if init is None else add_noise(init.float(), noise, sigmas[start].expand(noise.shape[0]))
 
     velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
     step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
     for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
         x = hook(i, float(sigmas[i]), x) if hook is not None else x
-        v = velocity(x, sigmas[i])
+        v = velocity(x, levels[i])
         x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
     return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
 

@@ -201,6 +201,7 @@ class VideoDiT(nn.Module):
     ) -> torch.Tensor:
         """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1].
 
+        ``sigma`` may be float64 (``1000 * sigma`` then stays exact for whole-number timesteps such as 999).
         ``context`` (b, m, text_dim) are text tokens. Without ``context_mask`` every token is attended to, as
         in Wan (which zero-pads prompts to ``text_len``); with a bool mask (b, m), False tokens are ignored.
         The output has ``x``'s dtype; inside, the model runs in its parameter dtype.
@@ -243,7 +244,8 @@ class VideoDiT(nn.Module):
                 f"latent size t={t}, h={h}, w={w} does not split into ({pt}, {ph}, {pw}) patches: "
                 f"t must be a positive multiple of {pt}, h of {ph} and w of {pw}"
             )
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = torch.as_tensor(sigma, device=x.device)  # float64 kept (exact whole-number timesteps)
+        sigma = sigma if sigma.dtype == torch.float64 else sigma.float()
         if sigma.ndim > 1 or sigma.numel() not in (1, b):
             raise ValueError(
                 f"sigma must have shape ({b},) (one noise level per sample); got {tuple(sigma.shape)}"

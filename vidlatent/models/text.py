@@ -19,6 +19,7 @@ Letters: b batch, n tokens, d width, h heads, e head dim, k character trigrams p
 from __future__ import annotations
 
 import functools
+import html
 import json
 import os
 import re
@@ -89,6 +90,7 @@ class HFTextConfig:
     tokenizer_path: str | None = None  # tokenizer folder if not the model folder
     max_length: int | None = None  # None: the model's position limit (CLIP 77, BERT 512), else 512 (T5, Wan)
     padding: str = "max_length"  # Wan zero-pads UMT5 output to 512 tokens and keeps the mask
+    clean: str = "none"  # prompt clean-up before tokenizing: "none", or "wan" (``wan_clean``, as Wan does)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -136,6 +138,22 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
     return [_check_text(p) for p in prompts]
+
+
+def wan_clean(text: str) -> str:
+    """Wan's prompt clean-up: ftfy's text repair when ftfy is installed, HTML entities decoded (twice, for
+    doubly escaped text), every run of white space one space, no white space at either end."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+CLEANERS = {"none": lambda text: text, "wan": wan_clean}
 
 
 # ------------------------------------------------------------------------------------------- interface
@@ -365,6 +383,8 @@ class HFTextEncoder(TextEncoder):
         super().__init__()
         if config.padding not in PADDINGS:
             raise ValueError(f"unknown padding {config.padding!r}; available: {', '.join(PADDINGS)}")
+        if config.clean not in CLEANERS:
+            raise ValueError(f"unknown clean {config.clean!r}; available: {', '.join(CLEANERS)}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         mcfg = model.config
         self.dim = int(getattr(mcfg, "d_model", None) or mcfg.hidden_size)
@@ -432,7 +452,7 @@ class HFTextEncoder(TextEncoder):
     def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``(b, n, d)`` float32 (zero beyond each prompt), mask ``(b, n)`` bool; n = max_length or longest."""
         batch = self.tokenizer(
-            check_prompts(prompts),
+            [CLEANERS[self.config.clean](p) for p in check_prompts(prompts)],
             padding=self.config.padding,
             max_length=self.max_length,
             truncation=True,
@@ -455,7 +475,7 @@ class HFTextEncoder(TextEncoder):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = HFTextConfig(max_length=self.max_length, padding=self.config.padding)
+        cfg = HFTextConfig(max_length=self.max_length, padding=self.config.padding, clean=self.config.clean)
         if copy:
             tmp = Path(tempfile.mkdtemp(prefix=f".{HF_SUBFOLDER}.", dir=folder))
             try:

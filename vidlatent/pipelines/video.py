@@ -22,17 +22,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange, reduce
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, read_json
 from ..config import DiTConfig, config_to_dict, list_presets, load_config
 from ..data.io import read_video, write_video
 from ..diffusion.flow import add_noise
-from ..diffusion.sampling import SAMPLERS, denoise, flow_edit, invert
+from ..diffusion.sampling import SAMPLERS, TIMESTEPS, denoise, flow_edit, invert
 from ..models.dit import VideoDiT
-from ..models.text import TextEncoder, load_text_encoder
+from ..models.text import HFTextEncoder, TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 
@@ -63,6 +64,56 @@ class PipelineConfig:
     # animate: the image's latent as the denoiser sees it at each step, "noised" to the step's sigma (right for any
     # text-to-video model) or "clean" (how a denoiser trained with first_frame_dropout < 1 saw it)
     first_frame: str = "noised"
+    # how the denoiser reads the text: "masked" (padding tokens are ignored: our models) or "all" (it attends to
+    # every token, the zero padding too, with no mask: Wan, whose prompts are zero-padded to 512 UMT5 tokens)
+    text_attention: str = "masked"
+    # the noise level the denoiser is given (sampling.TIMESTEPS): "continuous" sigma (our models) or the
+    # scheduler's own timesteps ("scheduler": whole numbers for UniPC, as Wan's and diffusers' pipelines give)
+    timesteps: str = "continuous"
+    # a diffusers scheduler config (a Wan folder's scheduler/scheduler_config.json): the sampler it names is
+    # built from it (solver settings), with this config's shift; empty for our models
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+
+TEXT_ATTENTION = ("masked", "all")
+# the defaults of a diffusers Wan pipeline folder: WanPipeline's own call defaults, and its scheduler's shift
+WAN_PIPELINES = ("WanPipeline",)
+WAN_DEFAULTS = dict(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16.0, negative_prompt="",
+                    text_attention="all", timesteps="scheduler")  # fmt: skip
+SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+                      "DPMSolverMultistepScheduler": "dpm"}  # fmt: skip
+
+
+def check_pipeline_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Fail on a config value no job could use, naming the field and what is accepted."""
+    choices = {"sampler": SAMPLERS, "first_frame": FIRST_FRAME, "text_attention": TEXT_ATTENTION,
+               "timesteps": TIMESTEPS}  # fmt: skip
+    for name, accepted in choices.items():
+        if getattr(cfg, name) not in accepted:
+            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
+    return cfg
+
+
+def diffusers_pipeline_config(root: Path) -> PipelineConfig:
+    """The ``PipelineConfig`` of a diffusers Wan pipeline folder (``model_index.json``): Wan's conventions
+    (all 512 text tokens attended, the scheduler's timesteps), WanPipeline's defaults (50 steps, guidance 5,
+    81 frames of 480x832), and the sampler, shift and settings of ``scheduler/scheduler_config.json``."""
+    index = read_json(root / "model_index.json")
+    name = index.get("_class_name")
+    if name not in WAN_PIPELINES:
+        raise ValueError(
+            f"{root} holds a diffusers {name or 'pipeline'}; accepted: {', '.join(WAN_PIPELINES)} folders"
+        )
+    cfg = PipelineConfig(**WAN_DEFAULTS)
+    path = root / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        sched = read_json(path)
+        kind = sched.get("_class_name")
+        if kind not in SCHEDULER_SAMPLERS:
+            raise ValueError(f"{path} names scheduler {kind!r}; accepted: {', '.join(SCHEDULER_SAMPLERS)}")
+        cfg.sampler, cfg.scheduler_config = SCHEDULER_SAMPLERS[kind], sched
+        cfg.shift = float(sched.get("flow_shift") or sched.get("shift") or cfg.shift)
+    return cfg
 
 
 @dataclass
@@ -137,7 +188,8 @@ class VideoPipeline:
                 f"the denoiser takes text tokens of width {dit.config.text_dim}, "
                 f"the text encoder makes {text_encoder.dim}"
             )
-        self.vae, self.dit, self.text_encoder, self.config = vae, dit, text_encoder, config
+        self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
+        self.config = check_pipeline_config(config)
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
 
     # ------------------------------------------------------------------------------------ loading
@@ -181,25 +233,44 @@ class VideoPipeline:
 
     @classmethod
     def _from_folder(cls, folder: Path, device, dtype) -> VideoPipeline:
-        dit_dir = next((folder / n for n in ("dit", "transformer") if (folder / n).is_dir()), None)
-        missing = [n for n, ok in (("vae/", (folder / "vae").is_dir()), ("dit/", dit_dir is not None),
+        dits = [folder / n for n in ("dit", "transformer") if (folder / n).is_dir()]
+        diffusers_root = (folder / "model_index.json").is_file()
+        config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
+        if len(dits) > 1 or (diffusers_root and config_file is not None):
+            mixed = [p.name + "/" for p in dits] if len(dits) > 1 else ["model_index.json", config_file.name]
+            raise ValueError(
+                f"{folder} mixes layouts ({' and '.join(mixed)}); a pipeline folder is either ours (dit/, "
+                "pipeline.json) or a diffusers one (transformer/, model_index.json)"
+            )
+        missing = [n for n, ok in (("vae/", (folder / "vae").is_dir()), ("dit/", bool(dits)),
                                    ("text_encoder/", (folder / "text_encoder").is_dir())) if not ok]  # fmt: skip
         if missing:
             raise FileNotFoundError(f"{folder} is not a pipeline folder: it lacks {', '.join(missing)}")
-        config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
-        files = [config_file] if config_file is not None else []
-        config = load_config(PipelineConfig, "pipeline", None, *files)
+        text_overrides: list[str] = []
+        if diffusers_root:
+            config = diffusers_pipeline_config(folder)
+            text_overrides = ["clean=wan"]  # Wan's prompt clean-up (html entities, runs of white space)
+        else:
+            config = load_config(PipelineConfig, "pipeline", None, *([config_file] if config_file else []))
         vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
-        dit = VideoDiT.from_pretrained(dit_dir, device=device, dtype=dtype).eval()
-        text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype)
+        dit = VideoDiT.from_pretrained(dits[0], device=device, dtype=dtype).eval()
+        text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
+                                         overrides=text_overrides)  # fmt: skip
         return cls(vae, dit, text_encoder, config)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``vae/``, ``dit/``, ``text_encoder/`` and ``pipeline.json`` (each file atomically)."""
+    def save_pretrained(self, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
+        """Write ``vae/``, ``dit/``, ``text_encoder/`` and ``pipeline.json`` (each file atomically).
+
+        ``copy_text_encoder=False`` (Hugging Face encoders only) records where the encoder was loaded from
+        instead of copying its weights (UMT5-XXL is 11 GB).
+        """
         folder = Path(folder)
+        if not copy_text_encoder and not isinstance(self.text_encoder, HFTextEncoder):
+            raise ValueError("copy_text_encoder=False applies to Hugging Face text encoders only")
         self.vae.save_pretrained(folder / "vae")
         self.dit.save_pretrained(folder / "dit")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
+        kwargs = {} if copy_text_encoder else {"copy": False}
+        self.text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
         text = json.dumps(config_to_dict(self.config), indent=2)
         atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
 
@@ -257,6 +328,7 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        noise: torch.Tensor | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         output_type: str = "video",
@@ -266,13 +338,17 @@ class VideoPipeline:
         text-to-image. ``output_type="latent"`` returns the normalized latents instead.
 
         frames must be 1 + 4k and height, width multiples of 16 (VAE 8 x patch 2): ValueError otherwise.
+        ``noise``: the start noise (b, c, t', h', w') instead of one drawn from ``seed`` (the sizes left unset
+        follow its shape); every job that samples takes it, shaped like its latents.
         """
         cfg = self.config
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if noise is not None:  # the given start noise sets the size the user left out
+            frames, height, width = self._pixel_size(noise, frames, height, width)
         frames = cfg.frames if frames is None else frames
         height, width = cfg.height if height is None else height, cfg.width if width is None else width
         self._check_size(frames, height, width)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        noise, generator = self._noise(self._latent_shape(len(prompts), frames, height, width), seed)
+        noise, generator = self._noise(self._latent_shape(len(prompts), frames, height, width), seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
         z = self._sample(noise, prompts, negative_prompt, opts, generator)
         return self._output(z, output_type)
@@ -290,6 +366,7 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        noise: torch.Tensor | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         output_type: str = "video",
@@ -322,14 +399,14 @@ class VideoPipeline:
         z0 = self.encode(video)
         if source_prompt is None or strength == 0:
             z = self.edit_latents(z0, prompt, strength, negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                                  sampler=sampler, shift=shift, progress=progress)  # fmt: skip
+                                  noise=noise, sampler=sampler, shift=shift, progress=progress)  # fmt: skip
             return self._output(z, output_type)
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
-        _, generator = self._noise(z0.shape, seed)
+        _, generator = self._noise(z0.shape, seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
         source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
-        context, mask = self.text_encoder.encode(self._prompts(prompt, len(z0)))
-        source, source_mask = self.text_encoder.encode(self._prompts(source_prompt, len(z0), "source_prompt"))
+        context, mask = self.encode_text(self._prompts(prompt, len(z0)))
+        source, source_mask = self.encode_text(self._prompts(source_prompt, len(z0), "source_prompt"))
         negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
         z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
                       source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
@@ -347,6 +424,7 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        noise: torch.Tensor | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         progress: bool | None = None,
@@ -359,7 +437,7 @@ class VideoPipeline:
         z0 = latents.to(self.device, torch.float32)
         if strength == 0:
             return z0.clone()
-        noise, generator = self._noise(z0.shape, seed)
+        noise, generator = self._noise(z0.shape, seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
         init = z0 if strength < 1 else None
         return self._sample(
@@ -378,6 +456,7 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        noise: torch.Tensor | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         output_type: str = "video",
@@ -402,7 +481,7 @@ class VideoPipeline:
             self._mask_input(mask, t, h, w), self.vae.temporal_factor, self.vae.spatial_factor
         )
         z0 = self.encode(video)
-        noise, generator = self._noise(z0.shape, seed)
+        noise, generator = self._noise(z0.shape, seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
         hook = self._keep_hook(z0, ~regen.to(z0.device), noise)
         init = z0 if strength < 1 else None
@@ -424,6 +503,7 @@ class VideoPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        noise: torch.Tensor | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         output_type: str = "video",
@@ -451,7 +531,7 @@ class VideoPipeline:
         frames = self.config.frames if frames is None else frames
         self._check_size(frames, h, w)
         still = self.encode(image).expand(self._latent_shape(b, frames, h, w))
-        noise, generator = self._noise(still.shape, seed)
+        noise, generator = self._noise(still.shape, seed, noise)
         keep = torch.zeros(1, 1, still.shape[2], 1, 1, dtype=torch.bool, device=still.device)
         keep[:, :, 0] = True
         opts = self._options(steps, guidance, sampler, shift, progress)
@@ -528,18 +608,19 @@ class VideoPipeline:
         """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
         opts = self._options(steps, guidance, "euler", shift, progress)
-        tokens, mask = self.text_encoder.encode([prompt_a, prompt_b])
-        mask = mask.any(dim=0, keepdim=True).expand(2, -1)  # the union: one context layout for every frame
+        tokens, mask = self.encode_text([prompt_a, prompt_b])
+        if mask is not None:  # the union: one context layout for every frame
+            mask = mask.any(dim=0, keepdim=True).expand(2, -1)
         negative = self._negative(None, guidance != 1)
         kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], progress=opts["progress"])
         noise = invert(self.dit, z, tokens, mask, refine=refine, **negative, **kw)
 
         def regenerate(w: torch.Tensor) -> torch.Tensor:
             noises, contexts = slerp(noise[0], noise[1], w), lerp(tokens[0], tokens[1], w)
-            masks = mask[:1].expand(len(w), -1)
+            masks = None if mask is None else mask[:1].expand(len(w), -1)
             parts = [slice(i, i + batch_size) for i in range(0, len(w), batch_size)]
-            return torch.cat([denoise(self.dit, noises[p], contexts[p], masks[p], sampler="euler", **negative, **kw)
-                              for p in parts])  # fmt: skip
+            return torch.cat([denoise(self.dit, noises[p], contexts[p], None if masks is None else masks[p],
+                                      sampler="euler", **negative, **kw) for p in parts])  # fmt: skip
 
         latents = regenerate(weights)
         return regenerate(arc_length_weights(weights, latents, weights)) if respace else latents
@@ -548,7 +629,7 @@ class VideoPipeline:
 
     def _sample(self, noise, prompts, negative_prompt, opts, generator, init=None, strength=1.0, hook=None):
         """The one call to the sampling loop that every job makes."""
-        context, context_mask = self.text_encoder.encode(prompts)
+        context, context_mask = self.encode_text(prompts)
         negative = self._negative(negative_prompt, opts["guidance"] != 1)
         return denoise(
             self.dit,
@@ -560,15 +641,23 @@ class VideoPipeline:
             strength=strength,
             hook=hook,
             generator=generator,
+            timesteps=self.config.timesteps,
+            scheduler_config=self.config.scheduler_config,
             **opts,
         )
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> (tokens (b, n, d), mask (b, n) or None) as this pipeline's denoiser reads them: with the
+        mask (``text_attention="masked"``), or with none, every token attended (``"all"``, as Wan)."""
+        tokens, mask = self.text_encoder.encode(prompts)
+        return tokens, (mask if self.config.text_attention == "masked" else None)
 
     def _negative(self, negative_prompt: str | None, guided: bool) -> dict:
         """The unconditional tokens as ``negative``/``negative_mask`` keywords (none when nothing is guided)."""
         if not guided:
             return {}
         neg = self.config.negative_prompt if negative_prompt is None else negative_prompt
-        tokens, mask = self.text_encoder.encode([neg])
+        tokens, mask = self.encode_text([neg])
         return {"negative": tokens, "negative_mask": mask}
 
     def _options(self, steps, guidance, sampler, shift, progress) -> dict:
@@ -587,16 +676,40 @@ class VideoPipeline:
             "progress": self.progress if progress is None else progress,
         }
 
-    def _noise(self, shape, seed) -> tuple[torch.Tensor, torch.Generator]:
-        """Start noise drawn on a CPU generator (the same on every device), then moved to the model's device."""
+    def _noise(self, shape, seed, given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
+        """Start noise drawn on a CPU generator (the same on every device), then moved to the model's device;
+        ``given`` (a job's ``noise=``) is used instead when it has the latents' shape. The generator, seeded
+        either way, also serves the samplers that draw noise at each step."""
         seed = self.config.seed if seed is None else seed
         generator = torch.Generator()
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        noise = torch.randn(tuple(shape), generator=generator)
+        if given is None:
+            noise = torch.randn(tuple(shape), generator=generator)
+        elif tuple(given.shape) == tuple(shape) and given.is_floating_point():
+            noise = given.float()
+        else:
+            what = (
+                f"shape {tuple(given.shape)}, dtype {given.dtype}"
+                if isinstance(given, torch.Tensor)
+                else given
+            )
+            raise ValueError(
+                f"noise must be float latents of shape {tuple(shape)} (b, c, t', h', w'); got {what}"
+            )
         return noise.to(self.device), generator
+
+    def _pixel_size(self, noise, frames, height, width) -> tuple[int, int, int]:
+        """(frames, height, width) of the video whose latents have ``noise``'s shape, where not given."""
+        if not isinstance(noise, torch.Tensor) or noise.ndim != 5:
+            what = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be latents (b, c, t', h', w'); got {what}")
+        t, h, w = noise.shape[2:]
+        sf = self.vae.spatial_factor
+        own = (1 + (t - 1) * self.vae.temporal_factor, h * sf, w * sf)
+        return tuple(own[i] if v is None else v for i, v in enumerate((frames, height, width)))
 
     @staticmethod
     def _keep_hook(

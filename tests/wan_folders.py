@@ -1,0 +1,80 @@
+"""Tiny diffusers Wan pipeline folders built offline (random weights, a local word-level tokenizer).
+
+``wan_t2v_root(path)`` writes what ``WanPipeline.save_pretrained`` writes for a released Wan 2.1 T2V model
+(model_index.json, vae/, transformer/, text_encoder/, tokenizer/, scheduler/), at widths a CPU runs in
+seconds. Weights are random with unit gain (tests/test_dit.py, tests/test_vae.py), so every part of the
+network moves the output and a wrong convention shows up as a large difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from test_dit import randomize as randomize_dit
+from test_text import make_tokenizer
+from test_vae import randomize as randomize_vae
+
+from vidlatent.config import DiTConfig, VAEConfig, load_config
+from vidlatent.models.dit import to_diffusers_config
+from vidlatent.models.vae import vae_config_to_diffusers
+
+TEXT_DIM = 32
+
+
+def tiny_umt5(seed: int = 0):
+    """A two-layer UMT5 encoder of width ``TEXT_DIM`` for the local tokenizer's vocabulary."""
+    import transformers as tf
+
+    tok = make_tokenizer()
+    cfg = tf.UMT5Config(
+        vocab_size=len(tok), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.UMT5EncoderModel(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # T5's init is tiny; larger weights make the text count
+                if p.ndim > 1:
+                    p.mul_(4.0)
+    return model, tok
+
+
+def wan_t2v_parts(seed: int = 0, shift: float = 3.0, dit_layers: int = 2):
+    """diffusers/transformers modules of a tiny Wan T2V pipeline: vae, transformer, text_encoder, tokenizer,
+    scheduler (UniPC on flow sigmas with ``flow_shift=shift``, as the released folders configure it)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    vae_cfg = load_config(VAEConfig, "vae", "tiny")
+    vae = AutoencoderKLWan(**vae_config_to_diffusers(vae_cfg)).eval()
+    randomize_vae(vae, seed)
+    c = vae_cfg.latent_channels
+    overrides = [f"in_channels={c}", f"out_channels={c}", f"text_dim={TEXT_DIM}", f"num_layers={dit_layers}"]
+    dit_cfg = load_config(DiTConfig, "dit", "tiny", overrides=overrides)
+    transformer = WanTransformer3DModel(**to_diffusers_config(dit_cfg)).eval()
+    randomize_dit(transformer, seed + 1)
+    with torch.no_grad():  # keep the velocity O(1) so that 10+ steps stay in a sane range
+        transformer.proj_out.weight.mul_(0.3)
+    text_encoder, tokenizer = tiny_umt5(seed + 2)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+    )
+    return dict(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=scheduler)  # fmt: skip
+
+
+def wan_t2v_pipeline(seed: int = 0, shift: float = 3.0):
+    """diffusers' ``WanPipeline`` holding the tiny random parts."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(**wan_t2v_parts(seed, shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_t2v_root(path: str | Path, seed: int = 0, shift: float = 3.0):
+    """Write a tiny diffusers Wan T2V pipeline folder at ``path``; returns diffusers' pipeline object."""
+    pipe = wan_t2v_pipeline(seed, shift)
+    pipe.save_pretrained(str(path))
+    return pipe
