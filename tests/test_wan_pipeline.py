@@ -93,6 +93,7 @@ def test_folder_defaults_and_shift(root, tmp_path):
     path, _ = root
     cfg = VideoPipeline.from_pretrained(path).config
     assert (cfg.steps, cfg.guidance, cfg.frames, cfg.height, cfg.width) == (50, 5.0, 81, 480, 832)
+    assert (cfg.fps, cfg.negative_prompt) == (16.0, "")
     assert (cfg.sampler, cfg.shift, cfg.text_attention, cfg.timesteps) == ("unipc", 3.0, "all", "scheduler")
     assert cfg.scheduler_config["solver_order"] == 2
     # a 720p folder's flow_shift=5 is the sampler's shift, not our default
