@@ -74,8 +74,7 @@ def check_state_dict(
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:
     """Check keys and shapes, then assign the tensors (works for models built on the meta device)."""
     check_state_dict(model, state_dict, what)
-    params = dict(model.named_parameters())
-    ref = {**dict(model.named_buffers()), **params}
+    ref = model.state_dict(keep_vars=True)  # every name, those of tied weights too
     converted = {
         k: v.to(dtype=ref[k].dtype) if ref[k].dtype.is_floating_point else v for k, v in state_dict.items()
     }

@@ -40,6 +40,7 @@ from einops import rearrange
 from ..checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    CheckpointMismatchError,
     atomic_write,
     load_into,
     load_state_dict,
@@ -504,13 +505,122 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------- original Wan T5 checkpoint
+
+# An original Wan 2.1 release folder holds its text encoder as Wan's own T5 code's state dict (wan/modules/t5.py,
+# ``umt5_xxl(encoder_only=True)``) and a Hugging Face tokenizer folder (wan/configs/wan_t2v_*.py: t5_checkpoint,
+# t5_tokenizer). Wan's ``T5Encoder`` with ``shared_pos=False`` is transformers' ``UMT5EncoderModel`` under the
+# renaming below: one relative-position table per block (bidirectional buckets, max distance 128), unscaled
+# attention (no 1/sqrt(d), as T5), RMS norms with eps 1e-6, and a gated FFN ``fc2(fc1(x) * gelu_tanh(gate(x)))``
+# whose gelu branch ``gate.0`` is T5's ``wi_0`` ("gated-gelu", gelu_new). Wan pads prompts to 512 tokens.
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER = "google/umt5-xxl"
+WAN_TEXT_LEN = 512
+_WAN_T5_TOP = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
+_WAN_T5_BLOCK = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    **{f"attn.{n}.weight": f"layer.0.SelfAttention.{n}.weight" for n in "qkvo"},
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_WAN_T5_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def wan_t5_key_map(num_layers: int) -> dict[str, str]:
+    """Wan T5 encoder names -> transformers ``UMT5EncoderModel`` names, for ``num_layers`` blocks."""
+    blocks = {
+        f"blocks.{i}.{a}": f"encoder.block.{i}.{b}"
+        for i in range(num_layers)
+        for a, b in _WAN_T5_BLOCK.items()
+    }
+    return {**_WAN_T5_TOP, **blocks}
+
+
+def from_wan_t5_state_dict(state) -> dict[str, torch.Tensor]:
+    """Wan's T5 encoder state dict -> ``UMT5EncoderModel``'s (tensors shared, not copied). Raises
+    ``CheckpointMismatchError`` listing every missing and unexpected key, in Wan's names."""
+    layers = 1 + max((int(m[1]) for k in state if (m := _WAN_T5_BLOCK_KEY.fullmatch(k))), default=0)
+    mapping = wan_t5_key_map(layers)
+    missing, unexpected = sorted(set(mapping) - set(state)), sorted(set(state) - set(mapping))
+    if missing or unexpected:
+        lines = [
+            "checkpoint does not fit Wan's T5 encoder (wan/modules/t5.py: UMT5, a position table per block):"
+        ]
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                more = [f"... and {len(keys) - 50} more"] if len(keys) > 50 else []
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:50] + more))
+        raise CheckpointMismatchError("\n".join(lines))
+    out = {mapping[k]: v for k, v in state.items()}
+    out["encoder.embed_tokens.weight"] = out["shared.weight"]  # tied in transformers
+    return out
+
+
+def to_wan_t5_state_dict(state) -> dict[str, torch.Tensor]:
+    """``UMT5EncoderModel`` state dict -> Wan's T5 encoder names (the inverse of ``from_wan_t5_state_dict``)."""
+    layers = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.block.")), default=-1)
+    inverse = {b: a for a, b in wan_t5_key_map(layers).items()}
+    return {inverse[k]: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+
+
+def wan_t5_config(state):
+    """A transformers ``UMT5Config`` read off Wan T5 tensor shapes (Wan names); the rest is Wan's UMT5-XXL."""
+    transformers = _import_transformers()
+    vocab, d_model = state["token_embedding.weight"].shape
+    buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+    return transformers.UMT5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=state["blocks.0.attn.q.weight"].shape[0] // heads,
+        d_ff=state["blocks.0.ffn.fc1.weight"].shape[0], num_heads=heads, relative_attention_num_buckets=buckets,
+        num_layers=sum(1 for k in state if k.endswith(".ffn.fc1.weight")), relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+
+
+def load_wan_t5(
+    checkpoint: str | Path, tokenizer_folder: str | Path | None = None, device=None, dtype=None,
+    config: HFTextConfig | None = None,
+) -> HFTextEncoder:  # fmt: skip
+    """Wan's T5 checkpoint (``models_t5_umt5-xxl-enc-bf16.pth``, read with ``weights_only=True``) as an
+    ``HFTextEncoder`` over a transformers ``UMT5EncoderModel``, converted in memory. The tokenizer comes from
+    ``tokenizer_folder``, else the ``google/umt5-xxl/`` folder beside the checkpoint (Wan's release layout).
+    ``dtype`` defaults to the checkpoint's (bf16 in Wan's release)."""
+    transformers = _import_transformers()
+    checkpoint = Path(checkpoint)
+    tokenizer_folder = Path(tokenizer_folder or checkpoint.parent / WAN_TOKENIZER)
+    if not _has_tokenizer(tokenizer_folder):
+        raise FileNotFoundError(
+            f"no tokenizer for {checkpoint}: expected a Hugging Face tokenizer folder at {tokenizer_folder} "
+            f"(Wan's release keeps it in {WAN_TOKENIZER}/ beside the checkpoint)"
+        )
+    raw = load_state_dict(checkpoint)
+    dtype = dtype or raw.get("token_embedding.weight", torch.empty(0)).dtype
+    # cast before the renaming, which ties the token embedding: one tensor for both names
+    state = from_wan_t5_state_dict({k: v.to(dtype) for k, v in raw.items()})
+    with torch.device("meta"):
+        model = transformers.UMT5EncoderModel(wan_t5_config(raw)).to(dtype)
+    load_into(model, state, what=f"UMT5EncoderModel (Wan T5 checkpoint {checkpoint})")
+    model.tie_weights()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(tokenizer_folder), local_files_only=True, trust_remote_code=False
+    )
+    config = config or HFTextConfig(max_length=WAN_TEXT_LEN, clean="wan")
+    enc = HFTextEncoder(model.requires_grad_(False).eval(), tokenizer, config).to(device)
+    enc.source = (checkpoint.resolve(), tokenizer_folder.resolve())  # for save_pretrained(copy=False)
+    return enc
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
 def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()) -> TextEncoder:
     """Load a text encoder from a preset name (random-init built-in encoder, e.g. ``"tiny"``), a vidlatent text
-    folder (``save_pretrained``), a Hugging Face model folder (config.json with ``model_type``), or a diffusers
-    pipeline root holding ``text_encoder/`` and ``tokenizer/``.
+    folder (``save_pretrained``), a Hugging Face model folder (config.json with ``model_type``), a diffusers
+    pipeline root holding ``text_encoder/`` and ``tokenizer/``, or Wan's own T5 checkpoint (an original Wan 2.1
+    folder holding ``models_t5_umt5-xxl-enc-bf16.pth`` and ``google/umt5-xxl/``, or that file: ``load_wan_t5``).
 
     ``overrides`` are ``key=value`` config fields (``TextConfig`` for built-in, ``HFTextConfig`` for HF, e.g.
     ``max_length=256``). ``dtype`` defaults to float32 for built-in encoders and to the checkpoint's for HF.
@@ -524,8 +634,13 @@ def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Seque
         raise FileNotFoundError(
             f"no text encoder at {src!r}: not a folder, and not a preset ({', '.join(list_presets(KIND))})"
         )
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a text encoder is a folder (vidlatent or Hugging Face)")
+    if not path.is_dir() or (path / WAN_T5_FILE).is_file():  # Wan's T5 checkpoint, or a folder holding it
+        cfg = load_config(
+            HFTextConfig, KIND, None, overrides=[f"max_length={WAN_TEXT_LEN}", "clean=wan", *overrides]
+        )
+        return load_wan_t5(
+            path if path.is_file() else path / WAN_T5_FILE, device=device, dtype=dtype, config=cfg
+        )
     if not (path / CONFIG_NAME).is_file() and (path / "text_encoder" / CONFIG_NAME).is_file():
         path = path / "text_encoder"  # a diffusers pipeline root (Wan: text_encoder/ + tokenizer/)
     if not (path / CONFIG_NAME).is_file():
@@ -553,6 +668,8 @@ def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Seque
         cfg = _apply_overrides(config_from_dict(HFTextConfig, raw), overrides)
         model_dir = path / cfg.path
         tok_dir = None if cfg.tokenizer_path is None else path / cfg.tokenizer_path
+        if model_dir.is_file():  # a link to Wan's T5 checkpoint (save_pretrained(copy=False))
+            return load_wan_t5(model_dir, tok_dir, device=device, dtype=dtype, config=cfg)
         return HFTextEncoder.from_folder(model_dir, tok_dir, device=device, dtype=dtype, config=cfg)
     raise ValueError(
         f"{path / CONFIG_NAME} has unknown text encoder type {kind_type!r}; expected builtin or hf"
