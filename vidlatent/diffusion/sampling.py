@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -26,6 +27,12 @@ SAMPLERS = {
 # what the denoiser is given as its noise level: "continuous" sigma (the model computes 1000 * sigma), or the
 # scheduler's own timesteps / 1000 ("scheduler": UniPC's are integers, 999, 937, ..., as Wan and diffusers give)
 TIMESTEPS = ("continuous", "scheduler")
+# the noise levels UniPC walks, before the shift: "scheduler", diffusers' own (linspace(1, 1/1000) in `steps` parts,
+# as diffusers' WanPipeline samples), or "wan", those of Wan 2.1's own FlowUniPCMultistepScheduler
+# (wan/utils/fm_solvers_unipc.py: linspace(float32(0.999), 0)), every level 1/1000 lower before the shift, so
+# its whole-number timesteps differ by up to 4 at 50 steps (shift 5: ..., 241, 172, 92 against 244, 175, 96).
+# With the same levels the two UniPC implementations step identically. Euler and DPM keep their own levels.
+SIGMAS = ("scheduler", "wan")
 
 
 def make_scheduler(sampler: str, shift: float = 1.0, config: Mapping[str, Any] | None = None):
@@ -43,6 +50,24 @@ def make_scheduler(sampler: str, shift: float = 1.0, config: Mapping[str, Any] |
     if config and config.get("_class_name") == name:
         return cls.from_config(dict(config), **{shift_arg: shift})
     return cls(**{shift_arg: shift}, **kwargs)
+
+
+def wan_unipc_sigmas(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The unshifted noise levels of Wan 2.1's UniPC sampler: from 1 - 1/num_train_timesteps (held in float32
+    as Wan holds it) down to 0 in ``steps`` equal parts, 0 itself left out (the scheduler appends it)."""
+    top = float(np.float32(1 - 1 / num_train_timesteps))
+    return np.linspace(top, 0.0, steps + 1)[:-1]
+
+
+def set_schedule(scheduler, sampler: str, steps: int, sigmas: str = "scheduler", device=None) -> None:
+    """``scheduler.set_timesteps`` for ``steps`` steps on the noise levels ``sigmas`` names (``SIGMAS``)."""
+    if sigmas not in SIGMAS:
+        raise ValueError(f"unknown sigmas {sigmas!r}; accepted: {', '.join(SIGMAS)}")
+    if sigmas == "wan" and sampler == "unipc":
+        grid = wan_unipc_sigmas(steps, scheduler.config.num_train_timesteps)
+        scheduler.set_timesteps(sigmas=grid, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -72,6 +97,7 @@ def denoise(
     progress: bool = True,
     timesteps: str = "continuous",
     scheduler_config: Mapping[str, Any] | None = None,
+    sigmas: str = "scheduler",
 ) -> torch.Tensor:
     """Integrate ``model(x, sigma, context, context_mask) -> velocity`` from noise to data; returns fp32 latents.
 
@@ -87,6 +113,7 @@ def denoise(
         the scheduler's own timestep / num_train_timesteps (in float64: UniPC's timesteps are whole numbers,
         which is what Wan models see in Wan's and diffusers' pipelines).
     scheduler_config: a diffusers scheduler config that builds the sampler's scheduler (``make_scheduler``).
+    sigmas: the noise levels the sampler walks (``SIGMAS``): the scheduler's own, or Wan's own UniPC levels.
     """
     if timesteps not in TIMESTEPS:
         raise ValueError(f"unknown timesteps {timesteps!r}; accepted: {', '.join(TIMESTEPS)}")
@@ -99,19 +126,19 @@ def denoise(
     if init is None and strength != 1:
         raise ValueError("strength < 1 (SDEdit) needs init latents to start from")
     scheduler = make_scheduler(sampler, shift, scheduler_config)
-    scheduler.set_timesteps(steps, device=noise.device)
+    set_schedule(scheduler, sampler, steps, sigmas, device=noise.device)
     scheduler.set_begin_index(start)
-    sigmas = scheduler.sigmas.float()
-    levels = sigmas
+    schedule = scheduler.sigmas.float()  # the steps' sigmas, and a final 0
+    levels = schedule
     if timesteps == "scheduler":
         levels = scheduler.timesteps.double() / scheduler.config.num_train_timesteps
         levels = levels.float() if noise.device.type == "mps" else levels  # mps has no float64
-    x = noise if init is None else add_noise(init.float(), noise, sigmas[start].expand(noise.shape[0]))
+    x = noise if init is None else add_noise(init.float(), noise, schedule[start].expand(noise.shape[0]))
 
     velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
     step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
     for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
-        x = hook(i, float(sigmas[i]), x) if hook is not None else x
+        x = hook(i, float(schedule[i]), x) if hook is not None else x
         v = velocity(x, levels[i])
         x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
     return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
