@@ -430,6 +430,7 @@ LATENT_EXAMPLES = {
   vidlatent reconstruct clip.mp4 -o recon.mp4 --model my_pipeline --frames 17 --size 256 256""",
     "convert": """examples:
   vidlatent convert Wan2.1-T2V-1.3B-Diffusers -o wan/      (a whole pipeline folder: --model wan/)
+  vidlatent convert Wan2.1-T2V-1.3B -o wan/                (the original release folder: the same)
   vidlatent convert Wan2.1-T2V-1.3B/Wan2.1_VAE.pth -o my_vae/ --kind vae""",
 }
 
@@ -689,7 +690,8 @@ def add_convert(sub) -> None:
         "convert",
         help="convert diffusers or original Wan 2.1 checkpoints into vidlatent folders",
         description="Load with from_pretrained, write with save_pretrained: what converts is what loads. "
-        "A pipeline root or original Wan folder with both models gives <output>/vae and <output>/dit.",
+        "A pipeline root with a text encoder (an original Wan folder: with its T5 and tokenizer) gives a whole "
+        "pipeline folder; a folder with the two models only gives <output>/vae and <output>/dit.",
         epilog=LATENT_EXAMPLES["convert"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

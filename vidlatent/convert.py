@@ -62,15 +62,24 @@ def _folder_parts(src: Path) -> dict[str, Path]:
 
 
 def is_pipeline_root(src: Path) -> bool:
-    """A folder holding a whole pipeline: VAE, denoiser and text encoder (ours, or a diffusers root)."""
+    """A folder holding a whole pipeline: VAE, denoiser and text encoder (ours, or a diffusers root), or an
+    original Wan 2.1 folder with its text encoder (Wan's T5 checkpoint or its tokenizer folder; loading then names
+    any part it lacks)."""
+    from .models.text import WAN_T5_FILE, WAN_TOKENIZER
+    from .pipelines.video import is_wan_release
+
+    if not src.is_dir():
+        return False
+    if is_wan_release(src):
+        return (src / WAN_T5_FILE).is_file() or (src / WAN_TOKENIZER).is_dir()
     has_dit = any((src / n).is_dir() for n in ("dit", "transformer"))
-    return src.is_dir() and has_dit and (src / "vae").is_dir() and (src / "text_encoder").is_dir()
+    return has_dit and (src / "vae").is_dir() and (src / "text_encoder").is_dir()
 
 
 def convert_pipeline(src: str | Path, out_dir: str | Path, copy_text_encoder: bool = True) -> Path:
-    """A pipeline root (a diffusers Wan folder, or ours) -> a complete vidlatent pipeline folder: ``vae/``,
-    ``dit/``, ``text_encoder/`` (with its tokenizer) and ``pipeline.json`` holding the source's conventions and
-    sampler settings, so that the folder generates exactly what the source does.
+    """A pipeline root (a diffusers Wan folder, an original Wan 2.1 folder, or ours) -> a complete vidlatent
+    pipeline folder: ``vae/``, ``dit/``, ``text_encoder/`` (with its tokenizer) and ``pipeline.json`` holding the
+    source's conventions and sampler settings, so that the folder generates exactly what the source does.
 
     ``copy_text_encoder=False`` writes no text-encoder weights and records where they are (for multi-GB
     encoders such as UMT5-XXL; the folder then needs the source to stay where it is).
@@ -80,7 +89,9 @@ def convert_pipeline(src: str | Path, out_dir: str | Path, copy_text_encoder: bo
     src, out_dir = Path(src), Path(out_dir)
     if not is_pipeline_root(src):
         raise ValueError(
-            f"{src} is not a pipeline folder: it needs vae/, transformer/ (or dit/) and text_encoder/"
+            f"{src} is not a pipeline folder: it needs vae/, transformer/ (or dit/) and text_encoder/, or is "
+            "an original Wan 2.1 folder (config.json, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, "
+            "google/umt5-xxl/)"
         )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} exists and is not an empty folder; choose another output")
@@ -108,9 +119,10 @@ def convert_checkpoint(
     ``src``: a diffusers ``AutoencoderKLWan`` / ``WanTransformer3DModel`` folder, a diffusers pipeline root
     (``vae/`` + ``transformer/``), an original Wan 2.1 folder or checkpoint file (``Wan2.1_VAE.pth``,
     ``diffusion_pytorch_model.safetensors``), or a vidlatent folder. ``kind``: "pipeline", "vae", "dit" or
-    "auto" (a root with a text encoder is a pipeline, see ``convert_pipeline``; otherwise told from the folder's
-    config or the file's tensor names). One model is written into ``out_dir`` itself; when ``kind="auto"``
-    finds both models and no text encoder, they go to ``out_dir/vae`` and ``out_dir/dit``.
+    "auto" (a root with a text encoder is a pipeline, an original Wan folder with its T5 checkpoint and tokenizer
+    too, see ``convert_pipeline``; otherwise told from the folder's config or the file's tensor names). One model
+    is written into ``out_dir`` itself; when ``kind="auto"`` finds both models and no text encoder, they go to
+    ``out_dir/vae`` and ``out_dir/dit``.
     ``copy_text_encoder``: see ``convert_pipeline``. Returns {kind: folder written}.
     """
     from .models.dit import VideoDiT

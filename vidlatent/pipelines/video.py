@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from einops import rearrange, reduce
 
-from ..checkpoint import atomic_write, read_json
+from ..checkpoint import CONFIG_NAME, atomic_write, read_json
 from ..config import DiTConfig, config_to_dict, list_presets, load_config
 from ..data.io import read_video, write_video
 from ..diffusion.flow import add_noise
-from ..diffusion.sampling import SAMPLERS, TIMESTEPS, denoise, flow_edit, invert
+from ..diffusion.sampling import SAMPLERS, SIGMAS, TIMESTEPS, denoise, flow_edit, invert
 from ..models.dit import VideoDiT
-from ..models.text import HFTextEncoder, TextEncoder, load_text_encoder
+from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 
@@ -70,6 +70,9 @@ class PipelineConfig:
     # the noise level the denoiser is given (sampling.TIMESTEPS): "continuous" sigma (our models) or the
     # scheduler's own timesteps ("scheduler": whole numbers for UniPC, as Wan's and diffusers' pipelines give)
     timesteps: str = "continuous"
+    # the noise levels the sampler walks (sampling.SIGMAS): the diffusers scheduler's own ("scheduler"), or those
+    # of Wan 2.1's own UniPC sampler ("wan": an original Wan folder's, see sampling.SIGMAS for the difference)
+    sigmas: str = "scheduler"
     # a diffusers scheduler config (a Wan folder's scheduler/scheduler_config.json): the sampler it names is
     # built from it (solver settings), with this config's shift; empty for our models
     scheduler_config: dict[str, Any] = field(default_factory=dict)
@@ -87,7 +90,7 @@ SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscret
 def check_pipeline_config(cfg: PipelineConfig) -> PipelineConfig:
     """Fail on a config value no job could use, naming the field and what is accepted."""
     choices = {"sampler": SAMPLERS, "first_frame": FIRST_FRAME, "text_attention": TEXT_ATTENTION,
-               "timesteps": TIMESTEPS}  # fmt: skip
+               "timesteps": TIMESTEPS, "sigmas": SIGMAS}  # fmt: skip
     for name, accepted in choices.items():
         if getattr(cfg, name) not in accepted:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
@@ -114,6 +117,57 @@ def diffusers_pipeline_config(root: Path) -> PipelineConfig:
         cfg.sampler, cfg.scheduler_config = SCHEDULER_SAMPLERS[kind], sched
         cfg.shift = float(sched.get("flow_shift") or sched.get("shift") or cfg.shift)
     return cfg
+
+
+# An original Wan 2.1 release folder (Wan-Video/Wan2.1 layout; wan/configs/wan_t2v_*.py names the files): the
+# WanModel config.json and weights, the VAE and Wan's own T5 checkpoint, and the T5 tokenizer folder.
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WAN_DIT_FILE = "diffusion_pytorch_model.safetensors"
+# Wan's default negative prompt (wan/configs/shared_config.py sample_neg_prompt; wan/text2video.py uses it whenever
+# the negative prompt is "")
+WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+# Wan 2.1's own text-to-video defaults, from Wan-Video/Wan2.1: generate.py (_validate_args: 50 steps and shift 5.0
+# for t2v at every size, 81 frames; --sample_guide_scale 5.0, --sample_solver unipc), shared_config.py (16 fps,
+# the negative prompt above, 512 text tokens) and text2video.py (UniPC's integer timesteps go to the model; its
+# scheduler is fm_solvers_unipc.py, on its own levels: sigmas "wan"). Wan's README suggests guidance 6 and shift
+# 8-12 for the 1.3B; these are its code's defaults. The size is in wan_release_config.
+WAN_RELEASE_DEFAULTS = dict(sampler="unipc", steps=50, guidance=5.0, shift=5.0, frames=81, fps=16.0,
+                            negative_prompt=WAN_NEGATIVE_PROMPT, text_attention="all", timesteps="scheduler",
+                            sigmas="wan")  # fmt: skip
+
+
+def is_wan_release(folder: Path) -> bool:
+    """Whether ``folder`` is an original Wan 2.1 release folder: its config.json is a ``WanModel``'s."""
+    if not (folder / CONFIG_NAME).is_file():
+        return False
+    raw = read_json(folder / CONFIG_NAME)
+    wan_model = raw.get("_class_name") == "WanModel" or {"dim", "num_heads"} <= set(raw)
+    return wan_model and "_vidlatent_kind" not in raw
+
+
+def wan_release_missing(folder: Path) -> list[str]:
+    """The files of an original Wan 2.1 T2V folder that ``folder`` lacks (those wan/text2video.py loads)."""
+    tokenizer = folder / WAN_TOKENIZER
+    present = {
+        "diffusion_pytorch_model.safetensors (or its .index.json)": any(
+            (folder / n).is_file() for n in (WAN_DIT_FILE, f"{WAN_DIT_FILE}.index.json")
+        ),
+        WAN_VAE_FILE: (folder / WAN_VAE_FILE).is_file(),
+        WAN_T5_FILE: (folder / WAN_T5_FILE).is_file(),
+        f"{WAN_TOKENIZER}/ (its tokenizer)": any(
+            (tokenizer / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+        ),
+    }
+    return [name for name, ok in present.items() if not ok]
+
+
+def wan_release_config(folder: Path) -> PipelineConfig:
+    """The ``PipelineConfig`` of an original Wan 2.1 folder: Wan's conventions and its generate.py defaults
+    (``WAN_RELEASE_DEFAULTS``), at 832x480 (the 1.3B runs 480p only) or, for the 14B (dim 5120), generate.py's
+    default 1280x720."""
+    raw = read_json(folder / CONFIG_NAME)
+    height, width = (720, 1280) if raw.get("dim") == 5120 else (480, 832)
+    return PipelineConfig(**WAN_RELEASE_DEFAULTS, height=height, width=width)
 
 
 @dataclass
@@ -200,7 +254,10 @@ class VideoPipeline:
 
         A folder holds ``vae/``, ``dit/`` (or diffusers' ``transformer/``), ``text_encoder/`` and
         ``pipeline.json`` or ``pipeline.yaml`` (``PipelineConfig`` fields; defaults where absent), as written by
-        ``save_pretrained``. ``dtype`` applies to all three models (default: as stored, fp32 for presets).
+        ``save_pretrained``. A diffusers Wan folder (``model_index.json``) and an original Wan 2.1 release folder
+        (config.json of a ``WanModel``, ``Wan2.1_VAE.pth``, Wan's T5 checkpoint and ``google/umt5-xxl/``) load
+        with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
+        presets).
         """
         path = Path(src)
         if path.is_dir():
@@ -236,6 +293,16 @@ class VideoPipeline:
         dits = [folder / n for n in ("dit", "transformer") if (folder / n).is_dir()]
         diffusers_root = (folder / "model_index.json").is_file()
         config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
+        if is_wan_release(folder):
+            others = [p.name + "/" for p in dits]
+            others += [n for n in ("model_index.json", *PIPELINE_FILES) if (folder / n).is_file()]
+            if others:
+                raise ValueError(
+                    f"{folder} mixes layouts (an original Wan config.json with {' and '.join(others)}); a "
+                    "pipeline folder is ours (dit/, pipeline.json), a diffusers one (transformer/, "
+                    "model_index.json) or an original Wan 2.1 one (config.json of a WanModel, Wan2.1_VAE.pth, ...)"
+                )
+            return cls._from_wan_release(folder, device, dtype)
         if len(dits) > 1 or (diffusers_root and config_file is not None):
             mixed = [p.name + "/" for p in dits] if len(dits) > 1 else ["model_index.json", config_file.name]
             raise ValueError(
@@ -257,6 +324,20 @@ class VideoPipeline:
         text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
                                          overrides=text_overrides)  # fmt: skip
         return cls(vae, dit, text_encoder, config)
+
+    @classmethod
+    def _from_wan_release(cls, folder: Path, device, dtype) -> VideoPipeline:
+        missing = wan_release_missing(folder)
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is an original Wan 2.1 folder (its config.json is a WanModel's) but lacks "
+                f"{', '.join(missing)}; such a folder holds config.json, {WAN_DIT_FILE} (or its .index.json), "
+                f"{WAN_VAE_FILE}, {WAN_T5_FILE} and {WAN_TOKENIZER}/ (a tokenizer folder)"
+            )
+        vae = CausalVAE.from_pretrained(folder / WAN_VAE_FILE, device=device, dtype=dtype)
+        dit = VideoDiT.from_pretrained(folder, device=device, dtype=dtype).eval()
+        text_encoder = load_text_encoder(folder / WAN_T5_FILE, device=device, dtype=dtype)
+        return cls(vae, dit, text_encoder, wan_release_config(folder))
 
     def save_pretrained(self, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
         """Write ``vae/``, ``dit/``, ``text_encoder/`` and ``pipeline.json`` (each file atomically).
@@ -643,6 +724,7 @@ class VideoPipeline:
             generator=generator,
             timesteps=self.config.timesteps,
             scheduler_config=self.config.scheduler_config,
+            sigmas=self.config.sigmas,
             **opts,
         )
 
