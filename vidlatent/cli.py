@@ -83,6 +83,13 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
         p.add_argument("--shift", type=float, default=None, help="sigma shift of the schedule")
         p.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance > 1)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the output")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA file for the denoiser (any Wan 2.1 layout) at SCALE (1); repeat for several",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_common(p)
 
@@ -127,6 +134,8 @@ def _load_pipeline(args: argparse.Namespace):
     bad = [x for x in args.overrides if "=" not in x]
     if bad:
         raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
+    loras = [parse_lora_spec(spec) for spec in getattr(args, "lora", [])]
+    _check_inputs(*(path for path, _ in loras))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quiet:
         _silence_progress()
@@ -134,6 +143,10 @@ def _load_pipeline(args: argparse.Namespace):
     parts = [OmegaConf.load(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     pipe.progress = not args.quiet
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+    if loras:  # folded into the weights: the same result without the adapters' cost at every step
+        pipe.fuse_lora()
     return pipe
 
 
@@ -146,6 +159,23 @@ def _silence_progress() -> None:
             importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
         except ImportError:  # transformers is optional
             pass
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]`` -> (path, scale). The scale follows the last ':' when that part is a finite
+    number, so ``C:\\loras\\a.safetensors`` stays a path; an existing file named ``spec`` is a path too."""
+    import math
+    import os
+
+    path, sep, tail = spec.rpartition(":")
+    if sep and path and not os.path.exists(spec):
+        try:
+            scale = float(tail)
+        except ValueError:
+            scale = None
+        if scale is not None and math.isfinite(scale):
+            return path, scale
+    return spec, 1.0
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:

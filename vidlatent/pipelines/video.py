@@ -32,6 +32,7 @@ from ..config import DiTConfig, config_to_dict, list_presets, load_config
 from ..data.io import read_video, write_video
 from ..diffusion.flow import add_noise
 from ..diffusion.sampling import SAMPLERS, SIGMAS, TIMESTEPS, denoise, flow_edit, invert
+from ..models import lora
 from ..models.dit import VideoDiT
 from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
@@ -354,6 +355,41 @@ class VideoPipeline:
         self.text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
         text = json.dumps(config_to_dict(self.config), indent=2)
         atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
+
+    # ------------------------------------------------------------------------------------ LoRAs
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA to the denoiser for every job from now on; returns its name (default: the file's stem).
+
+        Reads every published Wan 2.1 layout (diffusers/peft, Kohya/ComfyUI, musubi-tuner, full-rank
+        ``.diff``/``.diff_b`` step-distillation LoRAs; see ``vidlatent.models.lora``). Several LoRAs add up,
+        each at its own ``scale``. A file that does not fit the denoiser (keys naming no layer, shapes of
+        another model) raises one error listing what is wrong, and nothing is applied.
+        """
+        return lora.load_lora(self.dit, path, scale=scale, name=name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (0 switches it off, exactly)."""
+        lora.set_lora_scale(self.dit, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (all of them when None); the denoiser is as it was before loading."""
+        lora.unload_lora(self.dit, name)
+
+    def fuse_lora(self) -> None:
+        """Fold the loaded LoRAs, at their scales, into the denoiser's weights: same results, no extra cost
+        per step. Until ``unfuse_lora``, LoRAs cannot be loaded, unloaded or rescaled; ``save_pretrained``
+        writes the fused weights."""
+        lora.fuse_lora(self.dit)
+
+    def unfuse_lora(self) -> None:
+        """Subtract fused LoRAs from the weights again (to rounding in the weights' dtype); they stay loaded."""
+        lora.unfuse_lora(self.dit)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs."""
+        return lora.lora_scales(self.dit)
 
     @property
     def device(self) -> torch.device:

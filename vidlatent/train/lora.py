@@ -13,8 +13,11 @@ side by side. Layouts of saved files:
 - ``"wan"`` (Kohya / ComfyUI / original Wan names): ``diffusion_model.blocks.0.self_attn.q.lora_down.weight``,
   ``lora_up.weight`` and ``alpha``.
 
-``load_lora`` reads all three, diffusers keys with or without ``transformer.``, and ``lora_A``/``lora_B`` or
-``lora_down``/``lora_up`` under either name scheme. peft is imported lazily (``pip install vidlatent[lora]``).
+``load_lora`` reads keys with the parser of ``vidlatent.models.lora`` (every published Wan 2.1 layout: these
+three, peft, musubi-tuner's ``lora_unet_...``), keeping what a peft adapter can hold: low-rank pairs on linear
+layers. To apply LoRAs for inference (full-rank diffs too, several at once with scales, no peft), use
+``vidlatent.models.lora`` or ``VideoPipeline.load_lora``. peft is imported lazily (``pip install
+vidlatent[lora]``).
 """
 
 from __future__ import annotations
@@ -28,17 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointMismatchError, atomic_write, load_state_dict
-from ..models.dit import (
-    VideoDiT,
-    from_diffusers_state_dict,
-    from_wan_state_dict,
-    to_diffusers_state_dict,
-    to_wan_state_dict,
-)
+from ..checkpoint import atomic_write
+from ..models.dit import VideoDiT, to_diffusers_state_dict, to_wan_state_dict
+from ..models.lora import DIFFUSERS_METADATA_KEY, describe, parse_lora, raise_if_mismatch, read_lora
 
 LORA_LAYOUTS = ("vidlatent", "diffusers", "wan")
 # the modules each ``targets`` entry of add_lora adapts, in every block
@@ -48,11 +45,6 @@ TARGET_GROUPS = {
     "ffn": ("mlp.fc1", "mlp.fc2"),
 }
 TARGET_GROUPS["attention"] = TARGET_GROUPS["self_attn"] + TARGET_GROUPS["cross_attn"]
-
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-_PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight")
-_SIDE = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
 
 
 def _peft():
@@ -266,111 +258,30 @@ def save_lora(
 # ------------------------------------------------------------------------------------------- weights in
 
 
-def _read(src: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if isinstance(src, Mapping):
-        return dict(src), {}
-    path = Path(src)
-    state = load_state_dict(path)
-    metadata = {}
-    if path.name.endswith(".safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    return state, metadata
-
-
-def _file_alpha(metadata: Mapping[str, str]) -> float | None:
-    """The adapter-wide alpha a file declares: ours (``alpha``) or diffusers' (``lora_adapter_metadata``)."""
-    if "alpha" in metadata:
-        return float(metadata["alpha"])
-    if DIFFUSERS_METADATA_KEY in metadata:
-        config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-        value = config.get("transformer.lora_alpha", config.get("lora_alpha"))
-        return None if value is None else float(value)
-    return None
-
-
 def parse_lora_state_dict(
     dit: VideoDiT, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Any supported LoRA layout -> {our module name: (A, B, alpha)}, checked against ``dit``'s linears.
 
-    Raises CheckpointMismatchError listing keys that name no linear of this model (or are not LoRA weights),
-    modules with only one of A/B, and A/B shapes that do not fit the module or each other.
+    The one parser of ``vidlatent.models.lora`` (every published layout), limited to what a peft adapter can
+    hold: low-rank pairs on linear layers (alpha defaulting to the rank). Raises CheckpointMismatchError listing
+    keys that name no layer of this model (or are not LoRA weights), modules with only one of A/B, A/B shapes
+    that do not fit the module or each other, and full-rank diffs or targets that are not linear layers.
     """
+    deltas = parse_lora(dit, state, metadata)
     linears = _linears(dit)
-    metadata = metadata or {}
-    default_alpha = _file_alpha(metadata)
-    found: dict[str, dict] = {}
-    unknown, incomplete, shapes = [], [], []
-
-    def resolve(module: str) -> str | None:
-        for convert in (dict, from_diffusers_state_dict, from_wan_state_dict):
-            name = _rename_modules([module], convert)[module]
-            if name in linears:
-                return name
-        return None
-
-    for key, value in state.items():
-        stripped = key
-        for prefix in _PREFIXES:
-            stripped = stripped.removeprefix(prefix)
-        match = _LORA_KEY.fullmatch(stripped)
-        module, side = (
-            (match["module"], _SIDE[match["kind"]]) if match else (stripped.removesuffix(".alpha"), "alpha")
-        )
-        name = resolve(module) if match or stripped.endswith(".alpha") else None
-        if name is None:
-            unknown.append(key)
-            continue
-        entry = found.setdefault(name, {"keys": []})
-        entry[side] = value
-        entry["keys"].append(key)
-    for name, entry in found.items():
-        if "A" not in entry or "B" not in entry:
-            incomplete.append(f"{name} (has only {', '.join(entry['keys'])})")
-            continue
-        a, b, linear = entry["A"], entry["B"], linears[name]
-        if (
-            a.ndim != 2
-            or b.ndim != 2
-            or a.shape[1] != linear.in_features
-            or b.shape[0] != linear.out_features
-        ):
-            shapes.append(
-                f"{name}: A {tuple(a.shape)}, B {tuple(b.shape)} vs module ({linear.out_features}, "
-                f"{linear.in_features}) needs A (r, {linear.in_features}), B ({linear.out_features}, r)"
-            )
-        elif a.shape[0] != b.shape[1]:
-            shapes.append(f"{name}: A has rank {a.shape[0]} but B rank {b.shape[1]}")
-    if not found and not unknown:
-        unknown.append("(no tensors)")
-    _raise_if(unknown, incomplete, shapes, [], "this VideoDiT")
-    out = {}
-    for name, entry in found.items():
-        a, b = entry["A"], entry["B"]
-        alpha = entry.get("alpha")
-        alpha = (
-            float(alpha) if alpha is not None else default_alpha if default_alpha is not None else a.shape[0]
-        )
-        out[name] = (a, b, alpha)
-    return out
-
-
-def _raise_if(unknown, incomplete, shapes, missing, what: str) -> None:
-    if not (unknown or incomplete or shapes or missing):
-        return
-    lines = [f"LoRA weights do not fit {what}:"]
-    sections = (
-        ("unknown keys", unknown),
-        ("incomplete (A and B needed)", incomplete),
-        ("wrong shape", shapes),
-        ("missing", missing),
+    untrainable = [
+        f"{name} ({', '.join(d.keys)})"
+        for name, d in deltas.items()
+        if name not in linears or d.down is None or d.diff is not None or d.diff_b is not None
+    ]
+    raise_if_mismatch(
+        {
+            "not a low-rank pair on a linear layer (vidlatent.models.lora.load_lora applies it at inference)": untrainable
+        },
+        describe(dit),
     )
-    for title, items in sections:
-        if items:
-            shown = items[:50] + ([f"... and {len(items) - 50} more"] if len(items) > 50 else [])
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-    raise CheckpointMismatchError("\n".join(lines))
+    return {name: (d.down, d.up, float(d.rank) if d.alpha is None else d.alpha) for name, d in deltas.items()}
 
 
 def load_lora(
@@ -388,7 +299,7 @@ def load_lora(
     CheckpointMismatchError.
     """
     _peft()
-    state, metadata = _read(src)
+    state, metadata = read_lora(src)
     adapter = parse_lora_state_dict(dit, state, metadata)
     existing = _lora_layers(dit, adapter_name)
     if existing:
@@ -399,9 +310,12 @@ def load_lora(
             for n, (a, _, _) in adapter.items()
             if n in existing and a.shape[0] != existing[n].r[adapter_name]
         ]
-        _raise_if(
-            [f"{n} (not in adapter {adapter_name!r})" for n in extra], [], ranks, missing, "the adapter"
-        )
+        sections = {
+            "unknown keys": [f"{n} (not in adapter {adapter_name!r})" for n in extra],
+            "wrong shape": ranks,
+            "missing": missing,
+        }
+        raise_if_mismatch(sections, "the adapter", accepted=False)
         if any(layer.merged for layer in existing.values()):
             raise ValueError("adapters are merged into the weights; call unmerge_lora before loading")
     else:
