@@ -301,6 +301,16 @@ def test_fuse_unfuse_unload(cfg, twins, batch, tmp_path):
         assert (v - base[k]).abs().max() <= 1e-6 * base[k].abs().max(), k
     assert max_rel_diff(run(dit, batch), run(ours, batch)) <= 1e-5
 
+    # bf16 weights: subtracting would leave a bf16 rounding step in each; unfuse restores a CPU copy exactly
+    half = copy.deepcopy(ours).to(torch.bfloat16)
+    base16 = {k: v.clone() for k, v in half.state_dict().items()}
+    load_lora(half, files[0], scale=0.7)
+    fuse_lora(half)
+    assert not torch.equal(half.blocks[0].mlp.fc1.weight, base16["blocks.0.mlp.fc1.weight"])
+    unfuse_lora(half)
+    unload_lora(half)
+    assert all(torch.equal(v, base16[k]) for k, v in half.state_dict().items())
+
 
 # ---------------------------------------------------------------------------------------- bad input
 

@@ -145,8 +145,8 @@ def _load_pipeline(args: argparse.Namespace):
     pipe.progress = not args.quiet
     for path, scale in loras:
         pipe.load_lora(path, scale)
-    if loras:  # folded into the weights: the same result without the adapters' cost at every step
-        pipe.fuse_lora()
+    if loras:  # folded into the weights for good: the same result without the adapters' cost at every step
+        pipe.fuse_lora(keep_originals=False)
     return pipe
 
 

@@ -28,7 +28,8 @@ adding ``scale * (alpha / rank) * B(A(x)) + scale * (x diff^T + diff_b)`` to the
 changes and unloading are exact and the model's parameters and state dict stay the base model's. Other
 targets (norms, modulation tables, the patch embedding) are patched in place from a saved copy of their
 original values, recomputed whenever a scale changes. ``fuse_lora`` adds the linear adapters into the weights
-(no extra cost per step); ``unfuse_lora`` subtracts them again (exact up to one rounding of the weight dtype).
+(no extra cost per step); ``unfuse_lora`` takes them out again (fp32 weights by subtraction, to ~1e-7;
+bf16/fp16 weights from a copy kept on the CPU, exactly).
 """
 
 from __future__ import annotations
@@ -411,6 +412,7 @@ class _LoraState:
         self.loras: dict[str, _Loaded] = {}
         self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self.originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # patched targets' values
+        self.fused_originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # see fuse_lora
         self.fused = False
 
 
@@ -567,11 +569,22 @@ def _loaded(state: _LoraState | None, name: str) -> str:
 
 
 @torch.no_grad()
-def _fuse(dit: nn.Module, sign: float) -> None:
+def _fuse(dit: nn.Module, sign: float, keep: bool) -> None:
+    """Add (sign +1) or subtract (-1) every loaded LoRA's linear deltas; with ``keep``, first copy the weights
+    that subtraction would not restore exactly (those not in fp32/fp64) to the CPU, or restore them from there."""
     state = _state(dit)
     targets = _targets(dit)
     for target_name in state.hooks:
         target = targets[target_name]
+        if sign < 0 and target_name in state.fused_originals:
+            weight0, bias0 = state.fused_originals.pop(target_name)
+            target.weight.copy_(weight0)
+            if bias0 is not None:
+                target.bias.copy_(bias0)
+            continue
+        if sign > 0 and keep and target.weight.dtype not in (torch.float32, torch.float64):
+            bias0 = None if target.bias is None else target.bias.detach().to("cpu", copy=True)
+            state.fused_originals[target_name] = (target.weight.detach().to("cpu", copy=True), bias0)
         weight = target.weight.float()
         bias = None if target.bias is None else target.bias.float()
         for lora in state.loras.values():
@@ -588,21 +601,27 @@ def _fuse(dit: nn.Module, sign: float) -> None:
             target.bias.copy_(bias)
 
 
-def fuse_lora(dit: nn.Module) -> None:
+def fuse_lora(dit: nn.Module, keep_originals: bool = True) -> None:
     """Add every loaded LoRA (at its scale) into the linear weights: the same output without the adapters'
-    extra work per step. Loading, unloading and scale changes wait for ``unfuse_lora``. A no-op when fused."""
+    extra work per step. Loading, unloading and scale changes wait for ``unfuse_lora``. A no-op when fused.
+
+    ``keep_originals``: weights held in bf16/fp16 are first copied to CPU memory, so that ``unfuse_lora``
+    restores them exactly (subtracting again would leave a rounding step of the low precision in every
+    weight); fp32 weights are restored by subtraction (to ~1e-7). False spares that memory when the LoRAs
+    stay fused for good (the CLI).
+    """
     state = _state(dit)
     if state is None or not state.loras:
         raise ValueError("no LoRA is loaded; load_lora first")
     if not state.fused:
-        _fuse(dit, +1.0)
+        _fuse(dit, +1.0, keep_originals)
         state.fused = True
 
 
 def unfuse_lora(dit: nn.Module) -> None:
-    """Subtract the fused LoRAs from the weights again (exact up to one rounding in the weights' dtype: ~1e-7
-    relative in fp32); they act as runtime adapters again. A no-op when nothing is fused."""
+    """Take the fused LoRAs out of the weights again (see ``fuse_lora``); they act as runtime adapters again.
+    A no-op when nothing is fused."""
     state = _state(dit)
     if state is not None and state.fused:
-        _fuse(dit, -1.0)
+        _fuse(dit, -1.0, keep=False)
         state.fused = False

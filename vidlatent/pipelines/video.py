@@ -376,14 +376,15 @@ class VideoPipeline:
         """Remove the LoRA ``name`` (all of them when None); the denoiser is as it was before loading."""
         lora.unload_lora(self.dit, name)
 
-    def fuse_lora(self) -> None:
+    def fuse_lora(self, keep_originals: bool = True) -> None:
         """Fold the loaded LoRAs, at their scales, into the denoiser's weights: same results, no extra cost
         per step. Until ``unfuse_lora``, LoRAs cannot be loaded, unloaded or rescaled; ``save_pretrained``
-        writes the fused weights."""
-        lora.fuse_lora(self.dit)
+        writes the fused weights. ``keep_originals=False``: bf16/fp16 weights are not copied to the CPU
+        first, which saves memory but makes ``unfuse_lora`` inexact by a rounding step per weight."""
+        lora.fuse_lora(self.dit, keep_originals)
 
     def unfuse_lora(self) -> None:
-        """Subtract fused LoRAs from the weights again (to rounding in the weights' dtype); they stay loaded."""
+        """Take fused LoRAs out of the weights again (see ``fuse_lora``); they stay loaded."""
         lora.unfuse_lora(self.dit)
 
     @property
