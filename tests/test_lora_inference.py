@@ -341,12 +341,15 @@ def test_bad_files_fail_listing_keys_and_change_nothing(cfg, twins, batch, tmp_p
         "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(wide, RANK),
         "diffusion_model.blocks.0.norm3.diff": torch.zeros(wide),
         "diffusion_model.blocks.1.ffn.0.lora_down.weight": torch.zeros(RANK, cfg.dim),
+        "diffusion_model.head.modulation.lora_down.weight": torch.zeros(RANK, cfg.dim),  # a table: diffs only
+        "diffusion_model.head.modulation.lora_up.weight": torch.zeros(2, RANK),
     }
     with pytest.raises(CheckpointMismatchError) as err:
         load_lora(dit, bad)
     message = str(err.value)
     print(message)
-    for fragment in ("this VideoDiT (dim 64", "wrong shape (2)",
+    for fragment in ("this VideoDiT (dim 64", "wrong shape (3)",
+        "head.modulation: a low-rank pair (diffusion_model.head.modulation.lora_down.weight) on a parameter",
                      "blocks.0.self_attn.q: A (4, 1536) (diffusion_model.blocks.0.self_attn.q.lora_down.weight), "
                      "expected (rank, 64)", "diffusion_model.blocks.0.norm3.diff is (1536,), expected (64,)",
                      "incomplete (A and B needed) (1): blocks.1.mlp.fc1"):  # fmt: skip

@@ -291,10 +291,8 @@ def parse_lora(
         target, keys, key_of = targets[name], entry["keys"], entry["key_of"]
         has_pair = "down" in entry or "up" in entry
         has_diff = any(k in entry for k in ("diff", "diff_b"))
-        if ("down" in entry) != ("up" in entry) or (not has_pair and not has_diff):
-            incomplete.append(f"{name} (has only {', '.join(keys)})")
-            continue
-        if "up_bias" in entry and not has_pair:
+        half_pair = ("down" in entry) != ("up" in entry) or ("up_bias" in entry and not has_pair)
+        if half_pair or not (has_pair or has_diff):  # e.g. A without B, or an alpha alone
             incomplete.append(f"{name} (has only {', '.join(keys)})")
             continue
         delta = LoraDelta(keys=keys)
@@ -305,8 +303,10 @@ def parse_lora(
             b2 = b.flatten(1) if b.ndim > 2 and math.prod(b.shape[2:]) == 1 else b
             in_features = weight[0].numel() if weight.ndim >= 2 else None
             if target.bare or in_features is None:
-                shapes.append(f"{name}: a low-rank pair ({key_of['down']}) on a parameter of shape "
-                              f"{tuple(weight.shape)}; only layers with a 2-D weight take lora_A/lora_B")  # fmt: skip
+                shapes.append(
+                    f"{name}: a low-rank pair ({key_of['down']}) on a parameter of shape {tuple(weight.shape)}; "
+                    "only linear (or patch-embedding) weights take one"
+                )
             elif a2.ndim != 2 or a2.shape[1] != in_features:
                 shapes.append(
                     f"{name}: A {tuple(a.shape)} ({key_of['down']}), expected (rank, {in_features})"
