@@ -109,7 +109,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 @dataclass
 class DiTConfig:
-    """The Wan 2.1 text-to-video transformer family. Defaults are Wan 2.1 T2V-1.3B."""
+    """The Wan 2.1 transformer family: text-to-video, and by ``image_dim`` the image-conditioned I2V / FLF2V
+    variant. Defaults are Wan 2.1 T2V-1.3B."""
 
     in_channels: int = 16
     out_channels: int = 16
@@ -124,5 +125,16 @@ class DiTConfig:
     qk_norm: str = "rms_across_heads"  # "rms_across_heads" | "none"
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Image conditioning (Wan 2.1 I2V / FLF2V): the width of the CLIP image tokens the model cross-attends to
+    # (1280), through its own key/value projections; None = a text-to-video model. Such a model also takes
+    # in_channels - out_channels condition channels (Wan: 4 mask + 16 image latents = 36 in, 16 out).
+    image_dim: int | None = None
+    # FLF2V: a learned position embedding over the image tokens of both frames (2 x 257 = 514); None = none
+    image_pos_len: int | None = None
     attention: str = "sdpa"  # the attention kernel used by models.layers.attention
     gradient_checkpointing: bool = False
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels concatenated to the noisy latents before the patch embedding (0 for text-to-video)."""
+        return self.in_channels - self.out_channels

@@ -1,10 +1,14 @@
-"""The Wan 2.1 text-to-video transformer: patchify -> embedders -> blocks -> head -> unpatchify.
+"""The Wan 2.1 transformer: patchify -> embedders -> blocks -> head -> unpatchify.
 
-Numerically the model of Wan 2.1 T2V (and of diffusers' ``WanTransformer3DModel``), under our own parameter
-names; ``from_pretrained`` reads our folders, diffusers folders and original Wan checkpoints.
+Numerically the model of Wan 2.1 T2V, I2V and FLF2V (and of diffusers' ``WanTransformer3DModel``), under our
+own parameter names; ``from_pretrained`` reads our folders, diffusers folders and original Wan checkpoints.
+The image-conditioned variant is the same model with two config options (``DiTConfig.image_dim``,
+``image_pos_len``): an image embedder for CLIP tokens, and in every cross-attention a second key/value
+projection that the same queries attend to (Wan adds the two attention outputs before the output projection).
 
 Letters: b batch, c channels, t h w latent frames/height/width (after patching inside the model),
-pt ph pw patch sizes, n video tokens, m text tokens, d model width, k heads, e head dim, s modulation slots.
+pt ph pw patch sizes, n video tokens, m text tokens, i image tokens, d model width, k heads, e head dim,
+s modulation slots.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, 
 from .layers import ATTENTION_BACKENDS, RMSNorm, apply_rope, attention, rope_3d
 
 WAN_HEAD_DIM = 128  # every released Wan 2.1 model; used when a checkpoint's head count must be inferred
+CLIP_TOKENS = 257  # Wan's CLIP ViT-H/14 at 224 px: 16 x 16 patches and a class token, per image
+# original Wan ``model_type`` -> (image_dim, image_pos_len): CLIP ViT-H tokens are 1280 wide
+WAN_MODEL_TYPES = {"t2v": (None, None), "i2v": (1280, None), "flf2v": (1280, 2 * CLIP_TOKENS)}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -64,7 +71,7 @@ class PatchEmbed(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two linear layers around a GELU-tanh (``"gelu_tanh"``) or SiLU (``"silu"``)."""
+    """Two linear layers around a GELU-tanh (``"gelu_tanh"``), an exact GELU (``"gelu"``) or SiLU (``"silu"``)."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, act: str):
         super().__init__()
@@ -74,14 +81,47 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        x = F.gelu(x, approximate="tanh") if self.act == "gelu_tanh" else F.silu(x)
-        return self.fc2(x)
+        if self.act == "silu":
+            return self.fc2(F.silu(x))
+        return self.fc2(F.gelu(x, approximate="tanh" if self.act == "gelu_tanh" else "none"))
+
+
+def layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` computed in fp32 (weights too), returned in ``x``'s dtype."""
+    w, b = norm.weight.float(), norm.bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, norm.eps).type_as(x)
+
+
+class ImageEmbed(nn.Module):
+    """CLIP image tokens (b, i, image_dim) -> (b, i, d): LayerNorm, exact-GELU MLP, LayerNorm (eps 1e-5, as Wan).
+
+    ``pos_len`` (FLF2V) adds a learned position embedding to the ``pos_len`` tokens of both frames first, so
+    the model can tell the first frame's tokens from the last's.
+    """
+
+    def __init__(self, image_dim: int, dim: int, pos_len: int | None):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(image_dim)
+        self.mlp = MLP(image_dim, image_dim, dim, "gelu")
+        self.norm_out = nn.LayerNorm(dim)
+        self.pos = nn.Parameter(torch.zeros(1, pos_len, image_dim)) if pos_len else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pos is not None:
+            image = image + self.pos
+        return layer_norm_fp32(self.norm_out, self.mlp(layer_norm_fp32(self.norm_in, image)))
 
 
 class Attention(nn.Module):
-    """Multi-head attention with RMS query/key norm across all heads; self-attention when ``context`` is None."""
+    """Multi-head attention with RMS query/key norm across all heads; self-attention when ``context`` is None.
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str, eps: float, backend: str):
+    ``image_kv`` (image-conditioned cross-attention): keys and values of their own for ``image`` tokens; the
+    same queries attend to the text and to the image separately, and the two outputs are summed.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: str, eps: float, backend: str, image_kv: bool = False
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
@@ -91,8 +131,12 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.q_norm = RMSNorm(dim, eps) if qk_norm == "rms_across_heads" else None
         self.k_norm = RMSNorm(dim, eps) if qk_norm == "rms_across_heads" else None
+        if image_kv:
+            self.k_image = nn.Linear(dim, dim)
+            self.v_image = nn.Linear(dim, dim)
+            self.k_image_norm = RMSNorm(dim, eps) if qk_norm == "rms_across_heads" else None
 
-    def forward(self, x, context=None, rope=None, mask=None) -> torch.Tensor:
+    def forward(self, x, context=None, rope=None, mask=None, image=None) -> torch.Tensor:
         src = x if context is None else context
         q, k, v = self.q(x), self.k(src), self.v(src)
         if self.q_norm is not None:
@@ -102,11 +146,18 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (rearrange(z, "b n k e -> b k n e") for z in (q, k, v))
         out = attention(q, k, v, mask=mask, backend=self.backend)
+        if image is not None:
+            k_img, v_img = self.k_image(image), self.v_image(image)
+            if self.k_image_norm is not None:
+                k_img = self.k_image_norm(k_img)
+            k_img, v_img = (rearrange(z, "b i (k e) -> b k i e", k=self.num_heads) for z in (k_img, v_img))
+            out = out + attention(q, k_img, v_img, backend=self.backend)
         return self.out(rearrange(out, "b k n e -> b n (k e)"))
 
 
 class DiTBlock(nn.Module):
-    """Modulated self-attention (with 3D rope), cross-attention to text, modulated GELU-tanh feed-forward."""
+    """Modulated self-attention (with 3D rope), cross-attention to text (and image tokens), modulated GELU-tanh
+    feed-forward."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -115,19 +166,17 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, d))  # added to the shared time modulation
         self.self_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.attention)
         self.cross_norm = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else None
-        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.attention)
+        image_kv = cfg.image_dim is not None
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.attention, image_kv=image_kv)
         self.mlp = MLP(d, cfg.ffn_dim, d, "gelu_tanh")
 
-    def forward(self, x, context, time_mod, rope, context_mask) -> torch.Tensor:
+    def forward(self, x, context, time_mod, rope, context_mask, image=None) -> torch.Tensor:
         # six (b 1 d) fp32 vectors: shift, scale, gate of attention, then of the feed-forward
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + time_mod).unsqueeze(2).unbind(1)
         y = self.self_attn(modulate(x, shift1, scale1, self.eps).type_as(x), rope=rope)
         x = torch.addcmul(x.float(), y.float(), gate1).type_as(x)
-        y = x
-        if self.cross_norm is not None:
-            w, b = self.cross_norm.weight.float(), self.cross_norm.bias.float()
-            y = F.layer_norm(x.float(), x.shape[-1:], w, b, self.cross_norm.eps).type_as(x)
-        x = x + self.cross_attn(y, context=context, mask=context_mask)
+        y = x if self.cross_norm is None else layer_norm_fp32(self.cross_norm, x)
+        x = x + self.cross_attn(y, context=context, mask=context_mask, image=image)
         y = self.mlp(modulate(x, shift2, scale2, self.eps).type_as(x))
         return torch.addcmul(x.float(), y.float(), gate2).type_as(x)
 
@@ -154,7 +203,8 @@ _FP32_PARAMS = re.compile(r"^(time_embed\.|time_modulation\.)|modulation$")
 
 
 class VideoDiT(nn.Module):
-    """Wan 2.1 T2V transformer: ``dit(x, sigma, context, context_mask=None)`` -> velocity ``noise - x0``."""
+    """Wan 2.1 transformer: ``dit(x, sigma, context, context_mask=None)`` -> velocity ``noise - x0``; the
+    image-conditioned variant (I2V / FLF2V) also takes ``image=`` CLIP tokens and ``condition=`` latents."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -171,6 +221,10 @@ class VideoDiT(nn.Module):
         d, patch = config.dim, tuple(config.patch_size)
         self.patch_embed = PatchEmbed(config.in_channels, d, patch)
         self.text_embed = MLP(config.text_dim, d, d, "gelu_tanh")
+        if config.image_dim is not None:
+            self.image_embed = ImageEmbed(config.image_dim, d, config.image_pos_len)
+        elif config.image_pos_len is not None:
+            raise ValueError("image_pos_len (FLF2V) needs image_dim: it embeds the positions of image tokens")
         self.time_embed = MLP(config.freq_dim, d, d, "silu")
         self.time_modulation = nn.Linear(d, 6 * d)  # applied to silu(time embedding), shared by all blocks
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
@@ -198,6 +252,9 @@ class VideoDiT(nn.Module):
         sigma: torch.Tensor | float,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
+        *,
+        image: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1].
 
@@ -205,26 +262,37 @@ class VideoDiT(nn.Module):
         ``context`` (b, m, text_dim) are text tokens. Without ``context_mask`` every token is attended to, as
         in Wan (which zero-pads prompts to ``text_len``); with a bool mask (b, m), False tokens are ignored.
         The output has ``x``'s dtype; inside, the model runs in its parameter dtype.
+
+        Image-conditioned models (``config.image_dim``: Wan 2.1 I2V / FLF2V) also need ``image`` (b, i,
+        image_dim), CLIP image tokens (Wan: the penultimate layer of its CLIP ViT-H, 257 tokens per image;
+        FLF2V: the first frame's then the last frame's, ``image_pos_len`` = 514 in all), and a model with
+        ``in_channels > out_channels`` needs ``condition`` (b, in_channels - out_channels, t, h, w), joined
+        to ``x`` along channels before the patch embedding (Wan: 4 mask channels, then 16 image latents).
         """
         sigma, context_mask = self._check_inputs(x, sigma, context, context_mask)
+        self._check_image_inputs(x, image, condition)
         context, context_mask = _drop_masked_tokens(context, context_mask)
         cfg, dtype = self.config, self.patch_embed.weight.dtype
         pt, ph, pw = cfg.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
 
-        tokens = self.patch_embed(x.to(dtype))
+        x_in = x if condition is None else torch.cat([x, condition.to(x)], dim=1)
+        tokens = self.patch_embed(x_in.to(dtype))
         rope = rope_3d(grid, self.head_dim, device=x.device)
         freq = timestep_embedding(1000 * sigma, cfg.freq_dim)
         time_emb = self.time_embed(freq.to(self.time_embed.fc1.weight.dtype)).float()
         time_mod = F.silu(time_emb).to(self.time_modulation.weight.dtype)
         time_mod = rearrange(self.time_modulation(time_mod).float(), "b (s d) -> b s d", s=6)
         text = self.text_embed(context.to(dtype))
+        image = None if image is None else self.image_embed(image.to(dtype))
 
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, text, time_mod, rope, context_mask, use_reentrant=False)
+                tokens = checkpoint(
+                    block, tokens, text, time_mod, rope, context_mask, image, use_reentrant=False
+                )
             else:
-                tokens = block(tokens, text, time_mod, rope, context_mask)
+                tokens = block(tokens, text, time_mod, rope, context_mask, image)
 
         out = self.head(tokens, time_emb)
         unpatchify = "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)"
@@ -236,8 +304,8 @@ class VideoDiT(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"x must be (b, c, t, h, w) latents; got shape {tuple(x.shape)}")
         b, c, t, h, w = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"x has {c} channels; this model accepts {cfg.in_channels}")
+        if c != cfg.out_channels:
+            raise ValueError(f"x has {c} channels; this model accepts {cfg.out_channels}")
         pt, ph, pw = cfg.patch_size
         if t % pt or h % ph or w % pw or t == 0:
             raise ValueError(
@@ -262,6 +330,40 @@ class VideoDiT(nn.Module):
                 )
             context_mask = context_mask.to(device=context.device, dtype=torch.bool)
         return sigma, context_mask
+
+    def _check_image_inputs(self, x, image, condition) -> None:
+        """Image tokens iff ``config.image_dim``; condition latents iff ``in_channels > out_channels``."""
+        cfg, (b, _, t, h, w) = self.config, x.shape
+        if cfg.image_dim is None and image is not None:
+            raise ValueError(
+                "this is a text-to-video denoiser (config.image_dim is None): it takes no image tokens; "
+                "image-to-video with it keeps the first latent frame instead (VideoPipeline.animate)"
+            )
+        if cfg.image_dim is not None:
+            ok = (
+                image is not None
+                and image.ndim == 3
+                and (image.shape[0], image.shape[2]) == (b, cfg.image_dim)
+                and cfg.image_pos_len in (None, image.shape[1])
+            )
+            if not ok:
+                want = f"(b={b}, {cfg.image_pos_len or 'i'}, image_dim={cfg.image_dim})"
+                both = ", the first frame's then the last frame's" if cfg.image_pos_len else ""
+                raise ValueError(
+                    f"this image-conditioned denoiser (Wan I2V / FLF2V) needs image={want} CLIP image tokens"
+                    f"{both}; got {'none' if image is None else tuple(image.shape)}"
+                )
+        k = cfg.condition_channels
+        if k == 0 and condition is not None:
+            raise ValueError(
+                "this denoiser takes no condition latents (its in_channels equal its out_channels)"
+            )
+        if k and (condition is None or tuple(condition.shape) != (b, k, t, h, w)):
+            raise ValueError(
+                f"this denoiser takes condition=(b, {k}, t, h, w) = {(b, k, t, h, w)} latents beside x (Wan "
+                f"I2V: a 4-channel frame mask, then 16 image latents); got "
+                f"{'none' if condition is None else tuple(condition.shape)}"
+            )
 
     # ------------------------------------------------------------------------------------ weights io
 
@@ -380,11 +482,19 @@ _TOP_MODULES = [
     ("time_embed.fc2", "time_embedding.2", "condition_embedder.time_embedder.linear_2"),
     ("time_modulation", "time_projection.1", "condition_embedder.time_proj"),
     ("head.proj", "head.head", "proj_out"),
+    # image-conditioned models (I2V / FLF2V)
+    ("image_embed.norm_in", "img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("image_embed.mlp.fc1", "img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("image_embed.mlp.fc2", "img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("image_embed.norm_out", "img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
 ]
 _BLOCK_MODULES = [
     ("cross_norm", "norm3", "norm2"),  # Wan numbers its norms in a different order than diffusers
     ("mlp.fc1", "ffn.0", "ffn.net.0.proj"),
     ("mlp.fc2", "ffn.2", "ffn.net.2"),
+    ("cross_attn.k_image", "cross_attn.k_img", "attn2.add_k_proj"),  # image-conditioned models
+    ("cross_attn.v_image", "cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.k_image_norm", "cross_attn.norm_k_img", "attn2.norm_added_k"),
 ] + [
     (f"{ours}.{a}", f"{ours}.{b}", f"{theirs}.{c}")
     for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
@@ -404,7 +514,13 @@ def _param_table(modules, params):
     return rows + params
 
 
-_TOP = _param_table(_TOP_MODULES, [("head.modulation", "head.modulation", "scale_shift_table")])
+_TOP = _param_table(
+    _TOP_MODULES,
+    [
+        ("head.modulation", "head.modulation", "scale_shift_table"),
+        ("image_embed.pos", "img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),  # FLF2V
+    ],
+)
 _BLOCK = _param_table(_BLOCK_MODULES, [("modulation", "modulation", "scale_shift_table")])
 _LAYOUTS = {"vidlatent": 0, "wan": 1, "diffusers": 2}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -463,6 +579,7 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
     try:
         dim, in_channels, *patch = state["patch_embed.weight"].shape
         layers = {int(m[1]) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
+        image_norm, image_pos = state.get("image_embed.norm_in.weight"), state.get("image_embed.pos")
         cfg = DiTConfig(
             in_channels=in_channels,
             out_channels=state["head.proj.weight"].shape[0] // math.prod(patch),
@@ -474,6 +591,8 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
             num_layers=max(layers) + 1,
             qk_norm="rms_across_heads" if "blocks.0.self_attn.q_norm.weight" in state else "none",
             cross_attn_norm="blocks.0.cross_norm.weight" in state,
+            image_dim=None if image_norm is None else image_norm.shape[0],
+            image_pos_len=None if image_pos is None else image_pos.shape[1],
         )
     except (KeyError, ValueError) as err:
         raise ValueError(
@@ -500,12 +619,17 @@ def config_from_metadata(meta: Mapping) -> DiTConfig | None:
 
 
 def config_from_diffusers(meta: Mapping) -> DiTConfig:
-    """Map a diffusers ``WanTransformer3DModel`` config.json onto DiTConfig (text-to-video models only)."""
-    if meta.get("image_dim") or meta.get("added_kv_proj_dim") or meta.get("pos_embed_seq_len"):
-        raise ValueError(
-            "image-conditioned Wan transformers (image_dim / added_kv_proj_dim) are not supported"
-        )
+    """Map a diffusers ``WanTransformer3DModel`` config.json onto DiTConfig (Wan 2.1 T2V, I2V and FLF2V)."""
     heads, head_dim = meta.get("num_attention_heads", 40), meta.get("attention_head_dim", 128)
+    image_dim, added_kv = meta.get("image_dim"), meta.get("added_kv_proj_dim")
+    if (image_dim is None) != (added_kv is None) or added_kv not in (None, heads * head_dim):
+        raise ValueError(
+            f"unsupported Wan transformer: image_dim={image_dim}, added_kv_proj_dim={added_kv}; accepted: both "
+            f"unset (text-to-video) or image_dim with added_kv_proj_dim = the model width {heads * head_dim} "
+            "(Wan 2.1 I2V / FLF2V)"
+        )
+    if meta.get("pos_embed_seq_len") is not None and image_dim is None:
+        raise ValueError("pos_embed_seq_len (FLF2V) without image_dim: not a Wan model this loader knows")
     return DiTConfig(
         in_channels=meta.get("in_channels", 16),
         out_channels=meta.get("out_channels") or meta.get("in_channels", 16),
@@ -519,6 +643,8 @@ def config_from_diffusers(meta: Mapping) -> DiTConfig:
         qk_norm="rms_across_heads" if meta.get("qk_norm", "rms_norm_across_heads") else "none",
         cross_attn_norm=bool(meta.get("cross_attn_norm", True)),
         eps=meta.get("eps", 1e-6),
+        image_dim=image_dim,
+        image_pos_len=meta.get("pos_embed_seq_len"),
     )
 
 
@@ -541,15 +667,24 @@ def to_diffusers_config(cfg: DiTConfig) -> dict:
         cross_attn_norm=cfg.cross_attn_norm,
         qk_norm="rms_norm_across_heads",
         eps=cfg.eps,
+        image_dim=cfg.image_dim,
+        added_kv_proj_dim=None if cfg.image_dim is None else cfg.dim,
+        pos_embed_seq_len=cfg.image_pos_len,
     )
 
 
 def config_from_wan(meta: Mapping) -> DiTConfig:
-    """Map an original Wan 2.1 ``WanModel`` config.json onto DiTConfig (``model_type`` t2v only)."""
-    if meta.get("model_type", "t2v") != "t2v":
+    """Map an original Wan 2.1 ``WanModel`` config.json onto DiTConfig (``model_type`` t2v, i2v or flf2v).
+
+    Wan's image-conditioned models take CLIP ViT-H tokens (width 1280, 257 per image; FLF2V: both frames').
+    """
+    model_type = meta.get("model_type", "t2v")
+    if model_type not in WAN_MODEL_TYPES:
         raise ValueError(
-            f"only Wan text-to-video models are supported; this is model_type {meta['model_type']!r}"
+            f"unsupported Wan model_type {model_type!r}; accepted: {', '.join(WAN_MODEL_TYPES)} "
+            "(Wan 2.1 text-to-video, image-to-video, first-last-frame-to-video)"
         )
+    image_dim, image_pos_len = WAN_MODEL_TYPES[model_type]
     return DiTConfig(
         in_channels=meta.get("in_dim", 16),
         out_channels=meta.get("out_dim", 16),
@@ -564,4 +699,6 @@ def config_from_wan(meta: Mapping) -> DiTConfig:
         qk_norm="rms_across_heads" if meta.get("qk_norm", True) else "none",
         cross_attn_norm=bool(meta.get("cross_attn_norm", True)),
         eps=meta.get("eps", 1e-6),
+        image_dim=image_dim,
+        image_pos_len=image_pos_len,
     )
