@@ -2,7 +2,8 @@
 
 ``wan_t2v_root(path)`` writes what ``WanPipeline.save_pretrained`` writes for a released Wan 2.1 T2V model
 (model_index.json, vae/, transformer/, text_encoder/, tokenizer/, scheduler/), at widths a CPU runs in
-seconds. Weights are random with unit gain (tests/test_dit.py, tests/test_vae.py), so every part of the
+seconds; ``wan_i2v_root(path, flf=...)`` what ``WanImageToVideoPipeline`` writes for Wan 2.1 I2V / FLF2V (the
+same, with an image-conditioned transformer, image_encoder/ and image_processor/). Weights are random with unit gain (tests/test_dit.py, tests/test_vae.py), so every part of the
 network moves the output and a wrong convention shows up as a large difference.
 """
 
@@ -20,6 +21,7 @@ from vidlatent.models.dit import to_diffusers_config
 from vidlatent.models.vae import vae_config_to_diffusers
 
 TEXT_DIM = 32
+CLIP_DIM, CLIP_TOKENS = 24, 17  # a 32 px CLIP with 8 px patches: 16 patches and the class token
 
 
 def tiny_umt5(seed: int = 0):
@@ -76,5 +78,62 @@ def wan_t2v_pipeline(seed: int = 0, shift: float = 3.0):
 def wan_t2v_root(path: str | Path, seed: int = 0, shift: float = 3.0):
     """Write a tiny diffusers Wan T2V pipeline folder at ``path``; returns diffusers' pipeline object."""
     pipe = wan_t2v_pipeline(seed, shift)
+    pipe.save_pretrained(str(path))
+    return pipe
+
+
+def tiny_clip(seed: int = 0):
+    """A three-layer CLIP vision tower (tokens of width ``CLIP_DIM``, ``CLIP_TOKENS`` per image) and its processor."""
+    import transformers as tf
+
+    cfg = tf.CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=32, patch_size=8)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.CLIPVisionModel(cfg).eval()
+    processor = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor
+
+
+def wan_i2v_parts(seed: int = 0, shift: float = 3.0, flf: bool = False):
+    """The parts of a tiny ``WanImageToVideoPipeline``: the T2V parts with an image-conditioned transformer (noise,
+    a 4-channel frame mask and image latents in; FLF2V: a position embedding over both stills' CLIP tokens), a
+    CLIP vision encoder and its image processor."""
+    from diffusers import WanTransformer3DModel
+
+    parts = wan_t2v_parts(seed, shift)
+    c = parts["vae"].config.z_dim
+    overrides = [
+        f"in_channels={2 * c + 4}",
+        f"out_channels={c}",
+        f"text_dim={TEXT_DIM}",
+        f"image_dim={CLIP_DIM}",
+    ]
+    overrides += [f"image_pos_len={2 * CLIP_TOKENS}"] if flf else []
+    transformer = WanTransformer3DModel(
+        **to_diffusers_config(load_config(DiTConfig, "dit", "tiny", overrides=overrides))
+    )
+    randomize_dit(transformer.eval(), seed + 1)
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(0.3)
+        if flf:  # the generic randomizer leaves it near zero; a real one tells the two stills apart
+            transformer.condition_embedder.image_embedder.pos_embed.normal_(
+                generator=torch.Generator().manual_seed(seed)
+            )
+    image_encoder, image_processor = tiny_clip(seed + 3)
+    return {
+        **parts,
+        "transformer": transformer,
+        "image_encoder": image_encoder,
+        "image_processor": image_processor,
+    }
+
+
+def wan_i2v_root(path: str | Path, seed: int = 0, shift: float = 3.0, flf: bool = False):
+    """Write a tiny diffusers Wan I2V (or FLF2V) pipeline folder at ``path``; returns diffusers' pipeline object."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline(**wan_i2v_parts(seed, shift, flf))
+    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(path))
     return pipe

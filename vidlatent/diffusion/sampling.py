@@ -98,6 +98,7 @@ def denoise(
     timesteps: str = "continuous",
     scheduler_config: Mapping[str, Any] | None = None,
     sigmas: str = "scheduler",
+    model_kwargs: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate ``model(x, sigma, context, context_mask) -> velocity`` from noise to data; returns fp32 latents.
 
@@ -114,6 +115,9 @@ def denoise(
         which is what Wan models see in Wan's and diffusers' pipelines).
     scheduler_config: a diffusers scheduler config that builds the sampler's scheduler (``make_scheduler``).
     sigmas: the noise levels the sampler walks (``SIGMAS``): the scheduler's own, or Wan's own UniPC levels.
+    model_kwargs: further per-sample tensors the model takes by keyword, the same at every step (an
+        image-conditioned denoiser's ``image`` tokens and ``condition`` latents); both halves of guidance
+        get them.
     """
     if timesteps not in TIMESTEPS:
         raise ValueError(f"unknown timesteps {timesteps!r}; accepted: {', '.join(TIMESTEPS)}")
@@ -135,7 +139,7 @@ def denoise(
         levels = levels.float() if noise.device.type == "mps" else levels  # mps has no float64
     x = noise if init is None else add_noise(init.float(), noise, schedule[start].expand(noise.shape[0]))
 
-    velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
+    velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance, model_kwargs)
     step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
     for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
         x = hook(i, float(schedule[i]), x) if hook is not None else x
@@ -242,19 +246,25 @@ def guided_velocity(
     negative: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     guidance: float = 1.0,
+    model_kwargs: Mapping[str, torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``v(x, sigma)`` (sigma a 0-dim tensor): the model's fp32 velocity with classifier-free guidance.
 
     With ``negative`` and ``guidance != 1`` both halves run as one batch: ``v_neg + guidance (v_cond - v_neg)``.
+    ``model_kwargs`` (per-sample tensors, passed by keyword) are the same for both halves.
     """
     guided = negative is not None and guidance != 1.0
+    kwargs = dict(model_kwargs or {})
     if guided:
         context, context_mask = _stack_contexts(context, context_mask, negative, negative_mask)
+        kwargs = {k: torch.cat([v, v]) for k, v in kwargs.items()}
     dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x, x]) if guided else x
-        v = model(x_in.to(dtype), sigma.expand(x_in.shape[0]).to(x.device), context, context_mask).float()
+        v = model(
+            x_in.to(dtype), sigma.expand(x_in.shape[0]).to(x.device), context, context_mask, **kwargs
+        ).float()
         if guided:
             v_cond, v_neg = v.chunk(2)
             v = torch.lerp(v_neg, v_cond, guidance)

@@ -17,6 +17,8 @@ Letters: b batch, i image tokens, d token width, h w pixels.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..checkpoint import CONFIG_NAME, read_json
-from .text import _dtype_kwarg, _import_transformers
+from .text import _dtype_kwarg, _import_transformers, _replace_dir
 
 ENCODER_DIR, PROCESSOR_DIR = "image_encoder", "image_processor"  # diffusers' pipeline layout, and ours
 PROCESSOR_CONFIG = "preprocessor_config.json"
@@ -72,10 +74,17 @@ class ImageEncoder(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the CLIP vision folder (config, safetensors and ``preprocessor_config.json``) that
-        ``load_image_encoder`` reads back."""
+        ``load_image_encoder`` reads back; written beside it and renamed into place (a whole folder or none)."""
         folder = Path(folder)
-        self.model.save_pretrained(str(folder))
-        self.processor.save_pretrained(str(folder))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            self.model.save_pretrained(str(tmp))
+            self.processor.save_pretrained(str(tmp))
+            _replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def load_image_encoder(src: str | Path, device=None, dtype=None) -> ImageEncoder:

@@ -11,6 +11,11 @@ started from (``x = (1 - sigma) z0 + sigma * noise``: what that region would be 
 reconstructed it perfectly), and the final call at sigma 0 pastes the clean latents, so the known region of
 the result is the input's latents exactly.
 
+Conditioning on stills (animate, with a last image too). Chosen once by the denoiser's config: a text-to-video
+denoiser (ours, Wan T2V) gets the stills' latents kept in place by that hook (``_keep_frames``); an
+image-conditioned one (Wan 2.1 I2V / FLF2V, ``DiTConfig.image_dim``) gets, at every call, the stills' CLIP tokens
+and a video of condition latents with a frame mask, as Wan builds them (``_wan_image_condition``).
+
 Letters: b batch, c channels, t frames, h height, w width, n text tokens, d text width,
 k pixel frames per latent frame (the VAE's temporal factor), p q pixels per latent pixel (spatial factor).
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange, reduce
+from einops import rearrange, reduce, repeat
 
 from ..checkpoint import CONFIG_NAME, atomic_write, read_json
 from ..config import DiTConfig, config_to_dict, list_presets, load_config
@@ -34,6 +39,7 @@ from ..diffusion.flow import add_noise
 from ..diffusion.sampling import SAMPLERS, SIGMAS, TIMESTEPS, denoise, flow_edit, invert
 from ..models import lora
 from ..models.dit import VideoDiT
+from ..models.image import ENCODER_DIR, ImageEncoder, load_image_encoder
 from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, TextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
@@ -81,7 +87,7 @@ class PipelineConfig:
 
 TEXT_ATTENTION = ("masked", "all")
 # the defaults of a diffusers Wan pipeline folder: WanPipeline's own call defaults, and its scheduler's shift
-WAN_PIPELINES = ("WanPipeline",)
+WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 WAN_DEFAULTS = dict(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16.0, negative_prompt="",
                     text_attention="all", timesteps="scheduler")  # fmt: skip
 SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
@@ -231,19 +237,44 @@ class VideoPipeline:
     Arguments left ``None`` take the value in ``config``.
     """
 
-    def __init__(self, vae: CausalVAE, dit: VideoDiT, text_encoder: TextEncoder, config: PipelineConfig):
-        c = vae.config.latent_channels
-        if dit.config.in_channels != c or dit.config.out_channels != c:
+    def __init__(
+        self,
+        vae: CausalVAE,
+        dit: VideoDiT,
+        text_encoder: TextEncoder,
+        config: PipelineConfig,
+        image_encoder: ImageEncoder | None = None,
+    ):
+        c, tf, dcfg = vae.config.latent_channels, vae.temporal_factor, dit.config
+        image_conditioned = dcfg.image_dim is not None
+        if dcfg.out_channels != c or dcfg.condition_channels != (c + tf if image_conditioned else 0):
             raise ValueError(
-                f"the denoiser takes {dit.config.in_channels} and returns {dit.config.out_channels} latent "
-                f"channels, but the VAE makes {c}"
+                f"the denoiser takes {dcfg.in_channels} and returns {dcfg.out_channels} latent channels, but the "
+                f"VAE makes {c}: a text-to-video denoiser takes and returns {c}, an image-conditioned one (Wan "
+                f"I2V) takes {2 * c + tf} (noise, a {tf}-channel frame mask, image latents) and returns {c}"
             )
-        if dit.config.text_dim != text_encoder.dim:
+        if dcfg.text_dim != text_encoder.dim:
             raise ValueError(
-                f"the denoiser takes text tokens of width {dit.config.text_dim}, "
+                f"the denoiser takes text tokens of width {dcfg.text_dim}, "
                 f"the text encoder makes {text_encoder.dim}"
             )
-        self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
+        if image_conditioned and image_encoder is None:
+            raise ValueError(
+                f"the denoiser is image-conditioned (Wan I2V / FLF2V): it needs an image encoder, a CLIP vision "
+                f"model with tokens of width {dcfg.image_dim}; pass image_encoder=load_image_encoder(folder) (a "
+                f"diffusers Wan I2V root holds it in {ENCODER_DIR}/ and image_processor/)"
+            )
+        if not image_conditioned and image_encoder is not None:
+            raise ValueError(
+                "the denoiser is text-to-video (its config has no image_dim): it takes no image encoder; animate "
+                "conditions it on an image by keeping the image's latent as the first frame"
+            )
+        if image_conditioned and image_encoder.dim != dcfg.image_dim:
+            raise ValueError(
+                f"the denoiser takes image tokens of width {dcfg.image_dim}, the image encoder makes "
+                f"{image_encoder.dim}"
+            )
+        self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
         self.config = check_pipeline_config(config)
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
 
@@ -324,10 +355,28 @@ class VideoPipeline:
         dit = VideoDiT.from_pretrained(dits[0], device=device, dtype=dtype).eval()
         text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
                                          overrides=text_overrides)  # fmt: skip
-        return cls(vae, dit, text_encoder, config)
+        image_encoder = None
+        if dit.config.image_dim is not None:  # Wan I2V / FLF2V: a CLIP vision encoder beside the denoiser
+            if not (folder / ENCODER_DIR).is_dir():
+                raise FileNotFoundError(
+                    f"{folder} holds an image-conditioned denoiser (Wan I2V / FLF2V) but no {ENCODER_DIR}/: it "
+                    f"needs the CLIP vision encoder (transformers CLIPVisionModel, tokens of width "
+                    f"{dit.config.image_dim}) in {ENCODER_DIR}/ and its processor in image_processor/ (as in "
+                    "diffusers' Wan I2V folders) or beside it"
+                )
+            image_encoder = load_image_encoder(folder, device=device, dtype=dtype)
+        return cls(vae, dit, text_encoder, config, image_encoder)
 
     @classmethod
     def _from_wan_release(cls, folder: Path, device, dtype) -> VideoPipeline:
+        model_type = read_json(folder / CONFIG_NAME).get("model_type", "t2v")
+        if model_type != "t2v":
+            raise ValueError(
+                f"{folder} is an original Wan 2.1 {model_type} folder: its CLIP checkpoint (open-clip XLM-RoBERTa "
+                "ViT-H/14 .pth) is not read here; use the diffusers folder of the same model (its image_encoder/ "
+                "is a transformers CLIPVisionModel), or VideoPipeline(vae, VideoDiT.from_pretrained(folder), "
+                "text_encoder, config, image_encoder=load_image_encoder(diffusers_root))"
+            )
         missing = wan_release_missing(folder)
         if missing:
             raise FileNotFoundError(
@@ -341,7 +390,8 @@ class VideoPipeline:
         return cls(vae, dit, text_encoder, wan_release_config(folder))
 
     def save_pretrained(self, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
-        """Write ``vae/``, ``dit/``, ``text_encoder/`` and ``pipeline.json`` (each file atomically).
+        """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically) and, for an
+        image-conditioned denoiser, ``image_encoder/`` (with its image processor).
 
         ``copy_text_encoder=False`` (Hugging Face encoders only) records where the encoder was loaded from
         instead of copying its weights (UMT5-XXL is 11 GB).
@@ -353,6 +403,8 @@ class VideoPipeline:
         self.dit.save_pretrained(folder / "dit")
         kwargs = {} if copy_text_encoder else {"copy": False}
         self.text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
+        if self.image_encoder is not None:
+            self.image_encoder.save_pretrained(folder / ENCODER_DIR)
         text = json.dumps(config_to_dict(self.config), indent=2)
         atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
 
@@ -519,6 +571,7 @@ class VideoPipeline:
             z = self.edit_latents(z0, prompt, strength, negative_prompt, steps=steps, guidance=guidance, seed=seed,
                                   noise=noise, sampler=sampler, shift=shift, progress=progress)  # fmt: skip
             return self._output(z, output_type)
+        self._check_text_to_video()
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
@@ -616,6 +669,7 @@ class VideoPipeline:
         frames: int | None = None,
         negative_prompt: str | None = None,
         *,
+        last_image: Media | None = None,
         strength: float = 1.0,
         first_frame: str | None = None,
         steps: int | None = None,
@@ -627,38 +681,103 @@ class VideoPipeline:
         output_type: str = "video",
         progress: bool | None = None,
     ) -> torch.Tensor:
-        """Image to video: the image's latent is held as the first latent frame; the rest is generated.
+        """Image to video: ``image`` is the first frame, and ``last_image`` (same size), if given, the last; the
+        rest is generated (with both, a generative morph between two stills).
 
-        The image's latent is pasted before every denoiser call: with ``first_frame="noised"`` (the config's
-        default) like inpaint's known region, noised to each step's sigma, which suits any text-to-video model;
-        with ``"clean"`` as it is, which is what a denoiser trained with ``first_frame_dropout < 1`` saw. Either
-        way the first latent frame of the result is the image's latent exactly; the causal decoder decodes
-        frame 0 from latent frame 0 alone, so the first output frame is the image's VAE reconstruction.
-        strength < 1 starts the other frames from the still image noised to that level (less motion, more
-        likeness).
+        How the stills reach the denoiser depends on it (see the module docstring). A text-to-video denoiser:
+        the image's latent is pasted as the first latent frame before every call, with ``first_frame="noised"``
+        (the config's default) like inpaint's known region, noised to each step's sigma, which suits any
+        text-to-video model; with ``"clean"`` as it is, which is what a denoiser trained with
+        ``first_frame_dropout < 1`` saw. The first latent frame of the result is the image's latent exactly; the
+        causal decoder decodes frame 0 from latent frame 0 alone, so the first output frame is the image's VAE
+        reconstruction. A last image is kept the same way as the last latent frame (always noised: no model
+        here was trained with a clean last frame), encoded as the last of a clip that holds the first image
+        and then the last one (``_keep_frames``). An image-conditioned denoiser (Wan 2.1 I2V / FLF2V) is given
+        the stills as Wan and diffusers' ``WanImageToVideoPipeline`` give them (an FLF2V model needs both).
+        strength < 1 starts from the stills' latents noised to that level (less motion, more likeness).
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
         first_frame = self.config.first_frame if first_frame is None else first_frame
         if first_frame not in FIRST_FRAME:
             raise ValueError(f"unknown first_frame {first_frame!r}; accepted: {', '.join(FIRST_FRAME)}")
-        image = self._video_input(image)
-        if image.shape[2] != 1:
-            raise ValueError(f"animate takes an image (one frame); got {image.shape[2]} frames")
+        image = self._image_input(image, "image")
         b, _, _, h, w = image.shape
+        last = None if last_image is None else self._image_input(last_image, "last_image")
+        if last is not None and last.shape != image.shape:
+            raise ValueError(
+                f"last_image must have image's shape {tuple(image.shape)}; got {tuple(last.shape)}"
+            )
+        if self.dit.config.image_pos_len is not None and last is None:
+            raise ValueError(
+                "this denoiser is Wan's first-last-frame model (FLF2V: CLIP tokens of two stills): give "
+                "last_image too (on the command line, --last IMAGE)"
+            )
+        if noise is not None and frames is None:  # the given start noise sets the frame count
+            frames = self._pixel_size(noise, None, h, w)[0]
         frames = self.config.frames if frames is None else frames
         self._check_size(frames, h, w)
-        still = self.encode(image).expand(self._latent_shape(b, frames, h, w))
-        noise, generator = self._noise(still.shape, seed, noise)
-        keep = torch.zeros(1, 1, still.shape[2], 1, 1, dtype=torch.bool, device=still.device)
-        keep[:, :, 0] = True
+        if last is not None and frames < 1 + self.vae.temporal_factor:
+            raise ValueError(
+                f"a first and a last image need frames >= {1 + self.vae.temporal_factor}; got {frames}"
+            )
+        shape = self._latent_shape(b, frames, h, w)
+        noise, generator = self._noise(shape, seed, noise)
+        if self.dit.config.image_dim is None:
+            start, hook, model_kwargs = self._keep_frames(image, last, noise, first_frame == "clean")
+        else:
+            start, hook, model_kwargs = self._wan_image_condition(image, last, shape)
         opts = self._options(steps, guidance, sampler, shift, progress)
-        hook = self._keep_hook(still, keep, noise, clean=first_frame == "clean")
-        init = still if strength < 1 else None
-        z = self._sample(
-            noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook
-        )
+        init = start if strength < 1 else None
+        z = self._sample(noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook,
+                         model_kwargs)  # fmt: skip
         return self._output(z, output_type)
+
+    def _keep_frames(self, image, last, noise, clean_first: bool):
+        """Stills -> (start latents, hook, model keywords) for a text-to-video denoiser: the hook keeps the
+        image's latent as the first latent frame and, with ``last``, a latent of the last image as the last one.
+
+        The image alone encodes to exactly the first latent frame of any clip that starts with it (causal VAE).
+        A last latent frame holds the last 4 pixel frames and depends on all before it, so the last image is
+        encoded as the last frames of the clip [image, last, last, ...]: its encoder has seen a clip start
+        from the first image, then settle on the last one (on the default model this decoded the last frame
+        at 29.9 dB against the still, the VAE's own image round trip being 30.3 dB; 28.3 dB for a clip of the
+        last image alone, 21.4 dB for its one-frame image latent).
+        """
+        shape = noise.shape
+        keep = torch.zeros(1, 1, shape[2], 1, 1, dtype=torch.bool, device=noise.device)
+        keep[:, :, 0] = True
+        clean = keep.clone() if clean_first else torch.zeros_like(keep)  # the last frame is always noised
+        if last is None:
+            known = self.encode(image).expand(shape)
+        else:
+            frames = 1 + (shape[2] - 1) * self.vae.temporal_factor
+            known = self.encode(torch.cat([image, last.expand(-1, -1, frames - 1, -1, -1)], dim=2))
+            keep[:, :, -1] = True
+        return known, self._keep_hook(known, keep, noise, clean=clean), None
+
+    def _wan_image_condition(self, image, last, shape):
+        """Stills -> (start latents, hook, model keywords) for Wan 2.1 I2V / FLF2V, as Wan builds them:
+        ``image`` = the CLIP tokens of the stills (penultimate layer; first then last, joined along the tokens),
+        ``condition`` = a 4-channel frame mask, then the normalized latents of the clip [image, zeros, ...,
+        (last)] (VAE posterior mode). The mask marks the pixel frames given (the first; the last too), with the
+        first frame counted 4 times so that every latent frame covers 4 mask values, one per channel.
+        """
+        b, _, t, h, w = shape
+        tf, frames = self.vae.temporal_factor, 1 + (shape[2] - 1) * self.vae.temporal_factor
+        stills = [image] if last is None else [image, last]
+        gap = image.new_zeros(b, 3, frames - len(stills), *image.shape[3:])
+        latents = self.encode(torch.cat([image, gap, *stills[1:]], dim=2))
+        given = torch.zeros(frames, device=latents.device)
+        given[0] = 1.0
+        if last is not None:
+            given[-1] = 1.0
+        given = torch.cat([given[:1].expand(tf - 1), given])
+        mask = repeat(given, "(t k) -> b k t h w", k=tf, b=b, h=h, w=w)
+        tokens = self.image_encoder.encode(rearrange(torch.cat(stills), "b c 1 h w -> b c h w"))
+        tokens = rearrange(tokens, "(n b) i d -> b (n i) d", b=b)
+        start = self.encode(image).expand(shape)
+        return start, None, {"image": tokens, "condition": torch.cat([mask, latents], dim=1)}
 
     @torch.no_grad()
     def morph(
@@ -725,6 +844,7 @@ class VideoPipeline:
     ):
         """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
+        self._check_text_to_video()
         opts = self._options(steps, guidance, "euler", shift, progress)
         tokens, mask = self.encode_text([prompt_a, prompt_b])
         if mask is not None:  # the union: one context layout for every frame
@@ -745,8 +865,21 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _sample(self, noise, prompts, negative_prompt, opts, generator, init=None, strength=1.0, hook=None):
+    def _sample(
+        self,
+        noise,
+        prompts,
+        negative_prompt,
+        opts,
+        generator,
+        init=None,
+        strength=1.0,
+        hook=None,
+        model_kwargs=None,
+    ):
         """The one call to the sampling loop that every job makes."""
+        if model_kwargs is None:
+            self._check_text_to_video()
         context, context_mask = self.encode_text(prompts)
         negative = self._negative(negative_prompt, opts["guidance"] != 1)
         return denoise(
@@ -762,8 +895,18 @@ class VideoPipeline:
             timesteps=self.config.timesteps,
             scheduler_config=self.config.scheduler_config,
             sigmas=self.config.sigmas,
+            model_kwargs=model_kwargs,
             **opts,
         )
+
+    def _check_text_to_video(self) -> None:
+        """Jobs other than animate sample from text alone: an image-conditioned denoiser cannot run them."""
+        if self.dit.config.image_dim is not None:
+            raise ValueError(
+                "this job needs a text-to-video denoiser; this pipeline's is image-conditioned (Wan I2V / FLF2V: "
+                "it takes a still's CLIP tokens and latents at every step): use animate(image, prompt) "
+                "(vidlatent animate IMAGE PROMPT [--last IMAGE])"
+            )
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> (tokens (b, n, d), mask (b, n) or None) as this pipeline's denoiser reads them: with the
@@ -832,14 +975,15 @@ class VideoPipeline:
 
     @staticmethod
     def _keep_hook(
-        known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, clean: bool = False
+        known: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, clean: bool | torch.Tensor = False
     ) -> Callable:
         """Sampling hook: where ``keep``, replace the latents by ``known`` noised to the step's sigma with the
-        sampler's start noise (``known`` itself at the final sigma 0, and at every step with ``clean``)."""
+        sampler's start noise (``known`` itself at the final sigma 0, and at every step where ``clean``: a bool,
+        or a mask shaped like ``keep``)."""
 
         def hook(step: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
-            level = torch.full((x.shape[0],), 0.0 if clean else sigma, device=x.device)
-            return torch.where(keep, add_noise(known, noise, level), x)
+            noised = add_noise(known, noise, torch.full((x.shape[0],), sigma, device=x.device))
+            return torch.where(keep, torch.where(torch.as_tensor(clean, device=x.device), known, noised), x)
 
         return hook
 
@@ -892,6 +1036,13 @@ class VideoPipeline:
             video = video[None]
         self._check_size(*video.shape[2:])
         return video.float().to(self.vae.device)
+
+    def _image_input(self, image: Media, name: str) -> torch.Tensor:
+        """An image file or tensor -> (b, 3, 1, h, w), checked (a video gives an error, not its first frame)."""
+        image = self._video_input(image)
+        if image.shape[2] != 1:
+            raise ValueError(f"animate takes an image (one frame) as {name}; got {image.shape[2]} frames")
+        return image
 
     def _mask_input(self, mask: Media, t: int, h: int, w: int) -> torch.Tensor:
         """A mask file or tensor -> (1, t or 1, h, w) bool (True = regenerate), checked against the input."""
