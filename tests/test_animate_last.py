@@ -81,3 +81,20 @@ def test_default_model_morphs_between_two_held_out_stills():
     )
     assert first_db > 27 and last_db > 27
     assert middle_db < last_db - 3  # the clip moves between them, it is not the last still held throughout
+
+
+def test_cli_animate_with_last(tmp_path, capsys):
+    from vidlatent.cli import main
+    from vidlatent.data.io import read_video, write_video
+
+    write_video(tmp_path / "a.png", pattern(frames=1)[0])
+    write_video(tmp_path / "b.png", pattern(frames=1, phase=2.0)[0])
+    write_video(tmp_path / "small.png", pattern(frames=1, size=16)[0])
+    out = tmp_path / "morph.gif"
+    tiny = ["--model", "tiny", "--steps", "2", "--seed", "0", "-q"]
+    assert main(["animate", str(tmp_path / "a.png"), "a ball", "--last", str(tmp_path / "b.png"), "--frames", "9",
+                 "-o", str(out), *tiny]) == 0  # fmt: skip
+    assert read_video(out)[0].shape == (3, 9, 32, 32)
+    assert main(["animate", str(tmp_path / "a.png"), "a ball", "--last", str(tmp_path / "small.png"), "-o",
+                 str(out), *tiny]) == 2  # fmt: skip
+    assert "small.png is 16x16; give --height and --width" in capsys.readouterr().err

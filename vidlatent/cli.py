@@ -53,8 +53,10 @@ JOB_EXAMPLES = {
     "inpaint": """example:
   vidlatent inpaint clip.mp4 --mask mask.png "a green square" -o inpainted.mp4 --model my_pipeline
   (white mask pixels are regenerated; a mask video gives one mask per frame)""",
-    "animate": """example:
-  vidlatent animate still.png "the ball rolls to the right" --frames 17 -o moving.mp4 --model my_pipeline""",
+    "animate": """examples:
+  vidlatent animate still.png "the ball rolls to the right" --frames 17 -o moving.mp4 --model my_pipeline
+  vidlatent animate a.png "the ball rolls to the right" --last b.png -o a_to_b.mp4   (first and last frame)
+  vidlatent animate still.png "a cat turns its head" --model Wan2.1-I2V-14B-480P-Diffusers""",
     "morph": """examples:
   vidlatent morph a.png b.png --frames 33 -o morph.mp4 --model my_pipeline
   vidlatent morph a.png b.png --mode noise --prompt-a "a red ball" --prompt-b "a blue box" -o morph.gif""",
@@ -357,18 +359,27 @@ def add_inpaint(sub) -> None:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    _check_inputs(args.image)
+    _check_inputs(args.image, *([args.last] if args.last else []))
     _check_output(args.output, args.frames)
     pipe = _load_pipeline(args)
     _check_output(args.output, args.frames or pipe.config.frames)
     seed = _seed(args, pipe)
     image, _, note = _read_clip(pipe, args.image, args, image=True)
-    _notes(note)
+    last, note_last = None, ""
+    if args.last:
+        last, _, note_last = _read_clip(pipe, args.last, args, image=True)
+        if last.shape != image.shape:
+            raise ValueError(
+                f"{args.image} is {image.shape[-2]}x{image.shape[-1]} but {args.last} is {last.shape[-2]}x"
+                f"{last.shape[-1]}; give --height and --width to bring both to one size"
+            )
+    _notes(note, note_last)
     out = pipe.animate(
         image,
         args.prompt,
         args.frames,
         args.negative_prompt,
+        last_image=last,
         strength=args.strength,
         seed=seed,
         **_sampling_kwargs(args),
@@ -377,9 +388,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 
 def add_animate(sub) -> None:
-    p = _job_parser(sub, "animate", "image to video: the image is the first frame")
+    p = _job_parser(sub, "animate", "image to video: the image is the first frame (--last: and one the last)")
     p.add_argument("image", help="the first frame (an image, or a video's first frame)")
     p.add_argument("prompt", help="what happens next")
+    p.add_argument("--last", default=None, metavar="IMAGE",
+                   help="the last frame too: a generative morph from IMAGE to this one (Wan FLF2V needs it)")  # fmt: skip
     p.add_argument("--frames", type=int, default=None, help="1 + 4k frames")
     p.add_argument(
         "--strength", type=float, default=1.0, help="below 1: start from the still image (less motion)"
