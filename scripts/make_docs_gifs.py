@@ -38,6 +38,8 @@ def main() -> None:
     world = ShapesWorld(64, 64, 17, split="heldout", seed=7)
     video = world.render(world.scene(4))
     write_video(out / "input.gif", to_tensor(video), fps=8)
+    Image.fromarray(video[0]).save(out / "first.png")  # the clip's first and last frames, for animate --last
+    Image.fromarray(video[-1]).save(out / "last.png")
     still = world.scene(6).objects[0]
     Image.fromarray(world.render(world.scene(6))[0]).save(out / "still.png")
     mask = np.zeros((64, 64), dtype=np.uint8)
@@ -61,6 +63,10 @@ def main() -> None:
     vidlatent("generate", "a yellow circle", "--frames", "1", "-o", f"{out}/a.png", "--seed", "3", model=m)
     vidlatent("generate", "a blue square", "--frames", "1", "-o", f"{out}/b.png", "--seed", "4", model=m)
     vidlatent("morph", f"{out}/a.png", f"{out}/b.png", "--frames", "17", "-o", f"{out}/morph.gif", model=m)
+    vidlatent("animate", f"{out}/a.png", "a yellow circle moving right", "--last", f"{out}/b.png",
+              "-o", f"{out}/morph_animate.gif", "--seed", "1", model=m)  # fmt: skip
+    vidlatent("animate", f"{out}/first.png", world.scene(4).caption, "--last", f"{out}/last.png",
+              "-o", f"{out}/animate_last.gif", "--seed", "1", model=m)  # fmt: skip
     vidlatent("reconstruct", f"{out}/input.gif", "-o", f"{out}/reconstruct.gif", model=m)
 
 

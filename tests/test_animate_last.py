@@ -62,7 +62,7 @@ def test_bad_last_images_say_what_is_accepted(pipe):
 def test_default_model_morphs_between_two_held_out_stills():
     """The first and last frames of 4 held-out clips, with their captions: the generated clips start and end on
     the stills (PSNR of the first and last output frames against them; the VAE's own round trip of such a still
-    as an image is about 30 dB). With the first 8 of these clips (README): first 29.8 dB, last 30.0 dB."""
+    as an image is about 30 dB). scripts/eval_last_frame.py measures 8 such pairs and the alternatives."""
     pipe = VideoPipeline.from_pretrained("default")
     world = ShapesWorld(64, 64, 17, split="heldout", seed=11)
     clips, captions = zip(*(world.clip(i) for i in range(4)))
