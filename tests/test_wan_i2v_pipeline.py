@@ -163,3 +163,11 @@ def test_a_text_to_video_pipeline_takes_no_image_encoder(root):
     encoder = load_image_encoder(root[0])
     with pytest.raises(ValueError, match=r"text-to-video .*takes no image encoder; animate conditions it"):
         VideoPipeline(tiny.vae, tiny.dit, tiny.text_encoder, tiny.config, encoder)
+
+
+def test_an_original_wan_i2v_folder_says_what_to_use(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "i2v", "dim": 5120, "num_heads": 40, "in_dim": 36}')
+    with pytest.raises(
+        ValueError, match=r"original Wan 2.1 i2v folder: its CLIP checkpoint .* is not read here"
+    ):
+        VideoPipeline.from_pretrained(tmp_path)
