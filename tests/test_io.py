@@ -316,12 +316,16 @@ def test_roundtrip_gif_keeps_repeated_frames(media, tmp_path):
 
 
 def test_roundtrip_png_and_rounding(tmp_path):
-    values = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -3.0, float("nan")])
+    values = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -3.0, 0.0])
     image = values.repeat(3, 1, 8, 1)  # (c t h w) = (3, 1, 8, 8)
     write_video(tmp_path / "one.png", image)
     back = read_image(tmp_path / "one.png")
     pixels = ((back[0, 0, 0] + 1) * 127.5).round().tolist()
-    assert pixels == [0, 64, 128, 191, 255, 255, 0, 128]  # 63.75 -> 64, 127.5 -> 128, clamped, nan -> 0
+    assert pixels == [0, 64, 128, 191, 255, 255, 0, 128]  # 63.75 -> 64, 127.5 -> 128, clamped
+    image[0, 0, 3, 5] = float("nan")  # a NaN is refused, not written as a grey pixel
+    with pytest.raises(ValueError, match="NaN/inf values; nothing was written"):
+        write_video(tmp_path / "nan.png", image)
+    assert not list(tmp_path.glob("*nan*"))
     clip = smooth_clip(5)
     write_video(tmp_path / "batch.png", clip[None, :, :1])  # (1 c t h w) is accepted
     assert torch.allclose(read_image(tmp_path / "batch.png"), quantized(clip[:, :1]), atol=1e-6)

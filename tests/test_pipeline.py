@@ -73,7 +73,7 @@ def test_generate_is_reproducible_by_seed_and_follows_the_prompt(pipe):
         ({"height": 24}, "multiples of 16x16"),
         ({"width": 8}, "multiples of 16x16"),
         ({"sampler": "ddim"}, "unknown sampler 'ddim'; accepted: euler, unipc, dpm"),
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"steps": 0}, r"steps must be in \[1, 10000\]; got 0"),
         ({"output_type": "pil"}, "unknown output_type"),
     ],
 )

@@ -6,6 +6,8 @@ import argparse
 import re
 import sys
 
+from .checks import option_type
+
 EXAMPLES = {
     "info": "example: vidlatent info",
 }
@@ -78,13 +80,20 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
         p.add_argument("--height", type=int, default=None, help="output height (a multiple of 16)")
         p.add_argument("--width", type=int, default=None, help="output width (a multiple of 16)")
     if sampling:
-        p.add_argument("--steps", type=int, default=None, help="sampling steps")
-        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (1 = off)")
+        p.add_argument("--steps", type=option_type("steps"), default=None, help="sampling steps")
+        p.add_argument(
+            "--guidance",
+            type=option_type("guidance"),
+            default=None,
+            help="classifier-free guidance, 0-100 (1 = off)",
+        )
         p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
         p.add_argument("--sampler", default=None, help="euler, unipc or dpm")
-        p.add_argument("--shift", type=float, default=None, help="sigma shift of the schedule")
+        p.add_argument(
+            "--shift", type=option_type("shift"), default=None, help="sigma shift of the schedule (> 0)"
+        )
         p.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance > 1)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of the output")
+    p.add_argument("--fps", type=option_type("fps"), default=None, help="frame rate of the output")
     p.add_argument(
         "--lora",
         action="append",
@@ -129,6 +138,7 @@ def _load_pipeline(args: argparse.Namespace):
     from .config import merge_config
     from .diffusion.sampling import SAMPLERS
     from .pipelines import VideoPipeline
+    from .pipelines.video import check_pipeline_config
 
     sampler = getattr(args, "sampler", None)
     if sampler is not None and sampler not in SAMPLERS:
@@ -141,9 +151,10 @@ def _load_pipeline(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quiet:
         _silence_progress()
-    pipe = VideoPipeline.from_pretrained(args.model, device=device)
+    pipe = VideoPipeline.from_pretrained(args.model, device=device, check_finite=_is_folder(args.model))
     parts = [OmegaConf.load(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
+    check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
     for path, scale in loras:
         pipe.load_lora(path, scale)
@@ -306,7 +317,10 @@ def add_edit(sub) -> None:
     p.add_argument("input", help="video or image to edit")
     p.add_argument("prompt", help="what it should become")
     p.add_argument(
-        "--strength", type=float, default=0.6, help="0 keeps the input, 1 ignores it (default 0.6)"
+        "--strength",
+        type=option_type("strength"),
+        default=0.6,
+        help="0 keeps the input, 1 ignores it (default 0.6)",
     )
     p.add_argument(
         "--source-prompt",
@@ -314,7 +328,10 @@ def add_edit(sub) -> None:
         help="what the input shows: edit by FlowEdit (keeps layout and motion better; twice the compute)",
     )
     p.add_argument(
-        "--source-guidance", type=float, default=None, help="FlowEdit: the source prompt's guidance (4)"
+        "--source-guidance",
+        type=option_type("source_guidance"),
+        default=None,
+        help="FlowEdit: the source prompt's guidance (4)",
     )
     _add_read_flags(p)
     _job_flags(p)
@@ -351,7 +368,10 @@ def add_inpaint(sub) -> None:
     p.add_argument("prompt", help="what to put in the masked region")
     p.add_argument("--mask", required=True, help="image or video of the input's size; white = regenerate")
     p.add_argument(
-        "--strength", type=float, default=1.0, help="below 1 starts the masked region from the input"
+        "--strength",
+        type=option_type("strength"),
+        default=1.0,
+        help="below 1 starts the masked region from the input",
     )
     _add_read_flags(p)
     _job_flags(p)
@@ -395,7 +415,10 @@ def add_animate(sub) -> None:
                    help="the last frame too: a generative morph from IMAGE to this one (Wan FLF2V needs it)")  # fmt: skip
     p.add_argument("--frames", type=int, default=None, help="1 + 4k frames")
     p.add_argument(
-        "--strength", type=float, default=1.0, help="below 1: start from the still image (less motion)"
+        "--strength",
+        type=option_type("strength"),
+        default=1.0,
+        help="below 1: start from the still image (less motion)",
     )
     _job_flags(p)
     p.set_defaults(func=cmd_animate)
@@ -444,13 +467,23 @@ def add_morph(sub) -> None:
     p.add_argument("--easing", choices=["linear", "cosine", "smoothstep"], default="linear",
                    help="spacing of the frames (cosine/smoothstep linger at A and B)")  # fmt: skip
     p.add_argument(
-        "--refine", type=int, default=2, help="noise mode: fixed-point iterations per inversion step"
+        "--refine",
+        type=option_type("refine"),
+        default=2,
+        help="noise mode: fixed-point iterations per inversion step",
     )
     p.add_argument("--respace", action="store_true",
                    help="noise mode: regenerate at weights that make the steps even (twice the time)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="noise mode: inversion / sampling steps")
-    p.add_argument("--guidance", type=float, default=None, help="noise mode: guidance (default 1 = off)")
-    p.add_argument("--shift", type=float, default=None, help="noise mode: sigma shift")
+    p.add_argument(
+        "--steps", type=option_type("steps"), default=None, help="noise mode: inversion / sampling steps"
+    )
+    p.add_argument(
+        "--guidance",
+        type=option_type("guidance"),
+        default=None,
+        help="noise mode: guidance (default 1 = off)",
+    )
+    p.add_argument("--shift", type=option_type("shift"), default=None, help="noise mode: sigma shift")
     _job_flags(p, sampling=False)
     p.set_defaults(func=cmd_morph)
 
@@ -527,7 +560,7 @@ def _read_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=None, help="first source frame (default 0)")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--stride", type=int, default=None, help="take every n-th frame (default 1)")
-    step.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
+    step.add_argument("--fps", type=option_type("fps"), default=None, help="resample to this frame rate")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="centre-crop + resize")
     p.add_argument("--frame-policy", choices=["trim", "pad", "none"], default=None, help="make 1+4k frames")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="VAE dtype")
@@ -562,7 +595,15 @@ def _load_vae(args: argparse.Namespace, options: dict, vae_overrides: dict):
     from .pipelines.encode import load_vae
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[options["dtype"]]
-    return load_vae(args.model, device=_device(args), dtype=dtype, **vae_overrides)
+    return load_vae(args.model, _device(args), dtype, _is_folder(args.model), **vae_overrides)
+
+
+def _is_folder(model: str) -> bool:
+    """Whether ``--model`` names files (a folder, a checkpoint, the default model), whose weights are checked
+    for NaN/inf as they load (presets are random weights made here)."""
+    import os
+
+    return model == "default" or os.path.exists(model)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -668,7 +709,9 @@ def add_decode(sub) -> None:
     )
     p.add_argument("latents", nargs="+", metavar="LATENTS", help="latent files or folders of them")
     p.add_argument("-o", "--output", required=True, help="output folder for the videos")
-    p.add_argument("--fps", type=float, default=None, help="frame rate (default: the clip's own, else 16)")
+    p.add_argument(
+        "--fps", type=option_type("fps"), default=None, help="frame rate (default: the clip's own, else 16)"
+    )
     p.add_argument("--format", choices=["mp4", "webm", "gif", "png", "frames"], default=None, help="(mp4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="VAE dtype")
     p.add_argument("--overwrite", action="store_true", help="replace videos that already exist")
@@ -792,28 +835,70 @@ def add_train(sub) -> None:
 SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert, add_train, *JOB_SUBCOMMANDS]
 
 
+class UsageError(Exception):
+    """A command line argparse refused: ``prog`` and the message, printed as one line by ``main``."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block); ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidlatent", description="Video latent diffusion toolkit.")
+    parser = Parser(prog="vidlatent", description="Video latent diffusion toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for p in sub.choices.values():
+        p.add_argument(
+            "--debug", action="store_true", help="show the traceback of an error (or set VIDLATENT_DEBUG=1)"
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # key=value overrides may also follow options ("generate 'a ball' -o x.mp4 steps=20"): argparse leaves
-    # such trailing positionals over, so they are collected here
-    args, extra = parser.parse_known_args(argv)
-    overrides = [x for x in extra if re.match(r"^[A-Za-z_][\w.]*=", x)]
-    if len(overrides) != len(extra) or (extra and not isinstance(getattr(args, "overrides", None), list)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        # key=value overrides may also follow options ("generate 'a ball' -o x.mp4 steps=20"): argparse leaves
+        # such trailing positionals over, so they are collected here
+        args, extra = parser.parse_known_args(argv)
+        overrides = [x for x in extra if re.match(r"^[A-Za-z_][\w.]*=", x)]
+        if len(overrides) != len(extra) or (extra and not isinstance(getattr(args, "overrides", None), list)):
+            parser._subparsers._group_actions[0].choices[args.command].error(
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
+    except UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return 2
     if overrides:
         args.overrides = [*args.overrides, *overrides]
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: a user's error (``errors.user_error``) is one line on stderr and exit status 2,
+    Ctrl-C is "interrupted" and 130; ``--debug`` / ``VIDLATENT_DEBUG=1`` shows tracebacks instead."""
+    from .errors import debug_wanted, user_error
+
+    debug = debug_wanted(getattr(args, "debug", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"vidlatent {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"vidlatent {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = None if debug else user_error(err)
+        if message is None:
+            raise
+        print(f"vidlatent {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from vidlatent.checkpoint import atomic_write, current_umask
+from vidlatent.checks import NonFiniteError, check_option
 
 __all__ = [
     "FRAME_POLICIES",
@@ -372,8 +373,9 @@ def read_video(
         raise ValueError(
             f"need start >= 0, stride >= 1, temporal_factor >= 1; got {start}, {stride}, {temporal_factor}"
         )
-    if fps is not None and (stride != 1 or fps <= 0):
+    if fps is not None and stride != 1:
         raise ValueError("give either stride or a positive fps, not both")
+    check_option("fps", fps)
     if size is not None:
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size must be (height, width) with positive sides, got {size}")
@@ -509,7 +511,9 @@ def _to_uint8(video: torch.Tensor) -> np.ndarray:
         raise ValueError(f"video must be (3, t, h, w) or (1, 3, t, h, w), got {tuple(video.shape)}")
     video = video.detach().cpu()
     if video.dtype != torch.uint8:
-        video = torch.nan_to_num(video.float(), nan=0.0)
+        video = video.float()
+        if not torch.isfinite(video).all():  # a NaN would become a grey pixel: never write that silently
+            raise NonFiniteError("the video to write holds NaN/inf values; nothing was written")
         video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return np.ascontiguousarray(rearrange(video, "c t h w -> t h w c").numpy())
 
@@ -593,8 +597,7 @@ def write_video(
     """
     path = Path(path)
     frames = _to_uint8(video)
-    if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+    check_option("fps", fps)
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == "":
         _write_frames_dir(path, frames)

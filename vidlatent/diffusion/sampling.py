@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_option, check_step
 from .flow import add_noise
 
 Hook = Callable[[int, float, torch.Tensor], torch.Tensor]
@@ -126,6 +127,7 @@ def denoise(
             tuple(noise), generator=generator, device=generator.device if generator else "cpu"
         )
     noise = noise.to(device=context.device, dtype=torch.float32)
+    check_option("guidance", guidance), check_option("shift", shift), check_option("steps", steps)
     start = first_step(steps, strength)
     if init is None and strength != 1:
         raise ValueError("strength < 1 (SDEdit) needs init latents to start from")
@@ -145,6 +147,7 @@ def denoise(
         x = hook(i, float(schedule[i]), x) if hook is not None else x
         v = velocity(x, levels[i])
         x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
+        check_step(x, i, len(scheduler.timesteps), sigmas[i], model, context, guidance)
     return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
 
 
@@ -191,6 +194,7 @@ def flow_edit(
         z_src = add_noise(x0, noise.to(x0.device), sigma.expand(x0.shape[0]))
         z_tar = z_src + (z - x0)  # exactly z_src while nothing has moved
         z = z + (sigmas[i + 1] - sigma) * (target_v(z_tar, sigma) - source_v(z_src, sigma))
+        check_step(z, i, steps, sigma, model, context, guidance)
     return z
 
 
@@ -236,6 +240,7 @@ def invert(
         for _ in range(refine):
             nxt = x + delta * velocity(nxt, sigmas[i + 1])
         x = nxt
+        check_step(x, i, steps, sigmas[i + 1], model, context, guidance)
     return x
 
 

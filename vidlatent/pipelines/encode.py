@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
+from ..checks import check_finite, check_weights_finite, model_cause
 from ..config import config_to_dict, list_presets, load_config
 from ..data.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video, write_video
 from ..models.vae import CausalVAE, DiagonalGaussian
@@ -164,14 +165,15 @@ def vae_fingerprint(vae: CausalVAE) -> str:
 
 
 def load_vae(
-    model: str | os.PathLike = "default", device=None, dtype=None, **overrides
+    model: str | os.PathLike = "default", device=None, dtype=None, check_finite: bool = False, **overrides
 ) -> tuple[CausalVAE, str]:
     """Load the VAE named by ``model`` and return ``(vae, src)``, ``src`` being what latent files record.
 
     ``model``: a pipeline folder holding ``vae/`` (vidlatent or diffusers), a vidlatent or diffusers VAE folder,
     an original Wan 2.1 VAE checkpoint, a pipeline preset (its VAE, with the weights ``VideoPipeline`` gives
     it) or a VAE preset. Presets have random weights, seeded so that every process gets the same ones.
-    ``overrides`` replace VAE config fields (e.g. ``chunk_size=2``).
+    ``overrides`` replace VAE config fields (e.g. ``chunk_size=2``). ``check_finite``: scan the weights of a
+    file or folder for NaN/inf (``NonFiniteError`` naming the tensors).
     """
     if str(model) == "default" and not Path(model).exists():
         from .video import default_model_folder
@@ -181,7 +183,10 @@ def load_vae(
     if path.exists():
         if path.is_dir() and (path / "vae" / "config.json").is_file():
             path = path / "vae"
-        return CausalVAE.from_pretrained(path, device, dtype, **overrides).eval(), str(path.resolve())
+        vae = CausalVAE.from_pretrained(path, device, dtype, **overrides).eval()
+        if check_finite:
+            check_weights_finite(vae, f"the VAE at {path}")
+        return vae, str(path.resolve())
     name = str(model)
     if name in list_presets("pipeline"):
         from .video import PipelinePreset
@@ -514,6 +519,8 @@ def encode_clips(
     def encode(items: list) -> tuple[list, torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             post = vae.encode(torch.stack([video for _, video, _ in items]))
+        for x in (post.mean, post.logvar):
+            check_finite(x, "VAE encoding", lambda: model_cause("VAE", vae))
         return items, post.mean, post.logvar
 
     def flush(batch: list[tuple[Path, torch.Tensor, dict]]) -> None:
@@ -603,8 +610,9 @@ def decode_latents(
                 fingerprint = fingerprint or vae_fingerprint(vae)
                 if made_by != fingerprint:
                     report.notes.append(f"{f} was encoded by VAE {made_by}, decoded with {fingerprint}")
+            check_finite(z, "the latents", "the file holds NaN/inf values")
             with torch.inference_mode():
-                video = vae.decode(z[None])[0]
+                video = check_finite(vae.decode(z[None])[0], "VAE decoding", lambda: model_cause("VAE", vae))
             rate = fps or (meta.get("source_info") or {}).get("fps") or 16
             write_video(out, video, fps=rate)
             report.done.append((str(f), str(out)))
@@ -835,10 +843,13 @@ def reconstruct(
     else:
         read_kwargs.setdefault("temporal_factor", vae.temporal_factor)
         video, _ = read_video(src, **read_kwargs)
+    cause = lambda: model_cause("VAE", vae)  # noqa: E731
     with torch.inference_mode():
-        post = vae.encode(video[None])
-        z = post.sample(torch.Generator().manual_seed(seed)) if sample else post.mode()
-        recon = vae.decode(z)[0].float().cpu()
+        post = vae.encode(check_finite(video[None], "the input video", "the frames hold NaN/inf values"))
+        z = check_finite(
+            post.sample(torch.Generator().manual_seed(seed)) if sample else post.mode(), "VAE encoding", cause
+        )
+        recon = check_finite(vae.decode(z)[0].float().cpu(), "VAE decoding", cause)
     video = video.float().cpu()
     a, b = (video + 1) / 2, (recon + 1) / 2
     quality = ssim(a, b) if min(video.shape[-2:]) >= 11 else math.nan

@@ -33,6 +33,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from ..checkpoint import CONFIG_NAME, atomic_write, read_json
+from ..checks import check_finite, check_option, check_weights_finite, model_cause
 from ..config import DiTConfig, config_to_dict, list_presets, load_config
 from ..data.io import read_video, write_video
 from ..diffusion.flow import add_noise
@@ -94,13 +95,24 @@ SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscret
                       "DPMSolverMultistepScheduler": "dpm"}  # fmt: skip
 
 
-def check_pipeline_config(cfg: PipelineConfig) -> PipelineConfig:
-    """Fail on a config value no job could use, naming the field and what is accepted."""
+def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None = None) -> PipelineConfig:
+    """Fail on a config value no job could use, naming the field, what is accepted and, when given, the file
+    it came from (numbers: ``checks.OPTION_RANGES``)."""
     choices = {"sampler": SAMPLERS, "first_frame": FIRST_FRAME, "text_attention": TEXT_ATTENTION,
                "timesteps": TIMESTEPS, "sigmas": SIGMAS}  # fmt: skip
-    for name, accepted in choices.items():
-        if getattr(cfg, name) not in accepted:
-            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
+    try:
+        for name, accepted in choices.items():
+            if getattr(cfg, name) not in accepted:
+                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
+        for name in ("steps", "guidance", "shift", "fps"):
+            check_option(name, getattr(cfg, name))
+        for name in ("frames", "height", "width"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(cfg, name)}")
+    except ValueError as err:
+        if source is None:
+            raise
+        raise type(err)(f"{source}: {err}") from None
     return cfg
 
 
@@ -281,7 +293,9 @@ class VideoPipeline:
     # ------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike, device=None, dtype=None) -> VideoPipeline:
+    def from_pretrained(
+        cls, src: str | os.PathLike, device=None, dtype=None, check_finite: bool = False
+    ) -> VideoPipeline:
         """Load from a pipeline folder, a preset name (``tiny``: random weights, for tests) or ``"default"``.
 
         A folder holds ``vae/``, ``dit/`` (or diffusers' ``transformer/``), ``text_encoder/`` and
@@ -289,13 +303,19 @@ class VideoPipeline:
         ``save_pretrained``. A diffusers Wan folder (``model_index.json``) and an original Wan 2.1 release folder
         (config.json of a ``WanModel``, ``Wan2.1_VAE.pth``, Wan's T5 checkpoint and ``google/umt5-xxl/``) load
         with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
-        presets).
+        presets). ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
         """
         path = Path(src)
-        if path.is_dir():
-            return cls._from_folder(path, device, dtype)
-        if str(src) == "default":
-            return cls._from_folder(default_model_folder(), device, dtype)
+        if path.is_dir() or str(src) == "default":
+            pipe = cls._from_folder(path if path.is_dir() else default_model_folder(), device, dtype)
+            if check_finite:
+                for name, model in (
+                    ("VAE", pipe.vae),
+                    ("denoiser", pipe.dit),
+                    ("text encoder", pipe.text_encoder),
+                ):
+                    check_weights_finite(model, f"the {name} of {src}")
+            return pipe
         if str(src) in list_presets("pipeline"):
             return cls.from_preset(load_config(PipelinePreset, "pipeline", str(src)), device, dtype)
         raise FileNotFoundError(
@@ -350,7 +370,15 @@ class VideoPipeline:
             config = diffusers_pipeline_config(folder)
             text_overrides = ["clean=wan"]  # Wan's prompt clean-up (html entities, runs of white space)
         else:
-            config = load_config(PipelineConfig, "pipeline", None, *([config_file] if config_file else []))
+            try:
+                config = load_config(
+                    PipelineConfig, "pipeline", None, *([config_file] if config_file else [])
+                )
+                check_pipeline_config(config, config_file)
+            except Exception as err:  # yaml / json syntax, unknown keys, wrong types, values out of range
+                if config_file is None or str(config_file) in str(err):
+                    raise
+                raise ValueError(f"cannot read {config_file}: {str(err).splitlines()[0]}") from err
         vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
         dit = VideoDiT.from_pretrained(dits[0], device=device, dtype=dtype).eval()
         text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
@@ -458,13 +486,21 @@ class VideoPipeline:
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Video (b, 3, t, h, w) in [-1, 1] -> normalized latents (fp32): the posterior mean, normalized."""
-        return self.vae.normalize(self.vae.encode(video).mode().float())
+        """Video (b, 3, t, h, w) in [-1, 1] -> normalized latents (fp32): the posterior mean, normalized.
+
+        NonFiniteError when the input or the latents hold NaN/inf (the error says which and why)."""
+        check_finite(video, "the input video", "the frames given hold NaN/inf values")
+        z = self.vae.normalize(self.vae.encode(video).mode().float())
+        return check_finite(z, "VAE encoding", lambda: model_cause("VAE", self.vae))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (b, c, t', h', w') -> video (b, 3, 1 + 4(t'-1), 8h', 8w') fp32 in [-1, 1]."""
-        return self.vae.decode(self.vae.denormalize(latents.float())).float()
+        """Normalized latents (b, c, t', h', w') -> video (b, 3, 1 + 4(t'-1), 8h', 8w') fp32 in [-1, 1].
+
+        NonFiniteError when the latents or the decoded frames hold NaN/inf."""
+        check_finite(latents, "the latents to decode", "they hold NaN/inf values")
+        video = self.vae.decode(self.vae.denormalize(latents.float())).float()
+        return check_finite(video, "VAE decoding", lambda: model_cause("VAE", self.vae))
 
     def decode_images(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """One-frame latents (n, c, 1, h', w') -> one video (1, 3, n, h, w), decoding ``batch_size`` at a time."""
@@ -575,7 +611,9 @@ class VideoPipeline:
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, seed, noise)
         opts = self._options(steps, guidance, sampler, shift, progress)
-        source_guidance = SOURCE_GUIDANCE if source_guidance is None else source_guidance
+        source_guidance = check_option(
+            "source_guidance", SOURCE_GUIDANCE if source_guidance is None else source_guidance
+        )
         context, mask = self.encode_text(self._prompts(prompt, len(z0)))
         source, source_mask = self.encode_text(self._prompts(source_prompt, len(z0), "source_prompt"))
         negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
@@ -928,13 +966,17 @@ class VideoPipeline:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
         steps = cfg.steps if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1; got {steps}")
+        guidance, shift = (
+            cfg.guidance if guidance is None else guidance,
+            cfg.shift if shift is None else shift,
+        )
+        for name, value in (("steps", steps), ("guidance", guidance), ("shift", shift)):
+            check_option(name, value)
         return {
             "steps": steps,
-            "guidance": cfg.guidance if guidance is None else guidance,
+            "guidance": guidance,
             "sampler": sampler,
-            "shift": cfg.shift if shift is None else shift,
+            "shift": shift,
             "progress": self.progress if progress is None else progress,
         }
 
