@@ -113,7 +113,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, clips, capsys, monkeypatch):
     one_line_error(capsys, ["encode", clips / "a.mp4", "bogus=1", "-o", tmp_path / "o", "--model", "tiny"],
                    "unknown option 'bogus'")  # fmt: skip
     one_line_error(capsys, ["reconstruct", clips / "gone.mp4", "-o", tmp_path / "r.mp4", "--model", "tiny"],
-                   "no such video")  # fmt: skip
+                   "no such file")  # fmt: skip
     one_line_error(capsys, ["reconstruct", clips / "bad.mp4", "-o", tmp_path / "r.mp4", "--model", "tiny"],
                    "cannot read .*bad.mp4")  # fmt: skip
     one_line_error(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import inspect
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,6 +22,41 @@ class CheckpointMismatchError(ValueError):
     """Raised when a state dict does not fit a model: lists missing, unexpected and mis-shaped keys."""
 
 
+class ModelLoadError(ValueError):
+    """A model file or folder exists but cannot be loaded (truncated, garbage, unsupported); names it."""
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def names_source(what: str) -> Callable:
+    """Decorator for loaders ``fn(..., src, ...)``: an error while loading an existing file or folder ``src``
+    names it (``ModelLoadError: cannot load the <what> at <src>: ...``) unless its message already does.
+    A FileNotFoundError (it names what is missing), a key mismatch report and an ImportError (a missing
+    optional package) pass as they are."""
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def load(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (FileNotFoundError, CheckpointMismatchError, ModelLoadError, ImportError):
+                raise
+            except Exception as err:
+                src = signature.bind_partial(*args, **kwargs).arguments.get("src")
+                if src is None or not os.path.exists(src) or str(src) in str(err):
+                    raise
+                raise ModelLoadError(f"cannot load the {what} at {src}: {_reason(err)}") from err
+
+        return load
+
+    return wrap
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors, or from .pt/.pth/.bin with ``torch.load(weights_only=True)``.
 
@@ -29,16 +67,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no checkpoint file at {path}")
     name = path.name
     if name.endswith(".index.json"):
-        index = json.loads(path.read_text())
+        index = read_json(path)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ModelLoadError(f"cannot read {path}: it has no weight_map of shards")
         shards = sorted(set(index["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
         for shard in shards:
             out.update(load_state_dict(path.parent / shard))
         return out
     if name.endswith(".safetensors"):
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError: a truncated file, a garbage header
+            raise ModelLoadError(
+                f"cannot read {path}: truncated or not a safetensors file ({_reason(err)})"
+            ) from err
     if name.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # RuntimeError (not a zip), UnpicklingError (not weights only), EOFError
+            raise ModelLoadError(
+                f"cannot read {path}: truncated or not a torch checkpoint ({_reason(err)})"
+            ) from err
         for key in ("state_dict", "model", "module"):
             if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
                 sd = sd[key]
@@ -115,7 +165,43 @@ def save_folder(folder: str | Path, state_dict: Mapping[str, torch.Tensor], conf
 
 
 def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object from a file; ModelLoadError naming the file when it is not one (garbage, truncated)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"cannot read {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"cannot read {path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"cannot read {path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """Fail before any work when ``path`` cannot be written (a file, or a folder with ``folder``): the type
+    of what exists there, and a test file made in the nearest folder that exists. Creates nothing.
+    Raises OSError (IsADirectoryError, NotADirectoryError, PermissionError, ...) naming ``path``."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "a broken symbolic link", str(path))
+        if folder and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(path))
+        if not folder and path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
+    base = path if folder and path.is_dir() else path.parent
+    while not base.exists():
+        if base.is_symlink():
+            raise FileNotFoundError(errno.ENOENT, f"{base} is a broken symbolic link", str(path))
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot be made: {base} is a file", str(path))
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write in {base} ({err.strerror})", str(path)) from None
+    return path
 
 
 def find_weights(folder: Path) -> Path:

@@ -106,9 +106,11 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
 
 
 def _check_output(path: str, frames: int | None = None) -> None:
-    """Fail before any work on an output name ``write_video`` cannot write."""
+    """Fail before any work on an output ``write_video`` cannot write: its suffix, its frame count, and
+    whether its folder can be written (``checkpoint.check_writable``)."""
     from pathlib import Path
 
+    from .checkpoint import check_writable
     from .data.io import WRITE_EXTENSIONS
 
     suffix = Path(path).suffix.lower()
@@ -120,6 +122,7 @@ def _check_output(path: str, frames: int | None = None) -> None:
         raise ValueError(
             f"{path} holds one image but the output has {frames} frames; use .mp4, .gif or .webm"
         )
+    check_writable(path, folder=not suffix)
 
 
 def _check_inputs(*paths: str) -> None:
@@ -135,7 +138,7 @@ def _load_pipeline(args: argparse.Namespace):
     import torch
     from omegaconf import OmegaConf
 
-    from .config import merge_config
+    from .config import load_yaml, merge_config
     from .diffusion.sampling import SAMPLERS
     from .pipelines import VideoPipeline
     from .pipelines.video import check_pipeline_config
@@ -152,7 +155,7 @@ def _load_pipeline(args: argparse.Namespace):
     if args.quiet:
         _silence_progress()
     pipe = VideoPipeline.from_pretrained(args.model, device=device, check_finite=_is_folder(args.model))
-    parts = [OmegaConf.load(f) for f in args.config]
+    parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
@@ -518,9 +521,11 @@ def _job_options(args: argparse.Namespace, defaults: dict, flags: dict) -> tuple
     """
     from omegaconf import OmegaConf
 
+    from .config import load_yaml
+
     conf = OmegaConf.create({**defaults, "vae": {}})
     for path in args.config:
-        conf = OmegaConf.merge(conf, OmegaConf.load(path))
+        conf = OmegaConf.merge(conf, load_yaml(path))
     for item in args.overrides:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
@@ -609,6 +614,7 @@ def _is_folder(model: str) -> bool:
 def cmd_encode(args: argparse.Namespace) -> int:
     import os
 
+    from .checkpoint import check_writable
     from .pipelines.encode import encode_clips, expand_paths, latent_stats, write_stats
 
     paths, args.overrides = _split_overrides(args.clips + args.overrides)
@@ -638,6 +644,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise ValueError(f"no video or image files in {', '.join(paths)}")
     if args.stats_out and not args.stats:
         raise ValueError("--stats-out needs --stats")
+    check_writable(args.output, folder=True)
+    if args.stats_out:
+        check_writable(args.stats_out)
     vae, src = _load_vae(args, options, vae_overrides)
     options.pop("dtype")
     size = options.pop("size")
@@ -681,6 +690,7 @@ def add_encode(sub) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .pipelines.encode import decode_latents, expand_paths
 
     paths, args.overrides = _split_overrides(args.latents + args.overrides)
@@ -690,6 +700,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     files = expand_paths(paths, (".safetensors",))
     if not files:
         raise ValueError(f"no latent files (.safetensors) in {', '.join(paths)}")
+    check_writable(args.output, folder=True)
     vae, _ = _load_vae(args, options, vae_overrides)
     report = decode_latents(
         files, args.output, vae, options["fps"], options["format"], overwrite=options["overwrite"]
@@ -726,6 +737,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     defaults = {**_READ_DEFAULTS, "sample": False, "seed": 0}
     flags = {**_read_args(args), "sample": args.sample or None, "seed": args.seed}
     options, vae_overrides = _job_options(args, defaults, flags)
+    _check_inputs(args.input)
+    _check_output(args.output, options["frames"])
     vae, _ = _load_vae(args, options, vae_overrides)
     size = tuple(options["size"]) if options["size"] is not None else None
     read = {k: options[k] for k in ("frames", "start", "stride", "fps", "frame_policy")}
@@ -759,10 +772,16 @@ def add_reconstruct(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import os
+
+    from .checkpoint import check_writable
     from .convert import convert_checkpoint
 
     if args.quiet:
         _silence_progress()
+    if not os.path.exists(args.src):
+        raise FileNotFoundError(f"nothing to convert at {args.src}")
+    check_writable(args.output, folder=True)
     converted = convert_checkpoint(
         args.src, args.output, args.kind, copy_text_encoder=not args.link_text_encoder
     )
@@ -794,11 +813,14 @@ def add_convert(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .train import NonFiniteLossError, load_train_config, train
 
     cfg = load_train_config(args.config_file, *args.config, overrides=args.overrides)
     if args.device is not None:
         cfg.device = args.device
+    if cfg.output:
+        check_writable(cfg.output, folder=True)
     try:
         trainer = train(cfg)
     except NonFiniteLossError as err:

@@ -74,6 +74,19 @@ def merge_config(base: Any, *parts: Any) -> Any:
         raise ValueError(f"bad option{f' {key}' if key else ''}: {str(err).splitlines()[0]}") from None
 
 
+def load_yaml(path: str | Path) -> Any:
+    """A yaml (or JSON) file as an OmegaConf node; ValueError naming the file when it cannot be parsed."""
+    try:
+        return OmegaConf.load(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read {path}: not a text file") from None
+    except Exception as err:  # yaml.YAMLError: its message names the file, line and column
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise ValueError(text if str(path) in text else f"cannot read {path}: {text}") from None
+
+
 def _structured(cls: type[T], data: Any) -> T:
     return merge_config(cls, data)
 
@@ -92,7 +105,7 @@ def load_config(cls: type[T], kind: str, preset: str | None = None, *files: str 
         if not path.is_file():
             raise ValueError(f"unknown {kind} preset {preset!r}; available: {', '.join(list_presets(kind))}")
         parts.append(OmegaConf.load(path))
-    parts += [OmegaConf.load(f) for f in files]
+    parts += [load_yaml(f) for f in files]
     if overrides:
         parts.append(OmegaConf.from_dotlist(list(overrides)))
     return merge_config(cls, *parts)

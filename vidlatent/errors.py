@@ -25,7 +25,8 @@ def debug_wanted(flag: bool = False) -> bool:
 
 
 def _user_classes() -> tuple[type, ...]:
-    classes: list[type] = [ValueError, OSError, MemoryError, UnicodeError, LookupError]
+    # ImportError: an optional package is missing (the message says what to install)
+    classes: list[type] = [ValueError, OSError, MemoryError, UnicodeError, LookupError, ImportError]
     try:
         from omegaconf.errors import OmegaConfBaseException
 

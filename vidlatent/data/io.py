@@ -57,6 +57,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "WRITE_EXTENSIONS",
     "VideoReadError",
+    "VideoWriteError",
     "probe",
     "read_image",
     "read_video",
@@ -81,6 +82,11 @@ _GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dit
 
 class VideoReadError(ValueError):
     """A file exists but cannot be decoded (corrupt, truncated, no video stream); names the file and why."""
+
+
+class VideoWriteError(OSError, RuntimeError):
+    """ffmpeg could not write a file (its encoder is missing, or it failed: its last lines say why). An
+    OSError like a full disk, and a RuntimeError as it was before it had a class of its own."""
 
 
 class _DecodeFailure(Exception):
@@ -545,7 +551,7 @@ def _encode_ffmpeg(
     if done.returncode != 0 or os.path.getsize(tmp) == 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         reason = " | ".join(lines[-3:]) or f"exit status {done.returncode}, empty output"
-        raise RuntimeError(f"ffmpeg failed to write {target} ({codec}): {reason}")
+        raise VideoWriteError(f"ffmpeg failed to write {target} ({codec}): {reason}")
 
 
 def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
@@ -593,7 +599,7 @@ def write_video(
 
     Raises:
         ValueError: unsupported suffix, wrong shape, several frames for a single-image format.
-        RuntimeError: the ffmpeg encoder is missing or fails.
+        VideoWriteError: the ffmpeg encoder is missing or fails (an OSError; so is a full disk).
     """
     path = Path(path)
     frames = _to_uint8(video)
@@ -629,7 +635,7 @@ def write_video(
     if codec not in _ffmpeg_encoders():
         import imageio_ffmpeg
 
-        raise RuntimeError(
+        raise VideoWriteError(
             f"cannot write {path}: the ffmpeg at {imageio_ffmpeg.get_ffmpeg_exe()} has no {codec} encoder; "
             "write .mp4 or .gif, or point IMAGEIO_FFMPEG_EXE at an ffmpeg built with it"
         )

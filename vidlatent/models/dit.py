@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CONFIG_NAME, find_weights, load_into, load_state_dict, read_json, save_folder
+from ..checkpoint import (
+    CONFIG_NAME,
+    find_weights,
+    load_into,
+    load_state_dict,
+    names_source,
+    read_json,
+    save_folder,
+)
 from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, load_config
 from .layers import ATTENTION_BACKENDS, RMSNorm, apply_rope, attention, rope_3d
 
@@ -368,6 +376,7 @@ class VideoDiT(nn.Module):
     # ------------------------------------------------------------------------------------ weights io
 
     @classmethod
+    @names_source("denoiser")
     def from_pretrained(
         cls,
         src: str | Path,

@@ -44,6 +44,7 @@ from ..checkpoint import (
     atomic_write,
     load_into,
     load_state_dict,
+    names_source,
     read_json,
     save_folder,
 )
@@ -616,6 +617,7 @@ def load_wan_t5(
 # ----------------------------------------------------------------------------------------------- loading
 
 
+@names_source("text encoder")
 def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()) -> TextEncoder:
     """Load a text encoder from a preset name (random-init built-in encoder, e.g. ``"tiny"``), a vidlatent text
     folder (``save_pretrained``), a Hugging Face model folder (config.json with ``model_type``), a diffusers

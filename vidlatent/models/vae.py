@@ -33,6 +33,7 @@ from ..checkpoint import (
     find_weights,
     load_into,
     load_state_dict,
+    names_source,
     read_json,
     save_folder,
 )
@@ -610,6 +611,7 @@ class CausalVAE(nn.Module):
         return cls(config).to(device=device, dtype=dtype)
 
     @classmethod
+    @names_source("VAE")
     def from_pretrained(cls, src: str | Path, device=None, dtype=None, **overrides) -> CausalVAE:
         """Load a VAE from a preset name (random init), a vidlatent folder, a diffusers ``AutoencoderKLWan``
         folder, or an original Wan 2.1 VAE checkpoint (``Wan2.1_VAE.pth`` or the same keys in .safetensors).
