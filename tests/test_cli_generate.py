@@ -95,7 +95,7 @@ def test_jobs_in_a_subprocess_write_their_videos(runs, job, name, shape):
     # no temporary file of this job left behind (the other jobs may still be writing theirs beside it)
     assert not any(p.name.startswith(f".{name}.") for p in out.iterdir())
     if job == "inpaint":  # the input's crop is reported, once
-        assert done.stderr.count("centre-cropped to 32x48 (multiples of 16x16)") == 1
+        assert done.stderr.count("is 56x40; centre-cropped to 48x32") == 1
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys, monkeypatch):
         (["edit", tmp_path / "missing.mp4", "a ball", "-o", out, *tiny], "no such file"),
         (["edit", media / "corrupt.mp4", "a ball", "-o", out, *tiny], "corrupt.mp4"),
         (["inpaint", media / "clip.mp4", "a ball", "--mask", media / "small_mask.png", "-o", out, *tiny],
-         "is 32x32 but the input is 40x56"),
+         "is 32x32 but the input is 56x40"),
         (["generate", "a ball", "--frames", "6", "-o", out, *tiny], "frames must be 1 + 4k"),
         (["animate", media / "a.png", "a ball", "--frames", "8", "-o", out, *tiny], "frames must be 1 + 4k"),
         (["edit", media / "clip.mp4", "a ball", "--frame-policy", "none", "-o", out, *tiny],
@@ -192,5 +192,5 @@ def test_bad_input_in_a_subprocess_exits_2_with_one_line(media, tmp_path):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert stderr.strip().splitlines() == [
-        f"vidlatent inpaint: error: mask {media / 'small_mask.png'} is 32x32 but the input is 40x56"
+        f"vidlatent inpaint: error: mask {media / 'small_mask.png'} is 32x32 but the input is 56x40"
     ]

@@ -70,8 +70,8 @@ def test_generate_is_reproducible_by_seed_and_follows_the_prompt(pipe):
     [
         ({"frames": 6}, "frames must be 1 \\+ 4k"),
         ({"frames": 0}, "frames must be 1 \\+ 4k"),
-        ({"height": 24}, "multiples of 16x16"),
-        ({"width": 8}, "multiples of 16x16"),
+        ({"height": 24}, "multiples of 16 and 16"),
+        ({"width": 8}, "multiples of 16 and 16"),
         ({"sampler": "ddim"}, "unknown sampler 'ddim'; accepted: euler, unipc, dpm"),
         ({"steps": 0}, r"steps must be in \[1, 10000\]; got 0"),
         ({"output_type": "pil"}, "unknown output_type"),
@@ -156,7 +156,7 @@ def test_edit_accepts_images_and_batches(pipe):
     assert pipe.edit(image, "a ball", 0.5, seed=0, steps=2).shape == (1, 3, 1, 32, 32)
     batch = torch.cat([pattern(), pattern(phase=2.0)])
     assert pipe.edit(batch, ["a", "b"], 0.5, seed=0, steps=2).shape == (2, 3, 5, 32, 32)
-    with pytest.raises(ValueError, match="multiples of 16x16"):
+    with pytest.raises(ValueError, match="multiples of 16 and 16"):
         pipe.edit(pattern(size=40), "a ball", 0.5)
     with pytest.raises(ValueError, match="expected a video"):
         pipe.edit(torch.zeros(4, 5, 32, 32), "a ball", 0.5)
@@ -231,7 +231,7 @@ def test_inpaint_masks_of_every_form_and_bad_masks(pipe, tmp_path):
         torch.testing.assert_close(
             pipe.inpaint(video, mask, "a ball", seed=0, steps=2, output_type="latent"), ref
         )
-    with pytest.raises(ValueError, match="mask is 48x48 but the input is 32x32"):
+    with pytest.raises(ValueError, match="mask is 48x48 but the input is 32x32 \\(width x height\\)"):
         pipe.inpaint(video, torch.zeros(48, 48), "a ball")
     with pytest.raises(ValueError, match="mask has 3 frames but the input has 5"):
         pipe.inpaint(video, torch.zeros(3, 32, 32), "a ball")

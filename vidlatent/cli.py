@@ -77,8 +77,12 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
         "-o", "--output", required=True, help=".mp4, .webm, .gif, .png/.jpg (one frame) or a folder"
     )
     if size:
-        p.add_argument("--height", type=int, default=None, help="output height (a multiple of 16)")
-        p.add_argument("--width", type=int, default=None, help="output width (a multiple of 16)")
+        p.add_argument(
+            "--height", type=int, default=None, help="output height: a multiple of 16 (VAE 8 x patch 2)"
+        )
+        p.add_argument(
+            "--width", type=int, default=None, help="output width: a multiple of 16 (VAE 8 x patch 2)"
+        )
     if sampling:
         p.add_argument("--steps", type=option_type("steps"), default=None, help="sampling steps")
         p.add_argument(
@@ -210,21 +214,35 @@ def _seed(args: argparse.Namespace, pipe) -> int:
     return seed
 
 
+SIZE_POLICY_HELP = (
+    "sides that are not multiples of the model's ({}): crop (centre, the default), pad (edges repeated; "
+    "the output is cropped back to the input's size) or resize"
+)
+
+
+def _size_policy_flag(p: argparse.ArgumentParser, multiple: str) -> None:
+    from .data.io import SIZE_POLICIES
+
+    p.add_argument(
+        "--size-policy", choices=SIZE_POLICIES, default=None, help=SIZE_POLICY_HELP.format(multiple)
+    )
+
+
 def _read_clip(pipe, path: str, args: argparse.Namespace, frames: int | None = None, image: bool = False):
-    """Read an input (c, t, h, w) at ``--height/--width`` or its own size, centre-cropped to a multiple of 16.
+    """Read an input (c, t, h, w) at ``--height/--width`` or its own size, fitted to the model's multiple
+    (16 for VAE 8 x patch 2) by ``--size-policy`` (``data.io.fit_to_multiple``).
 
-    Returns (video, info, note): ``note`` says what the crop did ("" if nothing); print it once all checks
-    have passed, so that an error stays the only line on stderr."""
-    from .data.io import read_video
+    Returns (video, info, note): ``info["fit"]`` is the fit's plan (``_write`` undoes a pad); ``note`` says what
+    fitting did ("" if nothing): print it once all checks have passed, so that an error stays the only line."""
+    from .data.io import read_video, size_note
 
-    size = _size(args)
+    fit = dict(size=_size(args), multiple=pipe.size_multiple, size_policy=args.size_policy or "crop")
     if image:
-        video, info = read_video(path, frames=1, size=size, frame_policy="none")
+        video, info = read_video(path, frames=1, frame_policy="none", **fit)
     else:
         policy = getattr(args, "frame_policy", "trim")
-        video, info = read_video(path, frames=frames, size=size, frame_policy=policy)
-    video, note = _crop_to_multiple(video, pipe.size_multiple, path)
-    return video, info, note
+        video, info = read_video(path, frames=frames, frame_policy=policy, **fit)
+    return video, info, size_note(path, info["fit"])
 
 
 def _size(args: argparse.Namespace):
@@ -233,29 +251,22 @@ def _size(args: argparse.Namespace):
     return None if args.height is None else (args.height, args.width)
 
 
-def _crop_to_multiple(video, multiple: tuple[int, int], name: str):
-    """Centre-crop (c, t, h, w) so that h and w are multiples of ``multiple``; returns (video, note)."""
-    h, w = video.shape[-2:]
-    nh, nw = h // multiple[0] * multiple[0], w // multiple[1] * multiple[1]
-    if nh == 0 or nw == 0:
-        raise ValueError(f"{name} is {h}x{w}; the model needs at least {multiple[0]}x{multiple[1]}")
-    if (nh, nw) == (h, w):
-        return video, ""
-    top, left = (h - nh) // 2, (w - nw) // 2
-    note = f"note: {name} is {h}x{w}; centre-cropped to {nh}x{nw} (multiples of {multiple[0]}x{multiple[1]})"
-    return video[..., top : top + nh, left : left + nw], note
-
-
 def _notes(*notes: str) -> None:
     for note in dict.fromkeys(n for n in notes if n):
         print(note, file=sys.stderr)
 
 
-def _write(pipe, video, path: str, fps: float | None, seed: int | None = None) -> int:
+def _write(
+    pipe, video, path: str, fps: float | None, seed: int | None = None, fit: dict | None = None
+) -> int:
+    """Write the job's output (a padded input's output cropped back to its size); print paths, frames, W x H."""
+    from .data.io import restore_size
+
+    video = restore_size(video, fit)
     paths = pipe.save(video, path, fps=fps)
     b, _, t, h, w = video.shape
     extra = f", seed {seed}" if seed is not None else ""
-    print(f"wrote {', '.join(map(str, paths))} ({t} frame{'s' * (t > 1)}, {h}x{w}{extra})")
+    print(f"wrote {', '.join(map(str, paths))} ({t} frame{'s' * (t > 1)}, {w}x{h}{extra})")
     return 0
 
 
@@ -312,7 +323,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = pipe.edit(
         video, args.prompt, args.strength, args.negative_prompt, seed=seed, **source, **_sampling_kwargs(args)
     )
-    return _write(pipe, out, args.output, args.fps or info["fps"], seed)
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed, info["fit"])
 
 
 def add_edit(sub) -> None:
@@ -338,11 +349,12 @@ def add_edit(sub) -> None:
     )
     _add_read_flags(p)
     _job_flags(p)
+    _size_policy_flag(p, "16: VAE 8 x patch 2")
     p.set_defaults(func=cmd_edit)
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    from .data.io import read_video
+    from .data.io import probe, read_video
 
     _check_inputs(args.input, args.mask)
     _check_output(args.output)
@@ -350,19 +362,23 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     seed = _seed(args, pipe)
     video, info, note = _read_clip(pipe, args.input, args, frames=args.frames)
     _check_output(args.output, video.shape[1])
-    _, mask_info = read_video(args.mask, frames=1, temporal_factor=1)
-    if tuple(mask_info["source_size"]) != tuple(info["source_size"]):
-        mh, mw = mask_info["source_size"]
-        raise ValueError(
-            f"mask {args.mask} is {mh}x{mw} but the input is {info['source_size'][0]}x{info['source_size'][1]}"
-        )
-    mask, _ = read_video(args.mask, frames=video.shape[1], temporal_factor=1, size=_size(args))
-    mask, _ = _crop_to_multiple((mask + 1) / 2, pipe.size_multiple, args.mask)
+    mask_size = probe(args.mask)["size"]
+    if tuple(mask_size) != tuple(info["source_size"]):
+        (mh, mw), (h, w) = mask_size, info["source_size"]
+        raise ValueError(f"mask {args.mask} is {mw}x{mh} but the input is {w}x{h}")
+    fit = dict(size=_size(args), multiple=pipe.size_multiple, size_policy=info["fit"]["size_policy"])
+    mask, _ = read_video(args.mask, frames=video.shape[1], temporal_factor=1, **fit)
     _notes(note)
     out = pipe.inpaint(
-        video, mask, args.prompt, args.strength, args.negative_prompt, seed=seed, **_sampling_kwargs(args)
+        video,
+        (mask + 1) / 2,
+        args.prompt,
+        args.strength,
+        args.negative_prompt,
+        seed=seed,
+        **_sampling_kwargs(args),
     )
-    return _write(pipe, out, args.output, args.fps or info["fps"], seed)
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed, info["fit"])
 
 
 def add_inpaint(sub) -> None:
@@ -378,6 +394,7 @@ def add_inpaint(sub) -> None:
     )
     _add_read_flags(p)
     _job_flags(p)
+    _size_policy_flag(p, "16: VAE 8 x patch 2")
     p.set_defaults(func=cmd_inpaint)
 
 
@@ -387,14 +404,15 @@ def cmd_animate(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args)
     _check_output(args.output, args.frames or pipe.config.frames)
     seed = _seed(args, pipe)
-    image, _, note = _read_clip(pipe, args.image, args, image=True)
+    image, info, note = _read_clip(pipe, args.image, args, image=True)
     last, note_last = None, ""
     if args.last:
-        last, _, note_last = _read_clip(pipe, args.last, args, image=True)
-        if last.shape != image.shape:
+        last, info_last, note_last = _read_clip(pipe, args.last, args, image=True)
+        if info_last["fit"]["input_size"] != info["fit"]["input_size"]:
+            (h, w), (hl, wl) = info["fit"]["input_size"], info_last["fit"]["input_size"]
             raise ValueError(
-                f"{args.image} is {image.shape[-2]}x{image.shape[-1]} but {args.last} is {last.shape[-2]}x"
-                f"{last.shape[-1]}; give --height and --width to bring both to one size"
+                f"{args.image} is {w}x{h} but {args.last} is {wl}x{hl}; give --height and --width to bring both "
+                "to one size"
             )
     _notes(note, note_last)
     out = pipe.animate(
@@ -407,7 +425,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         seed=seed,
         **_sampling_kwargs(args),
     )
-    return _write(pipe, out, args.output, args.fps, seed)
+    return _write(pipe, out, args.output, args.fps, seed, info["fit"])
 
 
 def add_animate(sub) -> None:
@@ -424,6 +442,7 @@ def add_animate(sub) -> None:
         help="below 1: start from the still image (less motion)",
     )
     _job_flags(p)
+    _size_policy_flag(p, "16: VAE 8 x patch 2")
     p.set_defaults(func=cmd_animate)
 
 
@@ -431,11 +450,12 @@ def cmd_morph(args: argparse.Namespace) -> int:
     _check_inputs(args.image_a, args.image_b)
     _check_output(args.output, args.frames or 2)
     pipe = _load_pipeline(args)
-    a, _, note_a = _read_clip(pipe, args.image_a, args, image=True)
-    b, _, note_b = _read_clip(pipe, args.image_b, args, image=True)
-    if a.shape != b.shape:
+    a, info, note_a = _read_clip(pipe, args.image_a, args, image=True)
+    b, info_b, note_b = _read_clip(pipe, args.image_b, args, image=True)
+    if info["fit"]["input_size"] != info_b["fit"]["input_size"]:
+        (ha, wa), (hb, wb) = info["fit"]["input_size"], info_b["fit"]["input_size"]
         raise ValueError(
-            f"{args.image_a} is {a.shape[-2]}x{a.shape[-1]} but {args.image_b} is {b.shape[-2]}x{b.shape[-1]}; "
+            f"{args.image_a} is {wa}x{ha} but {args.image_b} is {wb}x{hb}; "
             "give --height and --width to bring both to one size"
         )
     _notes(note_a, note_b)
@@ -455,7 +475,7 @@ def cmd_morph(args: argparse.Namespace) -> int:
         respace=args.respace,
         **kwargs,
     )
-    return _write(pipe, out, args.output, args.fps)
+    return _write(pipe, out, args.output, args.fps, fit=info["fit"])
 
 
 def add_morph(sub) -> None:
@@ -488,6 +508,7 @@ def add_morph(sub) -> None:
     )
     p.add_argument("--shift", type=option_type("shift"), default=None, help="noise mode: sigma shift")
     _job_flags(p, sampling=False)
+    _size_policy_flag(p, "16: VAE 8 x patch 2")
     p.set_defaults(func=cmd_morph)
 
 
@@ -566,8 +587,16 @@ def _read_flags(p: argparse.ArgumentParser) -> None:
     step = p.add_mutually_exclusive_group()
     step.add_argument("--stride", type=int, default=None, help="take every n-th frame (default 1)")
     step.add_argument("--fps", type=option_type("fps"), default=None, help="resample to this frame rate")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="centre-crop + resize")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="centre-crop to its aspect, resize",
+    )
     p.add_argument("--frame-policy", choices=["trim", "pad", "none"], default=None, help="make 1+4k frames")
+    _size_policy_flag(p, "8, the VAE's")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="VAE dtype")
 
 
@@ -578,6 +607,7 @@ _READ_DEFAULTS = {
     "fps": None,
     "size": None,
     "frame_policy": "trim",
+    "size_policy": "crop",
     "dtype": "float32",
 }
 
@@ -590,6 +620,7 @@ def _read_args(args: argparse.Namespace) -> dict:
         "fps": args.fps,
         "size": args.size,
         "frame_policy": args.frame_policy,
+        "size_policy": args.size_policy,
         "dtype": args.dtype,
     }
 
@@ -731,7 +762,7 @@ def add_decode(sub) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .data.io import read_video, write_video
+    from .data.io import fit_to_multiple, read_video, size_note, write_video
     from .pipelines.encode import reconstruct
 
     defaults = {**_READ_DEFAULTS, "sample": False, "seed": 0}
@@ -743,11 +774,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     size = tuple(options["size"]) if options["size"] is not None else None
     read = {k: options[k] for k in ("frames", "start", "stride", "fps", "frame_policy")}
     video, info = read_video(args.input, size=size, temporal_factor=vae.temporal_factor, **read)
-    result = reconstruct(video, vae, sample=options["sample"], seed=options["seed"])
+    policy = options["size_policy"]
+    _, plan = fit_to_multiple(
+        video[:, :1], vae.spatial_factor, policy, args.input
+    )  # fails before the VAE runs
+    _check_output(args.output, video.shape[1])
+    _notes(size_note(args.input, plan))
+    result = reconstruct(video, vae, sample=options["sample"], seed=options["seed"], size_policy=policy)
     write_video(args.output, result.recon, fps=info["fps"] or 16)
-    print(
-        f"PSNR {result.psnr:.2f} dB  SSIM {result.ssim:.4f}  ({video.shape[1]} frames, wrote {args.output})"
-    )
+    t, h, w = result.recon.shape[1:]
+    print(f"PSNR {result.psnr:.2f} dB  SSIM {result.ssim:.4f}  ({t} frames, {w}x{h}, wrote {args.output})")
     return 0
 
 

@@ -32,6 +32,7 @@ Every write goes to a temporary name in the target's folder first and is renamed
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -54,13 +55,17 @@ from vidlatent.checks import NonFiniteError, check_option
 __all__ = [
     "FRAME_POLICIES",
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "SIZE_POLICIES",
     "VIDEO_EXTENSIONS",
     "WRITE_EXTENSIONS",
     "VideoReadError",
     "VideoWriteError",
+    "fit_to_multiple",
     "probe",
     "read_image",
     "read_video",
+    "restore_size",
     "write_video",
 ]
 
@@ -70,6 +75,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 _FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files in a frames folder
 WRITE_EXTENSIONS = (".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg")
 FRAME_POLICIES = ("trim", "pad", "none")
+# how frames whose sides are not multiples of a model's are fitted (``fit_to_multiple``)
+SIZE_POLICIES = ("crop", "pad", "resize")
+MAX_PIXELS = 8192 * 8192  # larger frames are refused from their header ("image too large: W x H")
 BACKENDS = ("auto", "decord", "pyav")
 
 _CHUNK = 16  # frames decoded and resized at a time, to bound the uint8/float working memory
@@ -128,6 +136,127 @@ def _one_line(err: BaseException) -> str:
 
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _check_exists(path: Path) -> None:
+    """FileNotFoundError for a path that does not exist, saying when it is a broken or looping link."""
+    if path.exists():
+        return
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13: a symlink loop
+            raise FileNotFoundError(f"a symbolic link that loops: {path}") from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise FileNotFoundError(f"a symbolic link that loops: {path}") from None
+        raise FileNotFoundError(f"a broken symbolic link (its target is missing): {path}")
+    raise FileNotFoundError(f"no such video, image or frame folder: {path}")
+
+
+def _check_pixels(path, size: tuple[int, int], what: str = "image") -> None:
+    """VideoReadError when frames of ``size`` (h, w) exceed ``MAX_PIXELS`` (read from a header: nothing
+    has been decoded yet)."""
+    h, w = size
+    if h * w > MAX_PIXELS:
+        side = math.isqrt(MAX_PIXELS)
+        raise VideoReadError(
+            f"cannot read {path}: {what} too large: {w} x {h} ({h * w / 1e6:.0f} megapixels; the limit is "
+            f"{side} x {side}, vidlatent.data.io.MAX_PIXELS)"
+        )
+
+
+def _image_header(path: Path) -> tuple[int, int]:
+    """(h, w) of an image from its header, without decoding it. Pillow's own guard against huge images
+    (DecompressionBombError, which imageio reports as "unknown error ... initializing plugin pillow") is
+    bypassed here only to read the size, which ``_check_pixels`` then judges."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.size[1]), int(im.size[0])
+    except Image.DecompressionBombError:
+        pass
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for fmt in Image.ID:  # what Image.open does, without its size check
+            factory, accept = Image.OPEN[fmt]
+            if accept and accept(prefix) is not True:
+                continue
+            fp.seek(0)
+            try:
+                im = factory(fp, str(path))
+            except Exception:
+                continue
+            return int(im.size[1]), int(im.size[0])
+    raise VideoReadError(f"cannot read {path}: pillow cannot identify the image")
+
+
+def fit_to_multiple(
+    video: torch.Tensor, multiple: int | tuple[int, int], policy: str = "crop", name: str = "the input"
+) -> tuple[torch.Tensor, dict]:
+    """Make the sides of ``video`` (..., h, w) multiples of ``multiple`` (one int, or (height, width)); the
+    one size policy of every job that reads frames:
+
+    - ``"crop"``: centre-crop to the largest multiples inside (at most multiple - 1 pixels lost per side);
+    - ``"pad"``: pad to the smallest multiples outside, centred, by repeating the edge pixels;
+      ``restore_size`` crops a result back, so a job's output has the input's size;
+    - ``"resize"``: resize to the nearest multiples (bilinear, antialiased; the aspect ratio bends a little).
+
+    Returns (video, plan): a JSON-friendly ``plan`` with ``size_policy``, ``input_size`` (h, w), ``size``
+    (h, w) after fitting, and ``box`` (crop: top, left, h, w kept) or ``pad`` (top, bottom, left, right).
+    """
+    if policy not in SIZE_POLICIES:
+        raise ValueError(f"unknown size policy {policy!r}; accepted: {', '.join(SIZE_POLICIES)}")
+    mh, mw = (multiple, multiple) if isinstance(multiple, int) else (int(multiple[0]), int(multiple[1]))
+    h, w = (int(v) for v in video.shape[-2:])
+    plan = {"size_policy": policy, "input_size": [h, w], "size": [h, w]}
+    if h % mh == 0 and w % mw == 0 and h and w:
+        return video, plan
+    if policy == "crop":
+        nh, nw = h // mh * mh, w // mw * mw
+        if nh == 0 or nw == 0:
+            raise ValueError(
+                f"{name} is {w}x{h}, smaller than {mw}x{mh}: it cannot be cropped to multiples of {mw}x{mh}; "
+                "use the size policy pad or resize"
+            )
+        top, left = (h - nh) // 2, (w - nw) // 2
+        plan.update(size=[nh, nw], box=[top, left, nh, nw])
+        return video[..., top : top + nh, left : left + nw], plan
+    if policy == "pad":
+        nh, nw = -(-h // mh) * mh, -(-w // mw) * mw
+        top, left = (nh - h) // 2, (nw - w) // 2
+        pad = [top, nh - h - top, left, nw - w - left]
+        flat = video.reshape(-1, 1, h, w)  # F.pad's replicate mode wants (n, c, h, w)
+        padded = F.pad(flat.float(), (pad[2], pad[3], pad[0], pad[1]), mode="replicate").to(video.dtype)
+        plan.update(size=[nh, nw], pad=pad)
+        return padded.reshape(*video.shape[:-2], nh, nw), plan
+    nh, nw = max(mh, round(h / mh) * mh), max(mw, round(w / mw) * mw)
+    flat = video.reshape(-1, 1, h, w).float()
+    resized = F.interpolate(flat, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    lo, hi = video.min(), video.max()  # antialiasing may overshoot: stay in the input's range
+    plan.update(size=[nh, nw])
+    return resized.clamp(lo, hi).to(video.dtype).reshape(*video.shape[:-2], nh, nw), plan
+
+
+def restore_size(video: torch.Tensor, plan: dict | None) -> torch.Tensor:
+    """Undo a ``fit_to_multiple`` pad on a result of the fitted size (..., h, w): crop the padding away, so the
+    result has the input's size. Crop and resize plans (and None) leave ``video`` as it is."""
+    if not plan or plan.get("size_policy") != "pad" or "pad" not in plan:
+        return video
+    top, bottom, left, right = plan["pad"]
+    h, w = video.shape[-2:]
+    return video[..., top : h - bottom, left : w - right]
+
+
+def size_note(name, plan: dict | None) -> str:
+    """What fitting did, as a note for the user ("" when nothing): sizes as width x height."""
+    if not plan or plan["input_size"] == plan["size"]:
+        return ""
+    (h, w), (nh, nw) = plan["input_size"], plan["size"]
+    done = {"crop": "centre-cropped", "pad": "padded (the output is cropped back)", "resize": "resized"}
+    return f"note: {name} is {w}x{h}; {done[plan['size_policy']]} to {nw}x{nh}"
 
 
 def _select(
@@ -224,6 +353,7 @@ def _probe(path: Path) -> dict:
         raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
     if count == 0:
         raise VideoReadError(f"cannot read {path}: the video stream holds no frames")
+    _check_pixels(path, size, "frames")
     return {"count": int(count), "fps": float(rate) if rate else None, "size": size}
 
 
@@ -271,6 +401,7 @@ def _decode_files(files: list[Path], indices: list[int]):
 
 
 def _pillow_source(path: Path) -> dict:
+    _check_pixels(path, _image_header(path))
     with iio.imopen(str(path), "r", plugin="pillow") as reader:
         props = reader.properties(index=...)
         count, size = props.shape[0], (int(props.shape[1]), int(props.shape[2]))
@@ -303,14 +434,14 @@ def probe(path: str | os.PathLike) -> dict:
     FileNotFoundError, ValueError for an unsupported suffix, VideoReadError for an unreadable file.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such video, image or frame folder: {path}")
+    _check_exists(path)
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
             files = _folder_files(path)
-            shape = iio.improps(files[0], plugin="pillow").shape
-            source = {"count": len(files), "fps": None, "size": (int(shape[0]), int(shape[1]))}
+            size = _image_header(files[0])
+            _check_pixels(files[0], size)
+            source = {"count": len(files), "fps": None, "size": size}
         elif suffix in IMAGE_EXTENSIONS:
             source = _pillow_source(path)
         elif suffix in VIDEO_EXTENSIONS:
@@ -336,6 +467,8 @@ def read_video(
     frame_policy: str = "trim",
     temporal_factor: int = 4,
     backend: str = "auto",
+    multiple: int | tuple[int, int] | None = None,
+    size_policy: str = "crop",
 ) -> tuple[torch.Tensor, dict]:
     """Read a video, gif, image or folder of frames as a (c t h w) float32 tensor in [-1, 1].
 
@@ -353,14 +486,17 @@ def read_video(
         temporal_factor: the VAE's temporal compression; 1 accepts any count.
         backend: "auto" (decord, then pyav if decord is missing or fails), "decord" or "pyav".
             Used for video files only; images, gifs and folders are read with pillow.
+        multiple: make the sides multiples of this (an int, or (height, width)) by ``size_policy``: "crop",
+            "pad" or "resize" (see ``fit_to_multiple``), after ``size``; None leaves the size as it is.
 
     Returns:
         ``(video, info)``: video (c t h w) with c = 3; info a JSON-friendly dict with ``path``,
         ``backend``, ``source_frames``, ``source_fps``, ``source_size`` (h, w), ``frame_indices``
         (source index of every output frame, repeats included), ``fps`` (of the output; None when the
         source has none), ``size``, ``crop`` (top, left, h, w of the source region used),
-        ``frame_policy``, ``frames_selected``, ``frames_trimmed``, ``frames_padded`` and, when decord
-        failed and pyav read the file, ``fallback_reason``.
+        ``frame_policy``, ``frames_selected``, ``frames_trimmed``, ``frames_padded``, ``fit`` (the plan of
+        ``fit_to_multiple``; None without ``multiple``) and, when decord failed and pyav read the file,
+        ``fallback_reason``.
 
     Raises:
         FileNotFoundError: no such file or folder.
@@ -386,17 +522,27 @@ def read_video(
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size must be (height, width) with positive sides, got {size}")
         size = (int(size[0]), int(size[1]))
-    if not path.exists():
-        raise FileNotFoundError(f"no such video, image or frame folder: {path}")
+        _check_pixels("the size asked", size, "frames")
+    if size_policy not in SIZE_POLICIES:
+        raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
+    _check_exists(path)
 
     suffix = path.suffix.lower()
     if path.is_dir():
         files = _folder_files(path)
+        try:
+            _check_pixels(files[0], _image_header(files[0]))
+        except VideoReadError:
+            raise
+        except Exception as err:
+            raise VideoReadError(f"cannot read {files[0]}: {_one_line(err)}") from err
         source = {"count": len(files), "fps": None}
         kind = "folder"
     elif suffix in IMAGE_EXTENSIONS:
         try:
             source = _pillow_source(path)
+        except VideoReadError:
+            raise
         except Exception as err:
             raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
         kind = "pillow"
@@ -446,6 +592,9 @@ def read_video(
     if indices != distinct:
         position = {index: i for i, index in enumerate(distinct)}
         out = out[:, [position[index] for index in indices]]
+    fit = None
+    if multiple is not None:
+        out, fit = fit_to_multiple(out, multiple, size_policy, str(path))
 
     src_fps = source["fps"]
     info = {
@@ -462,6 +611,7 @@ def read_video(
         "frames_selected": len(selected),
         "frames_trimmed": trimmed,
         "frames_padded": padded,
+        "fit": fit,
     }
     if failures:
         info["fallback_reason"] = "; ".join(failures)
@@ -483,7 +633,9 @@ def _assemble(chunks, n: int, size) -> tuple[torch.Tensor, tuple, tuple]:
             h, w = size if size is not None else crop[2:]
             out = torch.empty(3, n, h, w)
         elif chunk.shape[1:] != shape:
-            raise _DecodeFailure(f"frame size changes from {shape[:2]} to {chunk.shape[1:3]}")
+            raise _DecodeFailure(
+                f"frame size changes from {shape[1]}x{shape[0]} to {chunk.shape[2]}x{chunk.shape[1]}"
+            )
         out[:, done : done + len(chunk)] = _to_unit(chunk, crop, size)
         done += len(chunk)
     if done != n:

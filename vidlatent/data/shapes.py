@@ -298,7 +298,7 @@ class ShapesWorld:
             raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
         if height < 16 or width < 16 or frames < 1:
             raise ValueError(
-                f"need height, width >= 16 and frames >= 1; got {height}x{width}, {frames} frames"
+                f"need height, width >= 16 and frames >= 1; got {width}x{height} (width x height), {frames} frames"
             )
         if not 1 <= max_objects <= 3:
             raise ValueError(f"max_objects must be 1-3; got {max_objects}")

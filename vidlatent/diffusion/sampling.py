@@ -147,7 +147,7 @@ def denoise(
         x = hook(i, float(schedule[i]), x) if hook is not None else x
         v = velocity(x, levels[i])
         x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
-        check_step(x, i, len(scheduler.timesteps), sigmas[i], model, context, guidance)
+        check_step(x, i, len(scheduler.timesteps), schedule[i], model, context, guidance)
     return hook(len(scheduler.timesteps), 0.0, x) if hook is not None else x
 
 

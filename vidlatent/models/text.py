@@ -249,7 +249,10 @@ class BuiltinTextEncoder(TextEncoder):
         for p in check_prompts(prompts):
             words = split_words(p)
             if len(words) > cfg.max_length:
-                warnings.warn(f"prompt truncated to {cfg.max_length} words: {p!r}", stacklevel=3)
+                shown = p if len(p) <= 80 else f"{p[:60]}... ({len(p)} characters)"
+                warnings.warn(
+                    f"prompt of {len(words)} words truncated to {cfg.max_length}: {shown!r}", stacklevel=3
+                )
                 words = words[: cfg.max_length]
             rows.append(words)
         n = cfg.max_length if cfg.padding == "max_length" else max(max(len(w) for w in rows), 1)

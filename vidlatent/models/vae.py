@@ -466,7 +466,9 @@ class CausalVAE(nn.Module):
         if (t - 1) % tf:
             raise ValueError(f"video frames must be 1+{tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), got t={t}")
         if h % sf or w % sf or h == 0 or w == 0:
-            raise ValueError(f"video height and width must be positive multiples of {sf}, got {h}x{w}")
+            raise ValueError(
+                f"video height and width must be positive multiples of {sf}, got {w}x{h} (width x height)"
+            )
 
     def _check_latents(self, z: torch.Tensor) -> None:
         cfg = self.config

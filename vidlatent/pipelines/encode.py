@@ -44,7 +44,14 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write
 from ..checks import check_finite, check_weights_finite, model_cause
 from ..config import config_to_dict, list_presets, load_config
-from ..data.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video, write_video
+from ..data.io import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    fit_to_multiple,
+    read_video,
+    restore_size,
+    write_video,
+)
 from ..models.vae import CausalVAE, DiagonalGaussian
 
 __all__ = [
@@ -73,6 +80,8 @@ LATENT_SUFFIX = ".safetensors"
 DECODE_FORMATS = ("mp4", "webm", "gif", "png", "frames")
 _TMP_SUFFIX = ".tmp" + LATENT_SUFFIX  # what checkpoint.atomic_write appends to its temporary names
 _RUNTIME_FIELDS = ("chunk_size", "tile_size", "tile_overlap", "auto_tile_above")  # not part of identity
+# settings added after files were written: what a file without them was made with
+LATER_SETTINGS = {"size_policy": "crop"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LUMA = (0.299, 0.587, 0.114)  # BT.601
 
@@ -109,7 +118,8 @@ def expand_paths(
 ) -> list[Path]:
     """Files named in ``paths``, with folders replaced by the files inside them (recursively) whose suffix
     is in ``extensions``, in sorted order; hidden files and folders are left out. Paths that do not exist
-    are kept (the jobs report them as failures); repeats (the same file by another path or link) are dropped."""
+    are kept (the jobs report them as failures), and so are broken or looping links found in folders;
+    repeats (the same file by another path or link) are dropped."""
     out, seen = [], set()
     for p in paths:
         p = Path(p)
@@ -118,7 +128,7 @@ def expand_paths(
                 f
                 for f in p.rglob("*")
                 if f.suffix.lower() in extensions
-                and f.is_file()
+                and (f.is_file() or (f.is_symlink() and not f.exists()))
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
         else:
@@ -146,7 +156,7 @@ def shard(items: Sequence, rank: int | None = None, world_size: int | None = Non
 
 def latent_name(source: str | os.PathLike) -> str:
     """Output file name of a clip: ``<stem>-<first 12 hex of sha256(absolute path)>.safetensors``."""
-    path = Path(source).expanduser().resolve()
+    path = Path(os.path.realpath(Path(source).expanduser()))  # a looping link resolves (to itself) too
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:64] or "clip"
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
     return f"{stem}-{digest}{LATENT_SUFFIX}"
@@ -389,6 +399,7 @@ def encode_clips(
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     frame_policy: str = "trim",
+    size_policy: str = "crop",
     normalized: bool = True,
     sample: bool = False,
     seed: int = 0,
@@ -408,8 +419,9 @@ def encode_clips(
         paths: files, or folders (expanded to the video and image files inside, see ``expand_paths``).
         vae: a loaded ``CausalVAE``, or anything ``load_vae`` takes (then its source is recorded).
         frames, start, stride, fps, size, frame_policy: frame selection, as in ``read_video``; the VAE's
-            temporal factor decides what 1 + k*factor means. Without ``size`` a clip's own size must be a
-            multiple of the VAE's spatial factor.
+            temporal factor decides what 1 + k*factor means.
+        size_policy: how sides that are not multiples of the VAE's spatial factor (8) are fitted: "crop",
+            "pad" (``decode_latents`` crops the padding away again) or "resize" (``data.io.fit_to_multiple``).
         normalized: store ``vae.normalize(z)`` (what a denoiser trains on) instead of raw latents.
         sample: store a posterior sample instead of the mean; the noise of each clip is seeded from
             ``seed`` and the clip's name, so it does not depend on batching, sharding or device.
@@ -443,6 +455,7 @@ def encode_clips(
         "fps": fps,
         "size": list(size) if size is not None else None,
         "frame_policy": frame_policy,
+        "size_policy": size_policy,
         "latent": "sample" if sample else "mode",
         "seed": seed if sample else None,
         "normalized": bool(normalized),
@@ -473,8 +486,9 @@ def encode_clips(
                 if old.get("source") != str(p.resolve()):
                     report.failed.append((str(p), f"{out} holds latents of {old.get('source')}"))
                     continue
-                if old.get("settings") != settings:
-                    diff = _settings_diff(old.get("settings") or {}, settings)
+                old_settings = {**LATER_SETTINGS, **(old.get("settings") or {})}
+                if old_settings != settings:
+                    diff = _settings_diff(old_settings, settings)
                     report.failed.append(
                         (str(p), f"{out} was made with other settings ({diff}); pass overwrite")
                     )
@@ -491,6 +505,8 @@ def encode_clips(
         size=size,
         frame_policy=frame_policy,
         temporal_factor=vae.temporal_factor,
+        multiple=vae.spatial_factor,
+        size_policy=size_policy,
     )
     bar = tqdm(
         total=len(sources),
@@ -613,6 +629,7 @@ def decode_latents(
             check_finite(z, "the latents", "the file holds NaN/inf values")
             with torch.inference_mode():
                 video = check_finite(vae.decode(z[None])[0], "VAE decoding", lambda: model_cause("VAE", vae))
+            video = restore_size(video, (meta.get("source_info") or {}).get("fit"))  # a padded clip: its size
             rate = fps or (meta.get("source_info") or {}).get("fps") or 16
             write_video(out, video, fps=rate)
             report.done.append((str(f), str(out)))
@@ -797,7 +814,9 @@ def ssim(
     if channels not in ("rgb", "luma"):
         raise ValueError(f"channels must be 'rgb' or 'luma', got {channels!r}")
     if min(a.shape[-2:]) < window:
-        raise ValueError(f"ssim needs frames of at least {window}x{window} pixels, got {tuple(a.shape[-2:])}")
+        raise ValueError(
+            f"ssim needs frames of at least {window}x{window} pixels, got {a.shape[-1]}x{a.shape[-2]}"
+        )
     if channels == "luma":
         if a.shape[0] != 3:
             raise ValueError(f"luma needs 3 (RGB) channels, got {a.shape[0]}")
@@ -830,19 +849,24 @@ def reconstruct(
     *,
     sample: bool = False,
     seed: int = 0,
+    size_policy: str = "crop",
     **read_kwargs,
 ) -> Reconstruction:
     """Encode and decode a clip; measure how much survives.
 
     ``src`` is a file (read with ``read_video(src, **read_kwargs)``, e.g. ``frames=``, ``size=``) or a
-    (c t h w) tensor in [-1, 1]. Uses the posterior mean, or a seeded sample with ``sample=True``. PSNR and
-    SSIM (RGB, see ``ssim``) compare the two on [0, 1]; SSIM is nan for frames under 11x11 pixels.
+    (c t h w) tensor in [-1, 1]. Sides that are not multiples of the VAE's spatial factor are fitted by
+    ``size_policy`` (``data.io.fit_to_multiple``): "crop" and "resize" give both clips the fitted size, "pad"
+    crops the reconstruction back to the input's size. Uses the posterior mean, or a seeded sample with
+    ``sample=True``. PSNR and SSIM (RGB, see ``ssim``) compare the two on [0, 1]; SSIM is nan for frames
+    under 11x11 pixels.
     """
     if isinstance(src, torch.Tensor):
         video = src
     else:
         read_kwargs.setdefault("temporal_factor", vae.temporal_factor)
         video, _ = read_video(src, **read_kwargs)
+    video, plan = fit_to_multiple(video, vae.spatial_factor, size_policy, "the input")
     cause = lambda: model_cause("VAE", vae)  # noqa: E731
     with torch.inference_mode():
         post = vae.encode(check_finite(video[None], "the input video", "the frames hold NaN/inf values"))
@@ -850,7 +874,7 @@ def reconstruct(
             post.sample(torch.Generator().manual_seed(seed)) if sample else post.mode(), "VAE encoding", cause
         )
         recon = check_finite(vae.decode(z)[0].float().cpu(), "VAE decoding", cause)
-    video = video.float().cpu()
+    video, recon = restore_size(video.float().cpu(), plan), restore_size(recon, plan)
     a, b = (video + 1) / 2, (recon + 1) / 2
     quality = ssim(a, b) if min(video.shape[-2:]) >= 11 else math.nan
     return Reconstruction(video, recon, psnr(a, b), quality)

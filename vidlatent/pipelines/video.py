@@ -231,7 +231,7 @@ def latent_mask(mask: torch.Tensor, temporal_factor: int, spatial_factor: int) -
     b, t, h, w = mask.shape
     if (t - 1) % temporal_factor or h % spatial_factor or w % spatial_factor:
         raise ValueError(
-            f"mask of {t} frames of {h}x{w} does not map onto latents: frames must be 1+{temporal_factor}k "
+            f"mask of {t} frames of {w}x{h} (width x height) does not map onto latents: frames must be 1+{temporal_factor}k "
             f"and sides multiples of {spatial_factor}"
         )
     m = mask.float()
@@ -862,8 +862,8 @@ class VideoPipeline:
             if x.shape[0] != 1 or x.shape[2] != 1:
                 raise ValueError(f"{name} must be one image; got shape {tuple(x.shape)}")
         if a.shape != b.shape:
-            raise ValueError(f"morph images must have one size; got {a.shape[-2]}x{a.shape[-1]} and "
-                             f"{b.shape[-2]}x{b.shape[-1]}")  # fmt: skip
+            raise ValueError(f"morph images must have one size; got {a.shape[-1]}x{a.shape[-2]} and "
+                             f"{b.shape[-1]}x{b.shape[-2]} (width x height)")  # fmt: skip
         weights = morph_weights(self.config.frames if frames is None else frames, easing)
         z = self.encode(torch.cat([a, b]))
         if mode == "latent":
@@ -1056,14 +1056,17 @@ class VideoPipeline:
         mh, mw = self.size_multiple
         if height < mh or width < mw or height % mh or width % mw:
             raise ValueError(
-                f"height and width must be positive multiples of {mh}x{mw} (VAE {self.vae.spatial_factor} x "
-                f"patch {ph}x{pw}); got {height}x{width}"
+                f"height and width must be positive multiples of {mh} and {mw} (VAE {self.vae.spatial_factor} x "
+                f"patch {ph}x{pw}); got {width}x{height} (width x height)"
             )
 
     def _video_input(self, video: Media) -> torch.Tensor:
-        """A file path or a tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) -> (b, 3, t, h, w), checked."""
+        """A file path or a tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) -> (b, 3, t, h, w), checked. A
+        file is centre-cropped to the size multiple (``data.io.fit_to_multiple``); a tensor must fit already."""
         if isinstance(video, (str, os.PathLike)):
-            video = read_video(video, temporal_factor=self.vae.temporal_factor)[0]
+            video = read_video(video, temporal_factor=self.vae.temporal_factor, multiple=self.size_multiple)[
+                0
+            ]
         ok = isinstance(video, torch.Tensor) and video.ndim in (3, 4, 5)
         if not ok or video.shape[1 if video.ndim == 5 else 0] != 3:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
@@ -1089,7 +1092,7 @@ class VideoPipeline:
     def _mask_input(self, mask: Media, t: int, h: int, w: int) -> torch.Tensor:
         """A mask file or tensor -> (1, t or 1, h, w) bool (True = regenerate), checked against the input."""
         if isinstance(mask, (str, os.PathLike)):
-            mask = (read_video(mask, temporal_factor=1)[0] + 1) / 2  # [-1, 1] pixels -> [0, 1]
+            mask = (read_video(mask, temporal_factor=1, multiple=self.size_multiple)[0] + 1) / 2  # -> [0, 1]
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a tensor or an image/video file; got {type(mask).__name__}")
         m = mask.float()
@@ -1102,7 +1105,9 @@ class VideoPipeline:
         if m.ndim != 3:
             raise ValueError(f"mask must be (h, w), (t, h, w) or (c, t, h, w); got {tuple(mask.shape)}")
         if tuple(m.shape[-2:]) != (h, w):
-            raise ValueError(f"mask is {m.shape[-2]}x{m.shape[-1]} but the input is {h}x{w}; they must match")
+            raise ValueError(
+                f"mask is {m.shape[-1]}x{m.shape[-2]} but the input is {w}x{h} (width x height); they must match"
+            )
         if m.shape[0] not in (1, t):
             raise ValueError(f"mask has {m.shape[0]} frames but the input has {t}; give 1 (an image) or {t}")
         return (m > 0.5)[None].to(self.vae.device)

@@ -201,7 +201,9 @@ class VideoFolderDataset:
         if self.bucket_shapes is None:
             h, w = H // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE, W // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE
             if not h or not w:
-                raise ValueError(f"{H}x{W} pixels is smaller than {SPATIAL_MULTIPLE}x{SPATIAL_MULTIPLE}")
+                raise ValueError(
+                    f"{W}x{H} pixels (width x height) is smaller than {SPATIAL_MULTIPLE}x{SPATIAL_MULTIPLE}"
+                )
             return longest[-1], h, w
         fillable = [b for b in self.bucket_shapes if self._span(b[0], src_fps) < n]
         if not fillable:
