@@ -5,7 +5,7 @@ or a folder of png frames atomically.
 Shapes: b batch (1 at most when writing), c colour channels (3, RGB), t frames, h height, w width.
 
 Reading. Videos go through decord (random access: only the selected frames are decoded) when it imports,
-else through imageio's pyav plugin, which decodes sequentially up to the last selected frame. A file
+else through PyAV, which decodes sequentially up to the last selected frame. A file
 decord cannot decode is retried with pyav before a ``VideoReadError`` is raised. Both backends choose the
 same frames (selection is computed from the container's frame count and rate, probed once with PyAV) and
 convert YUV to RGB the same way (ffmpeg's swscale), so they return the same pixels. Images (png, jpg,
@@ -373,15 +373,25 @@ def _decode_decord(path: Path, indices: list[int], count: int):
 
 
 def _decode_pyav(path: Path, indices: list[int], count: int):
-    with iio.imopen(str(path), "r", plugin="pyav") as reader:
-        for i in range(0, len(indices), _CHUNK):
-            chunk = []
-            for index in indices[i : i + _CHUNK]:
-                try:  # increasing indices with constant_framerate=False: decode forward, never seek
-                    chunk.append(reader.read(index=index, constant_framerate=False))
-                except StopIteration:
-                    raise _truncated(count, index) from None
-            yield np.stack(chunk)
+    """Decode forward (never seeking) and convert with swscale to rgb24, as imageio's pyav plugin does; PyAV
+    itself, because that plugin's close() runs gc.collect() twice (0.2 s each once torch is imported)."""
+    import av
+
+    wanted = iter(indices)
+    index, chunk = next(wanted, None), []
+    with av.open(str(path), metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "FRAME"
+        for i, frame in enumerate(container.decode(stream)):
+            if i == index:
+                chunk.append(frame.to_ndarray(format="rgb24"))
+                index = next(wanted, None)
+                if len(chunk) == _CHUNK or index is None:
+                    yield np.stack(chunk)
+                    chunk = []
+            if index is None:
+                return
+    raise _truncated(count, index)
 
 
 def _decode_pillow(path: Path, indices: list[int]):
