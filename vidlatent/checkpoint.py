@@ -138,19 +138,92 @@ def current_umask() -> int:
     return mask
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the disk or quota is full; writers that are not
+    Python's (safetensors, ffmpeg) only say so in their message."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return True
+        text = str(err)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def temporary_prefix(name: str) -> str:
+    """The start of ``atomic_write``'s temporary names for a target ``name``: ``.<name>.<pid>-``; the writer's
+    process id tells a temporary file that a killed run left (``remove_stale_temporaries``) from one in use."""
+    return f".{name}.{os.getpid()}-"
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that writers of ``path`` left when they were killed (their
+    process is gone); returns what was removed. Temporaries of live processes are left alone."""
+    import re
+    import shutil
+
+    path = Path(path)
+    pattern = re.compile(r"\.(?P<pid>\d+)-[A-Za-z0-9_]+\.(tmp|old)")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    prefix = f".{path.name}"
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        match = pattern.match(entry.name, len(prefix))
+        if match is None or _alive(int(match["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file."""
+    """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file.
+
+    Temporaries of ``path`` that a killed run left are removed first. A full disk (or quota) raises
+    ``OSError(ENOSPC, ..., path)`` naming ``path``, whichever library did the writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=temporary_prefix(path.name), suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise OSError(errno.ENOSPC, "no space left on device (nothing was written)", str(path)) from err
         raise
 
 

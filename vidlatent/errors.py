@@ -63,7 +63,7 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
 
 def os_error_message(err: OSError) -> str:
     """``path: what`` for an OSError that names a file (``[Errno 28] ...: 'path'`` otherwise)."""
-    what = DISK_ERRORS.get(err.errno) or (err.strerror or "").lower() or str(err)
+    what = err.strerror or DISK_ERRORS.get(err.errno) or str(err)
     if err.filename is not None:
         names = str(err.filename) + (f" -> {err.filename2}" if err.filename2 is not None else "")
         return f"{names}: {what}"

@@ -49,7 +49,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vidlatent.checkpoint import atomic_write, current_umask
+from vidlatent.checkpoint import (
+    atomic_write,
+    current_umask,
+    is_disk_full,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 from vidlatent.checks import NonFiniteError, check_option
 
 __all__ = [
@@ -727,21 +733,26 @@ def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
                 f"{folder} holds files other than png frames ({strangers[0]}, ...); not replacing it"
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)  # what a killed run left
     digits = max(5, len(str(len(frames) - 1)))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     old = None
     try:
         for i, frame in enumerate(frames):
             iio.imwrite(tmp / f"{i:0{digits}d}.png", frame, plugin="pillow", extension=".png")
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=temporary_prefix(folder.name), suffix=".old", dir=folder.parent)
+            )
             os.replace(folder, old / "frames")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as err:
         if old is not None and not folder.exists():
             os.replace(old / "frames", folder)  # put the previous frames back
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise OSError(errno.ENOSPC, "no space left on device (nothing was written)", str(folder)) from err
         raise
     finally:
         if old is not None:

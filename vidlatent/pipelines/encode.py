@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, is_disk_full
 from ..checks import check_finite, check_weights_finite, model_cause
 from ..config import config_to_dict, list_presets, load_config
 from ..data.io import (
@@ -425,7 +425,8 @@ def encode_clips(
         normalized: store ``vae.normalize(z)`` (what a denoiser trains on) instead of raw latents.
         sample: store a posterior sample instead of the mean; the noise of each clip is seeded from
             ``seed`` and the clip's name, so it does not depend on batching, sharding or device.
-        batch_size: clips of the same shape are encoded together, up to this many.
+        batch_size: clips are taken in windows of this many (in sorted order); those of one shape in a window
+            are encoded together. (Windows do not depend on what is done, so a resumed run gives the same bits.)
         save_dtype: dtype of the stored tensors (float32, bfloat16 or float16).
         save_logvar: also store the posterior's raw ``logvar``.
         overwrite: re-encode clips whose output exists; without it a matching output is skipped and one made
@@ -474,7 +475,7 @@ def encode_clips(
         clashes[name] = p
     for tmp in _stale_temporaries(out_dir, set(names.values())):
         tmp.unlink(missing_ok=True)
-    todo = []
+    todo, done_before = [], set()
     for p in sources:
         out = out_dir / names[p]
         if out.exists() and not overwrite:
@@ -494,6 +495,7 @@ def encode_clips(
                     )
                     continue
                 report.skipped.append((str(p), str(out)))
+                done_before.add(p)
                 continue
         todo.append(p)
 
@@ -540,41 +542,59 @@ def encode_clips(
         return items, post.mean, post.logvar
 
     def flush(batch: list[tuple[Path, torch.Tensor, dict]]) -> None:
+        """Encode clips of one shape together and write the outputs still to do."""
         try:
             encoded = [encode(batch)]
         except Exception as err:
             if len(batch) == 1:
-                report.failed.append((str(batch[0][0]), _reason(err)))
-                bar.update(1)
+                fail(batch[0][0], _reason(err))
                 return
             encoded = []
             for item in batch:  # find out which clip fails, one at a time
                 try:
                     encoded.append(encode([item]))
                 except Exception as one:
-                    report.failed.append((str(item[0]), _reason(one)))
-                    bar.update(1)
+                    fail(item[0], _reason(one))
         for items, mean, logvar in encoded:
             for i, (p, _, info) in enumerate(items):
+                if p not in wanted:
+                    continue  # done before: encoded again only so that its batch is the same
                 try:
                     write(p, info, mean[i], logvar[i])
                 except Exception as err:
+                    if is_disk_full(err):  # every later clip would fail too: stop (a rerun resumes)
+                        raise
                     report.failed.append((str(p), _reason(err)))
                 bar.update(1)
 
-    pending: dict[tuple, list] = {}
+    def fail(p: Path, reason: str) -> None:
+        if p in wanted:
+            report.failed.append((str(p), reason))
+            bar.update(1)
+
+    # Batches are windows of batch_size consecutive clips (in sorted order), each encoded as sub-batches of one
+    # shape: a clip's batch never depends on which clips are done already, so a rerun after a kill encodes
+    # the window it stopped in again (written outputs stay as they are) and every output has the bits of an
+    # uninterrupted run (batched convolutions differ from unbatched ones in the last bits).
+    wanted = set(todo)
+    windows = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
+    windows = [[p for p in w if p in wanted or p in done_before] for w in windows if wanted.intersection(w)]
+    sizes = {p: len(w) for w in windows for p in w}
+    window: list = []
     try:
-        for p, video, info, error in _read_ahead(todo, read_kwargs, num_workers):
-            if error is not None:
-                report.failed.append((str(p), error))
-                bar.update(1)
+        for p, video, info, error in _read_ahead([p for w in windows for p in w], read_kwargs, num_workers):
+            window.append((p, video, info, error))
+            if len(window) < sizes[p]:
                 continue
-            group = pending.setdefault(tuple(video.shape), [])
-            group.append((p, video, info))
-            if len(group) == batch_size:
-                flush(pending.pop(tuple(video.shape)))
-        for group in pending.values():
-            flush(group)
+            groups: dict[tuple, list] = {}
+            for q, v, i, e in window:
+                if e is not None:
+                    fail(q, e)
+                else:
+                    groups.setdefault(tuple(v.shape), []).append((q, v, i))
+            for group in groups.values():
+                flush(group)
+            window = []
     finally:
         bar.close()
     return report
@@ -634,6 +654,8 @@ def decode_latents(
             write_video(out, video, fps=rate)
             report.done.append((str(f), str(out)))
         except Exception as err:
+            if is_disk_full(err):  # every later file would fail too: stop (a rerun resumes)
+                raise
             report.failed.append((str(f), _reason(err)))
     return report
 
