@@ -169,7 +169,7 @@ def test_a_read_only_output_folder_is_found_before_the_job(world, tmp_path, caps
         pytest.skip("cannot mount a tmpfs here")
     try:
         check_one_line(
-            capsys, ["generate", "a", "-o", ro / "g.mp4", "--model", "tiny"], "read-only file system"
+            capsys, ["generate", "a", "-o", ro / "g.mp4", "--model", "tiny"], "(Read-only file system)"
         )
     finally:
         subprocess.run(["umount", str(ro)], check=True)
