@@ -35,8 +35,11 @@ ALLOWED = ("VideoReadError", "ValueError")  # what a bad file may raise: ValueEr
 WORKER = r"""
 import json, sys, math
 from vidlatent.data.io import probe, read_video
-for line in sys.stdin:
+start = int(sys.argv[2])
+for line in open(sys.argv[1]):
     job = json.loads(line)
+    if job["i"] < start:
+        continue
     out = {"i": job["i"]}
     for name, fn in (("read", lambda p: read_video(p, multiple=8)), ("probe", probe)):
         if name == "probe" and not job["probe"]:
@@ -104,15 +107,14 @@ def read_all(files: list[Path], probe_every: int = 1) -> dict[Path, dict]:
     """Each file through ``read_video`` (and every ``probe_every``-th through ``probe``) in a worker process,
     with ``LIMIT`` seconds per file; a file that takes longer (or kills the worker) is reported as such."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    jobs = files[0].parent / ".jobs.jsonl"  # a file, not stdin: a pipe both ways would deadlock
+    jobs.write_text("".join(json.dumps({"i": i, "path": str(f), "probe": i % probe_every == 0}) + "\n"
+                            for i, f in enumerate(files)))  # fmt: skip
     results: dict[Path, dict] = {}
     start = 0
     while start < len(files):
-        proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, str(jobs), str(start)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
-        jobs = "".join(json.dumps({"i": i, "path": str(f), "probe": i % probe_every == 0}) + "\n"
-                       for i, f in enumerate(files) if i >= start)  # fmt: skip
-        proc.stdin.write(jobs)
-        proc.stdin.close()
         selector = selectors.DefaultSelector()
         selector.register(proc.stdout, selectors.EVENT_READ)
         limit = LIMIT + 30  # the first file also waits for the worker's imports
@@ -145,21 +147,24 @@ def check_reads(results: dict[Path, dict]) -> list[Path]:
 
 
 def start_encode(folder: Path, out: Path) -> subprocess.Popen:
-    """``vidlatent encode FOLDER`` in a subprocess (it runs while this process reads the same files)."""
+    """``vidlatent encode FOLDER`` in a subprocess (it runs while this process reads the same files); its
+    output goes to files beside ``out`` (pipes nobody reads yet would fill up and stop it)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("WORLD_SIZE", None), env.pop("RANK", None)
     cmd = [sys.executable, "-m", "vidlatent.cli", "encode", str(folder), "-o", str(out), "--model", "tiny"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
+        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env)
 
 
 def check_encode(proc: subprocess.Popen, folder: Path, good: set[Path], out: Path) -> None:
     """The encode run listed every bad file with a one-line reason and encoded every good one, no traceback."""
     files = sorted(folder.iterdir())
     try:
-        stdout, stderr = proc.communicate(timeout=60 + LIMIT * len(files) / 10)
+        proc.wait(timeout=60 + LIMIT * len(files) / 10)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+    stdout, stderr = Path(f"{out}.stdout").read_text(), Path(f"{out}.stderr").read_text()
     assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-3000:]
     assert proc.returncode == (1 if len(good) < len(files) else 0), stdout[-2000:] + stderr[-2000:]
     summary = re.search(r"encode: (\d+) done, (\d+) skipped \(already done\), (\d+) failed", stdout)
@@ -208,3 +213,23 @@ def test_fuzzed_media_never_raise_tracebacks_or_hang(tmp_path):
 @pytest.mark.slow
 def test_fuzzed_media_many(tmp_path):
     run_fuzz(tmp_path, count=2500, encoded=2500, probe_every=1)
+
+
+def test_a_header_declaring_billions_of_frames_is_not_believed(tmp_path):
+    """Found by the fuzzer: one flipped byte made an mp4 declare 3,405,774,853 frames. Listing them ran out of
+    memory, and decord, which trusts the count, aborts the whole process (std::bad_alloc)."""
+    import struct
+
+    from vidlatent.data.io import VideoReadError, probe, read_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, pattern(5, 32, 32), fps=8)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"stts") + 12  # version and flags, entry count, then the first entry's sample count
+    data[at : at + 4] = struct.pack(">I", 3405774853)
+    path.write_bytes(bytes(data))
+    assert probe(path)["frames"] == 5  # the packets, counted
+    video, info = read_video(path)
+    assert video.shape[1] == 5 and "implausible frame count" in info["fallback_reason"]
+    with pytest.raises(VideoReadError, match="implausible frame count"):
+        read_video(path, backend="decord")
