@@ -398,6 +398,16 @@ def add_inpaint(sub) -> None:
     p.set_defaults(func=cmd_inpaint)
 
 
+def _check_same_size(*inputs: tuple[str, dict]) -> None:
+    """Two stills read by ``_read_clip`` (path, info) must come in at one size (printed width x height)."""
+    (a, info_a), (b, info_b) = inputs
+    if info_a["fit"]["input_size"] != info_b["fit"]["input_size"]:
+        (ha, wa), (hb, wb) = info_a["fit"]["input_size"], info_b["fit"]["input_size"]
+        raise ValueError(
+            f"{a} is {wa}x{ha} but {b} is {wb}x{hb}; give --height and --width to bring both to one size"
+        )
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     _check_inputs(args.image, *([args.last] if args.last else []))
     _check_output(args.output, args.frames)
@@ -408,12 +418,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     last, note_last = None, ""
     if args.last:
         last, info_last, note_last = _read_clip(pipe, args.last, args, image=True)
-        if info_last["fit"]["input_size"] != info["fit"]["input_size"]:
-            (h, w), (hl, wl) = info["fit"]["input_size"], info_last["fit"]["input_size"]
-            raise ValueError(
-                f"{args.image} is {w}x{h} but {args.last} is {wl}x{hl}; give --height and --width to bring both "
-                "to one size"
-            )
+        _check_same_size((args.image, info), (args.last, info_last))
     _notes(note, note_last)
     out = pipe.animate(
         image,
@@ -452,12 +457,7 @@ def cmd_morph(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args)
     a, info, note_a = _read_clip(pipe, args.image_a, args, image=True)
     b, info_b, note_b = _read_clip(pipe, args.image_b, args, image=True)
-    if info["fit"]["input_size"] != info_b["fit"]["input_size"]:
-        (ha, wa), (hb, wb) = info["fit"]["input_size"], info_b["fit"]["input_size"]
-        raise ValueError(
-            f"{args.image_a} is {wa}x{ha} but {args.image_b} is {wb}x{hb}; "
-            "give --height and --width to bring both to one size"
-        )
+    _check_same_size((args.image_a, info), (args.image_b, info_b))
     _notes(note_a, note_b)
     kwargs = {} if args.steps is None else {"steps": args.steps}
     if args.guidance is not None:

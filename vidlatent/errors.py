@@ -7,6 +7,7 @@ keeps its traceback. ``--debug`` (or ``VIDLATENT_DEBUG=1``) shows the traceback 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 
 MAX_MESSAGE = 400  # characters of a one-line error; longer ones are cut (``--debug`` shows everything)
@@ -27,30 +28,13 @@ def debug_wanted(flag: bool = False) -> bool:
 def _user_classes() -> tuple[type, ...]:
     # ImportError: an optional package is missing (the message says what to install)
     classes: list[type] = [ValueError, OSError, MemoryError, UnicodeError, LookupError, ImportError]
-    try:
-        from omegaconf.errors import OmegaConfBaseException
-
-        classes.append(OmegaConfBaseException)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import yaml
-
-        classes.append(yaml.YAMLError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from safetensors import SafetensorError
-
-        classes.append(SafetensorError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import torch
-
-        classes.append(torch.OutOfMemoryError)
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
+    # the error classes of the libraries that read files for us, where installed
+    for module, name in (("omegaconf.errors", "OmegaConfBaseException"), ("yaml", "YAMLError"),
+                         ("safetensors", "SafetensorError"), ("torch", "OutOfMemoryError")):  # fmt: skip
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
     return tuple(classes)
 
 
