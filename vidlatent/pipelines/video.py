@@ -814,7 +814,9 @@ class VideoPipeline:
         mask = repeat(given, "(t k) -> b k t h w", k=tf, b=b, h=h, w=w)
         tokens = self.image_encoder.encode(rearrange(torch.cat(stills), "b c 1 h w -> b c h w"))
         tokens = rearrange(tokens, "(n b) i d -> b (n i) d", b=b)
-        start = self.encode(image).expand(shape)
+        start = latents[:, :, :1].expand(
+            shape
+        )  # the image's own latent: the causal VAE encodes frame 0 alone
         return start, None, {"image": tokens, "condition": torch.cat([mask, latents], dim=1)}
 
     @torch.no_grad()
