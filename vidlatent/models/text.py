@@ -30,7 +30,6 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,51 +47,27 @@ from ..checkpoint import (
     read_json,
     save_folder,
 )
-from ..config import config_from_dict, config_to_dict, list_presets, load_config
+from ..config import (
+    HF_SUBFOLDER,
+    SPECIAL_TOKENS,
+    HFTextConfig,
+    TextConfig,
+    config_from_dict,
+    config_to_dict,
+    list_presets,
+    load_config,
+)
 from .layers import ATTENTION_BACKENDS, RMSNorm, attention
 
-PAD, UNK, EMPTY = "<pad>", "<unk>", "<empty>"
-SPECIAL_TOKENS = (PAD, UNK, EMPTY)  # ids 0, 1, 2 of every built-in vocabulary
+PAD, UNK, EMPTY = SPECIAL_TOKENS  # ids 0, 1, 2 of every built-in vocabulary
 PADDINGS = ("longest", "max_length")
 KIND = "text"  # the ``_vidlatent_kind`` of a text encoder folder
-HF_SUBFOLDER = "hf"
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
 _MAX_TRIGRAMS = 16  # trigrams kept per word (a word of 14+ characters keeps its first 16)
 
 
 # ----------------------------------------------------------------------------------------------- configs
-
-
-@dataclass
-class TextConfig:
-    """The built-in word-level encoder. ``vocab`` starts with ``<pad> <unk> <empty>`` (see ``build_vocab``)."""
-
-    vocab: list[str] = field(default_factory=lambda: list(SPECIAL_TOKENS))
-    dim: int = 256
-    ffn_dim: int = 1024
-    num_layers: int = 2
-    num_heads: int = 4
-    max_length: int = 32  # words + punctuation marks; longer prompts are truncated (with a warning)
-    # hashed character trigrams added to every word's embedding (fastText style), so unknown and inflected
-    # words ("slides", "balls") share features with known ones instead of all becoming <unk>; 0 turns it off
-    trigram_buckets: int = 1024
-    padding: str = "longest"  # "longest": n = longest prompt in the batch; "max_length": n = max_length
-    eps: float = 1e-6
-    attention: str = "sdpa"  # the kernel used by models.layers.attention
-    # initialization draws from a private generator with this seed: same config, same weights
-    seed: int = 0
-
-
-@dataclass
-class HFTextConfig:
-    """A Hugging Face encoder stored in (or referenced by) a vidlatent text folder."""
-
-    path: str = HF_SUBFOLDER  # model folder, relative to the vidlatent folder or absolute
-    tokenizer_path: str | None = None  # tokenizer folder if not the model folder
-    max_length: int | None = None  # None: the model's position limit (CLIP 77, BERT 512), else 512 (T5, Wan)
-    padding: str = "max_length"  # Wan zero-pads UMT5 output to 512 tokens and keeps the mask
-    clean: str = "none"  # prompt clean-up before tokenizing: "none", or "wan" (``wan_clean``, as Wan does)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
