@@ -15,6 +15,7 @@ from .base import (
     load_yaml,
     merge_config,
 )
+from .control import VACE_IN_CHANNELS, ControlConfig, control_config_for
 from .models import (
     HF_SUBFOLDER,
     SPECIAL_TOKENS,
@@ -42,4 +43,7 @@ __all__ = [
     "HFTextConfig",
     "TextConfig",
     "VAEConfig",
+    "VACE_IN_CHANNELS",
+    "ControlConfig",
+    "control_config_for",
 ]

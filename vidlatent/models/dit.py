@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -263,6 +263,7 @@ class VideoDiT(nn.Module):
         *,
         image: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        hints: Callable[..., Mapping[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1].
 
@@ -276,6 +277,10 @@ class VideoDiT(nn.Module):
         FLF2V: the first frame's then the last frame's, ``image_pos_len`` = 514 in all), and a model with
         ``in_channels > out_channels`` needs ``condition`` (b, in_channels - out_channels, t, h, w), joined
         to ``x`` along channels before the patch embedding (Wan: 4 mask channels, then 16 image latents).
+
+        ``hints`` (a control branch, ``models.control``): called once with the embedded inputs (the tokens
+        entering block 0, text, time modulation, rope, context mask, image tokens), it returns residuals
+        ``{block index: (b, n, d)}``, each added to the tokens after that block.
         """
         sigma, context_mask = self._check_inputs(x, sigma, context, context_mask)
         self._check_image_inputs(x, image, condition)
@@ -294,13 +299,16 @@ class VideoDiT(nn.Module):
         text = self.text_embed(context.to(dtype))
         image = None if image is None else self.image_embed(image.to(dtype))
 
-        for block in self.blocks:
+        residuals = {} if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
+        for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
                     block, tokens, text, time_mod, rope, context_mask, image, use_reentrant=False
                 )
             else:
                 tokens = block(tokens, text, time_mod, rope, context_mask, image)
+            if i in residuals:
+                tokens = tokens + residuals[i]
 
         out = self.head(tokens, time_emb)
         unpatchify = "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)"
