@@ -158,12 +158,16 @@ def test_bad_inputs_name_both_shapes(tiny_cfg, tiny_vace):
     model, _ = tiny_vace
     x, sigma, context = inputs(tiny_cfg, t=3)
     short = control_latents(x)[:, :, :2]
-    with pytest.raises(ValueError, match=r"\(2, 96, 3, 8, 12\) to fit x \(2, 16, 3, 8, 12\); got \(2, 96, 2, 8, 12\)"):
+    with pytest.raises(
+        ValueError, match=r"\(2, 96, 3, 8, 12\) to fit x \(2, 16, 3, 8, 12\); got \(2, 96, 2, 8, 12\)"
+    ):
         model(x, sigma, context, control=short)
     with pytest.raises(ValueError, match=r"one per hint.*\(2, 2\); got shape \(3,\)"):
         model(x, sigma, context, control=control_latents(x), control_scale=[1.0, 1.0, 1.0])
     wide = control_config_for(dataclasses.replace(tiny_cfg, dim=128, num_heads=2, ffn_dim=256), layers=[0])
-    with pytest.raises(ValueError, match=r"= \(128, 2, 256, \[1, 2, 2\], None\); this denoiser has \(64, 2, 128"):
+    with pytest.raises(
+        ValueError, match=r"= \(128, 2, 256, \[1, 2, 2\], None\); this denoiser has \(64, 2, 128"
+    ):
         ControlledDiT(model.dit, ControlBranch(wide))
     with pytest.raises(ValueError, match=r"after blocks \[0, 5\]; this denoiser has 3 blocks"):
         ControlledDiT(model.dit, ControlBranch(control_config_for(tiny_cfg, layers=[0, 5])))
