@@ -1,0 +1,70 @@
+"""The shapes-world scoring of vidlatent.eval: the oracle reads true clips right, and the split scorers count
+what a pipeline's videos show (a stand-in pipeline that hands back the true clips, so no sampling is needed)."""
+
+import torch
+
+from vidlatent.data.shapes import SHAPES, ShapesWorld
+from vidlatent.eval import pool, read_back, score_split, split_items, tally
+from vidlatent.eval.shapes import ANIMATE_SEED, edit_target
+
+KEYS = ("colour", "shape", "motion")
+
+
+def heldout_clips(count: int) -> torch.Tensor:
+    world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
+    return torch.stack([world.clip(i)[0] for i in range(count)])
+
+
+class TrueClips:
+    """A pipeline whose every job returns held-out clips of the world: the ones animate and edit start from (a
+    batch starting at item s has seed s)."""
+
+    def animate(self, stills, prompts, seed=0, progress=True):
+        return heldout_clips(seed + len(prompts))[seed:]
+
+    def edit(self, clips, prompts, strength, seed=0, progress=True):
+        return clips
+
+    def generate(self, prompts, seed=0, progress=True, frames=17):
+        return heldout_clips(seed + len(prompts))[seed:, :, :frames]
+
+
+def test_the_oracle_reads_true_held_out_clips_right():
+    items = split_items("animate", 8)
+    rows = [read_back(clip, asked, KEYS) for clip, (_, asked) in zip(heldout_clips(8), items)]
+    rates = tally(rows, KEYS)
+    assert min(rates[k] for k in (*KEYS, "all")) >= 0.98 and rates["nothing"] == 0, rates
+
+
+def test_animate_split_scores_the_true_clips_and_their_first_frames():
+    r = score_split(TrueClips(), "animate", count=4, batch=3)
+    assert r["prompts"] == 4 and r["all"] == 1.0 and r["nothing"] == 0.0 and r["examples_missed"] == []
+    assert r["first_psnr"] > 60  # the first frame is the still itself
+
+
+def test_edit_split_asks_for_the_next_shape_and_an_unedited_clip_misses_it():
+    items = split_items("edit-shape", 4, seed=0)
+    truth = [read_back(clip, asked, KEYS)["found"] for clip, (_, asked) in zip(heldout_clips(4), items)]
+    assert [asked[1] for _, asked in items] == [SHAPES[(SHAPES.index(t[1]) + 1) % 3] for t in truth]
+    r = score_split(TrueClips(), "edit-shape", count=4, batch=4)  # the stand-in edits nothing
+    assert r["shape"] == 0.0 and r["colour"] == 1.0 and r["motion"] == 1.0 and len(r["examples_missed"]) == 4
+
+
+def test_image_split_scores_colour_and_shape_only():
+    r = score_split(TrueClips(), "image", count=2, batch=2)
+    assert "motion" not in r and r["prompts"] == 2 and 0 <= r["all"] <= 1
+
+
+def test_edit_target_recolours_three_along_and_keeps_the_motion():
+    obj = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED).scene(0).objects[0]
+    colour, shape, motion = edit_target(obj, "edit-colour")
+    assert colour != obj.colour and shape == obj.shape and motion == obj.motion
+
+
+def test_pool_averages_seeds_and_keeps_each():
+    runs = [{"prompts": 2, "colour": 1.0, "shape": 0.5, "motion": 0.0, "all": 0.0, "nothing": 0.0,
+             "examples_missed": []}, {"prompts": 2, "colour": 0.5, "shape": 0.5, "motion": 1.0, "all": 0.5,
+             "nothing": 0.5, "examples_missed": []}]  # fmt: skip
+    pooled = pool(runs, [0, 1])
+    assert pooled["colour"] == 0.75 and pooled["seeds"] == [0, 1] and pooled["per_seed"][1]["motion"] == 1.0
+    assert pool(runs[:1], [0]) is runs[0]

@@ -1,0 +1,86 @@
+"""The default model's recipe is data (vidlatent/configs/recipes/default/): every stage loads, every run builds
+its TrainConfig, each stage takes only from runs before it, and shipping writes the shipped pipeline.json."""
+
+import json
+import re
+
+import pytest
+
+from vidlatent.pipelines.video import DEFAULT_MODEL
+from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, ship, shipped_runs
+from vidlatent.recipes.runner import RUNS_FILE, train_command
+from vidlatent.train.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    return load_recipe("default", tmp_path_factory.mktemp("out"))
+
+
+def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
+    files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
+    assert files == {"recipe", *recipe.stages}
+    configs = recipe.train_configs()
+    assert len(configs) == 29 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert configs["dit-fine3"].batch_size == 512 and configs["dit-fine3"].device == "cuda"
+    assert configs["vae-refine"].lr == 3e-4 and configs["vae-refine"].output == str(recipe.out / "vae-refine")
+    assert configs["vae-redraw"].redraw_strength == [0.05, 0.4] and configs["dit-cpu"].data_in_memory is True
+
+
+def test_each_stage_takes_only_from_runs_before_it(recipe):
+    """In the order a stage runs its parts (pipeline, runs, cache, lanes), every export a run starts from and every
+    latent folder it trains on was made before it."""
+    out = re.escape(str(recipe.out))
+    done, caches = set(), set()
+
+    def check(lane):
+        seen = set(done)
+        for run in lane:
+            text = " ".join(run.overrides()[:-2])
+            assert set(re.findall(rf"{out}/([\w-]+)/final", text)) <= seen, run.name
+            assert set(re.findall(rf"data={out}/([\w-]+)", text)) <= caches, run.name
+            seen.add(run.name)
+        return seen
+
+    for stage in recipe.stages.values():
+        if stage.redraw_pipeline:
+            assert stage.redraw_pipeline["dit"] in done, stage.name
+        done |= check(stage.runs)
+        if stage.cache:
+            assert stage.cache.vae in done | {"encoder"}, stage.name
+            caches.add(stage.cache.into)
+        done |= set().union(*(check(lane) for lane in stage.lanes.values()))
+    assert recipe.encoder in done
+
+
+def test_a_stage_with_an_unknown_section_fails_naming_it(tmp_path):
+    (tmp_path / "bad.yaml").write_text("lane:\n  vae: {}\n")
+    with pytest.raises(ValueError, match="unknown sections lane; accepted"):
+        load_stage(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_train_command_is_the_preset_the_overrides_then_extra(recipe):
+    run = recipe.run("vae-finetune")
+    cmd = train_command(run, ["steps=2"])
+    assert cmd[-5:] == ["default-vae-finetune", f"vae={recipe.out}/vae/final/vae", f"output={recipe.out}/vae-finetune",
+                        "resume=auto", "steps=2"]  # fmt: skip
+    assert run.config("steps=2").steps == 2
+
+
+def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):
+    """The shipped folder's parts adopted as the runs its runs.json names, then shipped again: the runs picked are
+    those (the latest stages whose lanes all finished) and every file comes out the same, pipeline.json too."""
+    recipe = load_recipe("default", tmp_path / "out")
+    assert shipped_runs(recipe) == ("vae-finetune", "dit")  # nothing trained yet: the recipe's fallback
+    adopt_ship(recipe, DEFAULT_MODEL)
+    runs = json.loads((DEFAULT_MODEL / RUNS_FILE).read_text())
+    assert shipped_runs(recipe) == (runs["vae"], runs["dit"])
+    folder = ship(recipe, tmp_path / "ship")
+    for name in (
+        "pipeline.json",
+        RUNS_FILE,
+        "vae/model.safetensors",
+        "dit/config.json",
+        "text_encoder/config.json",
+    ):
+        assert (folder / name).read_bytes() == (DEFAULT_MODEL / name).read_bytes(), name

@@ -1,0 +1,28 @@
+"""Scoring shipped models on the shapes world (``vidlatent.data.shapes``: the world and its oracle).
+
+``shapes``: the prompt splits, generation over seeds, the oracle's reading of each item and the rates;
+``evaluate``: the whole score MODEL_CARD.md reports; ``last_frame``: the first- and last-frame PSNRs of
+``animate --last``; ``speed``: the CLI's wall time; ``card``: the default model's MODEL_CARD.md.
+"""
+
+from .evaluate import evaluate, summary
+from .last_frame import LABELS, last_frame_scores
+from .shapes import RATES, SPLITS, edit_target, pool, read_back, score_split, score_vae, split_items, tally
+from .speed import cli_time
+
+__all__ = [
+    "LABELS",
+    "RATES",
+    "SPLITS",
+    "cli_time",
+    "edit_target",
+    "evaluate",
+    "last_frame_scores",
+    "pool",
+    "read_back",
+    "score_split",
+    "score_vae",
+    "split_items",
+    "summary",
+    "tally",
+]

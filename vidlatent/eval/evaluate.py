@@ -1,0 +1,63 @@
+"""The whole score of a shapes-world pipeline, as MODEL_CARD.md reports it: every split over the sampling seeds,
+the VAE's reconstructions, the CLI's wall time; a dict to save as JSON, and a line per part as it goes."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from .shapes import RATES, SPLITS, pool, score_split, score_vae
+from .speed import cli_time
+
+
+def summary(split: str, r: dict) -> list[str]:
+    """The printed lines of one split's results (its rates, and each seed's when pooled)."""
+    scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)
+    first = f", first frame {r['first_psnr']:.2f} dB" if "first_psnr" in r else ""
+    seeds = f" x {len(r['seeds'])} seeds" if "seeds" in r else ""
+    lines = [f"{split}: {scores} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts{seeds}{first})"]
+    for one in r.get("per_seed", []):
+        lines.append(
+            "  seed {seed}: ".format(**one) + " ".join(f"{k} {one[k]:.1%}" for k in RATES if k in one)
+        )
+    return lines
+
+
+def evaluate(
+    pipe,
+    splits=SPLITS,
+    count: int = 216,
+    batch: int = 24,
+    seeds=(0,),
+    edit_count: int = 72,
+    edit_strength: float = 0.5,
+    flow: dict | None = None,
+    vae_clips: int = 64,
+    cli_runs: int = 0,
+    model: str | None = None,
+    log=print,
+) -> dict:
+    """Score ``pipe`` (its ``config`` holds the job options every split uses) on ``splits``: each split once per
+    sampling seed and pooled (``count`` prompts, ``edit_count`` clips for the edit splits at ``edit_strength``,
+    by FlowEdit with ``flow``'s options when given); then ``score_vae`` on ``vae_clips`` clips and ``cli_time``
+    of ``model`` over ``cli_runs`` processes (0: skipped). ``log`` gets each part's summary line."""
+    results = {"model": model or "default", "job": dataclasses.asdict(pipe.config)}
+    for split in splits:
+        t0 = time.perf_counter()
+        edit = split.startswith("edit-")
+        n = edit_count if edit else count
+        runs = [score_split(pipe, split, n, batch, seed, edit_strength, flow) for seed in seeds]
+        results[split] = pool(runs, list(seeds))
+        if edit:
+            results[split].update(strength=edit_strength, flow_edit=flow, guidance=pipe.config.guidance)
+        results[split]["seconds"] = time.perf_counter() - t0
+        for line in summary(split, results[split]):
+            log(line)
+    if vae_clips:
+        v = results["vae"] = score_vae(pipe.vae, vae_clips)
+        log(f"vae: PSNR {v['psnr_mean']:.2f} dB (min {v['psnr_min']:.2f}); oracle through it: colour "
+            f"{v['oracle_colour']:.1%} shape {v['oracle_shape']:.1%} motion {v['oracle_motion']:.1%}")  # fmt: skip
+    if cli_runs:
+        c = results["cli"] = cli_time(model, cli_runs)
+        log(f"cli generate: {c['best_s']:.1f}-{c['worst_s']:.1f} s")
+    return results

@@ -1,0 +1,180 @@
+"""Scoring a pipeline on the shapes world: generate, read each clip back with the world's oracle, count.
+
+Splits (each a list of items: a prompt and what it asks, (colour, shape, motion)):
+
+  heldout / train   text to video from ``eval_prompts``: combinations no training clip shows / seen ones
+  image             the held-out prompts as one frame (colour and shape only: one frame shows no motion)
+  animate           image to video from the first frames of held-out clips with their captions; also the PSNR
+                    of the first output frame against the still (``first_psnr``)
+  edit-shape/-colour  those clips edited at ``strength`` towards a caption asking for the next shape (circle ->
+                    square -> triangle) or the colour three along, with the clip's own motion
+
+An item counts for a key when the largest object the oracle finds has the asked value; ``all`` when every key
+does, ``nothing`` when the oracle finds no object. ``pool`` merges one split's results over sampling seeds.
+``score_vae`` reads held-out clips back through the VAE alone: a ceiling for what the denoiser can reach.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
+from ..pipelines.encode import psnr
+
+SPLITS = ("heldout", "train", "image", "animate", "edit-shape", "edit-colour")
+RATES = ("colour", "shape", "motion", "all", "nothing")
+ANIMATE_SEED = 2024  # the held-out clips whose first frames animate, and edit, start from
+VAE_SEED = 12345  # the held-out clips score_vae reconstructs
+
+
+def split_keys(split: str) -> tuple[str, ...]:
+    """What the oracle is asked of a split's items: colour and shape for one frame, motion too for clips."""
+    return ("colour", "shape") if split == "image" else ("colour", "shape", "motion")
+
+
+def edit_target(obj: ShapeObject, split: str) -> tuple[str, str, str]:
+    """What an edit split asks of a clip's object: the next shape, or the colour three along, same motion."""
+    shape, colour = obj.shape, obj.colour
+    if split == "edit-shape":
+        shape = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+    else:
+        names = list(COLOURS)
+        colour = names[(names.index(colour) + 3) % len(names)]
+    return colour, shape, obj.motion
+
+
+def read_back(video: torch.Tensor, asked: tuple[str, str, str], keys: tuple[str, ...]) -> dict:
+    """One item's row: what the oracle found in ``video`` (3, t, h, w) (``None``: no object) and, for each of
+    ``keys``, whether the largest object has the asked (colour, shape, motion)."""
+    found = oracle(video)
+    if not found:
+        return {"found": None, **dict.fromkeys(keys, False)}
+    top, want = found[0], dict(zip(("colour", "shape", "motion"), asked))
+    return {"found": tuple(top[key] for key in keys), **{key: top[key] == want[key] for key in keys}}
+
+
+def tally(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    """The rates of ``rows`` (``read_back``'s): each key's, ``all`` of them, and ``nothing`` found."""
+    n = max(len(rows), 1)
+    rates = {key: sum(row[key] for row in rows) / n for key in keys}
+    rates["all"] = sum(row["found"] is not None and all(row[key] for key in keys) for row in rows) / n
+    rates["nothing"] = sum(row["found"] is None for row in rows) / n
+    return rates
+
+
+def _heldout_clips(count: int) -> tuple[ShapesWorld, list]:
+    world = ShapesWorld(64, 64, 17, split="heldout", seed=ANIMATE_SEED)
+    return world, [world.scene(i) for i in range(count)]
+
+
+def split_items(split: str, count: int, seed: int = 0) -> list[tuple[str, tuple[str, str, str]]]:
+    """The (prompt, (colour, shape, motion) asked) items of ``split``; edit prompts depend on the ``seed``."""
+    if split == "animate":
+        _, scenes = _heldout_clips(count)
+        return [
+            (sc.caption, (sc.objects[0].colour, sc.objects[0].shape, sc.objects[0].motion)) for sc in scenes
+        ]
+    if split.startswith("edit-"):
+        _, scenes = _heldout_clips(count)
+        rng = np.random.default_rng([seed, 0xED17])
+        asked = [edit_target(sc.objects[0], split) for sc in scenes]
+        return [(caption([ShapeObject(*a, 1.0, 0.0, 0.0, 0.0)], rng), a) for a in asked]
+    return eval_prompts("heldout" if split == "image" else split, count=count)
+
+
+def _maker(
+    pipe, split: str, count: int, seed: int, strength: float, source: dict | None, job: dict, first: list
+):
+    """``make(start, chunk)``: the videos of items ``start ..`` of ``split`` (animate's first-frame PSNRs go to
+    ``first``)."""
+    if split == "animate":
+        world, _ = _heldout_clips(0)
+        stills = torch.stack([world.clip(i)[0][:, :1] for i in range(count)])
+
+        def make(s: int, chunk: list) -> torch.Tensor:
+            videos = pipe.animate(stills[s : s + len(chunk)], [p for p, _ in chunk], seed=seed + s, progress=False,
+                                  **job)  # fmt: skip
+            first.extend(psnr(v[:, :1].cpu(), still, data_range=2.0) for v, still in zip(videos, stills[s:]))
+            return videos
+
+        return make
+    if split.startswith("edit-"):
+        world, scenes = _heldout_clips(count)
+        clips = torch.stack([world.clip(i)[0] for i in range(count)])
+        captions = [sc.caption for sc in scenes]
+
+        def make(s: int, chunk: list) -> torch.Tensor:
+            flow = {"source_prompt": captions[s : s + len(chunk)], **source} if source else {}
+            return pipe.edit(clips[s : s + len(chunk)], [p for p, _ in chunk], strength, seed=seed + s,
+                             progress=False, **flow, **job)  # fmt: skip
+
+        return make
+    job = {**job, "frames": 1} if split == "image" else job
+
+    def make(s: int, chunk: list) -> torch.Tensor:
+        return pipe.generate([p for p, _ in chunk], seed=seed + s, progress=False, **job)
+
+    return make
+
+
+def score_split(
+    pipe,
+    split: str,
+    count: int,
+    batch: int = 24,
+    seed: int = 0,
+    strength: float = 0.5,
+    source: dict | None = None,
+    **job,
+) -> dict:
+    """Generate ``count`` items of ``split`` with ``pipe`` (``batch`` at a time, batch ``s`` with seed ``seed +
+    s``; ``job``: further job options) and score them with the oracle. For the edit splits, ``strength`` is the
+    edit's and ``source`` (a dict of FlowEdit options, maybe empty) edits by FlowEdit from the clip's own caption.
+
+    Returns ``prompts``, the ``RATES``, ``first_psnr`` (animate) and up to 10 ``examples_missed`` as (prompt,
+    what was found or ``None``)."""
+    keys, first = split_keys(split), []
+    items = split_items(split, count, seed)
+    make = _maker(pipe, split, count, seed, strength, source, job, first)
+    rows = []
+    for s in range(0, len(items), batch):
+        chunk = items[s : s + batch]
+        rows += [read_back(video, asked, keys) for (_, asked), video in zip(chunk, make(s, chunk))]
+        print(f"  {split}: {min(s + batch, len(items))}/{len(items)}", file=sys.stderr)
+    extra = {"first_psnr": sum(first) / len(items)} if first else {}
+    misses = [
+        (prompt, row["found"]) for (prompt, _), row in zip(items, rows) if not all(row[k] for k in keys)
+    ]
+    return {"prompts": len(items), **tally(rows, keys), **extra, "examples_missed": misses[:10]}
+
+
+def pool(runs: list[dict], seeds: list[int]) -> dict:
+    """One split's results over several sampling seeds (same prompts, same count): the rates pooled over every
+    item, and each seed's rates under ``per_seed``. One seed is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    keys = [k for k in (*RATES, "first_psnr") if k in runs[0]]
+    pooled = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+    per_seed = [{"seed": seed, **{k: r[k] for k in keys}} for seed, r in zip(seeds, runs)]
+    return {"prompts": runs[0]["prompts"], "seeds": list(seeds), **pooled,
+            "examples_missed": runs[0]["examples_missed"], "per_seed": per_seed}  # fmt: skip
+
+
+@torch.no_grad()
+def score_vae(vae, clips: int, seed: int = VAE_SEED) -> dict:
+    """PSNR of the VAE's reconstructions of ``clips`` held-out clips, and how often the oracle still reads the
+    clip's object right through them (the most the denoiser can reach through this VAE)."""
+    world = ShapesWorld(64, 64, 17, split="heldout", seed=seed)
+    scores, kept = [], {"colour": 0, "shape": 0, "motion": 0}
+    for i in range(clips):
+        video = world.clip(i)[0][None]
+        recon = vae.decode(vae.encode(video.to(vae.device)).mode()).cpu()
+        scores.append(psnr(recon, video, data_range=2.0))
+        truth, found = world.scene(i).objects[0], oracle(recon[0])  # held-out clips show one object
+        for key in kept:
+            kept[key] += bool(found) and found[0][key] == getattr(truth, key)
+    return {"clips": clips, "psnr_mean": sum(scores) / clips, "psnr_min": min(scores),
+            **{f"oracle_{key}": n / clips for key, n in kept.items()}}  # fmt: skip

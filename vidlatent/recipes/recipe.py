@@ -1,0 +1,187 @@
+"""A training recipe as data: stages of ``vidlatent train`` runs and latent caches, read from yaml.
+
+A recipe is a folder (the shipped ones: ``vidlatent/configs/recipes/<name>/``). Its ``recipe.yaml`` names the
+stages in order and holds what is no training run: the world clips are cached from (``world``), the VAE run
+that later caches encode with (``encoder``), and the shipped folder (``ship``: its ``pipeline.json``, and the
+runs it takes before any stage with lanes has finished). Each stage is ``<stage>.yaml`` beside it, with any of:
+
+  redraw_pipeline  a pipeline folder ``<out>/<folder>`` assembled first: the denoiser and text encoder of run
+                   ``dit`` with the encoder run's VAE (a decoder run re-draws its clips with it)
+  runs             training runs one after another, with every CPU thread, output to the terminal
+  cache            then ``clips`` training clips of the world encoded by run ``vae``'s VAE into ``<out>/<into>``
+                   (``vae: encoder``: the recipe's encoder run)
+  lanes            then lanes at once, ``threads`` CPU threads each, each lane's runs in order
+  device           where the stage's runs train and its cache encodes (unset: the trainer's choice, CPU cache)
+
+A run is a train preset (``vidlatent/configs/train/``) and ``train``, ``TrainConfig`` fields over it. ``${out}``
+is the working folder and ``${out}/<run>/final`` an earlier run's export: that is how a stage takes from the ones
+before. Every run writes to ``<out>/<run>`` and resumes where an interrupted one stopped (``resume=auto``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import PRESET_DIR, load_yaml
+from ..train.trainer import TrainConfig, load_train_config
+
+RECIPE_DIR = PRESET_DIR / "recipes"
+INDEX = "recipe.yaml"
+STAGE_KEYS = ("redraw_pipeline", "runs", "cache", "lanes", "threads", "device")
+ENCODER = "encoder"  # a cache's ``vae`` naming the recipe's encoder run
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``vidlatent train`` run: a train preset, ``TrainConfig`` fields over it, and where it writes."""
+
+    name: str
+    preset: str
+    train: dict = field(default_factory=dict)
+    output: str = ""
+
+    def overrides(self) -> list[str]:
+        """The ``key=value`` overrides of the preset that ``vidlatent train`` takes for this run, resuming."""
+        return [
+            *(f"{k}={dotlist_value(v)}" for k, v in self.train.items()),
+            f"output={self.output}",
+            "resume=auto",
+        ]
+
+    def command(self) -> str:
+        """``vidlatent train PRESET key=value ...`` as a person reads it (without output and resume)."""
+        return " ".join(["vidlatent train", self.preset, *self.overrides()[:-2]])
+
+    def config(self, *extra: str) -> TrainConfig:
+        """The run's ``TrainConfig`` (``extra``: further ``key=value`` overrides, as the runner passes them)."""
+        return load_train_config(self.preset, overrides=[*self.overrides(), *extra])
+
+
+@dataclass(frozen=True)
+class Cache:
+    """``clips`` training clips of the world encoded by run ``vae``'s VAE into the latent folder ``into``."""
+
+    clips: int
+    vae: str
+    into: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a recipe (see the module's docstring for what each part does, and in which order)."""
+
+    name: str
+    redraw_pipeline: dict | None = None  # folder, dit
+    runs: tuple[Run, ...] = ()
+    cache: Cache | None = None
+    lanes: dict[str, tuple[Run, ...]] = field(default_factory=dict)
+    threads: int = 1
+    device: str | None = None
+
+    def all_runs(self) -> list[Run]:
+        """Every run of the stage: ``runs``, then each lane's."""
+        return [*self.runs, *(run for lane in self.lanes.values() for run in lane)]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe, its ``${out}`` resolved to one working folder."""
+
+    folder: Path
+    out: Path
+    stages: dict[str, Stage]
+    world: dict  # ShapesWorld arguments (height, width, frames, split, seed) of the clips caches encode
+    encoder: str  # the VAE run later caches encode with (every VAE after it trains its decoder alone)
+    pipeline: dict  # the shipped folder's pipeline.json, but first_frame (from its denoiser's training)
+    ship_fallback: dict  # part -> run shipped while no stage with a lane of that part has finished
+    notes: dict = field(default_factory=dict)  # facts the model card states (hardware of GPU stages)
+
+    def run(self, name: str) -> Run | None:
+        """The run called ``name``, if the recipe has one."""
+        return next((r for stage in self.stages.values() for r in stage.all_runs() if r.name == name), None)
+
+    def train_configs(self) -> dict[str, TrainConfig]:
+        """Every run's ``TrainConfig`` by run name (a stage's ``device`` included, as the runner passes it)."""
+        return {
+            run.name: run.config(*([f"device={stage.device}"] if stage.device else []))
+            for stage in self.stages.values()
+            for run in stage.all_runs()
+        }
+
+
+def dotlist_value(value) -> str:
+    """``value`` as the right side of a ``key=value`` override that omegaconf reads back as the same value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dotlist_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value and abs(value) < 1e-3:  # 3e-4, as a person writes it
+        mantissa, exponent = f"{value:.12e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return str(value)
+
+
+def _runs(data, out: Path) -> tuple[Run, ...]:
+    runs = []
+    for name, spec in (data or {}).items():
+        unknown = set(spec) - {"preset", "train"}
+        if unknown or "preset" not in spec:
+            raise ValueError(f"run {name}: expected preset and train; got {', '.join(map(str, spec))}")
+        runs.append(Run(str(name), spec["preset"], dict(spec.get("train") or {}), str(out / str(name))))
+    return tuple(runs)
+
+
+def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
+    """One stage file, its ``${out}`` resolved to ``out``; unknown sections fail, naming the accepted ones."""
+    path, out = Path(path), Path(out)
+    node = load_yaml(path)
+    node.out = str(out)
+    data = OmegaConf.to_container(node, resolve=True)
+    del data["out"]
+    unknown = set(data) - set(STAGE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown sections {', '.join(sorted(unknown))}; accepted: {', '.join(STAGE_KEYS)}"
+        )
+    cache = data.get("cache")
+    return Stage(
+        name=path.stem,
+        redraw_pipeline=data.get("redraw_pipeline"),
+        runs=_runs(data.get("runs"), out),
+        cache=Cache(**cache) if cache else None,
+        lanes={lane: _runs(runs, out) for lane, runs in (data.get("lanes") or {}).items()},
+        threads=int(data.get("threads", 1)),
+        device=data.get("device"),
+    )
+
+
+def load_recipe(src: str | os.PathLike = "default", out: str | os.PathLike = "runs/default") -> Recipe:
+    """A recipe from a shipped name (``vidlatent/configs/recipes/<name>``) or a folder, for working folder
+    ``out`` (``"{out}"`` keeps the placeholder, as the model card shows the runs)."""
+    folder = Path(src) if Path(src).is_dir() else RECIPE_DIR / str(src)
+    if not (folder / INDEX).is_file():
+        shipped = sorted(p.name for p in RECIPE_DIR.iterdir() if (p / INDEX).is_file())
+        raise ValueError(
+            f"no recipe {str(src)!r}: expected a folder with {INDEX}, or one of {', '.join(shipped)}"
+        )
+    index = OmegaConf.to_container(load_yaml(folder / INDEX), resolve=True)
+    stages = {name: load_stage(folder / f"{name}.yaml", out) for name in index["stages"]}
+    return Recipe(
+        folder=folder,
+        out=Path(out),
+        stages=stages,
+        world=index["world"],
+        encoder=index["encoder"],
+        pipeline=index["ship"]["pipeline"],
+        ship_fallback=index["ship"]["fallback"],
+        notes=index.get("notes", {}),
+    )
+
+
+__all__ = ["Cache", "Recipe", "Run", "Stage", "dotlist_value", "load_recipe", "load_stage", "RECIPE_DIR"]

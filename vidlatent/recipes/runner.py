@@ -1,0 +1,193 @@
+"""Running a recipe's stages: ``vidlatent train`` processes, latent caches of the world, pipeline folders.
+
+``run_stage`` does one stage in the order its parts run (``recipe.py``): the re-drawing pipeline, the runs one
+after another, the cache, then the lanes at once. Every run resumes (``resume=auto``), every cache keeps the
+clips already written, so a stage interrupted anywhere is rerun whole and a finished one costs next to nothing.
+Wall times add up in ``<out>/timings.json``: a stage of runs alone under each run's name, any other stage under
+its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..pipelines.assemble import assemble_pipeline, copy_into_place, write_json
+from .recipe import ENCODER, Recipe, Run, Stage
+
+RUNS_FILE = "runs.json"  # in a shipped folder: the runs its vae and dit (with the text encoder) come from
+TIMINGS_FILE = "timings.json"
+
+
+def train_command(run: Run, extra: list[str] = ()) -> list[str]:
+    """``python -m vidlatent.cli train`` of ``run``, resuming, with ``extra`` ``key=value`` overrides last."""
+    return [sys.executable, "-m", "vidlatent.cli", "train", run.preset, *run.overrides(), *extra]
+
+
+def run_command(cmd: list[str], env: dict | None = None) -> None:
+    """Run ``cmd`` with its output on this terminal; a failure raises ``CalledProcessError``."""
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def timed(out: Path, key: str, fn) -> None:
+    """Call ``fn`` and add its wall time under ``key`` in ``<out>/timings.json``."""
+    timings_file = out / TIMINGS_FILE
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    t0 = time.perf_counter()
+    fn()
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    write_json(timings_file, timings)
+
+
+def run_lanes(out: Path, lanes: dict[str, tuple[Run, ...]], extra: list[str] = (), threads: int = 1) -> None:
+    """``lanes`` at once, ``threads`` CPU threads each, each lane's runs in order; logs go to ``<out>/<run>.log``.
+    A lane stops at its first failing run; the others finish theirs, then ``RuntimeError`` names the failures."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    failed = []
+
+    def lane(runs: tuple[Run, ...]) -> None:
+        for run in runs:
+            cmd = train_command(run, extra)
+            print("+", " ".join(cmd), flush=True)
+            with open(out / f"{run.name}.log", "a") as log:
+                code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if code:
+                failed.append(f"{run.name} (exit {code}, see {out / (run.name + '.log')})")
+                return
+
+    workers = [threading.Thread(target=lane, args=(runs,)) for runs in lanes.values()]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if failed:
+        raise RuntimeError("lanes failed: " + ", ".join(failed))
+
+
+def cache_latents(
+    recipe: Recipe, stage: Stage, clips: int | None = None, device: str = "cpu", workers: int = 0
+) -> None:
+    """The stage's cache: ``clips`` (default: the stage's) training clips of the recipe's world encoded by its
+    VAE run into its folder on ``device``, resuming; ``workers`` processes render the clips."""
+    from ..data.shapes import ShapesWorld
+    from ..models.vae import CausalVAE
+    from ..train.data import cache_world_latents
+
+    cache = stage.cache
+    vae_run = encoder_run(recipe) if cache.vae == ENCODER else cache.vae
+    vae_dir = recipe.out / vae_run / "final" / "vae"
+    vae = CausalVAE.from_pretrained(vae_dir, device=device).eval()
+    world = ShapesWorld(**recipe.world)
+    batch = 16 if device == "cpu" else 128
+    count = cache.clips if clips is None else clips
+    dest = recipe.out / cache.into
+    cache_world_latents(world, vae, count, dest, batch_size=batch, vae_src=str(vae_dir), workers=workers)
+
+
+def shipped_runs(recipe: Recipe) -> tuple[str, str]:
+    """The (VAE run, denoiser run) to ship: each from the latest stage with a lane of its name whose lanes all
+    finished (the last run of that lane), else the recipe's fallback runs."""
+    picked = {}
+    for stage in reversed(recipe.stages.values()):
+        last = {lane: runs[-1].name for lane, runs in stage.lanes.items()}
+        if last and all((recipe.out / name / "final").is_dir() for name in last.values()):
+            for lane, name in last.items():
+                picked.setdefault(lane, name)
+    return picked.get("vae", recipe.ship_fallback["vae"]), picked.get("dit", recipe.ship_fallback["dit"])
+
+
+def encoder_run(recipe: Recipe) -> str:
+    """The VAE run later caches encode with: the recipe's ``encoder``, else (a working folder seeded by
+    ``adopt_ship``) the latest VAE there is."""
+    return recipe.encoder if (recipe.out / recipe.encoder / "final").is_dir() else shipped_runs(recipe)[0]
+
+
+def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
+    """The ``pipeline.json`` of a folder holding ``dit_run``'s denoiser: the recipe's sampling defaults, and
+    ``first_frame: clean`` when that denoiser learnt image-to-video conditioning (``first_frame_dropout < 1``)
+    so animate hands it the still as it is, else ``noised``."""
+    run = recipe.run(dit_run)
+    i2v = run is not None and float(run.train.get("first_frame_dropout", 1.0)) < 1
+    return {**recipe.pipeline, "first_frame": "clean" if i2v else "noised"}
+
+
+def assemble(recipe: Recipe, folder: Path, vae_run: str, dit_run: str) -> Path:
+    """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
+    with its ``pipeline.json`` and a ``runs.json`` naming the two runs."""
+    out = recipe.out
+    parts = {"vae": out / vae_run / "final" / "vae", "dit": out / dit_run / "final" / "dit",
+             "text_encoder": out / dit_run / "final" / "text_encoder"}  # fmt: skip
+    missing = [str(src) for src in parts.values() if not src.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: no trained model at {', '.join(missing)}; run the earlier stages first"
+        )
+    print(f"assembling {folder}: {vae_run} (vae) and {dit_run} (dit, text_encoder) from {out}", flush=True)
+    runs = {RUNS_FILE: {"vae": vae_run, "dit": dit_run}}
+    assemble_pipeline(folder, parts, pipeline_settings(recipe, dit_run), runs)
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    print(f"assembled {folder}: {size / 2**20:.1f} MiB of weights")
+    return Path(folder)
+
+
+def ship(recipe: Recipe, folder: Path) -> Path:
+    """The shipped pipeline folder at ``folder``, from the runs ``shipped_runs`` picks."""
+    return assemble(recipe, folder, *shipped_runs(recipe))
+
+
+def adopt_ship(recipe: Recipe, folder: Path) -> None:
+    """Seed the working folder from a shipped one (say on a fresh machine, the earlier runs gone): each part of
+    ``folder`` is copied to ``<out>/<run>/final/<part>``, ``run`` from its ``runs.json``, where that is missing, so
+    that the stages after the shipped runs can start from them."""
+    if not (folder / RUNS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder}: no {RUNS_FILE} saying which runs its parts come from; cannot adopt it"
+        )
+    runs = json.loads((folder / RUNS_FILE).read_text())
+    for part, run_name in (("vae", runs["vae"]), ("dit", runs["dit"]), ("text_encoder", runs["dit"])):
+        dest = recipe.out / run_name / "final" / part
+        if not dest.is_dir():
+            print(f"adopting {folder / part} as {dest}", flush=True)
+            copy_into_place(folder / part, dest)
+
+
+def run_stage(
+    recipe: Recipe, name: str, extra: list[str] = (), clips: int | None = None, device: str | None = None
+) -> None:
+    """Stage ``name`` of ``recipe``, timed: its re-drawing pipeline, runs, cache and lanes, in that order.
+    ``extra``: ``key=value`` overrides of every run; ``clips``: the cache's size (default: the stage's);
+    ``device``: where a stage with a ``device`` trains and caches (default: the stage's own)."""
+    stage, out = recipe.stages[name], recipe.out
+    device = (device or stage.device) if stage.device else None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"stage {name} trains on a CUDA GPU; none is visible (torch.cuda.is_available() is False)"
+        )
+    extra = [*([f"device={device}"] if device else []), *extra]
+    if stage.runs and not (stage.cache or stage.lanes or stage.redraw_pipeline):
+        for run in stage.runs:  # a stage of runs alone: each timed under its own name
+            timed(out, run.name, lambda run=run: run_command(train_command(run, extra)))
+        return
+
+    def whole() -> None:
+        if stage.redraw_pipeline:
+            folder, dit_run = stage.redraw_pipeline["folder"], stage.redraw_pipeline["dit"]
+            assemble(recipe, out / folder, encoder_run(recipe), dit_run)
+        for run in stage.runs:
+            run_command(train_command(run, extra))
+        if stage.cache:
+            # on a GPU the clips are rendered by all but two CPU cores (it encodes faster than one core draws)
+            workers = max(1, (os.cpu_count() or 4) - 2) if device else 0
+            cache_latents(recipe, stage, clips, device or "cpu", workers)
+        if stage.lanes:
+            run_lanes(out, stage.lanes, extra, stage.threads)
+
+    timed(out, name, whole)
