@@ -1,10 +1,14 @@
 """The shapes-world scoring of vidlatent.eval: the oracle reads true clips right, and the split scorers count
 what a pipeline's videos show (a stand-in pipeline that hands back the true clips, so no sampling is needed)."""
 
+import dataclasses
+
+import pytest
 import torch
 
+from vidlatent import VideoPipeline
 from vidlatent.data.shapes import SHAPES, ShapesWorld
-from vidlatent.eval import pool, read_back, score_split, split_items, tally
+from vidlatent.eval import LABELS, last_frame_scores, pool, read_back, score_split, split_items, tally
 from vidlatent.eval.shapes import ANIMATE_SEED, edit_target
 
 KEYS = ("colour", "shape", "motion")
@@ -68,3 +72,13 @@ def test_pool_averages_seeds_and_keeps_each():
     pooled = pool(runs, [0, 1])
     assert pooled["colour"] == 0.75 and pooled["seeds"] == [0, 1] and pooled["per_seed"][1]["motion"] == 1.0
     assert pool(runs[:1], [0]) is runs[0]
+
+
+@pytest.mark.slow  # four sampling runs: seconds on a quiet CPU, a minute on a busy one
+def test_last_frame_scores_every_candidate_on_a_tiny_pipeline():
+    pipe = VideoPipeline.from_pretrained("tiny")
+    pipe.config = dataclasses.replace(pipe.config, steps=1, frames=5, height=32, width=32)
+    lines = []
+    scores = last_frame_scores(pipe, clips=1, log=lines.append)
+    assert list(scores) == list(LABELS) and all(len(v) == 1 and v[0] > 0 for v in scores.values())
+    assert len(lines) == 1
