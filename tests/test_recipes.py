@@ -84,3 +84,17 @@ def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):
         "text_encoder/config.json",
     ):
         assert (folder / name).read_bytes() == (DEFAULT_MODEL / name).read_bytes(), name
+
+
+def test_the_model_card_lists_the_runs_as_the_shipped_card_does(tmp_path):
+    """Every ``vidlatent train`` line of the shipped MODEL_CARD.md's recipe part (stages 3-11; later stages are
+    listed once their runs exist) comes out of the recipe as it was written there."""
+    from vidlatent.eval.card import model_card
+
+    card = model_card(load_recipe("default", tmp_path), DEFAULT_MODEL, {"job": {}})
+    shipped = (DEFAULT_MODEL / "MODEL_CARD.md").read_text().split("## How it actually ran")[0]
+    lines = [line for line in shipped.splitlines() if line.startswith("- ") and "vidlatent train" in line]
+    assert len(lines) >= 16
+    assert [line for line in lines if "latents-carry" not in line] == [
+        line for line in card.splitlines() if line.startswith("- ") and "vidlatent train" in line
+    ]
