@@ -202,7 +202,7 @@ def check_full_disk_outcome(capsys, code: int, out: Path) -> None:
 
 def test_full_disk_while_encoding_a_patched_writer(clips, tmp_path, capsys, monkeypatch):
     """safetensors' writer fails the way it does on a full disk after two files, half-way through a file."""
-    import vidlatent.pipelines.encode as encode
+    import vidlatent.data.latents as encode
 
     real, written = encode.save_file, []
 

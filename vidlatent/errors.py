@@ -38,6 +38,12 @@ def _user_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def error_reason(err: BaseException) -> str:
+    """``Type: first line of the message``: why one item of a batch job failed, for its report."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     """Collapse a message's lines into one (``; `` between them) and cut it to ``limit`` characters."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]

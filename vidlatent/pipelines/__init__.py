@@ -1,6 +1,8 @@
 """Jobs built on the one sampling loop: ``VideoPipeline`` (generate, edit, inpaint, animate, morph)."""
 
-from .encode import decode_latents, encode_clips, latent_stats, load_latents, psnr, reconstruct, ssim
+from ..data.latents import load_latents
+from .batch import decode_latents, encode_clips, latent_stats, reconstruct
+from .encode import psnr, ssim  # ssim: the float form of vidlatent.metrics.ssim
 from .interpolate import arc_length_weights, ease, lerp, morph_weights, slerp, smoothness
 from .video import PipelineConfig, PipelinePreset, VideoPipeline, latent_mask
 

@@ -9,25 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
-from ..pipelines.encode import gaussian_window, ssim_map
+from ..metrics import ssim
 
 __all__ = ["ssim", "edge_weights", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Mean structural similarity of two videos (b, c, t, h, w) in [-1, 1], frame by frame (differentiable).
-
-    Computed on intensities mapped to [0, 1] with the constants of Wang et al. 2004 and a Gaussian window
-    (``window`` shrinks to fit small frames). 1 means identical.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"ssim needs equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
-    x = rearrange(a, "b c t h w -> (b t c) 1 h w").add(1).mul(0.5)  # in [0, 1]
-    y = rearrange(b, "b c t h w -> (b t c) 1 h w").add(1).mul(0.5)
-    window = min(window, x.shape[-1], x.shape[-2])
-    return ssim_map(x, y, gaussian_window(window, sigma), 0.01**2, 0.03**2).mean()
 
 
 _CBCR = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])  # RGB -> BT.601 Cb, Cr
@@ -118,7 +103,9 @@ def vae_loss(
         parts["chroma"] = pixel_mean(diff.square())
         total = total + chroma_weight * parts["chroma"]
     if ssim_weight:
-        parts["ssim"] = 1.0 - ssim(recon, target)
+        # on [0, 1], a 7x7 window shrunk to fit small frames, all frames at once
+        unit = recon.add(1).mul(0.5), target.add(1).mul(0.5)
+        parts["ssim"] = 1.0 - ssim(*unit, window=7, fit_window=True, frames_per_step=None)
         total = total + ssim_weight * parts["ssim"]
     parts["kl"] = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     if kl_weight:
