@@ -41,17 +41,40 @@ def attention(
 
 
 class RMSNorm(torch.nn.Module):
-    """RMS normalization over the last dimension, computed in fp32, then scaled by a learned weight."""
+    """RMS normalization, computed in fp32 for low-precision inputs, then scaled by a learned ``weight``.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    Two layouts, one idea (the root mean square over ``dim`` features becomes 1):
+
+    * ``channels_first=False`` (the transformers): over the last dimension, ``x * rsqrt(mean(x^2) + eps)``,
+      weight ``(dim,)``.
+    * ``channels_first=True`` (Wan's VAE): over dimension 1 of a ``(b c ...)`` tensor, ``x * sqrt(c) /
+      max(||x||, 1e-12)`` (``F.normalize``'s clamp instead of ``eps``), weight ``(c, 1, ..., 1)`` with
+      ``spatial_dims`` ones, the shape Wan's checkpoints store. ``eps`` is not used.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, channels_first: bool = False, spatial_dims: int = 3):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.channels_first = channels_first
+        shape = (dim, *([1] * spatial_dims)) if channels_first else (dim,)
+        self.weight = torch.nn.Parameter(torch.ones(shape))
+        self.scale = dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return self._over_channels(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
+
+    def _over_channels(self, x: torch.Tensor) -> torch.Tensor:
+        # x / max(||x||, 1e-12) over channels, as F.normalize, but via a sum of squares: 2x faster on CPU
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        weight = self.weight.view(-1, *([1] * (x.dim() - 2))).to(xf.dtype)
+        inv_norm = xf.pow(2).sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+        out = xf * (self.scale * weight)
+        out = out.mul_(inv_norm) if not torch.is_grad_enabled() else out * inv_norm
+        return out.to(x.dtype)
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:

@@ -38,7 +38,7 @@ from ..checkpoint import (
     save_folder,
 )
 from ..config import VAEConfig, config_from_dict, config_to_dict, list_presets, load_config
-from .layers import attention
+from .layers import RMSNorm, attention
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -137,32 +137,14 @@ class CausalConv3d(nn.Conv3d):
         return conv3d(x, self.weight, self.bias, self.stride, self.padding)
 
 
-class RMSNorm(nn.Module):
-    """RMS norm over the channel dimension of a channels-first tensor, computed in fp32 for low precision."""
-
-    def __init__(self, channels: int, spatial_dims: int = 3):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels, *([1] * spatial_dims)))
-        self.scale = channels**0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x / max(||x||, 1e-12) over channels, as F.normalize, but via a sum of squares: 2x faster on CPU
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        weight = self.weight.view(-1, *([1] * (x.dim() - 2))).to(xf.dtype)
-        inv_norm = xf.pow(2).sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
-        out = xf * (self.scale * weight)
-        out = out.mul_(inv_norm) if not torch.is_grad_enabled() else out * inv_norm
-        return out.to(x.dtype)
-
-
 class ResBlock(nn.Module):
     """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) skip."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = RMSNorm(in_channels)
+        self.norm1 = RMSNorm(in_channels, channels_first=True)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
-        self.norm2 = RMSNorm(out_channels)
+        self.norm2 = RMSNorm(out_channels, channels_first=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.skip = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -180,7 +162,7 @@ class FrameAttention(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = RMSNorm(channels, spatial_dims=2)
+        self.norm = RMSNorm(channels, channels_first=True, spatial_dims=2)
         self.to_qkv = nn.Conv2d(channels, channels * 3, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -309,7 +291,7 @@ class Encoder(nn.Module):
             down = SpatialDownsample(cout, bool(cfg.temporal_downsample[i])) if i < last else None
             self.stages.append(Stage(blocks, down))
         self.mid = MidBlock(dims[-1], cfg.dropout)
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], channels_first=True)
         self.conv_out = CausalConv3d(dims[-1], cfg.latent_channels * 2, 3)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
@@ -337,7 +319,7 @@ class Decoder(nn.Module):
             ]
             up = SpatialUpsample(cout, cout // 2, bool(temporal_up[i])) if i < last else None
             self.stages.append(Stage(blocks, up))
-        self.norm_out = RMSNorm(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], channels_first=True)
         self.conv_out = CausalConv3d(dims[-1], cfg.in_channels, 3)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:

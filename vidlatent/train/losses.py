@@ -10,9 +10,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics import ssim
+from .. import metrics
 
 __all__ = ["ssim", "edge_weights", "PatchDiscriminator", "hinge_d_loss", "vae_loss"]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """The loss's SSIM: ``metrics.ssim`` of two videos (b, c, t, h, w) in [-1, 1] mapped to [0, 1], with a
+    ``window`` that shrinks to fit small frames, all frames at once (differentiable). 1 means identical."""
+    x, y = a.add(1).mul(0.5), b.add(1).mul(0.5)
+    return metrics.ssim(x, y, window=window, sigma=sigma, fit_window=True, frames_per_step=None)
 
 
 _CBCR = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])  # RGB -> BT.601 Cb, Cr
@@ -103,9 +110,7 @@ def vae_loss(
         parts["chroma"] = pixel_mean(diff.square())
         total = total + chroma_weight * parts["chroma"]
     if ssim_weight:
-        # on [0, 1], a 7x7 window shrunk to fit small frames, all frames at once
-        unit = recon.add(1).mul(0.5), target.add(1).mul(0.5)
-        parts["ssim"] = 1.0 - ssim(*unit, window=7, fit_window=True, frames_per_step=None)
+        parts["ssim"] = 1.0 - ssim(recon, target)
         total = total + ssim_weight * parts["ssim"]
     parts["kl"] = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     if kl_weight:
