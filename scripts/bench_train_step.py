@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vidlatent.pipelines.encode import FORMAT, FORMAT_VERSION
+from vidlatent.data.latents import FORMAT, FORMAT_VERSION
 from vidlatent.train.trainer import Trainer, load_train_config
 
 CAPTIONS = ["a red circle moving right", "a blue square bouncing", "a green triangle moves up and left"]

@@ -21,7 +21,7 @@ from vidlatent.config import DiTConfig, load_config
 from vidlatent.data.io import read_video, write_video
 from vidlatent.models.dit import to_diffusers_config
 from vidlatent.models.vae import vae_config_to_diffusers
-from vidlatent.pipelines.encode import latent_stats, load_vae, reconstruct
+from vidlatent.pipelines.batch import latent_stats, load_vae, reconstruct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Clips to latent files and back (vidlatent.pipelines.encode): contents, metadata, resume, sharding, stats,
+"""Clips to latent files and back (vidlatent.pipelines.batch, data.latents, data.paths): contents, metadata, resume, sharding, stats,
 decoding, PSNR / SSIM. The tiny VAE with seeded random weights; clips written by write_video (ffmpeg).
 
 Shapes: c channels, t frames, h height, w width.
@@ -19,23 +19,19 @@ from safetensors.torch import load_file, save_file
 
 from vidlatent import CausalVAE, __version__
 from vidlatent.data.io import read_video, write_video
-from vidlatent.pipelines.encode import (
+from vidlatent.data.latents import latent_name, load_latents, read_latent_metadata, vae_fingerprint
+from vidlatent.data.paths import expand_paths, shard
+from vidlatent.metrics import psnr
+from vidlatent.pipelines.batch import (
     ChannelStats,
     decode_latents,
     encode_clips,
-    expand_paths,
-    latent_name,
     latent_stats,
-    load_latents,
     load_vae,
-    psnr,
-    read_latent_metadata,
     reconstruct,
-    shard,
-    ssim,
-    vae_fingerprint,
     write_stats,
 )
+from vidlatent.pipelines.encode import ssim  # the float form (the reports' SSIM as it was)
 
 
 @pytest.fixture(scope="module")

@@ -516,7 +516,7 @@ JOB_SUBCOMMANDS = [add_generate, add_edit, add_inpaint, add_animate, add_morph]
 
 
 # ------------------------------------------------------------------ encode / decode / reconstruct / convert
-# Clips to latent files and back (vidlatent.pipelines.encode), and checkpoint conversion.
+# Clips to latent files and back (vidlatent.pipelines.batch), and checkpoint conversion.
 
 LATENT_EXAMPLES = {
     "encode": """examples:
@@ -628,7 +628,7 @@ def _read_args(args: argparse.Namespace) -> dict:
 def _load_vae(args: argparse.Namespace, options: dict, vae_overrides: dict):
     import torch
 
-    from .pipelines.encode import load_vae
+    from .pipelines.batch import load_vae
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[options["dtype"]]
     return load_vae(args.model, _device(args), dtype, _is_folder(args.model), **vae_overrides)
@@ -646,7 +646,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import os
 
     from .checkpoint import check_writable
-    from .pipelines.encode import encode_clips, expand_paths, latent_stats, write_stats
+    from .data.paths import expand_paths
+    from .pipelines.batch import encode_clips, latent_stats, write_stats
 
     paths, args.overrides = _split_overrides(args.clips + args.overrides)
     defaults = {
@@ -722,7 +723,8 @@ def add_encode(sub) -> None:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from .checkpoint import check_writable
-    from .pipelines.encode import decode_latents, expand_paths
+    from .data.paths import expand_paths
+    from .pipelines.batch import decode_latents
 
     paths, args.overrides = _split_overrides(args.latents + args.overrides)
     defaults = {"dtype": "float32", "fps": None, "format": "mp4", "overwrite": False}
@@ -763,7 +765,7 @@ def add_decode(sub) -> None:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .data.io import fit_to_multiple, read_video, size_note, write_video
-    from .pipelines.encode import reconstruct
+    from .pipelines.batch import reconstruct
 
     defaults = {**_READ_DEFAULTS, "sample": False, "seed": 0}
     flags = {**_read_args(args), "sample": args.sample or None, "seed": args.seed}
