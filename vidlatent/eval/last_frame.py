@@ -18,7 +18,7 @@ import torch
 
 from ..data.shapes import ShapesWorld
 from ..diffusion.flow import add_noise
-from ..pipelines.encode import psnr
+from ..metrics import psnr
 
 LABELS = {"clip": "last frame, clip (what animate keeps)", "still": "last frame, still", "image": "last frame, image",
           "first frame": "first frame", "VAE alone": "VAE round trip of the last still"}  # fmt: skip

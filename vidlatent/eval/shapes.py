@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
-from ..pipelines.encode import psnr
+from ..metrics import psnr
 
 SPLITS = ("heldout", "train", "image", "animate", "edit-shape", "edit-colour")
 RATES = ("colour", "shape", "motion", "all", "nothing")
