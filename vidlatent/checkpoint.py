@@ -8,7 +8,8 @@ import inspect
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -296,3 +297,75 @@ def find_weights(folder: Path) -> Path:
         f"no unique weights file in {folder}: looked for {', '.join(names)} or a single .safetensors/.pth"
         + (f"; found {', '.join(p.name for p in found)}" if found else "")
     )
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+SOURCE_KINDS = ("preset", "vidlatent", "file", "diffusers", "wan", "folder")
+_MISSING = {  # what each loader says when ``src`` is neither a path nor one of its presets
+    "vae": "no VAE at {src!r}: not a file or folder, and not a preset ({presets})",
+    "dit": "{src!r} is neither a file, a folder, nor a dit preset ({presets})",
+    "text": "no text encoder at {src!r}: not a folder, and not a preset ({presets})",
+    "pipeline": "no pipeline at {src!r}: not a folder, and not a preset ({presets})",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a component loads from, told once by ``resolve_source``.
+
+    ``kind``: "preset" (``name`` is a shipped yaml preset; random weights), "vidlatent" (a folder written by
+    ``save_pretrained``: config.json with ``_vidlatent_kind``, or a pipeline folder with pipeline.json), "file"
+    (one checkpoint file: safetensors or an original Wan .pth), "diffusers" (a diffusers pipeline root with
+    model_index.json), "wan" (an original Wan 2.1 release folder: config.json of a WanModel) or "folder"
+    (another folder: a diffusers component or a Hugging Face model; its loader reads its config.json).
+    """
+
+    kind: str
+    name: str
+    path: Path | None = None
+
+
+def is_wan_release(folder: Path) -> bool:
+    """Whether ``folder`` is an original Wan 2.1 release folder: its config.json is a ``WanModel``'s."""
+    if not (folder / CONFIG_NAME).is_file():
+        return False
+    raw = read_json(folder / CONFIG_NAME)
+    wan_model = raw.get("_class_name") == "WanModel" or {"dim", "num_heads"} <= set(raw)
+    return wan_model and "_vidlatent_kind" not in raw
+
+
+def resolve_source(src: str | os.PathLike, kind: str, presets: list[str] | None = None) -> Source:
+    """Tell what ``src`` is for a loader of ``kind`` (vae, dit, text, pipeline): an existing path (a file, or a
+    folder of one of the layouts of ``Source``) before a preset name; FileNotFoundError naming the presets
+    (``presets``: the names accepted, default the shipped ``configs/<kind>/`` yaml files) when it is neither."""
+    path = Path(src)
+    if not path.exists():
+        if presets is None:
+            from .config import list_presets  # configs only: no model code
+
+            presets = list_presets(kind)
+        if str(src) in presets:
+            return Source("preset", str(src))
+        raise FileNotFoundError(_MISSING[kind].format(src=str(src), presets=", ".join(presets)))
+    if path.is_file():
+        return Source("file", str(src), path)
+    if (path / "model_index.json").is_file():
+        return Source("diffusers", str(src), path)
+    if is_wan_release(path):
+        return Source("wan", str(src), path)
+    own = (path / "pipeline.json").is_file() or (path / "pipeline.yaml").is_file()
+    if own or ((path / CONFIG_NAME).is_file() and "_vidlatent_kind" in read_json(path / CONFIG_NAME)):
+        return Source("vidlatent", str(src), path)
+    return Source("folder", str(src), path)
+
+
+def override_items(overrides: Mapping | Sequence[str] | None) -> dict:
+    """``from_pretrained``'s ``overrides`` (a dict of config fields, or ``key=value`` strings) as a dict."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))

@@ -26,6 +26,7 @@ from .models import (
     TextConfig,
     VAEConfig,
 )
+from .pipeline import FrameSelection, PipelineConfig, PipelinePreset, SamplingOptions, check_pipeline_config
 
 __all__ = [
     "PRESET_DIR",
@@ -46,4 +47,9 @@ __all__ = [
     "VACE_IN_CHANNELS",
     "ControlConfig",
     "control_config_for",
+    "FrameSelection",
+    "PipelineConfig",
+    "PipelinePreset",
+    "SamplingOptions",
+    "check_pipeline_config",
 ]

@@ -30,10 +30,12 @@ from ..checkpoint import (
     load_into,
     load_state_dict,
     names_source,
+    override_items,
     read_json,
+    resolve_source,
     save_folder,
 )
-from ..config import DiTConfig, config_from_dict, config_to_dict, list_presets, load_config
+from ..config import DiTConfig, config_from_dict, config_to_dict, load_config, merge_config
 from .layers import ATTENTION_BACKENDS, RMSNorm, apply_rope, attention, rope_3d
 
 WAN_HEAD_DIM = 128  # every released Wan 2.1 model; used when a checkpoint's head count must be inferred
@@ -391,6 +393,7 @@ class VideoDiT(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         config: DiTConfig | None = None,
+        overrides=None,
     ) -> VideoDiT:
         """Load from a preset name, a vidlatent folder, a diffusers ``WanTransformer3DModel`` folder (single or
         sharded safetensors; a pipeline root with ``transformer/`` works too), or an original Wan 2.1 checkpoint
@@ -399,16 +402,16 @@ class VideoDiT(nn.Module):
 
         A preset gives a freshly initialized model. ``dtype`` defaults to the checkpoint's; the time embedding
         and modulation tables stay fp32 as in the reference. Weights are assigned to a model built on the meta
-        device, so no random initialization is spent on large models.
+        device, so no random initialization is spent on large models. ``overrides`` (a dict or ``key=value``
+        strings) replace config fields. What ``src`` is, is told by ``checkpoint.resolve_source``.
         """
-        path = Path(src)
-        if not path.exists():
-            if str(src) in list_presets("dit"):
-                model = cls(config or load_config(DiTConfig, "dit", str(src)))
-                return _cast(model, dtype).to(device) if dtype is not None else model.to(device)
-            raise FileNotFoundError(
-                f"{src!r} is neither a file, a folder, nor a dit preset ({', '.join(list_presets('dit'))})"
-            )
+        overrides = override_items(overrides)
+        source = resolve_source(src, "dit")
+        if source.kind == "preset":
+            base = config or load_config(DiTConfig, "dit", source.name)
+            model = cls(merge_config(base, overrides) if overrides else base)
+            return _cast(model, dtype).to(device) if dtype is not None else model.to(device)
+        path = source.path
         meta: dict = {}
         if path.is_dir():
             if not (path / CONFIG_NAME).is_file() and (path / "transformer" / CONFIG_NAME).is_file():
@@ -424,6 +427,8 @@ class VideoDiT(nn.Module):
         state = {"diffusers": from_diffusers_state_dict, "wan": from_wan_state_dict}.get(layout, dict)(state)
         if config is None:
             config = config_from_metadata(meta) or infer_config(state)
+        if overrides:
+            config = merge_config(config, overrides)
         if dtype is None:  # the dtype holding most of the weights (diffusers keeps a few in fp32)
             sizes: dict[torch.dtype, int] = {}
             for v in state.values():

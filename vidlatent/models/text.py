@@ -29,7 +29,7 @@ import unicodedata
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,7 +44,9 @@ from ..checkpoint import (
     load_into,
     load_state_dict,
     names_source,
+    override_items,
     read_json,
+    resolve_source,
     save_folder,
 )
 from ..config import (
@@ -54,7 +56,6 @@ from ..config import (
     TextConfig,
     config_from_dict,
     config_to_dict,
-    list_presets,
     load_config,
 )
 from .layers import ATTENTION_BACKENDS, RMSNorm, attention
@@ -602,18 +603,17 @@ def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Seque
     pipeline root holding ``text_encoder/`` and ``tokenizer/``, or Wan's own T5 checkpoint (an original Wan 2.1
     folder holding ``models_t5_umt5-xxl-enc-bf16.pth`` and ``google/umt5-xxl/``, or that file: ``load_wan_t5``).
 
-    ``overrides`` are ``key=value`` config fields (``TextConfig`` for built-in, ``HFTextConfig`` for HF, e.g.
+    ``overrides`` are config fields (``key=value`` strings or a dict) (``TextConfig`` for built-in, ``HFTextConfig`` for HF, e.g.
     ``max_length=256``). ``dtype`` defaults to float32 for built-in encoders and to the checkpoint's for HF.
     Nothing is downloaded and no code is executed while loading.
     """
-    path = Path(src)
-    if not path.exists():
-        if str(src) in list_presets(KIND):
-            cfg = load_config(TextConfig, KIND, str(src), overrides=overrides)
-            return BuiltinTextEncoder.from_config(cfg, device, dtype).eval()
-        raise FileNotFoundError(
-            f"no text encoder at {src!r}: not a folder, and not a preset ({', '.join(list_presets(KIND))})"
-        )
+    if isinstance(overrides, Mapping):
+        overrides = [f"{k}={v}" for k, v in override_items(overrides).items()]
+    source = resolve_source(src, KIND)
+    if source.kind == "preset":
+        cfg = load_config(TextConfig, KIND, source.name, overrides=overrides)
+        return BuiltinTextEncoder.from_config(cfg, device, dtype).eval()
+    path = source.path
     if not path.is_dir() or (path / WAN_T5_FILE).is_file():  # Wan's T5 checkpoint, or a folder holding it
         cfg = load_config(
             HFTextConfig, KIND, None, overrides=[f"max_length={WAN_TEXT_LEN}", "clean=wan", *overrides]

@@ -34,10 +34,12 @@ from ..checkpoint import (
     load_into,
     load_state_dict,
     names_source,
+    override_items,
     read_json,
+    resolve_source,
     save_folder,
 )
-from ..config import VAEConfig, config_from_dict, config_to_dict, list_presets, load_config
+from ..config import VAEConfig, config_from_dict, config_to_dict, load_config
 from .layers import RMSNorm, attention
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -596,23 +598,22 @@ class CausalVAE(nn.Module):
 
     @classmethod
     @names_source("VAE")
-    def from_pretrained(cls, src: str | Path, device=None, dtype=None, **overrides) -> CausalVAE:
+    def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides=None, **fields) -> CausalVAE:
         """Load a VAE from a preset name (random init), a vidlatent folder, a diffusers ``AutoencoderKLWan``
         folder, or an original Wan 2.1 VAE checkpoint (``Wan2.1_VAE.pth`` or the same keys in .safetensors).
 
-        ``overrides`` replace config fields (e.g. ``chunk_size=2``). Weights load without executing code;
-        keys or shapes that do not fit raise an error listing them.
+        ``overrides`` (a dict or ``key=value`` strings) and keyword ``fields`` replace config fields (e.g.
+        ``chunk_size=2``). Weights load without executing code; keys or shapes that do not fit raise an error
+        listing them. What ``src`` is, is told by ``checkpoint.resolve_source``.
         """
-        path = Path(src)
-        if not path.exists():
-            if str(src) in list_presets("vae"):
-                cfg = load_config(
-                    VAEConfig, "vae", str(src), overrides=[f"{k}={v}" for k, v in overrides.items()]
-                )
-                return cls.from_config(cfg, device, dtype)
-            raise FileNotFoundError(
-                f"no VAE at {src!r}: not a file or folder, and not a preset ({', '.join(list_presets('vae'))})"
+        overrides = {**override_items(overrides), **fields}
+        source = resolve_source(src, "vae")
+        if source.kind == "preset":
+            cfg = load_config(
+                VAEConfig, "vae", source.name, overrides=[f"{k}={v}" for k, v in overrides.items()]
             )
+            return cls.from_config(cfg, device, dtype)
+        path = source.path
         if path.is_dir():
             cfg_file = path / CONFIG_NAME
             if not cfg_file.is_file():

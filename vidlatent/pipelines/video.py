@@ -22,190 +22,62 @@ k pixel frames per latent frame (the VAE's temporal factor), p q pixels per late
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from einops import rearrange, reduce, repeat
 
-from ..checkpoint import CONFIG_NAME, atomic_write, read_json
+from ..checkpoint import is_wan_release, override_items, resolve_source
 from ..checks import check_finite, check_option, check_weights_finite, model_cause
-from ..config import DiTConfig, config_to_dict, list_presets, load_config
-from ..data.io import read_video, write_video
+from ..config import list_presets, load_config, merge_config
+from ..config.pipeline import (
+    FIRST_FRAME,
+    OUTPUT_TYPES,
+    TEXT_ATTENTION,
+    FrameSelection,
+    PipelineConfig,
+    PipelinePreset,
+    SamplingOptions,
+    check_pipeline_config,
+)
+from ..data.io import restore_size, write_video
 from ..diffusion.flow import add_noise
-from ..diffusion.sampling import SAMPLERS, SIGMAS, TIMESTEPS, denoise, flow_edit, invert
+from ..diffusion.sampling import denoise, flow_edit, invert
 from ..models import lora
 from ..models.dit import VideoDiT
-from ..models.image import ENCODER_DIR, ImageEncoder, load_image_encoder
-from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, TextEncoder, load_text_encoder
+from ..models.image import ENCODER_DIR, ImageEncoder
+from ..models.text import TextEncoder
 from ..models.vae import CausalVAE
+from . import loading
+from .inputs import Media, as_mask, as_video, is_file_input, read_clip, read_mask
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
+from .loading import PIPELINE_FILES
+from .wan import (
+    SCHEDULER_SAMPLERS,
+    WAN_DEFAULTS,
+    WAN_DIT_FILE,
+    WAN_NEGATIVE_PROMPT,
+    WAN_PIPELINES,
+    WAN_RELEASE_DEFAULTS,
+    WAN_VAE_FILE,
+    diffusers_pipeline_config,
+    wan_release_config,
+    wan_release_missing,
+)
 
-PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
 MORPH_MODES = ("latent", "noise")
-OUTPUT_TYPES = ("video", "latent")
-FIRST_FRAME = ("noised", "clean")  # animate: how the image's latent is given to the denoiser at each step
-Media = torch.Tensor | str | os.PathLike
-
-
 SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.5-4 on the default model)
 
-
-@dataclass
-class PipelineConfig:
-    """A pipeline's defaults for every job (``pipeline.json`` in a pipeline folder); each job can override."""
-
-    sampler: str = "unipc"  # euler | unipc | dpm (diffusers schedulers on flow sigmas)
-    steps: int = 30
-    guidance: float = 5.0  # classifier-free guidance scale; 1 turns it off (no negative pass)
-    shift: float = 3.0  # sigma shift of the schedule (Wan 2.1: 3 at 480p, 5 at 720p)
-    frames: int = 17  # 1 + 4k; 1 is an image
-    height: int = 256
-    width: int = 256
-    fps: float = 16.0
-    negative_prompt: str = ""
-    seed: int | None = None  # None: a fresh random seed per call
-    # animate: the image's latent as the denoiser sees it at each step, "noised" to the step's sigma (right for any
-    # text-to-video model) or "clean" (how a denoiser trained with first_frame_dropout < 1 saw it)
-    first_frame: str = "noised"
-    # how the denoiser reads the text: "masked" (padding tokens are ignored: our models) or "all" (it attends to
-    # every token, the zero padding too, with no mask: Wan, whose prompts are zero-padded to 512 UMT5 tokens)
-    text_attention: str = "masked"
-    # the noise level the denoiser is given (sampling.TIMESTEPS): "continuous" sigma (our models) or the
-    # scheduler's own timesteps ("scheduler": whole numbers for UniPC, as Wan's and diffusers' pipelines give)
-    timesteps: str = "continuous"
-    # the noise levels the sampler walks (sampling.SIGMAS): the diffusers scheduler's own ("scheduler"), or those
-    # of Wan 2.1's own UniPC sampler ("wan": an original Wan folder's, see sampling.SIGMAS for the difference)
-    sigmas: str = "scheduler"
-    # a diffusers scheduler config (a Wan folder's scheduler/scheduler_config.json): the sampler it names is
-    # built from it (solver settings), with this config's shift; empty for our models
-    scheduler_config: dict[str, Any] = field(default_factory=dict)
-
-
-TEXT_ATTENTION = ("masked", "all")
-# the defaults of a diffusers Wan pipeline folder: WanPipeline's own call defaults, and its scheduler's shift
-WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
-WAN_DEFAULTS = dict(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16.0, negative_prompt="",
-                    text_attention="all", timesteps="scheduler")  # fmt: skip
-SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
-                      "DPMSolverMultistepScheduler": "dpm"}  # fmt: skip
-
-
-def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None = None) -> PipelineConfig:
-    """Fail on a config value no job could use, naming the field, what is accepted and, when given, the file
-    it came from (numbers: ``checks.OPTION_RANGES``)."""
-    choices = {"sampler": SAMPLERS, "first_frame": FIRST_FRAME, "text_attention": TEXT_ATTENTION,
-               "timesteps": TIMESTEPS, "sigmas": SIGMAS}  # fmt: skip
-    try:
-        for name, accepted in choices.items():
-            if getattr(cfg, name) not in accepted:
-                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
-        for name in ("steps", "guidance", "shift", "fps"):
-            check_option(name, getattr(cfg, name))
-        for name in ("frames", "height", "width"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(cfg, name)}")
-    except ValueError as err:
-        if source is None:
-            raise
-        raise type(err)(f"{source}: {err}") from None
-    return cfg
-
-
-def diffusers_pipeline_config(root: Path) -> PipelineConfig:
-    """The ``PipelineConfig`` of a diffusers Wan pipeline folder (``model_index.json``): Wan's conventions
-    (all 512 text tokens attended, the scheduler's timesteps), WanPipeline's defaults (50 steps, guidance 5,
-    81 frames of 480x832), and the sampler, shift and settings of ``scheduler/scheduler_config.json``."""
-    index = read_json(root / "model_index.json")
-    name = index.get("_class_name")
-    if name not in WAN_PIPELINES:
-        raise ValueError(
-            f"{root} holds a diffusers {name or 'pipeline'}; accepted: {', '.join(WAN_PIPELINES)} folders"
-        )
-    cfg = PipelineConfig(**WAN_DEFAULTS)
-    path = root / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        sched = read_json(path)
-        kind = sched.get("_class_name")
-        if kind not in SCHEDULER_SAMPLERS:
-            raise ValueError(f"{path} names scheduler {kind!r}; accepted: {', '.join(SCHEDULER_SAMPLERS)}")
-        cfg.sampler, cfg.scheduler_config = SCHEDULER_SAMPLERS[kind], sched
-        cfg.shift = float(sched.get("flow_shift") or sched.get("shift") or cfg.shift)
-    return cfg
-
-
-# An original Wan 2.1 release folder (Wan-Video/Wan2.1 layout; wan/configs/wan_t2v_*.py names the files): the
-# WanModel config.json and weights, the VAE and Wan's own T5 checkpoint, and the T5 tokenizer folder.
-WAN_VAE_FILE = "Wan2.1_VAE.pth"
-WAN_DIT_FILE = "diffusion_pytorch_model.safetensors"
-# Wan's default negative prompt (wan/configs/shared_config.py sample_neg_prompt; wan/text2video.py uses it whenever
-# the negative prompt is "")
-WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-# Wan 2.1's own text-to-video defaults, from Wan-Video/Wan2.1: generate.py (_validate_args: 50 steps and shift 5.0
-# for t2v at every size, 81 frames; --sample_guide_scale 5.0, --sample_solver unipc), shared_config.py (16 fps,
-# the negative prompt above, 512 text tokens) and text2video.py (UniPC's integer timesteps go to the model; its
-# scheduler is fm_solvers_unipc.py, on its own levels: sigmas "wan"). Wan's README suggests guidance 6 and shift
-# 8-12 for the 1.3B; these are its code's defaults. The size is in wan_release_config.
-WAN_RELEASE_DEFAULTS = dict(sampler="unipc", steps=50, guidance=5.0, shift=5.0, frames=81, fps=16.0,
-                            negative_prompt=WAN_NEGATIVE_PROMPT, text_attention="all", timesteps="scheduler",
-                            sigmas="wan")  # fmt: skip
-
-
-def is_wan_release(folder: Path) -> bool:
-    """Whether ``folder`` is an original Wan 2.1 release folder: its config.json is a ``WanModel``'s."""
-    if not (folder / CONFIG_NAME).is_file():
-        return False
-    raw = read_json(folder / CONFIG_NAME)
-    wan_model = raw.get("_class_name") == "WanModel" or {"dim", "num_heads"} <= set(raw)
-    return wan_model and "_vidlatent_kind" not in raw
-
-
-def wan_release_missing(folder: Path) -> list[str]:
-    """The files of an original Wan 2.1 T2V folder that ``folder`` lacks (those wan/text2video.py loads)."""
-    tokenizer = folder / WAN_TOKENIZER
-    present = {
-        "diffusion_pytorch_model.safetensors (or its .index.json)": any(
-            (folder / n).is_file() for n in (WAN_DIT_FILE, f"{WAN_DIT_FILE}.index.json")
-        ),
-        WAN_VAE_FILE: (folder / WAN_VAE_FILE).is_file(),
-        WAN_T5_FILE: (folder / WAN_T5_FILE).is_file(),
-        f"{WAN_TOKENIZER}/ (its tokenizer)": any(
-            (tokenizer / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "spiece.model")
-        ),
-    }
-    return [name for name, ok in present.items() if not ok]
-
-
-def wan_release_config(folder: Path) -> PipelineConfig:
-    """The ``PipelineConfig`` of an original Wan 2.1 folder: Wan's conventions and its generate.py defaults
-    (``WAN_RELEASE_DEFAULTS``), at 832x480 (the 1.3B runs 480p only) or, for the 14B (dim 5120), generate.py's
-    default 1280x720."""
-    raw = read_json(folder / CONFIG_NAME)
-    height, width = (720, 1280) if raw.get("dim") == 5120 else (480, 832)
-    return PipelineConfig(**WAN_RELEASE_DEFAULTS, height=height, width=width)
-
-
-@dataclass
-class PipelinePreset:
-    """A pipeline assembled from component presets (``configs/pipeline/<name>.yaml``), with random weights.
-
-    The denoiser's latent channels and text width are set from the VAE and the text encoder, so the parts
-    always fit. ``init_noise``: std of Gaussian noise added to every denoiser weight after initialization, so
-    that a random model (zero-initialized output head) computes a non-trivial velocity. ``seed`` makes the
-    denoiser's random weights the same on every load (the VAE and text presets are seeded by their configs
-    or by this seed too).
-    """
-
-    vae: str = "tiny"
-    dit: str = "tiny"
-    text_encoder: str = "tiny"
-    init_noise: float = 0.0
-    seed: int = 0
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+__all__ = [  # the names this module has always offered (the configs and Wan's conventions live next door now)
+    "FIRST_FRAME", "MORPH_MODES", "OUTPUT_TYPES", "PIPELINE_FILES", "SCHEDULER_SAMPLERS", "SOURCE_GUIDANCE",
+    "TEXT_ATTENTION", "WAN_DEFAULTS", "WAN_DIT_FILE", "WAN_NEGATIVE_PROMPT", "WAN_PIPELINES",
+    "WAN_RELEASE_DEFAULTS", "WAN_VAE_FILE", "DEFAULT_MODEL", "FrameSelection", "Media", "PipelineConfig",
+    "PipelinePreset", "SamplingOptions", "VideoPipeline", "check_pipeline_config", "default_model_folder",
+    "diffusers_pipeline_config", "is_wan_release", "latent_mask", "wan_release_config", "wan_release_missing",
+]  # fmt: skip
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -292,9 +164,11 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------ loading
 
+    # ------------------------------------------------------------------------------------ loading
+
     @classmethod
     def from_pretrained(
-        cls, src: str | os.PathLike, device=None, dtype=None, check_finite: bool = False
+        cls, src: str | os.PathLike, device=None, dtype=None, overrides=None, check_finite: bool = False
     ) -> VideoPipeline:
         """Load from a pipeline folder, a preset name (``tiny``: random weights, for tests) or ``"default"``.
 
@@ -303,11 +177,21 @@ class VideoPipeline:
         ``save_pretrained``. A diffusers Wan folder (``model_index.json``) and an original Wan 2.1 release folder
         (config.json of a ``WanModel``, ``Wan2.1_VAE.pth``, Wan's T5 checkpoint and ``google/umt5-xxl/``) load
         with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
-        presets). ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
+        presets). ``overrides``: ``PipelineConfig`` fields (a dict or ``key=value`` strings) over the folder's.
+        ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
         """
-        path = Path(src)
-        if path.is_dir() or str(src) == "default":
-            pipe = cls._from_folder(path if path.is_dir() else default_model_folder(), device, dtype)
+        if str(src) == "default" and not Path(src).is_dir():
+            src = default_model_folder()
+        source = resolve_source(src, "pipeline", presets=["default", *list_presets("pipeline")])
+        if source.kind == "preset":
+            pipe = cls.from_preset(load_config(PipelinePreset, "pipeline", source.name), device, dtype)
+        elif source.kind == "file":
+            raise FileNotFoundError(
+                f"no pipeline at {source.name!r}: not a folder, and not a preset "
+                f"({', '.join(['default', *list_presets('pipeline')])})"
+            )
+        else:
+            pipe = loading.from_folder(cls, source.path, device, dtype)
             if check_finite:
                 for name, model in (
                     ("VAE", pipe.vae),
@@ -315,107 +199,14 @@ class VideoPipeline:
                     ("text encoder", pipe.text_encoder),
                 ):
                     check_weights_finite(model, f"the {name} of {src}")
-            return pipe
-        if str(src) in list_presets("pipeline"):
-            return cls.from_preset(load_config(PipelinePreset, "pipeline", str(src)), device, dtype)
-        raise FileNotFoundError(
-            f"no pipeline at {str(src)!r}: not a folder, and not a preset "
-            f"({', '.join(['default', *list_presets('pipeline')])})"
-        )
+        if overrides:
+            pipe.config = check_pipeline_config(merge_config(pipe.config, override_items(overrides)))
+        return pipe
 
     @classmethod
     def from_preset(cls, preset: PipelinePreset, device=None, dtype=None) -> VideoPipeline:
         """Random-weight pipeline from component presets; the same preset gives the same weights."""
-        text_encoder = load_text_encoder(preset.text_encoder, device=device, dtype=dtype)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(preset.seed)
-            vae = CausalVAE.from_pretrained(preset.vae, device=device, dtype=dtype)
-            c = vae.config.latent_channels
-            overrides = [f"in_channels={c}", f"out_channels={c}", f"text_dim={text_encoder.dim}"]
-            dit = VideoDiT(load_config(DiTConfig, "dit", preset.dit, overrides=overrides)).eval()
-            if preset.init_noise:
-                with torch.no_grad():
-                    for p in dit.parameters():
-                        p.add_(preset.init_noise * torch.randn_like(p))
-        dit = dit.to(device=device, dtype=dtype) if dtype is not None else dit.to(device)
-        return cls(vae.eval(), dit, text_encoder, preset.pipeline)
-
-    @classmethod
-    def _from_folder(cls, folder: Path, device, dtype) -> VideoPipeline:
-        dits = [folder / n for n in ("dit", "transformer") if (folder / n).is_dir()]
-        diffusers_root = (folder / "model_index.json").is_file()
-        config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
-        if is_wan_release(folder):
-            others = [p.name + "/" for p in dits]
-            others += [n for n in ("model_index.json", *PIPELINE_FILES) if (folder / n).is_file()]
-            if others:
-                raise ValueError(
-                    f"{folder} mixes layouts (an original Wan config.json with {' and '.join(others)}); a "
-                    "pipeline folder is ours (dit/, pipeline.json), a diffusers one (transformer/, "
-                    "model_index.json) or an original Wan 2.1 one (config.json of a WanModel, Wan2.1_VAE.pth, ...)"
-                )
-            return cls._from_wan_release(folder, device, dtype)
-        if len(dits) > 1 or (diffusers_root and config_file is not None):
-            mixed = [p.name + "/" for p in dits] if len(dits) > 1 else ["model_index.json", config_file.name]
-            raise ValueError(
-                f"{folder} mixes layouts ({' and '.join(mixed)}); a pipeline folder is either ours (dit/, "
-                "pipeline.json) or a diffusers one (transformer/, model_index.json)"
-            )
-        missing = [n for n, ok in (("vae/", (folder / "vae").is_dir()), ("dit/", bool(dits)),
-                                   ("text_encoder/", (folder / "text_encoder").is_dir())) if not ok]  # fmt: skip
-        if missing:
-            raise FileNotFoundError(f"{folder} is not a pipeline folder: it lacks {', '.join(missing)}")
-        text_overrides: list[str] = []
-        if diffusers_root:
-            config = diffusers_pipeline_config(folder)
-            text_overrides = ["clean=wan"]  # Wan's prompt clean-up (html entities, runs of white space)
-        else:
-            try:
-                config = load_config(
-                    PipelineConfig, "pipeline", None, *([config_file] if config_file else [])
-                )
-                check_pipeline_config(config, config_file)
-            except Exception as err:  # yaml / json syntax, unknown keys, wrong types, values out of range
-                if config_file is None or str(config_file) in str(err):
-                    raise
-                raise ValueError(f"cannot read {config_file}: {str(err).splitlines()[0]}") from err
-        vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
-        dit = VideoDiT.from_pretrained(dits[0], device=device, dtype=dtype).eval()
-        text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
-                                         overrides=text_overrides)  # fmt: skip
-        image_encoder = None
-        if dit.config.image_dim is not None:  # Wan I2V / FLF2V: a CLIP vision encoder beside the denoiser
-            if not (folder / ENCODER_DIR).is_dir():
-                raise FileNotFoundError(
-                    f"{folder} holds an image-conditioned denoiser (Wan I2V / FLF2V) but no {ENCODER_DIR}/: it "
-                    f"needs the CLIP vision encoder (transformers CLIPVisionModel, tokens of width "
-                    f"{dit.config.image_dim}) in {ENCODER_DIR}/ and its processor in image_processor/ (as in "
-                    "diffusers' Wan I2V folders) or beside it"
-                )
-            image_encoder = load_image_encoder(folder, device=device, dtype=dtype)
-        return cls(vae, dit, text_encoder, config, image_encoder)
-
-    @classmethod
-    def _from_wan_release(cls, folder: Path, device, dtype) -> VideoPipeline:
-        model_type = read_json(folder / CONFIG_NAME).get("model_type", "t2v")
-        if model_type != "t2v":
-            raise ValueError(
-                f"{folder} is an original Wan 2.1 {model_type} folder: its CLIP checkpoint (open-clip XLM-RoBERTa "
-                "ViT-H/14 .pth) is not read here; use the diffusers folder of the same model (its image_encoder/ "
-                "is a transformers CLIPVisionModel), or VideoPipeline(vae, VideoDiT.from_pretrained(folder), "
-                "text_encoder, config, image_encoder=load_image_encoder(diffusers_root))"
-            )
-        missing = wan_release_missing(folder)
-        if missing:
-            raise FileNotFoundError(
-                f"{folder} is an original Wan 2.1 folder (its config.json is a WanModel's) but lacks "
-                f"{', '.join(missing)}; such a folder holds config.json, {WAN_DIT_FILE} (or its .index.json), "
-                f"{WAN_VAE_FILE}, {WAN_T5_FILE} and {WAN_TOKENIZER}/ (a tokenizer folder)"
-            )
-        vae = CausalVAE.from_pretrained(folder / WAN_VAE_FILE, device=device, dtype=dtype)
-        dit = VideoDiT.from_pretrained(folder, device=device, dtype=dtype).eval()
-        text_encoder = load_text_encoder(folder / WAN_T5_FILE, device=device, dtype=dtype)
-        return cls(vae, dit, text_encoder, wan_release_config(folder))
+        return loading.from_preset(cls, preset, device, dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
         """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically) and, for an
@@ -424,17 +215,7 @@ class VideoPipeline:
         ``copy_text_encoder=False`` (Hugging Face encoders only) records where the encoder was loaded from
         instead of copying its weights (UMT5-XXL is 11 GB).
         """
-        folder = Path(folder)
-        if not copy_text_encoder and not isinstance(self.text_encoder, HFTextEncoder):
-            raise ValueError("copy_text_encoder=False applies to Hugging Face text encoders only")
-        self.vae.save_pretrained(folder / "vae")
-        self.dit.save_pretrained(folder / "dit")
-        kwargs = {} if copy_text_encoder else {"copy": False}
-        self.text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
-        if self.image_encoder is not None:
-            self.image_encoder.save_pretrained(folder / ENCODER_DIR)
-        text = json.dumps(config_to_dict(self.config), indent=2)
-        atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
+        loading.save_pipeline(self, folder, copy_text_encoder)
 
     # ------------------------------------------------------------------------------------ LoRAs
 
@@ -521,7 +302,6 @@ class VideoPipeline:
         return paths
 
     # ------------------------------------------------------------------------------------ jobs
-
     @torch.no_grad()
     def generate(
         self,
@@ -531,14 +311,9 @@ class VideoPipeline:
         frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
         noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        output_type: str = "video",
-        progress: bool | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """Text to video: (b, 3, frames, height, width) in [-1, 1], one video per prompt; ``frames=1`` is
         text-to-image. ``output_type="latent"`` returns the normalized latents instead.
@@ -547,6 +322,7 @@ class VideoPipeline:
         ``noise``: the start noise (b, c, t', h', w') instead of one drawn from ``seed`` (the sizes left unset
         follow its shape); every job that samples takes it, shaped like its latents.
         """
+        opts = self._options(options, sampling, "generate", negative_prompt)
         cfg = self.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if noise is not None:  # the given start noise sets the size the user left out
@@ -554,10 +330,11 @@ class VideoPipeline:
         frames = cfg.frames if frames is None else frames
         height, width = cfg.height if height is None else height, cfg.width if width is None else width
         self._check_size(frames, height, width)
-        noise, generator = self._noise(self._latent_shape(len(prompts), frames, height, width), seed, noise)
-        opts = self._options(steps, guidance, sampler, shift, progress)
-        z = self._sample(noise, prompts, negative_prompt, opts, generator)
-        return self._output(z, output_type)
+        noise, generator = self._noise(
+            self._latent_shape(len(prompts), frames, height, width), opts.seed, noise
+        )
+        z = self._sample(noise, prompts, opts, generator)
+        return self._output(z, opts.output_type)
 
     @torch.no_grad()
     def edit(
@@ -569,14 +346,10 @@ class VideoPipeline:
         *,
         source_prompt: str | Sequence[str] | None = None,
         source_guidance: float | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
+        selection: FrameSelection | None = None,
         noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        output_type: str = "video",
-        progress: bool | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """Re-draw ``video`` (tensor or file) after ``prompt``, keeping as much of it as ``strength`` says.
 
@@ -597,30 +370,34 @@ class VideoPipeline:
         """
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
-        if source_prompt is not None and sampler not in (None, "euler"):
-            raise ValueError(f"an edit with source_prompt runs on the euler grid; got sampler {sampler!r}")
+        given = SamplingOptions.from_keywords(options, sampling, "edit")
+        if source_prompt is not None and given.sampler not in (None, "euler"):
+            raise ValueError(
+                f"an edit with source_prompt runs on the euler grid; got sampler {given.sampler!r}"
+            )
         if source_guidance is not None and source_prompt is None:
             raise ValueError("source_guidance is FlowEdit's: give source_prompt (what the input shows) too")
-        video = self._video_input(video)
+        opts = self._options(given, {}, "edit", negative_prompt)
+        video, fit = self._video_input(video, selection)
         z0 = self.encode(video)
         if source_prompt is None or strength == 0:
-            z = self.edit_latents(z0, prompt, strength, negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                                  noise=noise, sampler=sampler, shift=shift, progress=progress)  # fmt: skip
-            return self._output(z, output_type)
+            z = self.edit_latents(
+                z0, prompt, strength, noise=noise, options=replace(opts, output_type="latent")
+            )
+            return self._output(z, opts.output_type, fit)
         self._check_text_to_video()
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
-        _, generator = self._noise(z0.shape, seed, noise)
-        opts = self._options(steps, guidance, sampler, shift, progress)
+        _, generator = self._noise(z0.shape, opts.seed, noise)
         source_guidance = check_option(
             "source_guidance", SOURCE_GUIDANCE if source_guidance is None else source_guidance
         )
         context, mask = self.encode_text(self._prompts(prompt, len(z0)))
         source, source_mask = self.encode_text(self._prompts(source_prompt, len(z0), "source_prompt"))
-        negative = self._negative(negative_prompt, opts["guidance"] != 1 or source_guidance != 1)
-        z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts["guidance"],
-                      source_guidance=source_guidance, steps=opts["steps"], shift=opts["shift"],
-                      strength=strength, generator=generator, progress=opts["progress"])  # fmt: skip
-        return self._output(z, output_type)
+        negative = self._negative(opts.negative_prompt, opts.guidance != 1 or source_guidance != 1)
+        z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts.guidance,
+                      source_guidance=source_guidance, steps=opts.steps, shift=opts.shift,
+                      strength=strength, generator=generator, progress=opts.progress)  # fmt: skip
+        return self._output(z, opts.output_type, fit)
 
     @torch.no_grad()
     def edit_latents(
@@ -630,28 +407,22 @@ class VideoPipeline:
         strength: float = 0.6,
         negative_prompt: str | None = None,
         *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
         noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        progress: bool | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """SDEdit on normalized latents (b, c, t', h', w') (what ``encode`` returns) -> normalized latents: the
         same as ``edit(..., output_type="latent")`` without its encoding (``edit`` calls it after encoding).
         """
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        opts = self._options(options, sampling, "edit_latents", negative_prompt)
         z0 = latents.to(self.device, torch.float32)
         if strength == 0:
             return z0.clone()
-        noise, generator = self._noise(z0.shape, seed, noise)
-        opts = self._options(steps, guidance, sampler, shift, progress)
+        noise, generator = self._noise(z0.shape, opts.seed, noise)
         init = z0 if strength < 1 else None
-        return self._sample(
-            noise, self._prompts(prompt, len(z0)), negative_prompt, opts, generator, init, strength
-        )
+        return self._sample(noise, self._prompts(prompt, len(z0)), opts, generator, init, strength)
 
     @torch.no_grad()
     def inpaint(
@@ -662,14 +433,10 @@ class VideoPipeline:
         strength: float = 1.0,
         negative_prompt: str | None = None,
         *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
+        selection: FrameSelection | None = None,
         noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        output_type: str = "video",
-        progress: bool | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """Regenerate the masked part of ``video`` (tensor or file) and keep the rest.
 
@@ -684,20 +451,20 @@ class VideoPipeline:
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
-        video = self._video_input(video)
+        opts = self._options(options, sampling, "inpaint", negative_prompt)
+        source = video
+        video, fit = self._video_input(video, selection)
         b, _, t, h, w = video.shape
-        regen = latent_mask(
-            self._mask_input(mask, t, h, w), self.vae.temporal_factor, self.vae.spatial_factor
-        )
+        if is_file_input(mask):  # fitted as the input was; a file input's own size must be the mask's
+            size = fit["source_size"] if is_file_input(source) else None
+            mask = read_mask(mask, selection, self.size_multiple, t, size)
+        keep = ~latent_mask(as_mask(mask, t, h, w), self.vae.temporal_factor, self.vae.spatial_factor)
         z0 = self.encode(video)
-        noise, generator = self._noise(z0.shape, seed, noise)
-        opts = self._options(steps, guidance, sampler, shift, progress)
-        hook = self._keep_hook(z0, ~regen.to(z0.device), noise)
+        noise, generator = self._noise(z0.shape, opts.seed, noise)
+        hook = self._keep_hook(z0, keep.to(z0.device), noise)
         init = z0 if strength < 1 else None
-        z = self._sample(
-            noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook
-        )
-        return self._output(z, output_type)
+        z = self._sample(noise, self._prompts(prompt, b), opts, generator, init, strength, hook)
+        return self._output(z, opts.output_type, fit)
 
     @torch.no_grad()
     def animate(
@@ -710,14 +477,10 @@ class VideoPipeline:
         last_image: Media | None = None,
         strength: float = 1.0,
         first_frame: str | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
+        selection: FrameSelection | None = None,
         noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        output_type: str = "video",
-        progress: bool | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """Image to video: ``image`` is the first frame, and ``last_image`` (same size), if given, the last; the
         rest is generated (with both, a generative morph between two stills).
@@ -739,9 +502,10 @@ class VideoPipeline:
         first_frame = self.config.first_frame if first_frame is None else first_frame
         if first_frame not in FIRST_FRAME:
             raise ValueError(f"unknown first_frame {first_frame!r}; accepted: {', '.join(FIRST_FRAME)}")
-        image = self._image_input(image, "image")
+        opts = self._options(options, sampling, "animate", negative_prompt)
+        image, fit = self._image_input(image, "image", selection)
         b, _, _, h, w = image.shape
-        last = None if last_image is None else self._image_input(last_image, "last_image")
+        last = None if last_image is None else self._image_input(last_image, "last_image", selection)[0]
         if last is not None and last.shape != image.shape:
             raise ValueError(
                 f"last_image must have image's shape {tuple(image.shape)}; got {tuple(last.shape)}"
@@ -760,16 +524,14 @@ class VideoPipeline:
                 f"a first and a last image need frames >= {1 + self.vae.temporal_factor}; got {frames}"
             )
         shape = self._latent_shape(b, frames, h, w)
-        noise, generator = self._noise(shape, seed, noise)
+        noise, generator = self._noise(shape, opts.seed, noise)
         if self.dit.config.image_dim is None:
             start, hook, model_kwargs = self._keep_frames(image, last, noise, first_frame == "clean")
         else:
             start, hook, model_kwargs = self._wan_image_condition(image, last, shape)
-        opts = self._options(steps, guidance, sampler, shift, progress)
         init = start if strength < 1 else None
-        z = self._sample(noise, self._prompts(prompt, b), negative_prompt, opts, generator, init, strength, hook,
-                         model_kwargs)  # fmt: skip
-        return self._output(z, output_type)
+        z = self._sample(noise, self._prompts(prompt, b), opts, generator, init, strength, hook, model_kwargs)
+        return self._output(z, opts.output_type, fit)
 
     def _keep_frames(self, image, last, noise, clean_first: bool):
         """Stills -> (start latents, hook, model keywords) for a text-to-video denoiser: the hook keeps the
@@ -830,14 +592,12 @@ class VideoPipeline:
         prompt_b: str | None = None,
         *,
         easing: str = "linear",
-        steps: int | None = None,
-        guidance: float = 1.0,
-        shift: float | None = None,
         refine: int = 2,
         respace: bool = False,
         batch_size: int = 8,
-        output_type: str = "video",
-        progress: bool | None = None,
+        selection: FrameSelection | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
     ) -> torch.Tensor:
         """A morph video (1, 3, frames, h, w) from image A to image B (same size); each frame is an image.
 
@@ -854,12 +614,17 @@ class VideoPipeline:
         and regenerates once more at weights that make them equal (``arc_length_weights``; twice the cost).
         ``easing``: "linear", "cosine" or "smoothstep" spacing of the frames. ``batch_size``: frames per
         denoiser / decoder batch. ``output_type="latent"`` returns the frames' latents (frames, c, 1, h', w').
+        Sampling options: ``steps``, ``guidance``, ``shift``, ``output_type``, ``progress`` (the sampler is
+        Euler, and nothing is drawn at random).
         """
         if mode not in MORPH_MODES:
             raise ValueError(f"unknown morph mode {mode!r}; accepted: {', '.join(MORPH_MODES)}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
-        a, b = self._video_input(image_a), self._video_input(image_b)
+        given = SamplingOptions.from_keywords(options, {"guidance": 1.0, **sampling}, "morph")
+        for name in ("seed", "sampler", "negative_prompt"):
+            if getattr(given, name) is not None:
+                raise TypeError(f"morph() got an unexpected keyword argument {name!r}")
+        opts = self._options(replace(given, sampler="euler"), {}, "morph")
+        (a, fit), (b, _) = self._video_input(image_a, selection), self._video_input(image_b, selection)
         for name, x in (("image_a", a), ("image_b", b)):
             if x.shape[0] != 1 or x.shape[2] != 1:
                 raise ValueError(f"{name} must be one image; got shape {tuple(x.shape)}")
@@ -873,24 +638,24 @@ class VideoPipeline:
                 raise ValueError("prompts apply to mode='noise' only; a latent morph does not sample")
             latents = slerp(z[0], z[1], weights)
         else:
-            latents = self._noise_morph(z, weights, prompt_a or "", prompt_b or "", steps, guidance, shift,
-                                        refine, respace, batch_size, progress)  # fmt: skip
-        if output_type == "latent":
+            latents = self._noise_morph(
+                z, weights, prompt_a or "", prompt_b or "", opts, refine, respace, batch_size
+            )
+        if opts.output_type == "latent":
             return latents
-        return self.decode_images(latents, batch_size)
+        return restore_size(self.decode_images(latents, batch_size), fit)
 
     def _noise_morph(
-        self, z, weights, prompt_a, prompt_b, steps, guidance, shift, refine, respace, batch_size, progress
+        self, z, weights, prompt_a, prompt_b, opts: SamplingOptions, refine, respace, batch_size
     ):
         """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
         self._check_text_to_video()
-        opts = self._options(steps, guidance, "euler", shift, progress)
         tokens, mask = self.encode_text([prompt_a, prompt_b])
         if mask is not None:  # the union: one context layout for every frame
             mask = mask.any(dim=0, keepdim=True).expand(2, -1)
-        negative = self._negative(None, guidance != 1)
-        kw = dict(guidance=guidance, steps=opts["steps"], shift=opts["shift"], progress=opts["progress"])
+        negative = self._negative(opts.negative_prompt, opts.guidance != 1)
+        kw = dict(guidance=opts.guidance, steps=opts.steps, shift=opts.shift, progress=opts.progress)
         noise = invert(self.dit, z, tokens, mask, refine=refine, **negative, **kw)
 
         def regenerate(w: torch.Tensor) -> torch.Tensor:
@@ -905,39 +670,17 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _sample(
-        self,
-        noise,
-        prompts,
-        negative_prompt,
-        opts,
-        generator,
-        init=None,
-        strength=1.0,
-        hook=None,
-        model_kwargs=None,
-    ):
+    def _sample(self, noise, prompts, opts: SamplingOptions, generator, init=None, strength=1.0, hook=None,
+                model_kwargs=None):  # fmt: skip
         """The one call to the sampling loop that every job makes."""
         if model_kwargs is None:
             self._check_text_to_video()
         context, context_mask = self.encode_text(prompts)
-        negative = self._negative(negative_prompt, opts["guidance"] != 1)
-        return denoise(
-            self.dit,
-            noise,
-            context,
-            context_mask,
-            **negative,
-            init=init,
-            strength=strength,
-            hook=hook,
-            generator=generator,
-            timesteps=self.config.timesteps,
-            scheduler_config=self.config.scheduler_config,
-            sigmas=self.config.sigmas,
-            model_kwargs=model_kwargs,
-            **opts,
-        )
+        negative = self._negative(opts.negative_prompt, opts.guidance != 1)
+        return denoise(self.dit, noise, context, context_mask, **negative, init=init, strength=strength, hook=hook,
+                       generator=generator, timesteps=self.config.timesteps,
+                       scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
+                       model_kwargs=model_kwargs, **opts.loop_keywords())  # fmt: skip
 
     def _check_text_to_video(self) -> None:
         """Jobs other than animate sample from text alone: an image-conditioned denoiser cannot run them."""
@@ -962,25 +705,12 @@ class VideoPipeline:
         tokens, mask = self.encode_text([neg])
         return {"negative": tokens, "negative_mask": mask}
 
-    def _options(self, steps, guidance, sampler, shift, progress) -> dict:
-        cfg = self.config
-        sampler = sampler or cfg.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
-        steps = cfg.steps if steps is None else steps
-        guidance, shift = (
-            cfg.guidance if guidance is None else guidance,
-            cfg.shift if shift is None else shift,
-        )
-        for name, value in (("steps", steps), ("guidance", guidance), ("shift", shift)):
-            check_option(name, value)
-        return {
-            "steps": steps,
-            "guidance": guidance,
-            "sampler": sampler,
-            "shift": shift,
-            "progress": self.progress if progress is None else progress,
-        }
+    def _options(self, options, sampling: dict, job: str, negative_prompt=None) -> SamplingOptions:
+        """A job's sampling options, the one place they are read: ``options`` with the job's keywords (and its
+        positional ``negative_prompt``) over them, checked, every ``None`` taken from the pipeline's config."""
+        if negative_prompt is not None:
+            sampling = {**sampling, "negative_prompt": negative_prompt}
+        return SamplingOptions.from_keywords(options, sampling, job).resolve(self.config, self.progress)
 
     def _noise(self, shape, seed, given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
         """Start noise drawn on a CPU generator (the same on every device), then moved to the model's device;
@@ -1031,11 +761,12 @@ class VideoPipeline:
 
         return hook
 
-    def _output(self, z: torch.Tensor, output_type: str) -> torch.Tensor:
+    def _output(self, z: torch.Tensor, output_type: str, fit: dict | None = None) -> torch.Tensor:
+        """The job's latents as asked: decoded (a padded file input's output cropped back to its size) or not."""
         if output_type == "latent":
             return z
         if output_type == "video":
-            return self.decode(z)
+            return restore_size(self.decode(z), fit)
         raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
 
     def _prompts(self, prompt: str | Sequence[str], b: int, name: str = "prompt") -> list[str]:
@@ -1062,54 +793,24 @@ class VideoPipeline:
                 f"patch {ph}x{pw}); got {width}x{height} (width x height)"
             )
 
-    def _video_input(self, video: Media) -> torch.Tensor:
-        """A file path or a tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) -> (b, 3, t, h, w), checked. A
-        file is centre-cropped to the size multiple (``data.io.fit_to_multiple``); a tensor must fit already."""
-        if isinstance(video, (str, os.PathLike)):
-            video = read_video(video, temporal_factor=self.vae.temporal_factor, multiple=self.size_multiple)[
-                0
-            ]
-        ok = isinstance(video, torch.Tensor) and video.ndim in (3, 4, 5)
-        if not ok or video.shape[1 if video.ndim == 5 else 0] != 3:
-            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(
-                f"expected a video (b, 3, t, h, w), (3, t, h, w) or an image (3, h, w); got {shape}"
-            )
-        if not video.is_floating_point():
-            raise ValueError(f"expected a float video in [-1, 1]; got dtype {video.dtype} (use read_video)")
-        if video.ndim == 3:
-            video = video[:, None]
-        if video.ndim == 4:
-            video = video[None]
+    def _video_input(
+        self, video: Media, selection: FrameSelection | None = None
+    ) -> tuple[torch.Tensor, dict | None]:
+        """A file path or a tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) -> ((b, 3, t, h, w), fit plan),
+        checked. A file is read by ``inputs.read_clip`` as ``selection`` says (default: all frames, centre-cropped
+        to the size multiple); a tensor must fit already (its plan is None)."""
+        fit = None
+        if is_file_input(video):
+            video, info = read_clip(video, selection, self.size_multiple, self.vae.temporal_factor)
+            fit = {**info["fit"], "source_size": info["source_size"]}
+        video = as_video(video)
         self._check_size(*video.shape[2:])
-        return video.float().to(self.vae.device)
+        return video.to(self.vae.device), fit
 
-    def _image_input(self, image: Media, name: str) -> torch.Tensor:
-        """An image file or tensor -> (b, 3, 1, h, w), checked (a video gives an error, not its first frame)."""
-        image = self._video_input(image)
+    def _image_input(self, image: Media, name: str, selection: FrameSelection | None = None):
+        """An image file or tensor -> ((b, 3, 1, h, w), fit plan), checked (a video gives an error, not its
+        first frame)."""
+        image, fit = self._video_input(image, selection)
         if image.shape[2] != 1:
             raise ValueError(f"animate takes an image (one frame) as {name}; got {image.shape[2]} frames")
-        return image
-
-    def _mask_input(self, mask: Media, t: int, h: int, w: int) -> torch.Tensor:
-        """A mask file or tensor -> (1, t or 1, h, w) bool (True = regenerate), checked against the input."""
-        if isinstance(mask, (str, os.PathLike)):
-            mask = (read_video(mask, temporal_factor=1, multiple=self.size_multiple)[0] + 1) / 2  # -> [0, 1]
-        if not isinstance(mask, torch.Tensor):
-            raise ValueError(f"mask must be a tensor or an image/video file; got {type(mask).__name__}")
-        m = mask.float()
-        if m.ndim == 5:
-            m = m[0]
-        if m.ndim == 4:  # (c, t, h, w): average the colour channels
-            m = m.mean(dim=0)
-        if m.ndim == 2:
-            m = m[None]
-        if m.ndim != 3:
-            raise ValueError(f"mask must be (h, w), (t, h, w) or (c, t, h, w); got {tuple(mask.shape)}")
-        if tuple(m.shape[-2:]) != (h, w):
-            raise ValueError(
-                f"mask is {m.shape[-1]}x{m.shape[-2]} but the input is {w}x{h} (width x height); they must match"
-            )
-        if m.shape[0] not in (1, t):
-            raise ValueError(f"mask has {m.shape[0]} frames but the input has {t}; give 1 (an image) or {t}")
-        return (m > 0.5)[None].to(self.vae.device)
+        return image, fit

@@ -1,0 +1,369 @@
+"""The ``VideoPipeline`` jobs (generate, edit, inpaint, animate, morph): read inputs through
+``pipelines.inputs`` as the library does, load the pipeline, call one job with ``SamplingOptions``, write."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checks import option_type
+from .common import (
+    SIZE_POLICY_HELP,
+    _check_inputs,
+    _check_output,
+    _is_folder,
+    _notes,
+    _silence_progress,
+    add_common,
+    add_frame_flags,
+    add_sampling_flags,
+    frame_selection,
+    parse_lora_spec,
+    sampling_options,
+)
+
+JOB_EXAMPLES = {
+    "generate": """examples:
+  vidlatent generate "a red ball bouncing" -o ball.mp4 --model my_pipeline --frames 17 --seed 1
+  vidlatent generate "a red ball" -o ball.png --frames 1 --height 256 --width 256 steps=20 guidance=4""",
+    "edit": """example:
+  vidlatent edit clip.mp4 "a blue ball bouncing" --strength 0.6 -o edited.mp4 --model my_pipeline
+  vidlatent edit clip.mp4 "a blue ball bouncing" --source-prompt "a red ball bouncing" -o edited.mp4""",
+    "inpaint": """example:
+  vidlatent inpaint clip.mp4 --mask mask.png "a green square" -o inpainted.mp4 --model my_pipeline
+  (white mask pixels are regenerated; a mask video gives one mask per frame)""",
+    "animate": """examples:
+  vidlatent animate still.png "the ball rolls to the right" --frames 17 -o moving.mp4 --model my_pipeline
+  vidlatent animate a.png "the ball rolls to the right" --last b.png -o a_to_b.mp4   (first and last frame)
+  vidlatent animate still.png "a cat turns its head" --model Wan2.1-I2V-14B-480P-Diffusers""",
+    "morph": """examples:
+  vidlatent morph a.png b.png --frames 33 -o morph.mp4 --model my_pipeline
+  vidlatent morph a.png b.png --mode noise --prompt-a "a red ball" --prompt-b "a blue box" -o morph.gif""",
+}
+
+
+def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, epilog=JOB_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = True) -> None:
+    """Options the pipeline jobs share; each given flag beats ``--config`` files and ``key=value`` overrides."""
+    p.add_argument(
+        "-o", "--output", required=True, help=".mp4, .webm, .gif, .png/.jpg (one frame) or a folder"
+    )
+    if size:
+        p.add_argument(
+            "--height", type=int, default=None, help="output height: a multiple of 16 (VAE 8 x patch 2)"
+        )
+        p.add_argument(
+            "--width", type=int, default=None, help="output width: a multiple of 16 (VAE 8 x patch 2)"
+        )
+    if sampling:
+        add_sampling_flags(p)
+    p.add_argument("--fps", type=option_type("fps"), default=None, help="frame rate of the output")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA file for the denoiser (any Wan 2.1 layout) at SCALE (1); repeat for several",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_common(p)
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ..config import load_yaml, merge_config
+    from ..diffusion.sampling import SAMPLERS
+    from ..pipelines import VideoPipeline
+    from ..pipelines.video import check_pipeline_config
+
+    sampler = getattr(args, "sampler", None)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    bad = [x for x in args.overrides if "=" not in x]
+    if bad:
+        raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
+    loras = [parse_lora_spec(spec) for spec in getattr(args, "lora", [])]
+    _check_inputs(*(path for path, _ in loras))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quiet:
+        _silence_progress()
+    pipe = VideoPipeline.from_pretrained(args.model, device=device, check_finite=_is_folder(args.model))
+    parts = [load_yaml(f) for f in args.config]
+    pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
+    check_pipeline_config(pipe.config)
+    pipe.progress = not args.quiet
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+    if loras:  # folded into the weights for good: the same result without the adapters' cost at every step
+        pipe.fuse_lora(keep_originals=False)
+    return pipe
+
+
+def _seed(args: argparse.Namespace, pipe) -> int:
+    """The seed to use: ``--seed``, else the config's, else a fresh random one (printed so it can be reused)."""
+    import random
+
+    seed = args.seed if args.seed is not None else pipe.config.seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    return seed
+
+
+def _read_clip(pipe, path: str, args: argparse.Namespace, image: bool = False):
+    """Read an input (c, t, h, w) as the library reads a file (``pipelines.inputs.read_clip``), with the job's
+    frame selection (``--frames``, ``--frame-policy``, ``--height/--width``, ``--size-policy``).
+
+    Returns (video, info, note): ``info["fit"]`` is the fit's plan (``_write`` undoes a pad); ``note`` says what
+    fitting did ("" if nothing): print it once all checks have passed, so that an error stays the only line."""
+    from ..data.io import size_note
+    from ..pipelines.inputs import read_clip
+
+    video, info = read_clip(
+        path, frame_selection(args, image), pipe.size_multiple, pipe.vae.temporal_factor, image
+    )
+    return video, info, size_note(path, info["fit"])
+
+
+def _write(
+    pipe, video, path: str, fps: float | None, seed: int | None = None, fit: dict | None = None
+) -> int:
+    """Write the job's output (a padded input's output cropped back to its size); print paths, frames, W x H."""
+    from ..data.io import restore_size
+
+    video = restore_size(video, fit)
+    paths = pipe.save(video, path, fps=fps)
+    b, _, t, h, w = video.shape
+    extra = f", seed {seed}" if seed is not None else ""
+    print(f"wrote {', '.join(map(str, paths))} ({t} frame{'s' * (t > 1)}, {w}x{h}{extra})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_output(args.output, args.frames)
+    pipe = _load_pipeline(args)
+    _check_output(args.output, args.frames or pipe.config.frames)
+    seed = _seed(args, pipe)
+    video = pipe.generate(
+        args.prompt,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        options=sampling_options(args, seed),
+    )
+    return _write(pipe, video, args.output, args.fps, seed)
+
+
+def add_generate(sub) -> None:
+    p = _job_parser(sub, "generate", "text to video (--frames 1: text to image)")
+    p.add_argument("prompt", help="what to show")
+    p.add_argument("--frames", type=int, default=None, help="1 + 4k frames (1 = an image)")
+    _job_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    if args.source_guidance is not None and args.source_prompt is None:
+        raise ValueError("--source-guidance is FlowEdit's: give --source-prompt (what the input shows) too")
+    if args.source_prompt is not None and args.sampler not in (None, "euler"):  # before reading the input
+        raise ValueError(f"an edit with --source-prompt runs on the euler grid; got --sampler {args.sampler}")
+    _check_inputs(args.input)
+    _check_output(args.output)
+    pipe = _load_pipeline(args)
+    seed = _seed(args, pipe)
+    video, info, note = _read_clip(pipe, args.input, args)
+    _check_output(args.output, video.shape[1])
+    _notes(note)
+    source = {"source_prompt": args.source_prompt}
+    if args.source_guidance is not None:
+        source["source_guidance"] = args.source_guidance
+    out = pipe.edit(video, args.prompt, args.strength, **source, options=sampling_options(args, seed))
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed, info["fit"])
+
+
+def add_edit(sub) -> None:
+    p = _job_parser(sub, "edit", "re-draw a video or image after a prompt (SDEdit, or FlowEdit)")
+    p.add_argument("input", help="video or image to edit")
+    p.add_argument("prompt", help="what it should become")
+    p.add_argument(
+        "--strength",
+        type=option_type("strength"),
+        default=0.6,
+        help="0 keeps the input, 1 ignores it (default 0.6)",
+    )
+    p.add_argument(
+        "--source-prompt",
+        default=None,
+        help="what the input shows: edit by FlowEdit (keeps layout and motion better; twice the compute)",
+    )
+    p.add_argument(
+        "--source-guidance",
+        type=option_type("source_guidance"),
+        default=None,
+        help="FlowEdit: the source prompt's guidance (4)",
+    )
+    _job_flags(p)
+    add_frame_flags(p, "16: VAE 8 x patch 2")
+    p.set_defaults(func=cmd_edit)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from ..pipelines.inputs import read_mask
+
+    _check_inputs(args.input, args.mask)
+    _check_output(args.output)
+    pipe = _load_pipeline(args)
+    seed = _seed(args, pipe)
+    video, info, note = _read_clip(pipe, args.input, args)
+    _check_output(args.output, video.shape[1])
+    selection = frame_selection(args)
+    mask = read_mask(args.mask, selection, pipe.size_multiple, video.shape[1], info["source_size"])
+    _notes(note)
+    out = pipe.inpaint(video, mask, args.prompt, args.strength, options=sampling_options(args, seed))
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed, info["fit"])
+
+
+def add_inpaint(sub) -> None:
+    p = _job_parser(sub, "inpaint", "regenerate the masked part of a video or image")
+    p.add_argument("input", help="video or image")
+    p.add_argument("prompt", help="what to put in the masked region")
+    p.add_argument("--mask", required=True, help="image or video of the input's size; white = regenerate")
+    p.add_argument(
+        "--strength",
+        type=option_type("strength"),
+        default=1.0,
+        help="below 1 starts the masked region from the input",
+    )
+    _job_flags(p)
+    add_frame_flags(p, "16: VAE 8 x patch 2")
+    p.set_defaults(func=cmd_inpaint)
+
+
+def _check_same_size(*inputs: tuple[str, dict]) -> None:
+    """Two stills read by ``_read_clip`` (path, info) must come in at one size (printed width x height)."""
+    (a, info_a), (b, info_b) = inputs
+    if info_a["fit"]["input_size"] != info_b["fit"]["input_size"]:
+        (ha, wa), (hb, wb) = info_a["fit"]["input_size"], info_b["fit"]["input_size"]
+        raise ValueError(
+            f"{a} is {wa}x{ha} but {b} is {wb}x{hb}; give --height and --width to bring both to one size"
+        )
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    _check_inputs(args.image, *([args.last] if args.last else []))
+    _check_output(args.output, args.frames)
+    pipe = _load_pipeline(args)
+    _check_output(args.output, args.frames or pipe.config.frames)
+    seed = _seed(args, pipe)
+    image, info, note = _read_clip(pipe, args.image, args, image=True)
+    last, note_last = None, ""
+    if args.last:
+        last, info_last, note_last = _read_clip(pipe, args.last, args, image=True)
+        _check_same_size((args.image, info), (args.last, info_last))
+    _notes(note, note_last)
+    out = pipe.animate(
+        image,
+        args.prompt,
+        args.frames,
+        last_image=last,
+        strength=args.strength,
+        options=sampling_options(args, seed),
+    )
+    return _write(pipe, out, args.output, args.fps, seed, info["fit"])
+
+
+def add_animate(sub) -> None:
+    p = _job_parser(sub, "animate", "image to video: the image is the first frame (--last: and one the last)")
+    p.add_argument("image", help="the first frame (an image, or a video's first frame)")
+    p.add_argument("prompt", help="what happens next")
+    p.add_argument("--last", default=None, metavar="IMAGE",
+                   help="the last frame too: a generative morph from IMAGE to this one (Wan FLF2V needs it)")  # fmt: skip
+    p.add_argument("--frames", type=int, default=None, help="1 + 4k frames")
+    p.add_argument(
+        "--strength",
+        type=option_type("strength"),
+        default=1.0,
+        help="below 1: start from the still image (less motion)",
+    )
+    _job_flags(p)
+    _size_policy_flag(p)
+    p.set_defaults(func=cmd_animate)
+
+
+def cmd_morph(args: argparse.Namespace) -> int:
+    _check_inputs(args.image_a, args.image_b)
+    _check_output(args.output, args.frames or 2)
+    pipe = _load_pipeline(args)
+    a, info, note_a = _read_clip(pipe, args.image_a, args, image=True)
+    b, info_b, note_b = _read_clip(pipe, args.image_b, args, image=True)
+    _check_same_size((args.image_a, info), (args.image_b, info_b))
+    _notes(note_a, note_b)
+    kwargs = {k: getattr(args, k) for k in ("steps", "guidance", "shift") if getattr(args, k) is not None}
+    out = pipe.morph(
+        a,
+        b,
+        args.frames,
+        args.mode,
+        args.prompt_a,
+        args.prompt_b,
+        easing=args.easing,
+        refine=args.refine,
+        respace=args.respace,
+        **kwargs,
+    )
+    return _write(pipe, out, args.output, args.fps, fit=info["fit"])
+
+
+def add_morph(sub) -> None:
+    p = _job_parser(sub, "morph", "a morph video from image A to image B")
+    p.add_argument("image_a", help="first image")
+    p.add_argument("image_b", help="last image (the same size as A, or give --height/--width)")
+    p.add_argument("--frames", type=int, default=None, help="frames of the morph (any count >= 2)")
+    p.add_argument("--mode", choices=["latent", "noise"], default="latent",
+                   help="latent: slerp the images' latents; noise: invert both to noise, slerp, regenerate")  # fmt: skip
+    p.add_argument("--prompt-a", default=None, help="noise mode: a prompt describing A")
+    p.add_argument("--prompt-b", default=None, help="noise mode: a prompt describing B")
+    p.add_argument("--easing", choices=["linear", "cosine", "smoothstep"], default="linear",
+                   help="spacing of the frames (cosine/smoothstep linger at A and B)")  # fmt: skip
+    p.add_argument(
+        "--refine",
+        type=option_type("refine"),
+        default=2,
+        help="noise mode: fixed-point iterations per inversion step",
+    )
+    p.add_argument("--respace", action="store_true",
+                   help="noise mode: regenerate at weights that make the steps even (twice the time)")  # fmt: skip
+    p.add_argument(
+        "--steps", type=option_type("steps"), default=None, help="noise mode: inversion / sampling steps"
+    )
+    p.add_argument(
+        "--guidance",
+        type=option_type("guidance"),
+        default=None,
+        help="noise mode: guidance (default 1 = off)",
+    )
+    p.add_argument("--shift", type=option_type("shift"), default=None, help="noise mode: sigma shift")
+    _job_flags(p, sampling=False)
+    _size_policy_flag(p)
+    p.set_defaults(func=cmd_morph)
+
+
+def _size_policy_flag(p: argparse.ArgumentParser) -> None:
+    """``--size-policy`` alone (the jobs that read stills: their frames are not selected)."""
+    from ..data.io import SIZE_POLICIES
+
+    p.add_argument(
+        "--size-policy",
+        choices=SIZE_POLICIES,
+        default=None,
+        help=SIZE_POLICY_HELP.format("16: VAE 8 x patch 2"),
+    )
+
+
+JOB_SUBCOMMANDS = [add_generate, add_edit, add_inpaint, add_animate, add_morph]

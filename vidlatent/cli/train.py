@@ -1,0 +1,49 @@
+"""``vidlatent train``: a train config (yaml or preset) and overrides, then ``vidlatent.train.train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_common
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..checkpoint import check_writable
+    from ..train import NonFiniteLossError, load_train_config, train
+
+    cfg = load_train_config(args.config_file, *args.config, overrides=args.overrides)
+    if args.device is not None:
+        cfg.device = args.device
+    if cfg.output:
+        check_writable(cfg.output, folder=True)
+    try:
+        trainer = train(cfg)
+    except NonFiniteLossError as err:
+        print(f"vidlatent train: stopped: {err}", file=sys.stderr)
+        return 1
+    finally:  # under torchrun: leave the process group the trainer joined
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.dist.main:
+        print(f"trained {trainer.step} steps; last checkpoint {trainer.last_checkpoint}")
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the denoiser on latent files (flow matching)",
+        description="Train a VideoDiT on the latent files `vidlatent encode` writes, as CONFIG (a yaml file "
+        "or a train preset such as 'tiny') and key=value overrides say. resume=auto continues the latest "
+        "checkpoint under output=. Exits 1 when the loss became NaN/inf (the last good checkpoint is kept).",
+        epilog="examples:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto\n"
+        "  torchrun --nproc_per_node=8 -m vidlatent.cli train CONFIG parallel=ddp|fsdp  "
+        "(global batch = batch_size x ranks x grad_accum)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config_file", metavar="CONFIG", help="train yaml file or preset name (tiny)")
+    add_common(p, model=False)
+    p.set_defaults(func=cmd_train)
