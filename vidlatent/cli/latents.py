@@ -40,7 +40,7 @@ def _job_options(args: argparse.Namespace, defaults: dict, flags: dict) -> tuple
     """
     from omegaconf import OmegaConf
 
-    from .config import load_yaml
+    from ..config import load_yaml
 
     conf = OmegaConf.create({**defaults, "vae": {}})
     for path in args.config:

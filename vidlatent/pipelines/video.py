@@ -119,6 +119,14 @@ class VideoPipeline:
 
     Random draws come from CPU generators seeded per call, so a seed gives the same noise on every device.
     Arguments left ``None`` take the value in ``config``.
+
+    Every sampling job takes the ``SamplingOptions`` fields (``steps``, ``guidance``, ``sampler``, ``shift``,
+    ``seed``, ``negative_prompt``, ``output_type``, ``progress``) as keywords or as ``options=`` (keywords win);
+    ``_options`` reads them once. Jobs that read files take ``selection=`` (``FrameSelection``) and read them
+    through ``pipelines.inputs`` as the CLI does. A new job is a method here: check and read its inputs
+    (``_video_input`` / ``_image_input``), ``opts = self._options(options, sampling, "job")``, draw
+    ``_noise``, build a hook or model keywords if it keeps or conditions on something, call ``_sample`` once,
+    return ``_output``.
     """
 
     def __init__(
