@@ -43,8 +43,8 @@ def _held_last(pipe, first, caption: str, z_last: torch.Tensor, seed: int) -> to
         x[:, :, -1:] = add_noise(z_last, noise[:, :, -1:], torch.full((1,), sigma))
         return x
 
-    opts = pipe._options(None, None, None, None, False)
-    return pipe.decode(pipe._sample(noise, [caption], None, opts, generator, hook=hook))
+    opts = pipe._options(None, {"progress": False}, "animate")
+    return pipe.decode(pipe._sample(noise, [caption], opts, generator, hook=hook))
 
 
 def last_frame_scores(pipe, clips: int = 8, seed: int = 0, log=print) -> dict[str, list[float]]:
