@@ -5,7 +5,9 @@ left, right, up, down, along a diagonal or bouncing, over a low-saturation backg
 soft stripes, soft checks). Captions come from a small grammar with paraphrases ("a red circle moving
 left", "a red ball slides to the left"). Backgrounds are kept desaturated so that the ``oracle`` can find
 objects by colour: it reads a clip and reports every object's colour, shape and motion, so generated
-videos can be scored without a person looking at them.
+videos can be scored without a person looking at them (``object_mask``: the pixels it reads as an object).
+A scene's objects can also be drawn alone: ``render_masks`` (each object's coverage) and
+``render_silhouette`` (white objects on black, a control video), drawn exactly as ``render`` draws them.
 
 The (colour, shape, motion) combinations are split once: ``HELDOUT`` combinations never appear in a
 training clip (no object of a training clip has one) and are used only for evaluation.
@@ -33,10 +35,16 @@ __all__ = [
     "Scene",
     "ShapesWorld",
     "caption",
+    "colour_masks",
+    "coverage",
     "eval_prompts",
     "grammar_words",
+    "object_mask",
     "oracle",
     "parse_prompt",
+    "render",
+    "render_masks",
+    "render_silhouette",
 ]
 
 # saturated RGB colours (0-255) whose hues are at least ~25 degrees apart
@@ -256,14 +264,56 @@ def _background(bg: dict, f: int, h: int, w: int, gx: np.ndarray, gy: np.ndarray
     return np.broadcast_to(img, (f, h, w, 3)).copy()
 
 
+def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (gx, gy), each (h, w)."""
+    gy, gx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    return gx, gy
+
+
 def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
     """The clip of ``scene`` as uint8 (f, h, w, 3)."""
-    gy, gx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    gx, gy = _grid(height, width)
     video = _background(scene.background, frames, height, width, gx, gy)
     for obj in scene.objects:
         xs, ys = obj.path(frames)
         cov = _coverage(obj, xs, ys, gx, gy)[..., None]
         video = video * (1 - cov) + np.asarray(obj.rgb, dtype=np.float64) * cov
+    return np.clip(np.round(video), 0, 255).astype(np.uint8)
+
+
+def coverage(shape: str, size: float, xs, ys, height: int, width: int) -> np.ndarray:
+    """How much of each pixel a ``shape`` of radius ``size`` (pixels) centred at ``(xs[i], ys[i])`` in frame i
+    covers, float64 (f, h, w) in [0, 1], anti-aliased exactly as ``render`` draws an object."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES)}")
+    gx, gy = _grid(height, width)
+    obj = ShapeObject("", shape, "", float(size), 0.0, 0.0, 0.0)
+    return _coverage(obj, np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64), gx, gy)
+
+
+def render_masks(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
+    """How much of each pixel each object of ``scene`` covers in its rendering: float64 (n, f, h, w) in [0, 1],
+    one map per object in ``scene.objects`` order, the parts hidden by later objects removed (as ``render``
+    paints them). The maps sum to the coverage of all objects together."""
+    gx, gy = _grid(height, width)
+    masks = np.zeros((len(scene.objects), frames, height, width))
+    for k, obj in enumerate(scene.objects):
+        xs, ys = obj.path(frames)
+        cov = _coverage(obj, xs, ys, gx, gy)
+        masks[:k] *= 1 - cov
+        masks[k] = cov
+    return masks
+
+
+def render_silhouette(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
+    """The objects of ``scene`` in white on black, uint8 (f, h, w, 3): ``render`` with a black background and
+    every object white (anti-aliased edges alike)."""
+    gx, gy = _grid(height, width)
+    video = np.zeros((frames, height, width, 3))
+    for obj in scene.objects:
+        xs, ys = obj.path(frames)
+        cov = _coverage(obj, xs, ys, gx, gy)[..., None]
+        video = video * (1 - cov) + 255.0 * cov
     return np.clip(np.round(video), 0, 255).astype(np.uint8)
 
 
@@ -390,13 +440,22 @@ class ShapesWorld:
     def clip(self, index: int) -> tuple[torch.Tensor, str]:
         """Clip ``index``: (video (3, f, h, w) float32 in [-1, 1], caption)."""
         scene = self.scene(index)
-        video = to_tensor(self.render(scene))
-        if self.crop:
-            rng = np.random.default_rng([self.seed, index, 0xC409])
-            y = int(rng.integers(0, (self.height - self.crop) // 8 + 1)) * 8
-            x = int(rng.integers(0, (self.width - self.crop) // 8 + 1)) * 8
-            video = video[..., y : y + self.crop, x : x + self.crop]
-        return video, scene.caption
+        return self._crop(to_tensor(self.render(scene)), index), scene.caption
+
+    def silhouette(self, index: int) -> torch.Tensor:
+        """The objects of clip ``index`` in white on black, (3, f, h, w) float32 in [-1, 1]: exactly where
+        ``clip(index)`` draws them (same crop), anti-aliased alike (``render_silhouette``)."""
+        scene = self.scene(index)
+        return self._crop(to_tensor(render_silhouette(scene, scene.frames, self.height, self.width)), index)
+
+    def _crop(self, video: torch.Tensor, index: int) -> torch.Tensor:
+        """Clip ``index``'s ``crop`` window of a rendering (c, f, h, w); the whole rendering without ``crop``."""
+        if not self.crop:
+            return video
+        rng = np.random.default_rng([self.seed, index, 0xC409])
+        y = int(rng.integers(0, (self.height - self.crop) // 8 + 1)) * 8
+        x = int(rng.integers(0, (self.width - self.crop) // 8 + 1)) * 8
+        return video[..., y : y + self.crop, x : x + self.crop]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self.clip(index)
@@ -493,6 +552,34 @@ def _classify_motion(xs: np.ndarray, ys: np.ndarray, scale: float) -> str:
     return ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")[sector]
 
 
+def colour_masks(video, sat_threshold: float = 0.4, value_threshold: float = 0.3) -> dict[str, np.ndarray]:
+    """The oracle's colour segmentation: {palette colour: bool (f, h, w)}, every pixel saturated above
+    ``sat_threshold`` and brighter than ``value_threshold`` given to the colour of nearest hue (the rest is
+    background). ``video`` as for ``oracle``."""
+    hue, sat, val = _hsv(_as_uint8(video))
+    coloured = (sat > sat_threshold) & (val > value_threshold)
+    names = list(PALETTE_HUES)
+    dist = np.stack([_hue_distance(hue, PALETTE_HUES[n]) for n in names])
+    label = np.where(coloured, dist.argmin(0), -1)
+    return {name: label == k for k, name in enumerate(names)}
+
+
+def object_mask(video, colour: str | None = None, **thresholds) -> np.ndarray:
+    """The pixels the oracle reads as the object of ``colour`` in each frame: bool (f, h, w), the largest
+    connected region of that colour (empty in frames without it). ``colour`` None: the colour of the largest
+    object ``oracle`` finds (all empty when it finds none). ``thresholds``: ``oracle``'s ``sat_threshold``
+    and ``value_threshold``; ``video`` as for ``oracle``."""
+    masks = colour_masks(video, **thresholds)
+    if colour is None:
+        found = oracle(video, **thresholds)
+        if not found:
+            return np.zeros_like(next(iter(masks.values())))
+        colour = found[0]["colour"]
+    if colour not in masks:
+        raise ValueError(f"unknown colour {colour!r}; accepted: {', '.join(masks)}")
+    return np.stack([_largest_component(m) for m in masks[colour]])
+
+
 def oracle(
     video, min_area: float = 0.004, sat_threshold: float = 0.4, value_threshold: float = 0.3
 ) -> list[dict]:
@@ -504,17 +591,11 @@ def oracle(
     Its shape comes from how much of its bounding box it fills (median over frames), its motion from the
     path of its centre. Objects are sorted by area, largest first. Objects of the same colour merge.
     """
-    v = _as_uint8(video)
-    f, h, w, _ = v.shape
-    hue, sat, val = _hsv(v)
-    coloured = (sat > sat_threshold) & (val > value_threshold)
-    names = list(PALETTE_HUES)
-    dist = np.stack([_hue_distance(hue, PALETTE_HUES[n]) for n in names])
-    label = np.where(coloured, dist.argmin(0), -1)
+    masks = colour_masks(video, sat_threshold, value_threshold)
+    f, h, w = next(iter(masks.values())).shape
     found = []
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float64)
-    for k, name in enumerate(names):
-        mask = label == k
+    for name, mask in masks.items():
         areas = mask.reshape(f, -1).sum(1)
         present = areas >= min_area * h * w
         if present.sum() < max(1, f / 2):

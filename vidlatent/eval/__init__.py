@@ -3,6 +3,7 @@
 ``shapes``: the prompt splits, generation over seeds, the oracle's reading of each item and the rates;
 ``evaluate``: the whole score MODEL_CARD.md reports; ``last_frame``: the first- and last-frame PSNRs of
 ``animate --last``; ``speed``: the CLI's wall time; ``card``: the default model's MODEL_CARD.md.
+``control``: how well videos follow silhouette controls (IoU, colour) on a held-out control set.
 """
 
 from .evaluate import evaluate, summary
