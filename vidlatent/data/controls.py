@@ -123,7 +123,9 @@ def make_control(clip: torch.Tensor, transform: str | ControlTransform) -> torch
 WORLD_CONTROLS: dict[str, Callable[[ShapesWorld, int], torch.Tensor]] = {"silhouette": ShapesWorld.silhouette}
 
 
-def world_control(world: ShapesWorld, index: int, transform: str) -> tuple[torch.Tensor, str, torch.Tensor]:
+def world_control(
+    world: ShapesWorld, index: int, transform: str | ControlTransform
+) -> tuple[torch.Tensor, str, torch.Tensor]:
     """Clip ``index`` of ``world`` with its control: (clip (3, f, h, w), caption, control (3, f, h, w)).
 
     ``silhouette`` is drawn exactly from the scene's objects (``ShapesWorld.silhouette``), any other transform
