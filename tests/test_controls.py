@@ -1,5 +1,5 @@
-"""Control videos (data/controls.py), the world's silhouettes and masks (data/shapes.py), and the control score
-(eval/control.py) on ground truth."""
+"""Control videos (data/controls.py), the world's silhouettes and masks (data/shapes.py), and the control
+score (eval/control.py) on ground truth."""
 
 import numpy as np
 import pytest

@@ -12,8 +12,8 @@ A control video is a clip of the same shape as the video it steers, (3, t, h, w)
   exactly from the scene's objects (``ShapesWorld.silhouette``: anti-aliased as the clip draws them).
 - ``silhouette_path``: a control drawn from what a user asks for, one shape moving along a line, drawn by the
   world's own renderer (so it looks like the silhouettes training saw).
-- Real data brings its own controls: ``control_path(clip)`` finds the control video beside a clip (same stem in
-  a ``controls/`` folder), ``control_paths(clips)`` every clip's, naming all clips without one.
+- Real data brings its own controls: ``control_path(clip)`` finds the control video beside a clip (same stem
+  in a ``controls/`` folder), ``control_paths(clips)`` every clip's, naming all clips without one.
 
 Letters: b batch, c colour channels (3), t frames, h height, w width.
 """
@@ -106,15 +106,15 @@ def control_transform(name: str) -> ControlTransform:
 
 
 def make_control(clip: torch.Tensor, transform: str | ControlTransform) -> torch.Tensor:
-    """The control video of ``clip`` ((3, t, h, w) or (b, 3, t, h, w) in [-1, 1]) made by ``transform``: a name
-    of ``CONTROL_TRANSFORMS`` or a function of a clip. Same shape, dtype and device as ``clip``."""
+    """The control video of ``clip`` ((3, t, h, w) or (b, 3, t, h, w) in [-1, 1]) made by ``transform``: a
+    name of ``CONTROL_TRANSFORMS`` or a function of a clip. Same shape, dtype and device as ``clip``."""
     fn = control_transform(transform) if isinstance(transform, str) else transform
     _check_clip(clip)
     control = fn(clip)
     if tuple(control.shape) != tuple(clip.shape):
         raise ValueError(
-            f"control transform {transform!r} made a control of shape {tuple(control.shape)} for a clip of shape "
-            f"{tuple(clip.shape)}; a control must have its clip's shape"
+            f"control transform {transform!r} made a control of shape {tuple(control.shape)} for a clip of "
+            f"shape {tuple(clip.shape)}; a control must have its clip's shape"
         )
     return control
 
@@ -160,7 +160,8 @@ def silhouette_path(
     for name, point in (("start", start), ("end", end)):
         if len(point) != 2 or not all(0.0 <= float(v) <= 1.0 for v in point):
             raise ValueError(
-                f"{name} must be (x, y) as fractions of the frame's width and height, each in [0, 1]; got {point}"
+                f"{name} must be (x, y) as fractions of the frame's width and height, each in [0, 1]; "
+                f"got {point}"
             )
     if not 0.0 < size <= 0.5:
         raise ValueError(
@@ -204,8 +205,8 @@ def control_path(
     (any suffix ``read_video`` reads) in the folder ``controls``.
 
     ``controls`` is relative to the clip's own folder (``data/a.mp4`` -> ``data/controls/a.mp4``) or absolute.
-    With ``root`` (the folder the clips were found under), ``controls`` is relative to ``root`` and mirrors its
-    subfolders (``root/x/a.mp4`` -> ``root/controls/x/a.*``), so clips of one stem in two folders keep two
+    With ``root`` (the folder the clips were found under), ``controls`` is relative to ``root`` and mirrors
+    its subfolders (``root/x/a.mp4`` -> ``root/controls/x/a.*``), so clips of one stem in two folders keep two
     controls. FileNotFoundError when there is none, ValueError when two files could be it.
     """
     clip = Path(clip)

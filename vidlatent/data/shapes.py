@@ -292,9 +292,9 @@ def coverage(shape: str, size: float, xs, ys, height: int, width: int) -> np.nda
 
 
 def render_masks(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
-    """How much of each pixel each object of ``scene`` covers in its rendering: float64 (n, f, h, w) in [0, 1],
-    one map per object in ``scene.objects`` order, the parts hidden by later objects removed (as ``render``
-    paints them). The maps sum to the coverage of all objects together."""
+    """How much of each pixel each object of ``scene`` covers in its rendering: float64 (n, f, h, w) in
+    [0, 1], one map per object in ``scene.objects`` order, the parts hidden by later objects removed (as
+    ``render`` paints them). The maps sum to the coverage of all objects together."""
     gx, gy = _grid(height, width)
     masks = np.zeros((len(scene.objects), frames, height, width))
     for k, obj in enumerate(scene.objects):
@@ -449,7 +449,7 @@ class ShapesWorld:
         return self._crop(to_tensor(render_silhouette(scene, scene.frames, self.height, self.width)), index)
 
     def _crop(self, video: torch.Tensor, index: int) -> torch.Tensor:
-        """Clip ``index``'s ``crop`` window of a rendering (c, f, h, w); the whole rendering without ``crop``."""
+        """Clip ``index``'s ``crop`` window of a rendering (c, f, h, w); all of it without ``crop``."""
         if not self.crop:
             return video
         rng = np.random.default_rng([self.seed, index, 0xC409])

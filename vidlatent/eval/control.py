@@ -2,8 +2,8 @@
 
 The held-out set (``heldout_controls``): clips of the shapes world's held-out split (one object each, of a
 colour/shape/motion combination no training clip shows; seed ``CONTROL_SEED``, the clips the default model's
-animate and edit splits start from), each giving a caption, its silhouette control (``ShapesWorld.silhouette``)
-and the clip itself (the ground truth).
+animate and edit splits start from), each giving a caption, its silhouette control
+(``ShapesWorld.silhouette``) and the clip itself (the ground truth).
 
 A video generated from a case's caption and control is scored against that control (``score_control``):
 
@@ -11,7 +11,8 @@ A video generated from a case's caption and control is scored against that contr
   largest region of the colour of the largest object the oracle finds) and the control's (its white pixels,
   ``control_mask``); the mean over frames, then (``tally_control``) over clips. A frame where both are empty
   counts 1.
-- ``colour``: whether the largest object the oracle finds has the caption's colour (``nothing``: it found none).
+- ``colour``: whether the largest object the oracle finds has the caption's colour (``nothing``: it
+  found none).
 
 The same prompts generated without the control, scored against the same silhouettes, give the numbers to
 compare with. ``evaluate_control`` runs any generating function over the set and tallies.
@@ -98,13 +99,14 @@ class HeldoutControls(Sequence):
 def heldout_controls(
     count: int = 216, seed: int = CONTROL_SEED, height: int = 64, width: int = 64, frames: int = 17
 ) -> HeldoutControls:
-    """The held-out control set: ``count`` (caption, silhouette control, ground-truth clip) cases of the held-out
-    world (see ``HeldoutControls``). The default is the size the default model's evaluation scores (216)."""
+    """The held-out control set: ``count`` (caption, silhouette control, ground-truth clip) cases of the
+    held-out world (see ``HeldoutControls``). The default is the size the default model's evaluation scores
+    (216)."""
     return HeldoutControls(count, seed, height, width, frames)
 
 
 def control_mask(control: torch.Tensor) -> np.ndarray:
-    """The white pixels of a control video (3, t, h, w) in [-1, 1] (brighter than mid grey): bool (t, h, w)."""
+    """The white pixels of a control video (3, t, h, w) in [-1, 1], brighter than mid grey: bool (t, h, w)."""
     return (control.detach().float().mean(0) > 0).cpu().numpy()
 
 
@@ -118,8 +120,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def score_control(video: torch.Tensor, control: torch.Tensor, colour: str) -> dict:
-    """One generated ``video`` (3, t, h, w) in [-1, 1] against the ``control`` (3, t, h, w) it was made from and
-    the colour its prompt asked: ``{"iou": mean over frames, "colour": right or not, "found": the oracle's
+    """One generated ``video`` (3, t, h, w) in [-1, 1] against the ``control`` (3, t, h, w) it was made from
+    and the colour its prompt asked: ``{"iou": mean over frames, "colour": right or not, "found": the oracle's
     colour or None}``. ValueError when the two are not the same size."""
     if tuple(video.shape) != tuple(control.shape):
         raise ValueError(
@@ -155,10 +157,10 @@ def evaluate_control(
     batch: int = 24,
     seed: int = 0,
 ) -> dict:
-    """Score a generator over the held-out ``cases``: ``make(captions, controls (b, 3, t, h, w), seed)`` returns
-    the videos (b, 3, t, h, w) in [-1, 1]; batch k is made with ``seed + k * batch``. A generator that ignores
-    the controls gives the numbers without control. Returns ``tally_control``'s numbers and ``ious``, every
-    clip's."""
+    """Score a generator over the held-out ``cases``: ``make(captions, controls (b, 3, t, h, w), seed)``
+    returns the videos (b, 3, t, h, w) in [-1, 1]; the batch from case ``start`` on is made with ``seed +
+    start``. A generator that ignores the controls gives the numbers without control. Returns
+    ``tally_control``'s numbers and ``ious``, every clip's."""
     rows = []
     for start in range(0, len(cases), batch):
         captions, controls, _, colours = cases.stack(start, min(start + batch, len(cases)))
