@@ -4,6 +4,7 @@ statistics come from the clips themselves (``latent_stats``) so the training lat
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -146,7 +147,7 @@ def test_in_memory_dataset_serves_the_same_clips_and_trains_the_same(latents, tm
 def test_max_minutes_ends_the_run_and_its_cosine_on_time(latents, tmp_path, monkeypatch):
     """A fake clock makes every step take 0.5 s: a 3-second budget stops a 1000-step run after 6 steps, the
     cosine has run its course by then, the checkpoint and export are written, and a resume runs no more."""
-    import vidlatent.train.trainer as trainer_module
+    import vidlatent.train.loop as trainer_module
 
     clock = iter(range(10**6))
     monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock) * 0.5)
@@ -363,21 +364,20 @@ def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
 def test_first_frame_conditioning_gives_clean_first_frame_outside_the_loss(latents, tmp_path):
     def micro_step(trainer, bump: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One micro-step whose prediction of latent frame 0 is moved by ``bump``; (loss, x0, model input)."""
-        seen, forward = {}, trainer._forward_module
+        seen, forward = {}, trainer.forward_module
 
         def spy(x_sigma, sigma, captions):
             seen["x"] = x_sigma
-            pred = forward(x_sigma, sigma, captions).clone()
+            pred, text_tokens = forward(x_sigma, sigma, captions)
+            pred = pred.clone()
             pred[:, :, 0] += bump
-            return pred
+            return pred, text_tokens
 
-        trainer._forward_module = spy
-        state, batch_index = trainer.generator.get_state(), trainer.batch_index
-        x0, captions = trainer._next_batch()
-        loss = trainer._micro_step(x0, captions)
+        state, position = trainer.generator.get_state(), copy.copy(trainer.position)
+        batch = trainer.task.next_batch(position, trainer.generator)
+        x0 = batch.x
+        loss = trainer.task.loss(batch, spy, trainer.step).value
         trainer.generator.set_state(state)
-        trainer.batch_index = batch_index
-        trainer._forward_module = forward
         return loss, x0, seen["x"]
 
     given = Trainer(config(latents["one"], tmp_path / "a", "first_frame_dropout=0"))
@@ -400,8 +400,8 @@ def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):
         trainer = Trainer(
             config(latents["one"], tmp_path / str(fraction), f"image_fraction={fraction}", "steps=8")
         )
-        seen, micro_step = [], trainer._micro_step
-        trainer._micro_step = lambda x0, captions: seen.append(x0) or micro_step(x0, captions)
+        seen, loss = [], trainer.task.loss
+        trainer.task.loss = lambda batch, forward, step: seen.append(batch.x) or loss(batch, forward, step)
         assert all(math.isfinite(x) for x in trainer.train())
         return seen
 

@@ -119,9 +119,9 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
     )
     batches = []  # each batch's captions
 
-    def spy_redrawn(z, mean, captions):
+    def spy_redrawn(z, mean, captions, draws):
         batches.append((list(captions), trainer.vae.normalize(mean.float())))
-        return redraw_batch(z, mean, captions)
+        return redraw_batch(z, mean, captions, draws)
 
     def spy_edit(latents, prompt, strength, **kw):
         out = edit_latents(latents, prompt, strength, **kw)
@@ -135,7 +135,11 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
         decoded.append(z.detach().clone())
         return decode_step(z, cache)
 
-    trainer.redraw.edit_latents, trainer.vae.decode_step, trainer._redrawn = spy_edit, spy_decode, spy_redrawn
+    trainer.redraw.edit_latents, trainer.vae.decode_step, trainer.task._redrawn = (
+        spy_edit,
+        spy_decode,
+        spy_redrawn,
+    )
     trainer.train()
     assert len(decoded) == 2 and 1 <= len(edits) <= 3  # 4 clips, each re-drawn with probability 0.5 (seeded)
     redrawn = [edit[3] for edit in edits]

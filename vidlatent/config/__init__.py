@@ -27,6 +27,7 @@ from .models import (
     VAEConfig,
 )
 from .pipeline import FrameSelection, PipelineConfig, PipelinePreset, SamplingOptions, check_pipeline_config
+from .train import TrainConfig
 
 __all__ = [
     "PRESET_DIR",
@@ -52,4 +53,5 @@ __all__ = [
     "PipelinePreset",
     "SamplingOptions",
     "check_pipeline_config",
+    "TrainConfig",
 ]

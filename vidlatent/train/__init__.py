@@ -1,7 +1,11 @@
-"""Training: the latent-cache dataset and the flow-matching denoiser trainer."""
+"""Training: a loop (``loop.Trainer``) around one task (``tasks/``: the denoiser on latent files, the VAE on
+clips), the latent-cache dataset and its bucket sampler."""
 
+from ..config.train import TrainConfig
+from .configure import load_train_config
 from .data import BucketSampler, LatentDataset, read_captions
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, dit_flops, load_train_config, train
+from .loop import NonFiniteLossError, Trainer, train
+from .tasks.denoiser import dit_flops
 
 __all__ = [
     "BucketSampler",

@@ -1,0 +1,358 @@
+"""``task: denoiser``: a ``VideoDiT`` (and the built-in text encoder) learns flow matching on latent files.
+
+Each micro-batch draws sigmas (logit-normal or uniform, then shifted), noise and caption dropout for the
+whole global batch from the run's generator (``Draws``), so N ranks compute what one process would.
+``lora_rank > 0`` trains LoRA adapters on the blocks (the export writes ``lora.safetensors``);
+``first_frame_dropout < 1`` trains image-to-video conditioning (the clean first latent frame is given and
+left out of the loss); ``image_fraction > 0`` trains that share of micro-batches on their first latent
+frame alone (one-frame generation); ``text_cache`` encodes each caption once with a frozen encoder.
+
+Letters: b batch, c channels, t latent frames, h height, w width, n text tokens, d width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ...config import DiTConfig, load_config
+from ...config.train import TrainConfig
+from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas, velocity_target
+from ...models.dit import VideoDiT
+from ...models.text import TextEncoder, load_text_encoder
+from ...models.vae import CausalVAE
+from ..data import BucketSampler, LatentDataset
+from ..distributed import Dist, share
+from . import register
+from .base import Batch, Draws, Loss, Position, Task
+
+__all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops"]
+
+
+def dit_flops(config: DiTConfig, tokens: int, text_tokens: int) -> int:
+    """FLOPs (2 per multiply-add) of one ``VideoDiT`` forward on one sample of ``tokens`` video tokens and
+    ``text_tokens`` text tokens: every linear layer (2 x weights x the tokens it sees), the patch embedding,
+    and attention (4 x L x L x dim per layer for self-attention, 4 x L x m x dim for cross-attention).
+    Norms, rope and elementwise work are left out. Training costs about 3x this (forward + backward)."""
+    d, f, L, m = config.dim, config.ffn_dim, tokens, text_tokens
+    patch = math.prod(config.patch_size)
+    total = 2 * L * config.in_channels * patch * d  # patch embedding
+    total += 2 * m * (config.text_dim * d + d * d)  # text embedding MLP
+    total += 2 * (config.freq_dim * d + d * d + d * 6 * d)  # time embedding and modulation (per sample)
+    per_layer = 2 * L * 4 * d * d + 4 * L * L * d  # self-attention: q k v out, scores and values
+    per_layer += 2 * L * 2 * d * d + 2 * m * 2 * d * d + 4 * L * m * d  # cross-attention
+    per_layer += 2 * L * 2 * d * f  # feed-forward
+    total += config.num_layers * per_layer
+    total += 2 * L * d * config.out_channels * patch  # head
+    return total
+
+
+@dataclass
+class LatentBatch(Batch):
+    """Clean latents ``x`` of this rank's share; ``weight``: each clip's weight in the global batch's mean
+    under ranks (None in one process: the plain mean)."""
+
+    weight: torch.Tensor | None = None
+
+
+class TextCache:
+    """A frozen text encoder's real tokens per distinct caption (each encoded once); batches are zero-padded
+    to their longest caption with mask False."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+        self.tokens: dict[str, torch.Tensor] = {}  # caption -> (n d)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in dict.fromkeys(captions):
+            if c not in self.tokens:
+                with torch.no_grad():
+                    tokens, mask = self.encoder.encode([c])
+                self.tokens[c] = tokens[0][mask[0]].float()
+        rows = [self.tokens[c] for c in captions]
+        n = max(r.shape[0] for r in rows)
+        context = torch.zeros(len(rows), n, rows[0].shape[1], device=rows[0].device)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+        for i, r in enumerate(rows):
+            context[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+        return context, mask
+
+
+@register
+class DenoiserTask(Task):
+    """Flow matching of a ``VideoDiT`` on latent files (``cfg.data``), captions from ``cfg.captions``."""
+
+    name = "denoiser"
+    sparse = ("text_encoder",)  # a batch's captions need not use every token embedding
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        if cfg.redraw_pipeline is not None:
+            raise ValueError(
+                "redraw_pipeline trains the decoder on re-drawn latents: set task=vae and vae_train=decoder"
+            )
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        self.dataset = LatentDataset(cfg.data, cfg.captions, in_memory=cfg.data_in_memory)
+        if not len(self.dataset):
+            raise ValueError(f"no usable latent files in {cfg.data}: {self.dataset.summary()}")
+        # every rank reads the same global batches (batch_size clips per rank) and takes its share
+        self.sampler = BucketSampler(self.dataset, cfg.batch_size * dist.world_size, seed=cfg.seed)
+        self.text_encoder, self.dit = self._build_models(self.dataset.items[0].shape[0])
+        if dist.enabled and cfg.parallel == "fsdp" and cfg.lora_rank:
+            raise ValueError("LoRA training under parallel=fsdp is not supported; use parallel=ddp")
+        self.models = {"dit": self.dit}
+        if cfg.train_text_encoder:
+            if not any(p.requires_grad for p in self.text_encoder.parameters()):
+                raise ValueError("train_text_encoder=true but the text encoder has no trainable parameters")
+            self.models["text_encoder"] = self.text_encoder
+        else:
+            self.text_encoder.requires_grad_(False).eval()
+        self._text_cache = TextCache(self.text_encoder) if cfg.text_cache else None
+        self.sample_vae = self._load_sample_vae() if cfg.sample_every and dist.main else None
+
+    def _build_models(self, channels: int) -> tuple[TextEncoder, VideoDiT]:
+        """The text encoder and the denoiser (a preset's fresh weights seeded by ``cfg.seed``), with LoRA
+        adapters and compiled blocks as the config says."""
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            text_encoder = load_text_encoder(
+                cfg.text_encoder, device=self.device, overrides=cfg.text_overrides
+            )
+            if Path(cfg.dit).exists():
+                dit = VideoDiT.from_pretrained(cfg.dit, device=self.device, dtype=torch.float32)
+            else:
+                sizes = [
+                    f"in_channels={channels}",
+                    f"out_channels={channels}",
+                    f"text_dim={text_encoder.dim}",
+                ]
+                dit_cfg = load_config(DiTConfig, "dit", cfg.dit, overrides=[*sizes, *cfg.dit_overrides])
+                dit = VideoDiT(dit_cfg).to(self.device)
+        dit.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.lora_rank:  # base weights frozen; the adapters' A and B train (B starts at zero)
+            from ..lora import add_lora
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                add_lora(dit, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
+        if dit.config.in_channels != channels:
+            raise ValueError(
+                f"the latents have {channels} channels; the denoiser takes {dit.config.in_channels}"
+            )
+        if (
+            cfg.compile
+        ):  # per block: one graph serves every block; before FSDP wraps them (torchtitan's order)
+            for block in dit.blocks:
+                block.compile()
+        return text_encoder, dit
+
+    # ----------------------------------------------------------------------------------------- data
+
+    def next_batch(self, position: Position, generator: torch.Generator) -> LatentBatch:
+        """This rank's share of the next global batch of the bucket sampler's epoch.
+
+        Every rank reads the same global batch and takes the positions ``distributed.share`` gives it; a rank
+        whose share is empty (a bucket's last, smaller batch) or all broken runs one clip with weight 0, so
+        that every rank joins the gradient reduction. With ``image_fraction``, a draw from the shared generator
+        (the same on every rank) keeps only the first latent frame: a causal VAE encodes a clip's first frame
+        exactly as that frame alone, so it is the image's latent."""
+        while True:
+            batches = self.sampler.epoch(position.epoch)
+            if position.batch_index >= len(batches):
+                position.epoch, position.batch_index = position.epoch + 1, 0
+                continue
+            idx = batches[position.batch_index]
+            position.batch_index += 1
+            batch = self._read_share(idx, generator)
+            if batch is not None:
+                break
+        if self.cfg.image_fraction and torch.rand((), generator=generator) < self.cfg.image_fraction:
+            batch.x = batch.x[:, :, :1]
+        return batch
+
+    def _read_share(self, idx: list[int], generator: torch.Generator) -> LatentBatch | None:
+        """This rank's clips of the global batch ``idx``; a file broken since the scan is reported and
+        skipped (None: nothing left, in one process)."""
+        latents, captions, rows = [], [], []
+        for j in share(len(idx), self.dist.rank, self.dist.world_size):
+            try:
+                z, caption = self.dataset[idx[j]]
+            except Exception as err:  # noqa: BLE001 - a file broken since the scan is reported, skipped
+                tqdm.write(f"skipping {self.dataset.items[idx[j]].path}: {type(err).__name__}: {err}")
+                continue
+            latents.append(z)
+            captions.append(caption)
+            rows.append(j)
+        if not self.dist.enabled:
+            if not latents:
+                return None
+            draws = Draws(generator, list(range(len(rows))), len(rows))
+            return LatentBatch(torch.stack(latents).to(self.device), captions, draws)
+        # ranks must agree on the batch: a share that is empty (or all broken) becomes a weight-0 clip
+        if not latents:
+            latents, captions, rows = [torch.zeros(self.dataset.items[idx[0]].shape)], [""], [0]
+            weight = torch.zeros(1)
+        else:
+            weight = torch.full((len(rows),), 1.0 / len(idx))
+        draws = Draws(generator, rows, len(idx), sliced=True)
+        return LatentBatch(torch.stack(latents).to(self.device), captions, draws, weight)
+
+    # ----------------------------------------------------------------------------------------- step
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' text tokens and mask (through the text cache when there is one)."""
+        if self._text_cache is not None:
+            return self._text_cache.encode(captions)
+        return self.text_encoder.encode(captions)
+
+    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, captions: list[str]):
+        """(the denoiser's velocity, the largest real text token count of the batch)."""
+        context, mask = self.encode_text(captions)
+        text_tokens = int(mask.sum(1).max()) if mask is not None else context.shape[1]
+        return self.dit(x_sigma, sigma, context, mask), text_tokens
+
+    def _noised(
+        self, batch: LatentBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        """(x_sigma, sigma, velocity target, captions after dropout, loss weights (b 1 t 1 1) or None)."""
+        cfg, x0, draws = self.cfg, batch.x, batch.draws
+        sigma = draws(lambda n, generator: sample_sigmas(
+            n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
+        ))  # fmt: skip
+        sigma = shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma
+        noise = draws(torch.randn, x0.shape).to(self.device)
+        drop = (draws(torch.rand) < cfg.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(batch.captions, drop)]
+        sigma = sigma.to(self.device)
+        x_sigma, weight = add_noise(x0, noise, sigma), None
+        if cfg.first_frame_dropout < 1:  # drawn only when on, so runs without it keep their draws
+            given = (draws(torch.rand) >= cfg.first_frame_dropout).to(self.device)
+            given &= x0.shape[2] > 1  # an image has no frame after the first to learn
+            first = torch.zeros(1, 1, x0.shape[2], 1, 1, dtype=torch.bool, device=self.device)
+            first[:, :, 0] = True
+            keep = given.view(-1, 1, 1, 1, 1) & first  # the clean first frame (sigma 0 there), not learned
+            x_sigma = torch.where(keep, x0, x_sigma)
+            weight = (~keep).float()
+        return x_sigma, sigma, velocity_target(x0, noise), captions, weight
+
+    def loss(self, batch: LatentBatch, forward: Callable, step: int) -> Loss:
+        """The flow-matching loss of the micro-batch: this rank's part of the global batch's mean."""
+        x_sigma, sigma, target, captions, weight = self._noised(batch)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16"
+        ):
+            pred, text_tokens = forward(x_sigma, sigma, captions)
+        pt, ph, pw = self.dit.config.patch_size
+        _, _, t, h, w = batch.x.shape
+        tokens = (t // pt) * (h // ph) * (w // pw)
+        flops = batch.n * 3 * dit_flops(self.dit.config, tokens, text_tokens)
+        if weight is None and not self.dist.enabled:
+            return Loss(flow_loss(pred, target), tokens=batch.n * tokens, flops=flops)
+        sq = (pred.float() - target.float()).square()
+        if weight is None:
+            per_sample = sq.flatten(1).mean(dim=1)
+        else:  # the mean over the frames in the loss
+            per_sample = (sq * weight).flatten(1).sum(1) / weight.expand_as(sq).flatten(1).sum(1)
+        if self.dist.enabled:  # this rank's part of the global mean
+            value = (per_sample * batch.weight.to(per_sample.device)).sum()
+        else:
+            value = per_sample.mean()
+        return Loss(value, tokens=batch.n * tokens, flops=flops)
+
+    # ----------------------------------------------------------------------------------------- results
+
+    @torch.no_grad()
+    def evaluate(self, levels: int = 8, max_clips: int = 8, seed: int = 0) -> float:
+        """Flow loss at fixed noise: ``levels`` evenly spread sigmas, seeded noise, the first ``max_clips`` clips
+        with their captions. Deterministic, and it draws from no training RNG."""
+        gen = torch.Generator().manual_seed(seed)
+        sigma = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
+        for m in self.models.values():
+            m.eval()
+        losses = []
+        for i in range(min(max_clips, len(self.dataset))):
+            z, caption = self.dataset[i]
+            x0 = z[None].expand(levels, *z.shape).to(self.device)
+            noise = torch.randn(x0.shape, generator=gen).to(self.device)
+            context, mask = self.text_encoder.encode([caption] * levels)
+            s = sigma.to(self.device)
+            pred = self.dit(add_noise(x0, noise, s), s, context, mask)
+            losses.append(flow_loss(pred, velocity_target(x0, noise)).item())
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def sample(self, seed: int) -> torch.Tensor | None:
+        """A short generation per ``sample_prompts`` entry, side by side, decoded by ``cfg.vae`` (None when
+        that VAE does not load or its latent channels differ from the denoiser's)."""
+        if self.sample_vae is None:
+            return None
+        from ...diffusion.sampling import denoise
+
+        cfg = self.cfg
+        self.dit.eval()
+        context, mask = self.encode_text(list(cfg.sample_prompts))
+        shape = (len(cfg.sample_prompts), *self.dataset.items[0].shape)
+        gen = torch.Generator().manual_seed(seed)
+        z = denoise(self.dit, shape, context, mask, sampler="euler", steps=cfg.sample_steps, shift=cfg.shift,
+                    generator=gen, progress=False)  # fmt: skip
+        vae = self.sample_vae
+        return torch.cat(list(vae.decode(vae.denormalize(z)).float()), dim=-1)
+
+    def _load_sample_vae(self) -> CausalVAE | None:
+        """``cfg.vae`` for decoding samples, or None (with a warning) when it does not load or its latent
+        channels differ from the denoiser's."""
+        try:
+            from ...pipelines.encode import load_vae
+
+            with torch.random.fork_rng(devices=[]):  # a preset's random init leaves the global RNG alone
+                vae = load_vae(self.cfg.vae, device=self.device)[0].eval()
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            warnings.warn(f"no samples: vae={self.cfg.vae!r} does not load ({err})", stacklevel=3)
+            return None
+        channels = self.dit.config.in_channels
+        if vae.config.latent_channels != channels:
+            warnings.warn(
+                f"no samples: vae={self.cfg.vae!r} has {vae.config.latent_channels} latent channels, "
+                f"the denoiser {channels}",
+                stacklevel=3,
+            )
+            return None
+        return vae
+
+    def unsharded(self, name: str) -> torch.nn.Module:
+        if name == "dit":
+            return VideoDiT(self.dit.config)
+        return load_text_encoder(self.cfg.text_encoder, device="cpu", overrides=self.cfg.text_overrides)
+
+    def export(self, folder: Path, models: dict[str, torch.nn.Module]) -> None:
+        """``folder/dit`` (``VideoDiT.from_pretrained`` reads it) and ``folder/text_encoder``. With LoRA the
+        adapter goes to ``folder/lora.safetensors`` in diffusers' layout (``load_lora`` and diffusers'
+        ``load_lora_weights`` read it) and ``folder/dit`` holds the base model only when ``cfg.dit`` is a
+        preset (a folder base is where it was); merge for inference with ``load_lora`` + ``merge_lora``."""
+        for name, model in models.items():
+            if name == "dit" and self.cfg.lora_rank:
+                self._export_lora(model, folder)
+            else:
+                model.save_pretrained(folder / name)
+        if "text_encoder" not in models:
+            self.text_encoder.save_pretrained(folder / "text_encoder")
+
+    def _export_lora(self, dit: VideoDiT, folder: Path) -> None:
+        from ..lora import remove_lora, save_lora
+
+        save_lora(dit, folder / "lora.safetensors", layout="diffusers")
+        if not Path(self.cfg.dit).exists():  # a preset's base weights exist only in this run
+            remove_lora(copy.deepcopy(dit), merge=False).save_pretrained(folder / "dit")

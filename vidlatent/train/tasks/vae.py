@@ -1,0 +1,371 @@
+"""``task: vae``: a ``CausalVAE`` learns to reconstruct clips (L1 + SSIM + KL, optional perceptual, chroma
+and edge terms, and a patch discriminator after ``disc_start`` steps).
+
+``data: shapes`` draws endless clips from the procedural shapes world (``data_options`` are ``ShapesWorld``
+arguments; the data position is a clip counter); a folder of videos is read by ``VideoBucketSampler``, which
+deals whole batches to the ranks, each batch's posterior noise from its own seeded generator.
+``vae_train: decoder`` keeps the encoder (and so the latent space) fixed; with ``redraw_pipeline`` a share
+of the encoded clips is re-drawn from its caption by that pipeline's denoiser (SDEdit) before the decoder
+sees it, so the decoder learns to draw what a denoiser leaves.
+
+Letters: b batch, c channels, t frames, h height, w width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ...config import VAEConfig, load_config
+from ...config.train import TrainConfig
+from ...data.shapes import ShapesWorld
+from ...models.vae import CausalVAE, StreamCache
+from ...pipelines.encode import psnr
+from .. import distributed
+from ..distributed import Dist, share
+from ..losses import PatchDiscriminator, hinge_d_loss, vae_loss
+from . import register
+from .base import Batch, Draws, Loss, Position, Task
+
+__all__ = ["VAETask", "load_perceptual"]
+
+
+def load_perceptual(cfg: TrainConfig, device) -> torch.nn.Module:
+    """The optional perceptual loss network: ``cfg.perceptual`` names a factory ("package.module:function")
+    that builds it, ``cfg.perceptual_weights`` a safetensors file for its weights; it is frozen."""
+    module_name, _, attr = cfg.perceptual.partition(":")
+    if not attr:
+        raise ValueError(f"perceptual must be 'module:factory'; got {cfg.perceptual!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the perceptual network {cfg.perceptual!r}: {err}") from err
+    net = factory()
+    if cfg.perceptual_weights:
+        from ...checkpoint import load_into
+
+        load_into(net, load_file(cfg.perceptual_weights), what=f"perceptual network {cfg.perceptual_weights}")
+    return net.to(device).eval().requires_grad_(False)
+
+
+class _VideoBatches:
+    """The folder's batches for this rank, read by a DataLoader that restarts wherever the position says."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist):
+        from ..video_data import VideoBucketSampler, VideoFolderDataset
+
+        opts = dict(cfg.data_options)
+        if opts.get("size") is not None:
+            opts["size"] = tuple(opts["size"])
+        if opts.get("buckets") is not None:
+            opts["buckets"] = [tuple(b) for b in opts["buckets"]]
+        self.videos = VideoFolderDataset(cfg.data, cfg.captions, seed=cfg.seed, **opts)
+        if not len(self.videos):
+            raise ValueError(f"no usable videos in {cfg.data}: {self.videos.summary()}")
+        self.sampler = VideoBucketSampler(
+            self.videos, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+        )
+        self.num_workers = cfg.num_workers
+        self.loader, self.at = None, None  # the open loader and the position its next batch has
+
+    def next(self, position: Position) -> tuple[torch.Tensor, list[str]]:
+        """The batch at ``position`` (advanced past it; to the next epoch when this one is done)."""
+        from ..video_data import make_loader
+
+        while True:
+            if self.loader is None or self.at != (position.epoch, position.batch_index):
+                self.loader = iter(make_loader(self.videos, self.sampler, position.epoch,
+                                               num_workers=self.num_workers, start=position.batch_index))  # fmt: skip
+            batch = next(self.loader, None)
+            if batch is None:
+                position.epoch, position.batch_index, self.loader = position.epoch + 1, 0, None
+                continue
+            position.batch_index += 1
+            self.at = (position.epoch, position.batch_index)
+            return batch
+
+
+@register
+class VAETask(Task):
+    """A ``CausalVAE`` (``cfg.vae``: a preset, fresh, or a folder) on the shapes world or a folder of videos."""
+
+    name = "vae"
+    count_flops = True
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        if cfg.data != "shapes" and not Path(cfg.data).exists():
+            raise ValueError(
+                f"task=vae trains on data=shapes or a folder of videos; {cfg.data!r} does not exist"
+            )
+        mixed = 0 < (cfg.data_options or {}).get("image_fraction", 0) < 1
+        if cfg.data == "shapes" and mixed and cfg.batch_size > 1:
+            raise ValueError(
+                "data_options.image_fraction between 0 and 1 mixes one-frame and longer clips, which cannot share "
+                f"a batch (batch_size={cfg.batch_size}); use batch_size=1, or image_fraction 0 or 1"
+            )
+        if cfg.lora_rank:
+            raise ValueError("LoRA (lora_rank > 0) trains the denoiser; set task=denoiser or lora_rank=0")
+        if cfg.image_fraction:
+            raise ValueError(
+                "image_fraction trains the denoiser (task=denoiser) on first latent frames; a causal VAE already "
+                "learns images from every clip's first frame, which it encodes on its own"
+            )
+        if cfg.compile:
+            raise ValueError(
+                "compile=true compiles the denoiser's blocks; set task=denoiser or compile=false"
+            )
+        if cfg.redraw_pipeline is not None:
+            _check_redraw(cfg)
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        self.world = ShapesWorld(**{"seed": cfg.seed, **cfg.data_options}) if cfg.data == "shapes" else None
+        self.video_batches = _VideoBatches(cfg, dist) if self.world is None else None
+        self.videos = None if self.video_batches is None else self.video_batches.videos
+        self.vae, self.disc = self._build_models()
+        self.disc_optimizer = None
+        if self.disc is not None:
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+        self.perceptual = load_perceptual(cfg, device) if cfg.perceptual else None
+        if cfg.vae_train == "decoder":  # latents of this VAE stay valid (e.g. a denoiser trains on them)
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
+        self.redraw = self._redraw_pipeline() if cfg.redraw_pipeline is not None else None
+        self.models = {"vae": self.vae}
+
+    def _build_models(self) -> tuple[CausalVAE, PatchDiscriminator | None]:
+        """The VAE (a fresh preset starts with little posterior noise: ``logvar_init``) and the discriminator."""
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if Path(cfg.vae).exists():
+                vae = CausalVAE.from_pretrained(cfg.vae, device=self.device, dtype=torch.float32)
+            else:
+                vae_cfg = load_config(VAEConfig, "vae", cfg.vae, overrides=cfg.vae_overrides)
+                vae = CausalVAE(vae_cfg).to(self.device)
+                with torch.no_grad():  # KL may raise the posterior noise again
+                    vae.quant_conv.bias[vae_cfg.latent_channels :] = cfg.logvar_init
+            disc = PatchDiscriminator().to(self.device) if cfg.disc_weight > 0 else None
+        return vae, disc
+
+    def _redraw_pipeline(self):
+        """``redraw_pipeline``'s denoiser and text encoder (frozen) around the VAE being trained. Its encoder must
+        be the one the denoiser learnt on: the re-drawn latents would mean nothing otherwise."""
+        from ...pipelines.video import VideoPipeline
+
+        ref = VideoPipeline.from_pretrained(self.cfg.redraw_pipeline, device=self.device)
+        theirs, ours = ref.vae.state_dict(), self.vae.state_dict()
+        differ = [
+            k
+            for k in theirs
+            if k.startswith(("encoder.", "quant_conv."))
+            and (k not in ours or not torch.equal(theirs[k], ours[k]))
+        ]
+        differ += [
+            k
+            for k in ("latents_mean", "latents_std")
+            if getattr(ref.vae.config, k) != getattr(self.vae.config, k)
+        ]
+        if differ:
+            raise ValueError(
+                f"redraw_pipeline {self.cfg.redraw_pipeline}: its VAE encodes differently from the trained VAE "
+                f"({len(differ)} differences: {', '.join(differ[:5])}); its denoiser learnt on other latents"
+            )
+        ref.dit.requires_grad_(False).eval()
+        ref.text_encoder.requires_grad_(False).eval()
+        return VideoPipeline(self.vae, ref.dit, ref.text_encoder, ref.config)
+
+    # ----------------------------------------------------------------------------------------- data
+
+    def next_batch(self, position: Position, generator: torch.Generator) -> Batch:
+        """Shapes: this rank's share of the next ``batch_size * ranks`` clips (draws from the shared generator,
+        sliced). Videos: this rank's next batch, its posterior noise from a generator seeded by (seed, epoch,
+        batch, rank), so ranks draw different noise and a resumed run draws what the uninterrupted one did."""
+        rank, world = self.dist.rank, self.dist.world_size
+        if self.video_batches is None:  # endless procedural clips: the data position is a clip counter
+            n = self.cfg.batch_size * world
+            start = position.batch_index * n
+            position.batch_index += 1
+            rows = list(share(n, rank, world))
+            clips = [self.world.clip(start + j) for j in rows]
+            draws = Draws(generator, rows, n, sliced=self.dist.enabled)
+            return Batch(torch.stack([v for v, _ in clips]).to(self.device), [c for _, c in clips], draws)
+        videos, captions = self.video_batches.next(position)
+        seed = ((self.cfg.seed * 1_000_003 + position.epoch) * 1_000_003 + position.batch_index) * 1009
+        own = torch.Generator().manual_seed((seed + rank) % 2**63)
+        if not len(videos):  # every clip of this rank's batch failed to load: join with weight 0
+            videos, captions = torch.zeros(1, *videos.shape[1:]), [""]
+            return Batch(videos.to(self.device), captions, Draws(own, [], world, own=True))
+        draws = Draws(own, list(range(len(videos))), len(videos) * world, own=True)
+        return Batch(videos.to(self.device), captions, draws)
+
+    # ----------------------------------------------------------------------------------------- step
+
+    def forward(self, video: torch.Tensor, captions: list[str], draws: Draws):
+        """(reconstruction, mean, logvar) of a clip batch, sampling the posterior with ``draws``; with
+        ``redraw_pipeline``, a share of the clips is decoded from latents re-drawn from their captions."""
+        frozen = self.cfg.vae_train == "decoder"
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            moments = self.vae.encode_step(video, StreamCache())[0]
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        noise = draws(torch.randn, mean.shape).to(mean)
+        z = mean + (0.5 * logvar).exp() * noise
+        if self.redraw is not None:
+            z = self._redrawn(z, mean, captions, draws)
+        return self.vae.decode_step(z, StreamCache())[0], mean, logvar
+
+    @torch.no_grad()
+    def _redrawn(
+        self, z: torch.Tensor, mean: torch.Tensor, captions: list[str], draws: Draws
+    ) -> torch.Tensor:
+        """``z`` with each clip picked (``redraw_fraction``) replaced by its posterior mean edited (SDEdit, the
+        pipeline's sampler settings) after its caption at a strength drawn from ``redraw_strength``."""
+        cfg = self.cfg
+        pick, level, seed = draws(torch.rand, (len(z), 3)).unbind(1)
+        lo, hi = cfg.redraw_strength
+        z = z.clone()
+        with torch.autocast(self.device.type, enabled=False):  # sampled in fp32, as the pipeline samples
+            for i in torch.nonzero(pick < cfg.redraw_fraction).flatten().tolist():
+                start = self.vae.normalize(mean[i : i + 1].float())
+                strength = lo + (hi - lo) * float(level[i])
+                edited = self.redraw.edit_latents(
+                    start, captions[i], strength, seed=int(seed[i] * 2**31), progress=False
+                )
+                z[i : i + 1] = self.vae.denormalize(edited).to(z.dtype)
+        return z
+
+    def loss(self, batch: Batch, forward: Callable, step: int) -> Loss:
+        """The VAE objective of the micro-batch (plus the adversarial term from ``disc_start`` on): this
+        rank's part of the global batch's mean."""
+        cfg, video = self.cfg, batch.x
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            recon, mean, logvar = forward(video, batch.captions, batch.draws)
+        recon, mean, logvar = recon.float(), mean.float(), logvar.float()
+        loss, parts = vae_loss(
+            recon, video, mean, logvar, l1_weight=cfg.l1_weight, mse_weight=cfg.mse_weight,
+            ssim_weight=cfg.ssim_weight, kl_weight=cfg.kl_weight, edge_weight=cfg.edge_weight,
+            chroma_weight=cfg.chroma_weight, perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight,
+        )  # fmt: skip
+        fake = None
+        if self.disc is not None and step >= cfg.disc_start:
+            self.disc.requires_grad_(False)
+            adv = -self.disc(recon).mean()
+            loss = loss + cfg.disc_weight * adv
+            parts["adv"] = float(adv.detach())
+            fake = recon.detach()
+        if self.dist.enabled or batch.draws.own:  # this rank's part of the global batch mean
+            part = len(batch.draws.rows) / batch.n
+            parts = {k: v * part for k, v in parts.items()}
+            loss = loss * part
+        _, _, t, h, w = video.shape
+        return Loss(loss, parts, tokens=batch.n * t * h * w, output=fake)  # the VAE counts pixels
+
+    def after_step(self, batch: Batch, loss: Loss, step: int) -> dict[str, float]:
+        """One discriminator update (hinge loss) on the last micro-batch's clips and reconstructions."""
+        if self.disc is None or step < self.cfg.disc_start:
+            return {}
+        self.disc.requires_grad_(True)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss = hinge_d_loss(self.disc(batch.x), self.disc(loss.output))
+        d_loss.backward()
+        if self.dist.enabled:  # the mean of the ranks' gradients
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    distributed.all_reduce_(p.grad).div_(self.dist.world_size)
+            d_loss = distributed.all_reduce_(d_loss.detach().clone()) / self.dist.world_size
+        self.disc_optimizer.step()
+        return {"disc": float(d_loss.detach())}
+
+    def extra_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        if self.disc is None:
+            return {}, {}
+        disc = {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}
+        return {"disc.safetensors": disc}, {"disc_optimizer": self.disc_optimizer.state_dict()}
+
+    def load_extra_state(self, folder: Path, state: dict) -> None:
+        if self.disc is not None and (folder / "disc.safetensors").is_file():
+            self.disc.load_state_dict(load_file(folder / "disc.safetensors"))
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+    # ----------------------------------------------------------------------------------------- results
+
+    @torch.no_grad()
+    def evaluate(self, clips: int = 8, split: str = "heldout") -> float:
+        """Mean PSNR (dB) of the VAE's reconstruction (posterior mode, clamped) of ``clips`` clips of the
+        shapes world's ``split`` at the training size, drawn with a seed no training batch uses."""
+        self.vae.eval()
+        scores = []
+        for video in self._eval_clips(clips, split, 10_000):
+            video = video[None].to(self.device)
+            recon = self.vae.decode(self.vae.encode(video).mode())
+            scores.append(min(psnr(recon.float(), video, data_range=2.0), 100.0))
+        return sum(scores) / len(scores)
+
+    @torch.no_grad()
+    def calibrate_latents(
+        self, clips: int = 64, vae: CausalVAE | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Set the VAE's (or ``vae``'s) ``latents_mean``/``latents_std`` to the per-channel statistics of the
+        posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
+        vae = self.vae if vae is None else vae
+        vae.eval()
+        z = torch.cat(
+            [
+                vae.encode(video[None].to(self.device)).mode()[0].flatten(1).double()
+                for video in self._eval_clips(clips, None, 20_000)
+            ],
+            dim=1,
+        )
+        mean, std = z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+        vae.config.latents_mean, vae.config.latents_std = mean, std
+        return mean, std
+
+    def _eval_clips(self, clips: int, split: str | None, offset: int):
+        """Clips for evaluation and calibration: the shapes world's ``split`` (None: the training one) at a
+        seed no training batch uses, or (videos) the first ``clips`` clips of the folder as epoch 0 cuts them."""
+        if self.videos is not None:
+            for i in range(min(clips, len(self.videos))):
+                yield self.videos[i][0]
+            return
+        opts = {**self.cfg.data_options, "seed": offset + self.cfg.seed}
+        world = ShapesWorld(**(opts if split is None else {**opts, "split": split}))
+        for i in range(clips):
+            yield world.clip(i)[0]
+
+    @torch.no_grad()
+    def sample(self, seed: int) -> torch.Tensor:
+        """A held-out clip and its reconstruction side by side."""
+        video = next(self._eval_clips(1, "heldout", 10_000))[None].to(self.device)
+        self.vae.eval()
+        recon = self.vae.decode(self.vae.encode(video).mode()).float()
+        return torch.cat([video, recon], dim=-1)[0]
+
+    def unsharded(self, name: str) -> torch.nn.Module:
+        return CausalVAE(self.vae.config)
+
+    def export(self, folder: Path, models: dict[str, torch.nn.Module]) -> None:
+        """``folder/vae``; a VAE whose encoder trained gets latent statistics calibrated on training clips."""
+        if self.cfg.vae_train == "all":  # a frozen encoder keeps its statistics
+            self.calibrate_latents(vae=models["vae"])
+        models["vae"].save_pretrained(folder / "vae")
+
+
+def _check_redraw(cfg: TrainConfig) -> None:
+    if cfg.vae_train != "decoder":
+        raise ValueError(
+            "redraw_pipeline trains the decoder on re-drawn latents: set task=vae and vae_train=decoder"
+        )
+    strength = list(cfg.redraw_strength)
+    if len(strength) != 2 or not 0 <= strength[0] <= strength[1] <= 1:
+        raise ValueError(
+            f"redraw_strength must be [lo, hi] with 0 <= lo <= hi <= 1; got {cfg.redraw_strength}"
+        )
+    if not 0 < cfg.redraw_fraction <= 1:
+        raise ValueError(f"redraw_fraction must be in (0, 1]; got {cfg.redraw_fraction}")
