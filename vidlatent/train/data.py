@@ -238,30 +238,9 @@ def cache_world_latents(
     if workers and world.crop:
         raise ValueError("workers render whole frames; a world with crop caches with workers=0")
     indices = range(start, start + count)
-    pool = None
-    if workers:  # captions and frames in order, worked out ahead of the encoder
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _set_job, (world, folder))
-        items = pool.map(_cached_item, indices, chunksize=32)
-    else:
-        items = (_item(world, folder, i) for i in indices)
+    items, pool = _render(world, folder, indices, workers)
     bar = tqdm(total=count, desc="cache", unit="clip", disable=not progress)
     rows, batch = [], []
-
-    def encode() -> None:
-        clips = [f if isinstance(f, torch.Tensor) else to_tensor(f) for _, f in batch]
-        video = torch.stack(clips).to(vae.device, vae.dtype)
-        with torch.inference_mode():
-            z = vae.normalize(vae.encode(video).mode()).float().cpu()
-        for (i, _), zi in zip(batch, z):
-            _write_latents(
-                folder / f"clip-{i:07d}.safetensors", {"latents": zi}, {**meta, "source": f"shapes:{i}"}
-            )
-        bar.update(len(batch))
-        batch.clear()
-
     try:
         for i, (caption, frames) in zip(indices, items):
             rows.append(json.dumps({"path": f"clip-{i:07d}.safetensors", "caption": caption}))
@@ -270,9 +249,10 @@ def cache_world_latents(
                 continue
             batch.append((i, frames))
             if len(batch) == batch_size:
-                encode()
+                bar.update(_encode_batch(vae, batch, folder, meta))
+                batch = []
         if batch:
-            encode()
+            bar.update(_encode_batch(vae, batch, folder, meta))
     finally:
         bar.close()
         if pool is not None:
@@ -280,6 +260,31 @@ def cache_world_latents(
     captions = folder / "metadata.jsonl"
     atomic_write(captions, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
     return captions
+
+
+def _render(world, folder: Path, indices: range, workers: int):
+    """(the (caption, frames or None when cached) of each clip in order, the worker pool or None): with
+    ``workers``, rendered in that many processes ahead of the encoder."""
+    if not workers:
+        return (_item(world, folder, i) for i in indices), None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _set_job, (world, folder))
+    return pool.map(_cached_item, indices, chunksize=32), pool
+
+
+def _encode_batch(vae, batch: list[tuple[int, object]], folder: Path, meta: dict) -> int:
+    """Encode ``batch`` ((clip index, frames) pairs) and write one latent file per clip; returns its size."""
+    clips = [f if isinstance(f, torch.Tensor) else to_tensor(f) for _, f in batch]
+    video = torch.stack(clips).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        z = vae.normalize(vae.encode(video).mode()).float().cpu()
+    for (i, _), zi in zip(batch, z):
+        _write_latents(
+            folder / f"clip-{i:07d}.safetensors", {"latents": zi}, {**meta, "source": f"shapes:{i}"}
+        )
+    return len(batch)
 
 
 _JOB: tuple = ()  # (world, folder) of a cache worker process
