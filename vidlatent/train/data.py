@@ -18,14 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..data.latents import latent_file_metadata, load_latents, read_latent_metadata, write_latents
+from ..data.paths import expand_paths
 from ..data.shapes import to_tensor
-from ..pipelines.encode import (
-    _write_latents,
-    expand_paths,
-    latent_file_metadata,
-    load_latents,
-    read_latent_metadata,
-)
 
 __all__ = ["LatentDataset", "LatentItem", "BucketSampler", "read_captions", "cache_world_latents"]
 
@@ -281,7 +276,7 @@ def _encode_batch(vae, batch: list[tuple[int, object]], folder: Path, meta: dict
     with torch.inference_mode():
         z = vae.normalize(vae.encode(video).mode()).float().cpu()
     for (i, _), zi in zip(batch, z):
-        _write_latents(
+        write_latents(
             folder / f"clip-{i:07d}.safetensors", {"latents": zi}, {**meta, "source": f"shapes:{i}"}
         )
     return len(batch)

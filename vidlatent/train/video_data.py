@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe, read_video
-from ..pipelines.encode import expand_paths
+from ..data.paths import expand_paths
 from .data import read_captions
 
 __all__ = ["VideoFolderDataset", "VideoItem", "VideoBucketSampler", "make_loader"]

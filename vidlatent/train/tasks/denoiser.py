@@ -315,7 +315,7 @@ class DenoiserTask(Task):
         """``cfg.vae`` for decoding samples, or None (with a warning) when it does not load or its latent
         channels differ from the denoiser's."""
         try:
-            from ...pipelines.encode import load_vae
+            from ...pipelines.batch import load_vae
 
             with torch.random.fork_rng(devices=[]):  # a preset's random init leaves the global RNG alone
                 vae = load_vae(self.cfg.vae, device=self.device)[0].eval()

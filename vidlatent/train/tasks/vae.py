@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from ...config import VAEConfig, load_config
 from ...config.train import TrainConfig
 from ...data.shapes import ShapesWorld
+from ...metrics import psnr
 from ...models.vae import CausalVAE, StreamCache
-from ...pipelines.encode import psnr
 from .. import distributed
 from ..distributed import Dist, share
 from ..losses import PatchDiscriminator, hinge_d_loss, vae_loss
