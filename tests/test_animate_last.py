@@ -6,16 +6,13 @@ import pytest
 import torch
 from test_pipeline import pattern
 
-from vidlatent import VideoPipeline
 from vidlatent.data.shapes import ShapesWorld
 from vidlatent.pipelines.encode import psnr
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = VideoPipeline.from_pretrained("tiny")
-    pipe.progress = False
-    return pipe
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def test_first_and_last_latent_frames_are_the_stills(pipe):
@@ -59,11 +56,11 @@ def test_bad_last_images_say_what_is_accepted(pipe):
         pipe.animate(first, "a ball", frames=1, last_image=first)
 
 
-def test_default_model_morphs_between_two_held_out_stills():
+def test_default_model_morphs_between_two_held_out_stills(default_pipe):
     """The first and last frames of 4 held-out clips, with their captions: the generated clips start and end on
     the stills (PSNR of the first and last output frames against them; the VAE's own round trip of such a still
     as an image is about 30 dB). scripts/eval_last_frame.py measures 8 such pairs and the alternatives."""
-    pipe = VideoPipeline.from_pretrained("default")
+    pipe = default_pipe
     world = ShapesWorld(64, 64, 17, split="heldout", seed=11)
     clips, captions = zip(*(world.clip(i) for i in range(4)))
     clips = torch.stack(clips)

@@ -80,9 +80,9 @@ SETTINGS = {  # kind: what pipeline.json holds
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_pipe):
     root = tmp_path_factory.mktemp("damaged")
-    pipe = VideoPipeline.from_pretrained("tiny")
+    pipe = tiny_pipe
     pipe.save_pretrained(root / "good")
     write_video(root / "a.png", torch.zeros(3, 1, 16, 16))
     report = encode_clips([root / "a.png"], root / "lat", pipe.vae, progress=False)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from vidlatent import VideoPipeline
 from vidlatent.data.shapes import SHAPES, ShapesWorld, caption, eval_prompts, oracle
 from vidlatent.pipelines.encode import psnr
 from vidlatent.pipelines.video import DEFAULT_MODEL
@@ -23,7 +23,8 @@ def test_weights_ship_inside_the_package_and_are_small():
     assert (DEFAULT_MODEL / "pipeline.json").is_file() and (DEFAULT_MODEL / "MODEL_CARD.md").is_file()
 
 
-def test_default_pipeline_follows_held_out_prompts():
+@pytest.mark.slow
+def test_default_pipeline_follows_held_out_prompts(default_pipe):
     """A handful of held-out prompts (combinations never trained on), read back by the oracle.
 
     The bars are just under the shipped model's measured level on these 8 prompts with this seed (8 clips with
@@ -31,7 +32,7 @@ def test_default_pipeline_follows_held_out_prompts():
     MODEL_CARD.md has 100% / 79% / 90%), which a random or broken model does not reach (about 17% colour, 33%
     shape, 11% motion): it catches a model that stopped working.
     """
-    pipe = VideoPipeline.from_pretrained("default")
+    pipe = default_pipe
     assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (17, 64, 64)
     prompts = eval_prompts("heldout", count=32)[::4]  # 8 prompts, 8 different combinations
     videos = pipe.generate([p for p, _ in prompts], seed=0, progress=False)
@@ -45,11 +46,11 @@ def test_default_pipeline_follows_held_out_prompts():
     assert right["colour"] >= 7 and right["shape"] >= 6 and right["motion"] >= 7, (right, found)
 
 
-def test_default_pipeline_makes_images_of_the_asked_colour():
+def test_default_pipeline_makes_images_of_the_asked_colour(default_pipe):
     """Text to image (one frame) on the same 8 held-out prompts: measured 7 images with an object, 7 of the asked
     colour (216 prompts: 96%; a random model about 17%). Shape (4 of 8 here, 63% on 216) is not asserted: a bar
     under it would sit near chance (33%)."""
-    pipe = VideoPipeline.from_pretrained("default")
+    pipe = default_pipe
     prompts = eval_prompts("heldout", count=32)[::4]
     images = pipe.generate([p for p, _ in prompts], seed=0, frames=1, progress=False)
     assert images.shape == (8, 3, 1, 64, 64) and torch.isfinite(images).all()
@@ -58,11 +59,12 @@ def test_default_pipeline_makes_images_of_the_asked_colour():
     assert sum(bool(f) for f in found) >= 6 and colour >= 6, found
 
 
-def test_default_pipeline_animates_held_out_stills():
+@pytest.mark.slow
+def test_default_pipeline_animates_held_out_stills(default_pipe):
     """Image to video from the first frames of 8 held-out clips with their captions: measured 8 of the clip's
     colour, 8 of its motion (216 clips: 100% / 99%; a random model about 17% / 11%), and the first frame is the
     still's VAE reconstruction (27.2-34.5 dB here)."""
-    pipe = VideoPipeline.from_pretrained("default")
+    pipe = default_pipe
     world = ShapesWorld(64, 64, 17, split="heldout", seed=2024)
     stills = torch.stack([world.clip(i)[0][:, :1] for i in range(8)])
     truth = [world.scene(i).objects[0] for i in range(8)]
@@ -78,13 +80,14 @@ def test_default_pipeline_animates_held_out_stills():
     assert min(first) > 26, first
 
 
-def test_default_pipeline_edits_held_out_clips_at_strength_half():
+@pytest.mark.slow
+def test_default_pipeline_edits_held_out_clips_at_strength_half(default_pipe):
     """Edit (SDEdit) at strength 0.5 of the same 8 held-out clips, each towards the next shape (circle -> square
     -> triangle) with its own colour and motion: measured 8 clips with an object, 8 of the clip's colour, 8 of its
     motion, 5 of the new shape (72 clips in MODEL_CARD.md: 100% / 96% kept, 72% new shape). At this strength the
     noise has hidden the outline but not the colour or the path, so a sensible edit keeps those and re-draws the
     shape; an edit that changed nothing would show 0 new shapes, a broken one would lose colour and motion."""
-    pipe = VideoPipeline.from_pretrained("default")
+    pipe = default_pipe
     world = ShapesWorld(64, 64, 17, split="heldout", seed=2024)
     clips = torch.stack([world.clip(i)[0] for i in range(8)])
     truth = [world.scene(i).objects[0] for i in range(8)]
@@ -103,8 +106,8 @@ def test_default_pipeline_edits_held_out_clips_at_strength_half():
     assert kept["colour"] >= 7 and kept["motion"] >= 7 and new_shape >= 4, (kept, new_shape, found)
 
 
-def test_default_vae_reconstructs_held_out_clips():
-    vae = VideoPipeline.from_pretrained("default").vae
+def test_default_vae_reconstructs_held_out_clips(default_pipe):
+    vae = default_pipe.vae
     world = ShapesWorld(64, 64, 17, split="heldout", seed=99)
     video = torch.stack([world.clip(i)[0] for i in range(3)])
     with torch.no_grad():
@@ -115,6 +118,7 @@ def test_default_vae_reconstructs_held_out_clips():
     assert value > 31.2, value
 
 
+@pytest.mark.slow
 def test_cli_generate_uses_the_default_model(tmp_path):
     out = tmp_path / "out.mp4"
     cmd = [sys.executable, "-m", "vidlatent.cli", "generate", "a red circle moving right", "-o", str(out)]

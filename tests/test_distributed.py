@@ -17,7 +17,7 @@ from media import pattern
 from safetensors.torch import load_file
 
 from vidlatent.data.io import write_video
-from vidlatent.pipelines.encode import encode_clips, load_vae
+from vidlatent.pipelines.encode import encode_clips
 from vidlatent.train import Trainer, load_train_config
 from vidlatent.train.distributed import share
 
@@ -37,13 +37,13 @@ RUN = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(tmp_path_factory, tiny_vae) -> Path:
     d = tmp_path_factory.mktemp("ddp")
     clips = [d / "a.mp4", d / "b.mp4", d / "c.mp4"]
     for f, n, phase in zip(clips, (9, 9, 5), (0.0, 1.0, 2.0)):
         write_video(f, pattern(n, phase=phase), fps=8)
         f.with_suffix(".txt").write_text(f"clip {f.stem}\n")
-    vae = load_vae("tiny")[0]
+    vae = tiny_vae
     done = encode_clips(clips, d / "latents", vae, progress=False, num_workers=0)
     assert len(done.done) == 3
     return d / "latents"

@@ -56,8 +56,8 @@ def media(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vae() -> CausalVAE:
-    return load_vae("tiny")[0]
+def vae(tiny_vae) -> CausalVAE:
+    return tiny_vae
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import torch
 from diffusers import WanPipeline
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from test_dit import inputs, max_rel_diff, pair
+from test_dit import max_rel_diff
 
 from vidlatent.checkpoint import CheckpointMismatchError
-from vidlatent.config import DiTConfig, load_config
 from vidlatent.models.dit import VideoDiT
 from vidlatent.train.lora import (
     add_lora,
@@ -23,22 +22,6 @@ from vidlatent.train.lora import (
     save_lora,
     unmerge_lora,
 )
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(DiTConfig, "dit", "tiny")
-
-
-@pytest.fixture(scope="module")
-def twins(cfg):
-    """Ours and diffusers' model holding the same random (unit-gain) weights."""
-    return pair(cfg, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(cfg):
-    return inputs(cfg, batch=2, t=2, h=6, w=8, text=10, pad=2)
 
 
 def run(dit, batch):

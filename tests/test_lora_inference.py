@@ -9,11 +9,10 @@ import pytest
 import torch
 from diffusers import WanPipeline
 from safetensors.torch import save_file
-from test_dit import inputs, max_rel_diff, pair
+from test_dit import max_rel_diff
 
 from vidlatent.checkpoint import CheckpointMismatchError
 from vidlatent.cli import main, parse_lora_spec
-from vidlatent.config import DiTConfig, load_config
 from vidlatent.data.io import read_video
 from vidlatent.models.dit import to_diffusers_state_dict, to_wan_state_dict
 from vidlatent.models.lora import (
@@ -33,22 +32,6 @@ BLOCK_LINEARS = [f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in ("q", 
     "mlp.fc2",
 ]
 TOP_LINEARS = ["text_embed.fc1", "text_embed.fc2", "time_embed.fc1", "time_modulation", "head.proj"]
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(DiTConfig, "dit", "tiny")
-
-
-@pytest.fixture(scope="module")
-def twins(cfg):
-    """Ours and diffusers' WanTransformer3DModel holding the same random (unit-gain) weights."""
-    return pair(cfg, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(cfg):
-    return inputs(cfg, batch=2, t=2, h=6, w=8, text=10, pad=2)
 
 
 def run(dit, batch):

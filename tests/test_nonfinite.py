@@ -17,8 +17,8 @@ from vidlatent.pipelines.encode import encode_clips, load_vae
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return VideoPipeline.from_pretrained("tiny")
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,8 @@ from vidlatent.pipelines import (
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = VideoPipeline.from_pretrained("tiny")
-    pipe.progress = False
-    return pipe
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def pattern(frames=5, size=32, phase=0.0):

@@ -15,7 +15,7 @@ import torch
 
 from vidlatent.cli import main
 from vidlatent.data.io import MAX_PIXELS, fit_to_multiple, probe, read_video, restore_size, write_video
-from vidlatent.pipelines.encode import decode_latents, encode_clips, load_latents, load_vae, reconstruct
+from vidlatent.pipelines.encode import decode_latents, encode_clips, load_latents, reconstruct
 
 
 def pattern(frames: int, h: int, w: int) -> torch.Tensor:
@@ -99,8 +99,8 @@ def test_huge_image_header_is_refused_by_its_size(media, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "image too large: 20000 x 20000" in err, err
 
 
-def test_encode_takes_any_size_and_pad_decodes_back_to_it(media, tmp_path):
-    vae = load_vae("tiny")[0]
+def test_encode_takes_any_size_and_pad_decodes_back_to_it(media, tmp_path, tiny_vae):
+    vae = tiny_vae
     clips = [media / n for n in ("photo.png", "odd.png", "portrait.png", "clip.gif")]
     report = encode_clips(clips, tmp_path / "crop", vae, progress=False)
     assert not report.failed and len(report.done) == 4
@@ -124,8 +124,8 @@ def test_encode_takes_any_size_and_pad_decodes_back_to_it(media, tmp_path):
     assert len(again.failed) == 4 and "size_policy: 'pad' -> 'crop'" in again.failed[0][1]
 
 
-def test_reconstruct_returns_the_input_size_with_pad(media, tmp_path, capsys):
-    vae = load_vae("tiny")[0]
+def test_reconstruct_returns_the_input_size_with_pad(media, tmp_path, capsys, tiny_vae):
+    vae = tiny_vae
     result = reconstruct(media / "odd.png", vae, size_policy="pad")
     assert result.recon.shape == result.video.shape == (3, 1, 61, 97)
     out = tmp_path / "r.png"
@@ -167,10 +167,8 @@ def test_help_texts_say_the_real_multiple(capsys):
         assert text in re.sub(r"\s+", " ", capsys.readouterr().out)
 
 
-def test_sizes_are_width_by_height_in_errors(tmp_path, capsys):
-    from vidlatent import VideoPipeline
-
-    pipe = VideoPipeline.from_pretrained("tiny")
+def test_sizes_are_width_by_height_in_errors(tmp_path, capsys, tiny_pipe):
+    pipe = tiny_pipe
     with pytest.raises(ValueError, match=r"got 24x32 \(width x height\)"):
         pipe.generate("a", frames=1, height=32, width=24, progress=False)
 

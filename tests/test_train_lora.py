@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from vidlatent.config import DiTConfig, load_config
 from vidlatent.data.io import write_video
 from vidlatent.models.dit import VideoDiT
-from vidlatent.pipelines.encode import encode_clips, load_vae
+from vidlatent.pipelines.encode import encode_clips
 from vidlatent.train import Trainer, load_train_config
 from vidlatent.train.lora import load_lora
 
@@ -31,13 +31,13 @@ LORA = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(tmp_path_factory, tiny_vae) -> Path:
     d = tmp_path_factory.mktemp("lora")
     clips = [d / "a.mp4", d / "b.mp4"]
     for f, phase in zip(clips, (0.0, 1.0)):
         write_video(f, pattern(9, phase=phase), fps=8)
         f.with_suffix(".txt").write_text(f"clip {f.stem}\n")
-    encode_clips(clips, d / "latents", load_vae("tiny")[0], progress=False, num_workers=0)
+    encode_clips(clips, d / "latents", tiny_vae, progress=False, num_workers=0)
     # a "pretrained" base: a fresh preset's zero-initialized head and gates would pass no adapter a gradient
     torch.manual_seed(0)
     dit = VideoDiT(load_config(DiTConfig, "dit", "tiny", overrides=["in_channels=4", "out_channels=4"]))

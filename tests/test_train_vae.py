@@ -232,6 +232,7 @@ def build():
 """
 
 
+@pytest.mark.slow
 def test_perceptual_network_plugs_in_from_local_files(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

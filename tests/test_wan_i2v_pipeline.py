@@ -31,7 +31,9 @@ def _prompt_clean_without_ftfy():
         yield
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["i2v", "flf2v"])
+@pytest.fixture(
+    scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["i2v", "flf2v"]
+)
 def root(request, tmp_path_factory):
     flf = request.param
     path = tmp_path_factory.mktemp("wan") / f"Wan-{'FLF2V' if flf else 'I2V'}-tiny-Diffusers"
@@ -87,6 +89,7 @@ def test_animate_equals_wan_image_to_video_pipeline(root, stills):
     assert expected.std() > 0.2  # a real video, not a blank one that would match anything
 
 
+@pytest.mark.slow
 def test_i2v_model_with_a_last_image(root, stills):
     """An I2V model given a last image too: the condition latents and mask hold both stills, and the CLIP tokens
     of both are joined as FLF2V takes them (without its position embedding). diffusers' pipeline cannot run this
@@ -119,6 +122,7 @@ def test_image_tokens_and_condition_latents_each_matter(root, stills):
     assert (blank - video).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_pipeline_folder_carries_the_image_encoder(root, stills, tmp_path):
     path, _, flf = root
     pipe = VideoPipeline.from_pretrained(path)

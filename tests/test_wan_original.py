@@ -126,6 +126,7 @@ def ours(pipe, noise, steps=8, guidance=5.0):
     )
 
 
+@pytest.mark.slow
 def test_converted_original_folder_generates_what_wan_does(release):
     from diffusers import WanPipeline
 

@@ -51,7 +51,7 @@ def ours(pipe, noise, steps=8, guidance=5.0, **kw):
     return video, pipe.generate(PROMPT, NEGATIVE, output_type="latent", **common)
 
 
-@pytest.mark.parametrize("sampler", ["unipc", "euler"])
+@pytest.mark.parametrize("sampler", ["unipc", pytest.param("euler", marks=pytest.mark.slow)])
 def test_t2v_equals_wan_pipeline(root, sampler):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -67,6 +67,7 @@ def test_t2v_equals_wan_pipeline(root, sampler):
     assert ref_video.std() > 0.2  # a real video, not a blank one that would match anything
 
 
+@pytest.mark.slow
 def test_each_wan_convention_matters(root):
     """Our own conventions (masked text, continuous timesteps) would give another video: the test above can fail."""
     path, ref = root
@@ -116,6 +117,7 @@ def test_wan_prompt_clean_up():
     assert wan_clean("  a red &amp;amp; blue\n\tcircle  ") == "a red & blue circle"
 
 
+@pytest.mark.slow
 def test_convert_root_runs_the_same(root, tmp_path, capsys):
     path, ref = root
     out = tmp_path / "converted"
@@ -144,6 +146,7 @@ def test_mixed_layouts_are_refused(root, tmp_path):
         VideoPipeline.from_pretrained(mixed)
 
 
+@pytest.mark.slow
 def test_cli_generate_on_a_diffusers_root_quietly(root, tmp_path):
     out = tmp_path / "clip.gif"
     cmd = [sys.executable, "-m", "vidlatent.cli", "generate", PROMPT, "-o", str(out), "--model", str(root[0]),
