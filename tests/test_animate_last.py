@@ -56,6 +56,7 @@ def test_bad_last_images_say_what_is_accepted(pipe):
         pipe.animate(first, "a ball", frames=1, last_image=first)
 
 
+@pytest.mark.slow
 def test_default_model_morphs_between_two_held_out_stills(default_pipe):
     """The first and last frames of 4 held-out clips, with their captions: the generated clips start and end on
     the stills (PSNR of the first and last output frames against them; the VAE's own round trip of such a still

@@ -107,7 +107,7 @@ def our_run(root, noise, steps, output_type, with_reference=True, scale=SCALES):
                           output_type=output_type)  # fmt: skip
 
 
-@pytest.mark.parametrize("with_reference", [True, False])
+@pytest.mark.parametrize("with_reference", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_controlled_run_equals_wan_vace_pipeline(root, with_reference):
     _, ref, _, model, _ = root
     assert model.control.config.layers == VACE_LAYERS
@@ -126,6 +126,7 @@ def test_controlled_run_equals_wan_vace_pipeline(root, with_reference):
     assert (plain - expected).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_numpy_output_and_latents(root):
     _, ref, _, _, _ = root
     noise = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
