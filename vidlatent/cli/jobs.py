@@ -1,4 +1,4 @@
-"""The ``VideoPipeline`` jobs (generate, edit, inpaint, animate, morph): read inputs through
+"""The ``VideoPipeline`` jobs (generate, edit, inpaint, animate, morph, control): read inputs through
 ``pipelines.inputs`` as the library does, load the pipeline, call one job with ``SamplingOptions``, write."""
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ JOB_EXAMPLES = {
     "morph": """examples:
   vidlatent morph a.png b.png --frames 33 -o morph.mp4 --model my_pipeline
   vidlatent morph a.png b.png --mode noise --prompt-a "a red ball" --prompt-b "a blue box" -o morph.gif""",
+    "control": """examples:
+  vidlatent control pose.mp4 "a dancer on a beach" -o dancer.mp4 --model Wan2.1-VACE-1.3B-diffusers
+  vidlatent control clip.mp4 "a red car" --mask car_mask.mp4 --reference car.png -o car.mp4 --scale 0.8
+  (white mask pixels are generated, black ones keep the control's; --scale S or one S per hint: S,S,...)""",
 }
 
 
@@ -366,4 +370,62 @@ def _size_policy_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-JOB_SUBCOMMANDS = [add_generate, add_edit, add_inpaint, add_animate, add_morph]
+def _scales(text: str) -> float | list[float]:
+    """``--scale S`` or ``S,S,...`` (one per hint) -> a float or a list."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or numbers joined by commas; got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from ..pipelines.inputs import one_channel, read_mask
+
+    _check_inputs(args.control, *([args.mask] if args.mask else []), *args.reference)
+    _check_inputs(*([args.control_branch] if args.control_branch else []))
+    _check_output(args.output)
+    pipe = _load_pipeline(args)
+    if args.control_branch:
+        pipe.load_control(args.control_branch)
+    seed = _seed(args, pipe)
+    video, info, note = _read_clip(pipe, args.control, args)
+    _check_output(args.output, video.shape[1])
+    mask = None
+    if args.mask:  # fitted as the control was; the files' own sizes must agree
+        mask = read_mask(
+            args.mask, frame_selection(args), pipe.size_multiple, video.shape[1], info["source_size"]
+        )
+        mask = one_channel(mask, args.mask)
+    _notes(note)
+    out = pipe.control(
+        args.prompt,
+        video,
+        mask=mask,
+        reference=args.reference,
+        scale=args.scale,
+        options=sampling_options(args, seed),
+    )
+    return _write(pipe, out, args.output, args.fps or info["fps"], seed, info["fit"])
+
+
+def add_control(sub) -> None:
+    p = _job_parser(sub, "control", "a video that follows a control video (pose, edges, silhouettes; VACE)")
+    p.add_argument("control", help="the control video (or image): the output has its frames and size")
+    p.add_argument("prompt", help="what to show")
+    p.add_argument("--mask", default=None,
+                   help="black-and-white image or video of the control's size: white = generate, black = keep")  # fmt: skip
+    p.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                   help="an image of what to show (any size); repeat for several")  # fmt: skip
+    p.add_argument("--scale", type=_scales, default=1.0, metavar="S[,S...]",
+                   help="the control's weight: one number, or one per hint (default 1; 0 = no control)")  # fmt: skip
+    p.add_argument("--control-branch", default=None, metavar="FOLDER",
+                   help="a control branch folder (ControlBranch.save_pretrained) for --model's denoiser")  # fmt: skip
+    _job_flags(p)
+    add_frame_flags(p, "16: VAE 8 x patch 2")
+    p.set_defaults(func=cmd_control)
+
+
+JOB_SUBCOMMANDS = [add_generate, add_edit, add_inpaint, add_animate, add_morph, add_control]

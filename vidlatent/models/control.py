@@ -28,8 +28,16 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CONFIG_NAME, find_weights, load_into, load_state_dict, names_source, read_json
-from ..config import ControlConfig, DiTConfig, control_config_for
+from ..checkpoint import (
+    CONFIG_NAME,
+    find_weights,
+    load_into,
+    load_state_dict,
+    names_source,
+    read_json,
+    save_folder,
+)
+from ..config import ControlConfig, DiTConfig, config_from_dict, config_to_dict, control_config_for
 from .dit import (
     DiTBlock,
     PatchEmbed,
@@ -45,6 +53,7 @@ from .dit import (
     to_wan_state_dict,
 )
 
+CONTROL_KIND = "control"  # ``_vidlatent_kind`` of a saved control branch
 VACE_PREFIX = "vace_"  # VACE's own parameters, in diffusers' and in the original layout alike
 DIFFUSERS_VACE_LAYERS = [0, 5, 10, 15, 20, 25, 30, 35]  # diffusers' default (the 14B model's)
 Scale = float | Sequence[float] | torch.Tensor
@@ -107,6 +116,36 @@ class ControlBranch(nn.Module):
                 c, hint = block(*args)
             hints[layer] = hint * scale[:, j, None, None].to(hint.dtype)
         return hints
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a vidlatent folder (config.json + model.safetensors) that ``from_pretrained`` reads back; a
+        pipeline folder holds its control branch so, in ``control/``."""
+        save_folder(folder, self.state_dict(), config_to_dict(self.config), kind=CONTROL_KIND)
+
+    @classmethod
+    @names_source("control branch")
+    def from_pretrained(
+        cls, folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ControlBranch:
+        """Load a folder written by ``save_pretrained``. ``dtype`` defaults to the stored one; modulation tables
+        stay fp32. (A VACE checkpoint holds a denoiser too: ``ControlledDiT.from_pretrained`` reads those.)"""
+        folder = Path(folder)
+        meta = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+        if meta.get("_vidlatent_kind") != CONTROL_KIND:
+            raise ValueError(
+                f"{folder} is not a control branch folder: its config.json must say "
+                f"_vidlatent_kind {CONTROL_KIND!r} (as ControlBranch.save_pretrained writes it); got "
+                f"{meta.get('_vidlatent_kind') or meta.get('_class_name') or 'no config.json'}"
+            )
+        config = config_from_dict(ControlConfig, {k: v for k, v in meta.items() if k != "_vidlatent_kind"})
+        state = load_state_dict(find_weights(folder))
+        if dtype is None:
+            dtype = next((v.dtype for k, v in state.items() if k.endswith("proj_out.weight")), torch.float32)
+        with torch.device("meta"):
+            branch = cls(config)
+        _cast(branch, dtype)
+        load_into(branch, state, what=f"ControlBranch ({folder})")
+        return branch.to(device)
 
 
 def init_control_weights(branch: ControlBranch) -> None:

@@ -60,6 +60,14 @@ def read_mask(
     return (mask + 1) / 2
 
 
+def one_channel(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A mask read from a file (c, t, h, w) -> (1, t, h, w): its channels must agree (black and white, grey up
+    to compression), else ValueError naming the file ``name``."""
+    if (mask.amax(dim=0) - mask.amin(dim=0)).max() > 0.25:
+        raise ValueError(f"the mask must be one channel (black and white); {name} has colour")
+    return mask.mean(dim=0, keepdim=True)
+
+
 def as_video(video) -> torch.Tensor:
     """A tensor (3, h, w), (3, t, h, w) or (b, 3, t, h, w) float -> (b, 3, t, h, w) float32, checked."""
     ok = isinstance(video, torch.Tensor) and video.ndim in (3, 4, 5)

@@ -3,6 +3,10 @@
 ``VideoPipeline.from_pretrained`` tells what its source is (``checkpoint.resolve_source``) and calls one of
 these: ``from_preset`` (random weights from component presets), ``from_folder`` (ours, or a diffusers Wan
 root) or ``from_wan_release`` (an original Wan 2.1 folder). ``save_pipeline`` writes the folder they read.
+
+A control branch (``models.control.ControlBranch``) comes with the denoiser where the folder has one: a
+diffusers ``WanVACEPipeline`` root holds it inside its transformer (split off by
+``ControlledDiT.from_pretrained``), a folder of ours in ``control/``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from ..checkpoint import CONFIG_NAME, atomic_write, is_wan_release, read_json
 from ..config import DiTConfig, config_to_dict, load_config
 from ..config.pipeline import PipelineConfig, PipelinePreset, check_pipeline_config
+from ..models.control import ControlBranch, ControlledDiT
 from ..models.dit import VideoDiT
 from ..models.image import ENCODER_DIR, load_image_encoder
 from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, load_text_encoder
@@ -29,6 +34,8 @@ from .wan import (
 )
 
 PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
+CONTROL_DIR = "control"  # a pipeline folder's control branch (ControlBranch.save_pretrained)
+VACE_TRANSFORMER = "WanVACETransformer3DModel"
 
 
 def from_preset(cls, preset: PipelinePreset, device=None, dtype=None):
@@ -87,7 +94,7 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
                 raise
             raise ValueError(f"cannot read {config_file}: {str(err).splitlines()[0]}") from err
     vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
-    dit = VideoDiT.from_pretrained(dits[0], device=device, dtype=dtype).eval()
+    dit, control = load_denoiser(dits[0], device, dtype)
     text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
                                      overrides=text_overrides)  # fmt: skip
     image_encoder = None
@@ -100,7 +107,21 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
                 "diffusers' Wan I2V folders) or beside it"
             )
         image_encoder = load_image_encoder(folder, device=device, dtype=dtype)
-    return cls(vae, dit, text_encoder, config, image_encoder)
+    return cls(vae, dit, text_encoder, config, image_encoder, control_branch=control)
+
+
+def load_denoiser(folder: Path, device=None, dtype=None) -> tuple[VideoDiT, ControlBranch | None]:
+    """A pipeline folder's denoiser and its control branch (None where it has none): a diffusers VACE
+    transformer is split in two, a branch of ours is read from the pipeline folder's ``control/``."""
+    meta = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+    if meta.get("_class_name") == VACE_TRANSFORMER:
+        both = ControlledDiT.from_pretrained(folder, device=device, dtype=dtype)
+        return both.dit.eval(), both.control.eval()
+    dit = VideoDiT.from_pretrained(folder, device=device, dtype=dtype).eval()
+    control_dir = folder.parent / CONTROL_DIR
+    if not control_dir.is_dir():
+        return dit, None
+    return dit, ControlBranch.from_pretrained(control_dir, device=device, dtype=dtype).eval()
 
 
 def from_wan_release(cls, folder: Path, device=None, dtype=None):
@@ -127,8 +148,9 @@ def from_wan_release(cls, folder: Path, device=None, dtype=None):
 
 
 def save_pipeline(pipe, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
-    """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically) and, for an
-    image-conditioned denoiser, ``image_encoder/`` (with its image processor).
+    """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically), for an
+    image-conditioned denoiser ``image_encoder/`` (with its image processor), and ``control/`` for a control
+    branch.
 
     ``copy_text_encoder=False`` (Hugging Face encoders only) records where the encoder was loaded from
     instead of copying its weights (UMT5-XXL is 11 GB).
@@ -138,6 +160,8 @@ def save_pipeline(pipe, folder: str | os.PathLike, copy_text_encoder: bool = Tru
         raise ValueError("copy_text_encoder=False applies to Hugging Face text encoders only")
     pipe.vae.save_pretrained(folder / "vae")
     pipe.dit.save_pretrained(folder / "dit")
+    if pipe.control_branch is not None:
+        pipe.control_branch.save_pretrained(folder / CONTROL_DIR)
     kwargs = {} if copy_text_encoder else {"copy": False}
     pipe.text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
     if pipe.image_encoder is not None:

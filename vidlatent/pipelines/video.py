@@ -47,12 +47,14 @@ from ..data.io import restore_size, write_video
 from ..diffusion.flow import add_noise
 from ..diffusion.sampling import denoise, flow_edit, invert
 from ..models import lora
+from ..models.control import ControlBranch, ControlledDiT, Scale, check_fits
 from ..models.dit import VideoDiT
 from ..models.image import ENCODER_DIR, ImageEncoder
 from ..models.text import TextEncoder
 from ..models.vae import CausalVAE
 from . import loading
-from .inputs import Media, as_mask, as_video, is_file_input, read_clip, read_mask
+from .control import sample_control
+from .inputs import Media, as_mask, as_video, is_file_input, one_channel, read_clip, read_mask
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 from .loading import PIPELINE_FILES
 from .wan import (
@@ -115,7 +117,9 @@ def latent_mask(mask: torch.Tensor, temporal_factor: int, spatial_factor: int) -
 
 class VideoPipeline:
     """VAE + denoiser + text encoder, and the jobs built on them: ``generate``, ``edit``, ``inpaint``,
-    ``animate``, ``morph``. Videos are (b, 3, t, h, w) floats in [-1, 1]; an image is a one-frame video.
+    ``animate``, ``morph``, and ``control`` where the denoiser has a control branch (``control_branch``, a
+    ``models.control.ControlBranch`` beside ``dit``: a VACE folder's, ``control/`` in a folder of ours, or
+    ``load_control``). Videos are (b, 3, t, h, w) floats in [-1, 1]; an image is a one-frame video.
 
     Random draws come from CPU generators seeded per call, so a seed gives the same noise on every device.
     Arguments left ``None`` take the value in ``config``.
@@ -136,6 +140,7 @@ class VideoPipeline:
         text_encoder: TextEncoder,
         config: PipelineConfig,
         image_encoder: ImageEncoder | None = None,
+        control_branch: ControlBranch | None = None,
     ):
         c, tf, dcfg = vae.config.latent_channels, vae.temporal_factor, dit.config
         image_conditioned = dcfg.image_dim is not None
@@ -167,10 +172,11 @@ class VideoPipeline:
                 f"{image_encoder.dim}"
             )
         self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
+        self.control_branch = None
+        if control_branch is not None:
+            self.load_control(control_branch)
         self.config = check_pipeline_config(config)
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
-
-    # ------------------------------------------------------------------------------------ loading
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -205,8 +211,10 @@ class VideoPipeline:
                     ("VAE", pipe.vae),
                     ("denoiser", pipe.dit),
                     ("text encoder", pipe.text_encoder),
+                    ("control branch", pipe.control_branch),
                 ):
-                    check_weights_finite(model, f"the {name} of {src}")
+                    if model is not None:
+                        check_weights_finite(model, f"the {name} of {src}")
         if overrides:
             pipe.config = check_pipeline_config(merge_config(pipe.config, override_items(overrides)))
         return pipe
@@ -217,13 +225,31 @@ class VideoPipeline:
         return loading.from_preset(cls, preset, device, dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, copy_text_encoder: bool = True) -> None:
-        """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically) and, for an
-        image-conditioned denoiser, ``image_encoder/`` (with its image processor).
+        """Write ``vae/``, ``dit/``, ``text_encoder/``, ``pipeline.json`` (each file atomically), for an
+        image-conditioned denoiser ``image_encoder/`` (with its image processor), and ``control/`` for a
+        control branch.
 
         ``copy_text_encoder=False`` (Hugging Face encoders only) records where the encoder was loaded from
         instead of copying its weights (UMT5-XXL is 11 GB).
         """
         loading.save_pipeline(self, folder, copy_text_encoder)
+
+    def load_control(self, branch: ControlBranch | str | os.PathLike) -> None:
+        """Attach a control branch (a ``ControlBranch``, or a folder its ``save_pretrained`` wrote) for the
+        ``control`` job, replacing any; ``save_pretrained`` writes it to ``control/``. ValueError naming both
+        shapes when it was made for another denoiser (width, heads, blocks) or reads control latents this VAE
+        does not make; nothing is attached then."""
+        if not isinstance(branch, ControlBranch):
+            dtype = self.dit.patch_embed.weight.dtype
+            branch = ControlBranch.from_pretrained(branch, device=self.device, dtype=dtype).eval()
+        check_fits(branch.config, self.dit.config)
+        sf, c = self.vae.spatial_factor, self.vae.config.latent_channels
+        if branch.config.in_channels != 2 * c + sf * sf:
+            raise ValueError(
+                f"the control branch reads control latents of {branch.config.in_channels} channels; this VAE "
+                f"makes {2 * c + sf * sf} (2 x {c} latent channels + a {sf} x {sf} mask folded to {sf * sf})"
+            )
+        self.control_branch = branch
 
     # ------------------------------------------------------------------------------------ LoRAs
 
@@ -588,6 +614,121 @@ class VideoPipeline:
             shape
         )  # the image's own latent: the causal VAE encodes frame 0 alone
         return start, None, {"image": tokens, "condition": torch.cat([mask, latents], dim=1)}
+
+    @torch.no_grad()
+    def control(
+        self,
+        prompt: str | Sequence[str],
+        control: Media,
+        mask: Media | None = None,
+        reference: Media | Sequence[Media] | None = None,
+        scale: Scale = 1.0,
+        negative_prompt: str | None = None,
+        *,
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        selection: FrameSelection | None = None,
+        noise: torch.Tensor | None = None,
+        options: SamplingOptions | None = None,
+        **sampling,
+    ) -> torch.Tensor:
+        """A video steered by a ``control`` video (tensor or file), through the pipeline's control branch
+        (VACE's inputs, built by ``pipelines.control``): (b, 3, t, h, w) in [-1, 1] at the control's size.
+
+        ``control``: the signal to follow (a pose, depth, edge or silhouette video; with a ``mask``, a video
+        whose unmasked part is kept). ``mask``: white / > 0.5 = generate, black = keep the control's pixels; a
+        one-channel tensor (b or 1, 1, t or 1, h, w), (t, h, w) or (h, w), or a black-and-white image or video
+        file of the control's size; one frame applies to every frame. ``reference``: images (tensors (3, h, w)
+        or (b, 3, h, w), or files; any size) the video should show, each put in front as a latent frame of its
+        own and dropped from the output. ``scale``: the hints' weight, one float or one per hint (0: the
+        denoiser alone, exactly). ``frames``, ``height``, ``width``: the output's, which is the control's: a
+        file is read to them (``selection`` says how, as for ``edit``), a tensor must have them. ``noise``: the
+        start noise (b, c, references + t', h', w'). LoRAs, negative prompts, seeds and the sampler options
+        apply as in every job.
+        """
+        if self.control_branch is None:
+            raise ValueError(
+                "this pipeline has no control branch: load a VACE model (a diffusers WanVACEPipeline folder, "
+                "e.g. Wan2.1-VACE-1.3B-diffusers), a pipeline folder with control/, or attach one with "
+                "pipe.load_control(folder) (on the command line: --control-branch FOLDER)"
+            )
+        opts = self._options(options, sampling, "control", negative_prompt)
+        source = control
+        if is_file_input(control):  # read to the output's size where one is asked
+            if (height is None) != (width is None):
+                raise ValueError("give both height and width, or neither (the control video's size)")
+            sel = selection or FrameSelection()
+            selection = replace(sel, frames=sel.frames if frames is None else frames,
+                                size=sel.size if height is None else (height, width))  # fmt: skip
+        video, fit = self._video_input(control, selection)
+        b, _, t, h, w = video.shape
+        want = (frames or t, height or h, width or w)
+        if want != (t, h, w):
+            raise ValueError(
+                f"the control video is {t} frames of {w}x{h} (width x height); the output asked for is "
+                f"{want[0]} frames of {want[2]}x{want[1]}: give a control of the output's size"
+            )
+        mask = self._control_mask(
+            mask, video, selection, fit["source_size"] if is_file_input(source) else None
+        )
+        references = [self._control_reference(r) for r in self._as_list(reference)]
+        shape = self._latent_shape(b, t, h, w)
+        shape = (b, shape[1], len(references) + shape[2], *shape[3:])
+        noise, generator = self._noise(shape, opts.seed, noise)
+        self._check_text_to_video()
+        context, context_mask = self.encode_text(self._prompts(prompt, b))
+        negative = self._negative(opts.negative_prompt, opts.guidance != 1)
+        model = ControlledDiT(self.dit, self.control_branch)
+        z = sample_control(self.vae, model, context, context_mask, control=video, mask=mask,
+                           reference=references or None, scale=scale, noise=noise, generator=generator,
+                           output_type="latent", **negative, timesteps=self.config.timesteps,
+                           scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
+                           **opts.loop_keywords())  # fmt: skip
+        return self._output(z, opts.output_type, fit)
+
+    def _control_mask(self, mask, video, selection, source_size) -> torch.Tensor | None:
+        """A control job's mask (tensor or file) -> (b, 1, t, h, w) float in [0, 1] on the video's device;
+        ValueError unless it is one channel (a file: black and white) of the control's size."""
+        if mask is None:
+            return None
+        b, _, t, h, w = video.shape
+        if is_file_input(mask):
+            mask = one_channel(read_mask(mask, selection, self.size_multiple, t, source_size), str(mask))
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a tensor or an image/video file; got {type(mask).__name__}")
+        m = mask.float()
+        m = m[None] if m.ndim == 2 else m  # (h, w) -> (1, h, w): one frame
+        m = m[None] if m.ndim == 3 else m  # (t, h, w) -> (1, t, h, w)
+        m = m[None] if m.ndim == 4 else m  # (1, t, h, w) -> (1, 1, t, h, w)
+        if m.ndim != 5 or m.shape[1] != 1 or m.shape[0] not in (1, b) or m.shape[2] not in (1, t):
+            raise ValueError(
+                f"the mask must be one channel, (b, 1, t, h, w) = {(b, 1, t, h, w)} (b and t may be 1), "
+                f"(t, h, w) or (h, w); got {tuple(mask.shape)}"
+            )
+        if tuple(m.shape[-2:]) != (h, w):
+            raise ValueError(
+                f"the mask is {m.shape[-1]}x{m.shape[-2]} but the control video is {w}x{h} (width x height)"
+            )
+        return m.expand(b, 1, t, h, w).to(video.device)
+
+    def _control_reference(self, image: Media) -> torch.Tensor:
+        """A reference image (file, or tensor (3, h, w) / (b, 3, h, w), any size) -> a tensor on the VAE's
+        device (``pipelines.control.as_images`` checks its shape)."""
+        if is_file_input(image):
+            image = read_clip(image, None, None, self.vae.temporal_factor, image=True)[0][:, 0]
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(
+                f"a reference image must be a tensor or an image file; got {type(image).__name__}"
+            )
+        return image.float().to(self.vae.device)
+
+    @staticmethod
+    def _as_list(media) -> list:
+        """None, one input or a sequence of inputs -> a list."""
+        if media is None:
+            return []
+        return [media] if isinstance(media, (torch.Tensor, str, os.PathLike)) else list(media)
 
     @torch.no_grad()
     def morph(

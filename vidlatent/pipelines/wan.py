@@ -9,8 +9,9 @@ from ..checkpoint import CONFIG_NAME, is_wan_release, read_json  # noqa: F401  (
 from ..config.pipeline import PipelineConfig
 from ..models.text import WAN_T5_FILE, WAN_TOKENIZER
 
-# the defaults of a diffusers Wan pipeline folder: WanPipeline's own call defaults, and its scheduler's shift
-WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+# the defaults of a diffusers Wan pipeline folder: WanPipeline's own call defaults (WanVACEPipeline's are the
+# same), and its scheduler's shift
+WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")
 WAN_DEFAULTS = dict(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16.0, negative_prompt="",
                     text_attention="all", timesteps="scheduler")  # fmt: skip
 SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
