@@ -19,8 +19,8 @@ slow set (``-m slow``) runs them. Stand-ins, so that the commands run on a CPU i
 * the sample inputs of ``docs/`` (``input.gif``, ``mask.png``, ``still.png``, ``first.png``, ``last.png``,
   ``a.png``, ``b.png``) are copied in; ``clips/`` holds two of them with ``.txt`` captions, ``clip.gif`` one;
 * a Wan 2.1 folder name the page uses (``Wan2.1-T2V-1.3B-Diffusers`` ...) is a tiny random folder of the same
-  layout (tests/wan_folders.py), and every job with a ``--model`` other than the shipped ``default`` and
-  ``tiny`` gets ``--frames 5 --height 32 --width 32 --steps 2`` (encode: ``--frames 5 --size 32 32``) added;
+  layout (tests/wan_folders.py; ``Wan2.1-VACE-1.3B-diffusers``: tests/vace_folders.py), and every job with a
+  ``--model`` other than the shipped ``default`` and ``tiny`` gets ``--frames 5 --height 32 --width 32 --steps 2`` (encode: ``--frames 5 --size 32 32``) added;
 * every ``vidlatent train`` gets ``steps=2`` added;
 * ``style.safetensors`` / ``distill.safetensors`` are random LoRAs for the default model,
   ``wan_style.safetensors`` one for the Wan stand-in;
@@ -49,7 +49,7 @@ PARSED_ONLY = "not run by the doc check"
 SAMPLES = ["input.gif", "mask.png", "still.png", "first.png", "last.png", "a.png", "b.png"]
 CAPTIONS = {"input.gif": "an orange triangle goes downward", "generate.gif": "a red circle moving right"}
 SHIPPED_MODELS = {"default", "tiny"}
-JOBS = {"generate", "edit", "inpaint", "animate", "morph"}
+JOBS = {"generate", "edit", "inpaint", "animate", "morph", "control"}
 SMALL = {job: ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2"] for job in JOBS}
 SMALL["encode"] = ["--frames", "5", "--size", "32", "32"]
 
@@ -260,6 +260,10 @@ def stand_ins(page: str, folder: Path) -> None:
             wan_i2v_root(folder / "Wan2.1-I2V-14B-480P-Diffusers")
         if uses("Wan2.1-FLF2V-14B-720P-diffusers"):
             wan_i2v_root(folder / "Wan2.1-FLF2V-14B-720P-diffusers", flf=True)
+        if uses("Wan2.1-VACE-1.3B-diffusers"):
+            from vace_folders import wan_vace_root
+
+            wan_vace_root(folder / "Wan2.1-VACE-1.3B-diffusers")
         if uses("Wan2.1-T2V-1.3B"):
             from test_wan_original import write_wan_release
 
