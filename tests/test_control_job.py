@@ -62,6 +62,7 @@ def test_a_vace_folder_loads_with_its_branch(pipe, root):
     assert pipe.config.sampler == "unipc" and pipe.config.timesteps == "scheduler"
 
 
+@pytest.mark.slow  # 12-40 CPU-s (diffusers' run too); the fast set has test_control_pipeline's parity
 def test_the_job_equals_wan_vace_pipeline(pipe, root):
     _, ref = root
     noise = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
