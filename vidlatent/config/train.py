@@ -1,6 +1,6 @@
 """The training run's config: ``TrainConfig``, mirrored by ``configs/train/*.yaml``.
 
-One flat dataclass for every task (``task: denoiser | vae``); ``vidlatent.train.load_train_config`` merges a
+One flat dataclass for every task (``task: denoiser | vae | control``); ``vidlatent.train.load_train_config`` merges a
 preset, yaml files and ``key=value`` overrides into it and checks the values.
 """
 
@@ -15,7 +15,7 @@ __all__ = ["TrainConfig"]
 class TrainConfig:
     """Everything a training run needs; mirrored by ``configs/train/*.yaml``."""
 
-    task: str = "denoiser"  # denoiser | vae
+    task: str = "denoiser"  # denoiser | vae | control
     data: str = "???"  # folder of latent files (vidlatent encode's output), or "shapes" (procedural)
     # ShapesWorld arguments when data=shapes; VideoFolderDataset ones (frames, size, buckets, fps, stride,
     # images) when task=vae trains on a folder of videos
@@ -90,3 +90,10 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters on the denoiser's blocks instead of its weights
     lora_alpha: float | None = None  # adapter scale alpha / rank; default alpha = rank
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # see train.lora.add_lora
+    # task=control: a control branch (models.control.ControlBranch) learns beside a frozen pipeline's denoiser,
+    # text encoder and VAE (data: shapes, or a folder of videos with their control videos)
+    pipeline: str | None = None  # the frozen pipeline: a folder, "default" or a preset ("tiny")
+    control_layers: list[int] | None = None  # denoiser blocks given a hint; None = every second (as VACE)
+    control_transform: str = "silhouette"  # data=shapes: the control made from each clip (silhouette | edges)
+    controls: str = "controls"  # a video folder: the folder beside the clips holding their control videos
+    control_init: str = "zero"  # zero: fresh blocks | copy: block j starts as the denoiser's block j
