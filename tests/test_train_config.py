@@ -17,13 +17,21 @@ def test_train_preset_loads(preset):
 
 
 def test_shipped_presets_are_there():
-    assert {"tiny", "default-dit", "default-vae", "default-vae-finetune"} <= set(list_presets("train"))
+    shipped = {
+        "tiny",
+        "default-dit",
+        "default-vae",
+        "default-vae-finetune",
+        "control-tiny",
+        "default-control",
+    }
+    assert shipped <= set(list_presets("train"))
 
 
 def test_tasks_are_registered_by_name():
-    assert set(TASKS) >= {"denoiser", "vae"}
+    assert set(TASKS) >= {"denoiser", "vae", "control"}
     assert all(issubclass(cls, Task) and cls.name == name for name, cls in TASKS.items())
-    with pytest.raises(ValueError, match="unknown task 'bogus'; accepted: denoiser, vae"):
+    with pytest.raises(ValueError, match="unknown task 'bogus'; accepted: control, denoiser, vae"):
         load_train_config("tiny", overrides=["data=x", "task=bogus"])
 
 
