@@ -62,6 +62,7 @@ def test_control_latents_of_a_batch_equal_control_latents(tmp_path):
     assert z.shape[1] == task.vae.config.latent_channels and control.shape[2:] == z.shape[2:]
 
 
+@pytest.mark.slow  # 20 steps: measured 30 s on 2 busy CPU cores
 def test_loss_falls_when_overfitting_and_copy_init_starts_as_the_denoiser(tmp_path):
     over = ["data_options={height: 32, width: 32, frames: 5, length: 2}", "caption_dropout=0", "lr=3e-3"]
     trainer = Trainer(config(tmp_path, *over, "steps=20", "control_init=copy", "checkpoint_every=100"))
