@@ -30,8 +30,6 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import save_folder
-from ...config import config_to_dict
 from ...config.control import control_config_for
 from ...config.train import TrainConfig
 from ...data.controls import control_transform
@@ -47,7 +45,6 @@ from .denoiser import TextCache, dit_flops
 __all__ = ["CONTROL_INITS", "ControlBatch", "ControlTask"]
 
 CONTROL_INITS = ("zero", "copy")
-CONTROL_DIR = "control"  # the branch's folder in a pipeline folder
 
 
 @dataclass
@@ -268,12 +265,11 @@ class ControlTask(Task):
         return ControlBranch(self.branch.config)
 
     def export(self, folder: Path, models: dict[str, torch.nn.Module]) -> None:
-        """``folder`` as a pipeline folder: the frozen pipeline (``VideoPipeline.save_pretrained``) with the
-        trained branch in ``folder/control`` (config.json + model.safetensors)."""
-        self.pipe.save_pretrained(folder)
-        save_branch(models["control"], folder / CONTROL_DIR)
+        """``folder`` as a pipeline folder: the frozen pipeline with the trained branch in ``control/``
+        (``VideoPipeline.save_pretrained``; ``VideoPipeline.from_pretrained(folder).control(...)`` runs it)."""
+        from ...pipelines.video import VideoPipeline
 
-
-def save_branch(branch: ControlBranch, folder: Path) -> None:
-    """Write ``branch`` as a vidlatent folder: config.json (``_vidlatent_kind: control``) + model.safetensors."""
-    save_folder(folder, branch.state_dict(), config_to_dict(branch.config), kind="control")
+        p = self.pipe
+        VideoPipeline(
+            p.vae, p.dit, p.text_encoder, p.config, p.image_encoder, control_branch=models["control"]
+        ).save_pretrained(folder)
