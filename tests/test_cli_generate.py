@@ -79,6 +79,7 @@ def frames_of(path):
     return video, info
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 @pytest.mark.parametrize(
     "job, name, shape",
     [

@@ -107,7 +107,7 @@ def our_run(root, noise, steps, output_type, with_reference=True, scale=SCALES):
                           output_type=output_type)  # fmt: skip
 
 
-@pytest.mark.parametrize("with_reference", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("with_reference", [True, False])
 def test_controlled_run_equals_wan_vace_pipeline(root, with_reference):
     _, ref, _, model, _ = root
     assert model.control.config.layers == VACE_LAYERS

@@ -82,6 +82,7 @@ def test_parity_tiny(tiny):
     assert (out - without_image).abs().max() > 1e-2  # the image tokens do take part
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 @pytest.mark.parametrize("flf", [False, True], ids=["i2v", "flf2v"])
 def test_parity_at_real_widths_two_layers(flf):
     # Wan 2.1 I2V/FLF2V are 14B models; the 1.3B widths with 2 layers, CLIP's real width and token count keep
@@ -228,6 +229,7 @@ def test_text_to_video_model_refuses_image_inputs_and_configs_that_wan_has_not()
         VideoDiT(dataclasses.replace(load_config(DiTConfig, "dit", "tiny"), image_pos_len=10))
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_gradient_checkpointing_with_image_tokens(tiny):
     cfg, ours, _, _ = tiny
     x, condition, sigma, context, image = image_inputs(cfg)

@@ -158,6 +158,7 @@ def test_sampled_latents_are_seeded_per_clip_not_per_batch(tmp_path, media, vae)
     assert eps.abs().max() > 0.1 and 0.5 < eps.std() < 1.5
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_resume_skips_done_redoes_missing_and_cleans_temporaries(tmp_path, encoded, media, vae):
     report, src = encoded
     out = tmp_path / "latents"
@@ -264,6 +265,7 @@ def test_latent_stats_over_files_match_torch_on_the_concatenation(tmp_path, enco
 # --------------------------------------------------------------------------------------------- decode
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_decode_latents_back_to_videos(tmp_path, encoded, media, vae):
     report, out = encoded
     junk = tmp_path / "junk.safetensors"
@@ -358,6 +360,7 @@ def test_ssim_known_values():
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_reconstruct_returns_both_clips_and_their_metrics(media, vae):
     video, recon, quality_psnr, quality_ssim = reconstruct(media["a"], vae, frames=5)
     assert video.shape == recon.shape == (3, 5, 16, 32)

@@ -138,6 +138,7 @@ def encode_cmd(clips: Path) -> Callable[[Path], list[str]]:
     return lambda out: command("encode", clips, "-o", out, "--model", "tiny", "--batch-size", 3)
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_encode_killed_once_resumes_to_the_same_bits(clips, tmp_path):
     reference = start(encode_cmd(clips)(tmp_path / "reference"))  # runs beside the killed one
     statuses = kill_and_resume(
@@ -200,6 +201,7 @@ def check_full_disk_outcome(capsys, code: int, out: Path) -> None:
         load_latents(f)
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_full_disk_while_encoding_a_patched_writer(clips, tmp_path, capsys, monkeypatch):
     """safetensors' writer fails the way it does on a full disk after two files, half-way through a file."""
     import vidlatent.data.latents as encode
@@ -240,6 +242,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_full_disk_while_encoding_and_decoding_a_real_tmpfs(clips, small_disk, capsys):
     out = small_disk / "latents"
     code = main(["encode", str(clips), "-o", str(out), "--model", "tiny"])

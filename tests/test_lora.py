@@ -44,6 +44,7 @@ def lora_dit(twins):
     return ours
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 def test_injection_starts_as_identity_and_trains_only_adapters(twins, batch):
     base = twins[0]
     ours = add_lora(copy.deepcopy(base), rank=4, alpha=8)

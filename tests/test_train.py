@@ -303,6 +303,7 @@ def test_gradient_checkpointing_and_bf16_options(latents, tmp_path):
     assert all(math.isfinite(x) for x in bf16) and bf16 != plain
 
 
+@pytest.mark.slow  # measured over ~4 s on 2 idle cores; run by .ci/run in its slow step
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_blocks_train_like_eager_ones(latents, tmp_path):
     torch._dynamo.reset()
