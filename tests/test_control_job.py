@@ -204,3 +204,18 @@ def test_cli_without_a_branch_says_how_to_get_one(tmp_path, capsys):
     assert main([*args, "--steps", "1", "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no control branch" in err and "--control-branch" in err
+
+
+def test_control_branch_loads_with_overrides(tmp_path):
+    # every loader takes from_pretrained(src, device=, dtype=, overrides=): the branch's overrides are ControlConfig fields
+    from vidlatent.config import DiTConfig, control_config_for, load_config
+    from vidlatent.models.control import ControlBranch
+
+    branch = ControlBranch(control_config_for(load_config(DiTConfig, "dit", "tiny"), [0], 16))
+    branch.save_pretrained(tmp_path / "control")
+    again = ControlBranch.from_pretrained(tmp_path / "control", overrides=["gradient_checkpointing=true"])
+    assert again.config.gradient_checkpointing and not branch.config.gradient_checkpointing
+    for a, b in zip(branch.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no_such_field"):
+        ControlBranch.from_pretrained(tmp_path / "control", overrides={"no_such_field": 1})

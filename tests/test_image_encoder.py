@@ -88,3 +88,13 @@ def test_missing_or_wrong_folders_say_what_is_accepted(clip_root, tmp_path):
         load_image_encoder(tmp_path / "t5")
     with pytest.raises(ValueError, match=r"images must be \(b, 3, h, w\)"):
         ImageEncoder(*tiny_clip()).encode(torch.zeros(3, 32, 32))
+
+
+def test_from_pretrained_is_the_loaders_common_signature(clip_root):
+    root = clip_root[0]
+    enc = ImageEncoder.from_pretrained(root, device="cpu", dtype=torch.float32)
+    images = torch.rand(1, 3, 40, 56) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(enc.encode(images), load_image_encoder(root).encode(images))
+    with pytest.raises(ValueError, match="no config overrides"):
+        ImageEncoder.from_pretrained(root, overrides=["hidden_size=8"])

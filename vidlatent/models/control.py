@@ -34,6 +34,7 @@ from ..checkpoint import (
     load_into,
     load_state_dict,
     names_source,
+    override_items,
     read_json,
     save_folder,
 )
@@ -125,10 +126,16 @@ class ControlBranch(nn.Module):
     @classmethod
     @names_source("control branch")
     def from_pretrained(
-        cls, folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        folder: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        overrides=None,
     ) -> ControlBranch:
         """Load a folder written by ``save_pretrained``. ``dtype`` defaults to the stored one; modulation tables
-        stay fp32. (A VACE checkpoint holds a denoiser too: ``ControlledDiT.from_pretrained`` reads those.)"""
+        stay fp32. ``overrides``: ``ControlConfig`` fields (a dict or ``key=value`` strings) over the stored
+        ones, e.g. ``gradient_checkpointing=true``. (A VACE checkpoint holds a denoiser too:
+        ``ControlledDiT.from_pretrained`` reads those.)"""
         folder = Path(folder)
         meta = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
         if meta.get("_vidlatent_kind") != CONTROL_KIND:
@@ -137,7 +144,8 @@ class ControlBranch(nn.Module):
                 f"_vidlatent_kind {CONTROL_KIND!r} (as ControlBranch.save_pretrained writes it); got "
                 f"{meta.get('_vidlatent_kind') or meta.get('_class_name') or 'no config.json'}"
             )
-        config = config_from_dict(ControlConfig, {k: v for k, v in meta.items() if k != "_vidlatent_kind"})
+        stored = {k: v for k, v in meta.items() if k != "_vidlatent_kind"}
+        config = config_from_dict(ControlConfig, {**stored, **override_items(overrides)})
         state = load_state_dict(find_weights(folder))
         if dtype is None:
             dtype = next((v.dtype for k, v in state.items() if k.endswith("proj_out.weight")), torch.float32)

@@ -72,6 +72,16 @@ class ImageEncoder(nn.Module):
         out = self.model(pixel_values=batch["pixel_values"].to(self.device, dtype), output_hidden_states=True)
         return out.hidden_states[-2].float()
 
+    @classmethod
+    def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides=None) -> ImageEncoder:
+        """``load_image_encoder`` under the loaders' common signature. The CLIP model's own config is read as
+        stored: ``overrides`` must be empty (a ValueError says so otherwise)."""
+        if overrides:
+            raise ValueError(
+                f"the image encoder takes no config overrides (its config is the CLIP model's); got {overrides}"
+            )
+        return load_image_encoder(src, device=device, dtype=dtype)
+
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the CLIP vision folder (config, safetensors and ``preprocessor_config.json``) that
         ``load_image_encoder`` reads back; written beside it and renamed into place (a whole folder or none)."""
