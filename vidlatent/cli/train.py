@@ -35,9 +35,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train the denoiser on latent files (flow matching)",
-        description="Train a VideoDiT on the latent files `vidlatent encode` writes, as CONFIG (a yaml file "
-        "or a train preset such as 'tiny') and key=value overrides say. resume=auto continues the latest "
+        help="train a denoiser, a VAE or a control branch (task=denoiser|vae|control)",
+        description="Train what CONFIG's task names: the denoiser (flow matching on the latent files `vidlatent "
+        "encode` writes), the VAE, or a control branch beside a frozen pipeline; CONFIG is a yaml file or a "
+        "train preset such as 'tiny', with key=value overrides. resume=auto continues the latest "
         "checkpoint under output=. Exits 1 when the loss became NaN/inf (the last good checkpoint is kept).",
         epilog="examples:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto\n"
         "  torchrun --nproc_per_node=8 -m vidlatent.cli train CONFIG parallel=ddp|fsdp  "
