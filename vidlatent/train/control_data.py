@@ -54,14 +54,9 @@ class FolderControls:
     ``cfg.batch_size`` per rank (``VideoBucketSampler``: one bucket each, an order fixed by seed and epoch)."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist):
-        from .video_data import VideoBucketSampler, VideoFolderDataset
+        from .video_data import VideoBucketSampler, folder_dataset
 
-        opts = dict(cfg.data_options)
-        if opts.get("size") is not None:
-            opts["size"] = tuple(opts["size"])
-        if opts.get("buckets") is not None:
-            opts["buckets"] = [tuple(b) for b in opts["buckets"]]
-        self.clips = VideoFolderDataset(cfg.data, cfg.captions, seed=cfg.seed, **opts)
+        self.clips = folder_dataset(cfg)
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
         folder = (root / cfg.controls).resolve() if root is not None else None
         kept, found, self.skipped = [], [], []

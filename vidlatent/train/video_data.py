@@ -38,7 +38,7 @@ from ..data.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe, read_video
 from ..data.paths import expand_paths
 from .data import read_captions
 
-__all__ = ["VideoFolderDataset", "VideoItem", "VideoBucketSampler", "make_loader"]
+__all__ = ["VideoFolderDataset", "VideoItem", "VideoBucketSampler", "folder_dataset", "make_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,17 @@ class VideoFolderDataset:
         if self.bad:
             text += f"; skipped {len(self.bad)} bad file(s): " + "; ".join(f"{p} ({r})" for p, r in self.bad)
         return text
+
+
+def folder_dataset(cfg) -> VideoFolderDataset:
+    """The ``VideoFolderDataset`` a train config names: ``cfg.data`` with ``cfg.captions``, seeded by ``cfg.seed``,
+    ``cfg.data_options`` as its arguments (yaml lists made the tuples it takes)."""
+    opts = dict(cfg.data_options)
+    if opts.get("size") is not None:
+        opts["size"] = tuple(opts["size"])
+    if opts.get("buckets") is not None:
+        opts["buckets"] = [tuple(b) for b in opts["buckets"]]
+    return VideoFolderDataset(cfg.data, cfg.captions, seed=cfg.seed, **opts)
 
 
 class VideoBucketSampler:

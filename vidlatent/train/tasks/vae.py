@@ -57,14 +57,9 @@ class _VideoBatches:
     """The folder's batches for this rank, read by a DataLoader that restarts wherever the position says."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist):
-        from ..video_data import VideoBucketSampler, VideoFolderDataset
+        from ..video_data import VideoBucketSampler, folder_dataset
 
-        opts = dict(cfg.data_options)
-        if opts.get("size") is not None:
-            opts["size"] = tuple(opts["size"])
-        if opts.get("buckets") is not None:
-            opts["buckets"] = [tuple(b) for b in opts["buckets"]]
-        self.videos = VideoFolderDataset(cfg.data, cfg.captions, seed=cfg.seed, **opts)
+        self.videos = folder_dataset(cfg)
         if not len(self.videos):
             raise ValueError(f"no usable videos in {cfg.data}: {self.videos.summary()}")
         self.sampler = VideoBucketSampler(
