@@ -15,6 +15,12 @@ from .models import DiTConfig
 VACE_IN_CHANNELS = 96
 
 
+# the fields a control block shares with the denoiser it fits (and builds its blocks from)
+BLOCK_FIELDS = (
+    "dim", "ffn_dim", "num_heads", "patch_size", "qk_norm", "cross_attn_norm", "eps", "image_dim", "attention",
+)  # fmt: skip
+
+
 @dataclass
 class ControlConfig:
     """A VACE control branch. Defaults are Wan 2.1 VACE 1.3B (a hint after every second of 30 blocks)."""
@@ -35,17 +41,7 @@ class ControlConfig:
 
     def block_config(self) -> DiTConfig:
         """The DiTConfig a control block is built from (only the block's fields matter)."""
-        return DiTConfig(
-            dim=self.dim,
-            ffn_dim=self.ffn_dim,
-            num_heads=self.num_heads,
-            patch_size=list(self.patch_size),
-            qk_norm=self.qk_norm,
-            cross_attn_norm=self.cross_attn_norm,
-            eps=self.eps,
-            image_dim=self.image_dim,
-            attention=self.attention,
-        )
+        return DiTConfig(**{k: _copy(getattr(self, k)) for k in BLOCK_FIELDS})
 
 
 def control_config_for(
@@ -56,13 +52,9 @@ def control_config_for(
     return ControlConfig(
         in_channels=in_channels,
         layers=list(range(0, dit.num_layers, 2)) if layers is None else list(layers),
-        dim=dit.dim,
-        ffn_dim=dit.ffn_dim,
-        num_heads=dit.num_heads,
-        patch_size=list(dit.patch_size),
-        qk_norm=dit.qk_norm,
-        cross_attn_norm=dit.cross_attn_norm,
-        eps=dit.eps,
-        image_dim=dit.image_dim,
-        attention=dit.attention,
+        **{k: _copy(getattr(dit, k)) for k in BLOCK_FIELDS},
     )
+
+
+def _copy(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
