@@ -50,6 +50,7 @@ from .dit import (
     from_diffusers_state_dict,
     from_wan_state_dict,
     infer_config,
+    init_linears_and_patch,
     to_diffusers_state_dict,
     to_wan_state_dict,
 )
@@ -160,12 +161,7 @@ def init_control_weights(branch: ControlBranch) -> None:
     """Linear layers xavier-uniform with zero bias, the patch embedding too; block modulation tables as the
     denoiser's (gates zero); ``proj_in`` and ``proj_out`` zero, as VACE: a fresh branch adds nothing."""
     d = branch.config.dim
-    for module in branch.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
-    nn.init.xavier_uniform_(branch.patch_embed.weight.view(d, -1))
-    nn.init.zeros_(branch.patch_embed.bias)
+    init_linears_and_patch(branch, branch.patch_embed.weight, branch.patch_embed.bias)
     with torch.no_grad():
         for control_block in branch.blocks:
             modulation = control_block.block.modulation

@@ -446,6 +446,17 @@ class VideoDiT(nn.Module):
         save_folder(folder, self.state_dict(), config_to_dict(self.config), kind="dit")
 
 
+def init_linears_and_patch(model: nn.Module, patch_weight: torch.Tensor, patch_bias: torch.Tensor) -> None:
+    """Every linear layer of ``model`` xavier-uniform with zero bias, and the patch embedding (a conv whose
+    weight is viewed as ``(dim, fan_in)``) likewise: the base of the denoiser's and the control branch's init."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+    nn.init.zeros_(patch_bias)
+
+
 def init_weights(model: VideoDiT) -> None:
     """All initialization in one place (Wan's scheme, plus adaLN-zero gates and a zero output projection).
 
@@ -453,12 +464,7 @@ def init_weights(model: VideoDiT) -> None:
     gate rows of every block's table zero, so each block starts as the identity; the head projects to zero.
     """
     d = model.config.dim
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
-    nn.init.xavier_uniform_(model.patch_embed.weight.view(d, -1))
-    nn.init.zeros_(model.patch_embed.bias)
+    init_linears_and_patch(model, model.patch_embed.weight, model.patch_embed.bias)
     for layer in (model.text_embed.fc1, model.text_embed.fc2, model.time_embed.fc1, model.time_embed.fc2):
         nn.init.normal_(layer.weight, std=0.02)
     nn.init.zeros_(model.time_modulation.weight)
