@@ -56,6 +56,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([angle.cos(), angle.sin()], dim=-1).float()
 
 
+def _modulation_rows(table: torch.Tensor, time_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A block's table (1, s, d) plus the time modulation, (b, s, d) or per token (b, n, s, d) -> s rows of
+    (b, 1, d) or (b, n, d)."""
+    if time_mod.ndim == 4:
+        return (table[:, None] + time_mod).unbind(2)
+    return (table + time_mod).unsqueeze(2).unbind(1)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Layer-normalize ``x`` (no affine) in fp32, then ``* (1 + scale) + shift``; returns fp32."""
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
@@ -181,8 +189,9 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(d, cfg.ffn_dim, d, "gelu_tanh")
 
     def forward(self, x, context, time_mod, rope, context_mask, image=None) -> torch.Tensor:
-        # six (b 1 d) fp32 vectors: shift, scale, gate of attention, then of the feed-forward
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + time_mod).unsqueeze(2).unbind(1)
+        # six (b 1 d) fp32 vectors (b n d with per-token noise levels): shift, scale, gate of attention, then of
+        # the feed-forward
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation_rows(self.modulation, time_mod)
         y = self.self_attn(modulate(x, shift1, scale1, self.eps).type_as(x), rope=rope)
         x = torch.addcmul(x.float(), y.float(), gate1).type_as(x)
         y = x if self.cross_norm is None else layer_norm_fp32(self.cross_norm, x)
@@ -201,7 +210,10 @@ class Head(nn.Module):
         self.proj = nn.Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation + time_emb[:, None]).unsqueeze(2).unbind(1)
+        if time_emb.ndim == 3:  # per-token noise levels: (b n d)
+            shift, scale = (self.modulation[:, None] + time_emb[:, :, None]).unbind(2)
+        else:
+            shift, scale = (self.modulation + time_emb[:, None]).unsqueeze(2).unbind(1)
         return self.proj(modulate(x, shift, scale, self.eps).type_as(x))
 
 
@@ -267,7 +279,9 @@ class VideoDiT(nn.Module):
         condition: torch.Tensor | None = None,
         hints: Callable[..., Mapping[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1].
+        """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1], or
+        at one noise level per video token, ``sigma`` (b, n) with n the tokens after patching in (t h w) order
+        (Wan 2.2 TI2V's per-token timesteps: a clean first frame at 0, the rest at the step's level).
 
         ``sigma`` may be float64 (``1000 * sigma`` then stays exact for whole-number timesteps such as 999).
         ``context`` (b, m, text_dim) are text tokens. Without ``context_mask`` every token is attended to, as
@@ -294,10 +308,7 @@ class VideoDiT(nn.Module):
         x_in = x if condition is None else torch.cat([x, condition.to(x)], dim=1)
         tokens = self.patch_embed(x_in.to(dtype))
         rope = rope_3d(grid, self.head_dim, device=x.device)
-        freq = timestep_embedding(1000 * sigma, cfg.freq_dim)
-        time_emb = self.time_embed(freq.to(self.time_embed.fc1.weight.dtype)).float()
-        time_mod = F.silu(time_emb).to(self.time_modulation.weight.dtype)
-        time_mod = rearrange(self.time_modulation(time_mod).float(), "b (s d) -> b s d", s=6)
+        time_emb, time_mod = self._time(sigma)
         text = self.text_embed(context.to(dtype))
         image = None if image is None else self.image_embed(image.to(dtype))
 
@@ -317,6 +328,19 @@ class VideoDiT(nn.Module):
         out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
         return out.to(x.dtype)
 
+    def _time(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise levels (b,) or per token (b, n) -> the time embedding (b, d) / (b, n, d) and the shared
+        modulation (b, 6, d) / (b, n, 6, d), fp32. Per token, each distinct level is embedded once."""
+        cfg = self.config
+        levels, where = (sigma, None) if sigma.ndim == 1 else torch.unique(sigma, return_inverse=True)
+        freq = timestep_embedding(1000 * levels, cfg.freq_dim)
+        time_emb = self.time_embed(freq.to(self.time_embed.fc1.weight.dtype)).float()
+        time_mod = F.silu(time_emb).to(self.time_modulation.weight.dtype)
+        time_mod = rearrange(self.time_modulation(time_mod).float(), "u (s d) -> u s d", s=6)
+        if where is None:
+            return time_emb, time_mod
+        return time_emb[where], time_mod[where]
+
     def _check_inputs(self, x, sigma, context, context_mask):
         cfg = self.config
         if x.ndim != 5:
@@ -332,11 +356,16 @@ class VideoDiT(nn.Module):
             )
         sigma = torch.as_tensor(sigma, device=x.device)  # float64 kept (exact whole-number timesteps)
         sigma = sigma if sigma.dtype == torch.float64 else sigma.float()
-        if sigma.ndim > 1 or sigma.numel() not in (1, b):
+        n = (t // pt) * (h // ph) * (w // pw)
+        if sigma.ndim == 2 and sigma.shape[0] in (1, b) and sigma.shape[1] == n:
+            sigma = sigma.expand(b, n)
+        elif sigma.ndim > 1 or sigma.numel() not in (1, b):
             raise ValueError(
-                f"sigma must have shape ({b},) (one noise level per sample); got {tuple(sigma.shape)}"
+                f"sigma must have shape ({b},) (one noise level per sample) or ({b}, {n}) (one per video "
+                f"token, (t h w) order); got {tuple(sigma.shape)}"
             )
-        sigma = sigma.reshape(-1).expand(b)
+        else:
+            sigma = sigma.reshape(-1).expand(b)
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(
                 f"context must be (b={b}, m, text_dim={cfg.text_dim}) text tokens; got {tuple(context.shape)}"
