@@ -17,7 +17,9 @@ from typing import Any
 from ..checks import check_option
 
 OUTPUT_TYPES = ("video", "latent")
-FIRST_FRAME = ("noised", "clean")  # animate: how the image's latent is given to the denoiser at each step
+# animate: how the image's latent is given to the denoiser at each step ("clean_sigma0": clean, and its tokens told
+# noise level 0 while the rest get the step's: Wan 2.2 TI2V's per-token timesteps)
+FIRST_FRAME = ("noised", "clean", "clean_sigma0")
 TEXT_ATTENTION = ("masked", "all")
 
 
@@ -50,6 +52,10 @@ class PipelineConfig:
     # a diffusers scheduler config (a Wan folder's scheduler/scheduler_config.json): the sampler it names is
     # built from it (solver settings), with this config's shift; empty for our models
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    # two experts (Wan 2.2 A14B): the denoiser in dit/ takes the steps whose scheduler timestep is >= boundary *
+    # 1000 (the noisy ones), the one in dit_2/ the rest (diffusers' boundary_ratio); None: one denoiser
+    boundary: float | None = None
+    guidance_2: float | None = None  # the second expert's guidance (None: guidance)
 
 
 def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None = None) -> PipelineConfig:
@@ -64,6 +70,11 @@ def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None 
             _check_choice(name, getattr(cfg, name), accepted)
         for name in ("steps", "guidance", "shift", "fps"):
             check_option(name, getattr(cfg, name))
+        check_option("guidance_2", cfg.guidance_2)
+        if cfg.boundary is not None and not 0 < cfg.boundary < 1:
+            raise ValueError(
+                f"boundary must be in (0, 1) (a fraction of the 1000 timesteps); got {cfg.boundary}"
+            )
         for name in ("frames", "height", "width"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(cfg, name)}")
@@ -112,6 +123,7 @@ class SamplingOptions:
 
     steps: int | None = None
     guidance: float | None = None  # classifier-free guidance scale; 1 turns it off
+    guidance_2: float | None = None  # two experts (Wan 2.2 A14B): the low-noise expert's guidance
     sampler: str | None = None  # euler | unipc | dpm
     shift: float | None = None  # sigma shift of the schedule
     seed: int | None = None  # None and none in the config: a fresh random seed per call
@@ -124,6 +136,7 @@ class SamplingOptions:
 
         for name in ("steps", "guidance", "shift"):
             check_option(name, getattr(self, name))
+        check_option("guidance_2", self.guidance_2)
         if self.sampler is not None:
             _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("output_type", self.output_type, OUTPUT_TYPES)
@@ -146,6 +159,7 @@ class SamplingOptions:
             self,
             steps=config.steps if self.steps is None else self.steps,
             guidance=config.guidance if self.guidance is None else self.guidance,
+            guidance_2=config.guidance_2 if self.guidance_2 is None else self.guidance_2,
             sampler=self.sampler or config.sampler,
             shift=config.shift if self.shift is None else self.shift,
             seed=config.seed if self.seed is None else self.seed,

@@ -6,6 +6,7 @@ Letters: b batch, c channels, t h w latent frames/height/width, m text tokens, d
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,20 @@ TIMESTEPS = ("continuous", "scheduler")
 # its whole-number timesteps differ by up to 4 at 50 steps (shift 5: ..., 241, 172, 92 against 244, 175, 96).
 # With the same levels the two UniPC implementations step identically. Euler and DPM keep their own levels.
 SIGMAS = ("scheduler", "wan")
+
+
+@dataclass
+class SecondExpert:
+    """A low-noise expert for ``denoise`` (Wan 2.2 A14B): from the first step whose scheduler timestep is below
+    ``boundary * num_train_timesteps`` on, ``model`` answers instead of the first one, at ``guidance`` (None:
+    the loop's). As diffusers' ``WanPipeline`` (``boundary_ratio``) and Wan 2.2 compare: the first model runs
+    while ``t >= boundary * 1000``. ``on_switch()``, when given, is called once, just before its first call
+    (the pipeline moves the experts between devices there)."""
+
+    model: Callable[..., torch.Tensor]
+    boundary: float
+    guidance: float | None = None
+    on_switch: Callable[[], None] | None = None
 
 
 def make_scheduler(sampler: str, shift: float = 1.0, config: Mapping[str, Any] | None = None):
@@ -100,6 +115,7 @@ def denoise(
     scheduler_config: Mapping[str, Any] | None = None,
     sigmas: str = "scheduler",
     model_kwargs: Mapping[str, torch.Tensor] | None = None,
+    second: SecondExpert | None = None,
 ) -> torch.Tensor:
     """Integrate ``model(x, sigma, context, context_mask) -> velocity`` from noise to data; returns fp32 latents.
 
@@ -119,6 +135,7 @@ def denoise(
     model_kwargs: further per-sample tensors the model takes by keyword, the same at every step (an
         image-conditioned denoiser's ``image`` tokens and ``condition`` latents); both halves of guidance
         get them.
+    second: a second denoiser for the low-noise steps (``SecondExpert``), with its own guidance.
     """
     if timesteps not in TIMESTEPS:
         raise ValueError(f"unknown timesteps {timesteps!r}; accepted: {', '.join(TIMESTEPS)}")
@@ -142,9 +159,17 @@ def denoise(
     x = noise if init is None else add_noise(init.float(), noise, schedule[start].expand(noise.shape[0]))
 
     velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance, model_kwargs)
+    boundary = None if second is None else second.boundary * scheduler.config.num_train_timesteps
     step_kwargs = {"generator": generator} if sampler in ("euler", "dpm") else {}
     for i in tqdm(range(start, len(scheduler.timesteps)), disable=not progress, desc=f"{sampler} sampling"):
         x = hook(i, float(schedule[i]), x) if hook is not None else x
+        if boundary is not None and scheduler.timesteps[i] < boundary:  # the low-noise expert from here on
+            if second.on_switch is not None:
+                second.on_switch()
+            model, guidance = second.model, guidance if second.guidance is None else second.guidance
+            velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance,
+                                       model_kwargs)  # fmt: skip
+            boundary = None
         v = velocity(x, levels[i])
         x = scheduler.step(v, scheduler.timesteps[i], x, **step_kwargs, return_dict=False)[0]
         check_step(x, i, len(scheduler.timesteps), schedule[i], model, context, guidance)

@@ -118,7 +118,7 @@ class LoraDelta:
             y = y + self.diff_b.to(x) * scale
         return y
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> LoraDelta:
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> LoraDelta:
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype)
 
@@ -525,6 +525,16 @@ def load_lora(
         unload_lora(dit, name)
         raise
     return name
+
+
+def move_loras(dit: nn.Module, device: torch.device | str) -> None:
+    """After ``dit.to(device)``: move its loaded LoRAs' factors there too (they are not parameters), so that
+    an expert moved between the CPU and an accelerator keeps its LoRAs without a copy per step."""
+    state = _state(dit)
+    if state is None:
+        return
+    for loaded in state.loras.values():
+        loaded.deltas = {name: delta.to(device) for name, delta in loaded.deltas.items()}
 
 
 def lora_scales(dit: nn.Module) -> dict[str, float]:

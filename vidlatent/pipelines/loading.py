@@ -34,6 +34,7 @@ from .wan import (
 )
 
 PIPELINE_FILES = ("pipeline.json", "pipeline.yaml")
+SECOND_EXPERT = ("dit_2", "transformer_2")  # a two-expert folder's low-noise expert (ours, diffusers')
 CONTROL_DIR = "control"  # a pipeline folder's control branch (ControlBranch.save_pretrained)
 VACE_TRANSFORMER = "WanVACETransformer3DModel"
 
@@ -77,6 +78,7 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
             f"{folder} mixes layouts ({' and '.join(mixed)}); a pipeline folder is either ours (dit/, "
             "pipeline.json) or a diffusers one (transformer/, model_index.json)"
         )
+    check_experts_present(folder, diffusers_root, bool(dits))
     missing = [n for n, ok in (("vae/", (folder / "vae").is_dir()), ("dit/", bool(dits)),
                                ("text_encoder/", (folder / "text_encoder").is_dir())) if not ok]  # fmt: skip
     if missing:
@@ -95,6 +97,8 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
             raise ValueError(f"cannot read {config_file}: {str(err).splitlines()[0]}") from err
     vae = CausalVAE.from_pretrained(folder / "vae", device=device, dtype=dtype)
     dit, control = load_denoiser(dits[0], device, dtype)
+    second = folder / (SECOND_EXPERT[1] if diffusers_root else SECOND_EXPERT[0])
+    dit_2 = VideoDiT.from_pretrained(second, device=device, dtype=dtype).eval() if second.is_dir() else None
     text_encoder = load_text_encoder(folder / "text_encoder", device=device, dtype=dtype,
                                      overrides=text_overrides)  # fmt: skip
     image_encoder = None
@@ -107,7 +111,38 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
                 "diffusers' Wan I2V folders) or beside it"
             )
         image_encoder = load_image_encoder(folder, device=device, dtype=dtype)
-    return cls(vae, dit, text_encoder, config, image_encoder, control_branch=control)
+    return cls(vae, dit, text_encoder, config, image_encoder, control_branch=control, dit_2=dit_2)
+
+
+def check_experts_present(folder: Path, diffusers_root: bool, has_first: bool) -> None:
+    """A two-expert folder (Wan 2.2 A14B) holds both experts: ``dit/`` and ``dit_2/`` with a ``boundary`` in
+    pipeline.json (ours), ``transformer/`` and ``transformer_2/`` with a ``boundary_ratio`` in
+    model_index.json (diffusers). FileNotFoundError naming the expert that is missing."""
+    first, second = ("transformer", "transformer_2") if diffusers_root else ("dit", "dit_2")
+    has_second = (folder / second).is_dir()
+    if diffusers_root:
+        index = read_json(folder / "model_index.json")
+        wants_second = index.get("boundary_ratio") is not None or (index.get(second) or [None])[0] is not None
+    else:
+        config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
+        try:
+            wants_second = config_file is not None and (
+                load_config(PipelineConfig, "pipeline", None, config_file).boundary is not None
+            )
+        except Exception:  # a file that does not read is reported where the config is loaded
+            wants_second = False
+    if has_second and not has_first:
+        raise FileNotFoundError(
+            f"{folder} holds {second}/ (the low-noise expert of a two-expert model, Wan 2.2 A14B) but no {first}/ "
+            "(the high-noise expert): a two-expert folder holds both"
+        )
+    if wants_second and not has_second:
+        where = "model_index.json names transformer_2 / a boundary_ratio" if diffusers_root else (
+            "pipeline.json sets a boundary")  # fmt: skip
+        raise FileNotFoundError(
+            f"{folder} is a two-expert folder ({where}) but lacks {second}/, the low-noise expert (Wan 2.2 "
+            f"A14B: {first}/ takes the noisy steps, {second}/ the rest)"
+        )
 
 
 def load_denoiser(folder: Path, device=None, dtype=None) -> tuple[VideoDiT, ControlBranch | None]:
@@ -160,6 +195,8 @@ def save_pipeline(pipe, folder: str | os.PathLike, copy_text_encoder: bool = Tru
         raise ValueError("copy_text_encoder=False applies to Hugging Face text encoders only")
     pipe.vae.save_pretrained(folder / "vae")
     pipe.dit.save_pretrained(folder / "dit")
+    if pipe.dit_2 is not None:
+        pipe.dit_2.save_pretrained(folder / SECOND_EXPERT[0])
     if pipe.control_branch is not None:
         pipe.control_branch.save_pretrained(folder / CONTROL_DIR)
     kwargs = {} if copy_text_encoder else {"copy": False}

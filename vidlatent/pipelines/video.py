@@ -45,7 +45,7 @@ from ..config.pipeline import (
 )
 from ..data.io import restore_size, write_video
 from ..diffusion.flow import add_noise
-from ..diffusion.sampling import denoise, flow_edit, invert
+from ..diffusion.sampling import SecondExpert, denoise, flow_edit, invert
 from ..models import lora
 from ..models.control import ControlBranch, ControlledDiT, Scale, check_fits
 from ..models.dit import VideoDiT
@@ -54,6 +54,7 @@ from ..models.text import TextEncoder
 from ..models.vae import CausalVAE
 from . import loading
 from .control import sample_control
+from .denoisers import CleanFrames, ExpertPlacement, check_experts
 from .inputs import Media, as_mask, as_video, is_file_input, one_channel, read_clip, read_mask
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 from .loading import PIPELINE_FILES
@@ -141,15 +142,21 @@ class VideoPipeline:
         config: PipelineConfig,
         image_encoder: ImageEncoder | None = None,
         control_branch: ControlBranch | None = None,
+        dit_2: VideoDiT | None = None,
     ):
         c, tf, dcfg = vae.config.latent_channels, vae.temporal_factor, dit.config
         image_conditioned = dcfg.image_dim is not None
-        if dcfg.out_channels != c or dcfg.condition_channels != (c + tf if image_conditioned else 0):
+        conditions = (c + tf,) if image_conditioned else (0, c + tf)  # Wan 2.2 I2V-A14B: latents, no CLIP
+        if dcfg.out_channels != c or dcfg.condition_channels not in conditions:
             raise ValueError(
                 f"the denoiser takes {dcfg.in_channels} and returns {dcfg.out_channels} latent channels, but the "
                 f"VAE makes {c}: a text-to-video denoiser takes and returns {c}, an image-conditioned one (Wan "
-                f"I2V) takes {2 * c + tf} (noise, a {tf}-channel frame mask, image latents) and returns {c}"
+                f"I2V) takes {2 * c + tf} (noise, a {tf}-channel frame mask, image latents) and returns {c} (Wan "
+                "2.2 TI2V-5B's denoiser works on the 48 channels of the Wan 2.2 VAE, the others on the 16 of "
+                "Wan 2.1's)"
             )
+        if dit_2 is not None:
+            check_experts(dit, dit_2)
         if dcfg.text_dim != text_encoder.dim:
             raise ValueError(
                 f"the denoiser takes text tokens of width {dcfg.text_dim}, "
@@ -172,11 +179,14 @@ class VideoPipeline:
                 f"{image_encoder.dim}"
             )
         self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
+        self.dit_2 = dit_2  # two experts (Wan 2.2 A14B): the low-noise one; dit is the high-noise one
         self.control_branch = None
         if control_branch is not None:
             self.load_control(control_branch)
         self.config = check_pipeline_config(config)
+        self._check_boundary()
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
+        self.placement: ExpertPlacement | None = None  # see offload_experts
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -253,43 +263,111 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------ LoRAs
 
-    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
+    def load_lora(
+        self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, expert: int = 1
+    ) -> str:
         """Add a LoRA to the denoiser for every job from now on; returns its name (default: the file's stem).
 
-        Reads every published Wan 2.1 layout (diffusers/peft, Kohya/ComfyUI, musubi-tuner, full-rank
+        Reads every published Wan 2.1 / 2.2 layout (diffusers/peft, Kohya/ComfyUI, musubi-tuner, full-rank
         ``.diff``/``.diff_b`` step-distillation LoRAs; see ``vidlatent.models.lora``). Several LoRAs add up,
         each at its own ``scale``. A file that does not fit the denoiser (keys naming no layer, shapes of
-        another model) raises one error listing what is wrong, and nothing is applied.
+        another model) raises one error listing what is wrong, and nothing is applied. ``expert``: 1, the
+        denoiser (a two-expert pipeline's high-noise one), or 2, a two-expert pipeline's low-noise one (a
+        Wan 2.2 A14B LoRA pair is one file for each; diffusers' ``load_into_transformer_2=True``).
         """
-        return lora.load_lora(self.dit, path, scale=scale, name=name)
+        return lora.load_lora(self._expert(expert), path, scale=scale, name=name)
+
+    def _expert(self, expert: int) -> VideoDiT:
+        if expert == 1:
+            return self.dit
+        if expert == 2 and self.dit_2 is not None:
+            return self.dit_2
+        accepted = (
+            "1 (the denoiser)" if self.dit_2 is None else "1 (the high-noise expert) or 2 (the low-noise one)"
+        )
+        raise ValueError(f"no expert {expert!r} in this pipeline; accepted: {accepted}")
+
+    def _experts(self) -> list[VideoDiT]:
+        return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]
 
     def set_lora_scale(self, name: str, scale: float) -> None:
-        """Change a loaded LoRA's scale (0 switches it off, exactly)."""
-        lora.set_lora_scale(self.dit, name, scale)
+        """Change a loaded LoRA's scale (0 switches it off, exactly), in each expert that holds one so named."""
+        for dit, own in self._holders(name) or [(self.dit, name)]:
+            lora.set_lora_scale(dit, own, scale)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove the LoRA ``name`` (all of them when None); the denoiser is as it was before loading."""
-        lora.unload_lora(self.dit, name)
+        if name is None:
+            for dit in self._experts():
+                lora.unload_lora(dit)
+            return
+        for dit, own in self._holders(name) or [(self.dit, name)]:
+            lora.unload_lora(dit, own)
+
+    def _holders(self, name: str) -> list[tuple[VideoDiT, str]]:
+        """(expert, its name for the LoRA) of each expert holding ``name`` (``NAME@2``: the second's only)."""
+        if self.dit_2 is not None and name.endswith("@2"):
+            return [(self.dit_2, name[:-2])] if name[:-2] in lora.lora_scales(self.dit_2) else []
+        return [(dit, name) for dit in self._experts() if name in lora.lora_scales(dit)]
 
     def fuse_lora(self, keep_originals: bool = True) -> None:
         """Fold the loaded LoRAs, at their scales, into the denoiser's weights: same results, no extra cost
         per step. Until ``unfuse_lora``, LoRAs cannot be loaded, unloaded or rescaled; ``save_pretrained``
         writes the fused weights. ``keep_originals=False``: bf16/fp16 weights are not copied to the CPU
         first, which saves memory but makes ``unfuse_lora`` inexact by a rounding step per weight."""
-        lora.fuse_lora(self.dit, keep_originals)
+        holders = [dit for dit in self._experts() if lora.lora_scales(dit)] or [self.dit]
+        for dit in holders:
+            lora.fuse_lora(dit, keep_originals)
 
     def unfuse_lora(self) -> None:
         """Take fused LoRAs out of the weights again (see ``fuse_lora``); they stay loaded."""
-        lora.unfuse_lora(self.dit)
+        for dit in self._experts():
+            lora.unfuse_lora(dit)
 
     @property
     def loras(self) -> dict[str, float]:
-        """{name: scale} of the loaded LoRAs."""
-        return lora.lora_scales(self.dit)
+        """{name: scale} of the loaded LoRAs (of both experts: the second's names end in ``@2``)."""
+        scales = lora.lora_scales(self.dit)
+        if self.dit_2 is not None:
+            scales.update({f"{n}@2": v for n, v in lora.lora_scales(self.dit_2).items()})
+        return scales
 
     @property
     def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+        """Where the denoiser runs (with ``offload_experts``, the active expert's device)."""
+        return self.placement.device if self.placement is not None else next(self.dit.parameters()).device
+
+    # ------------------------------------------------------------------------------------ two experts
+
+    def offload_experts(self, device: torch.device | str | None = None) -> None:
+        """Two experts (Wan 2.2 A14B): keep only the active one on ``device`` (default: where the denoiser is
+        now); the other waits in CPU memory. Each run starts with the high-noise expert on the device and swaps
+        the two once, at the boundary (``denoisers.ExpertPlacement``): one expert's memory on the accelerator
+        instead of two, for two host-device copies of an expert per run. The results are the same."""
+        if self.dit_2 is None:
+            raise ValueError("offload_experts applies to a pipeline with two experts (Wan 2.2 A14B: dit_2)")
+        self.placement = ExpertPlacement(self.dit, self.dit_2, device or self.device)
+        self.placement.start()
+
+    def _check_boundary(self) -> None:
+        """Two experts need a boundary, a boundary needs two experts."""
+        if self.dit_2 is not None and self.config.boundary is None:
+            raise ValueError(
+                "this pipeline has two experts (dit and dit_2) but no boundary: set the config's boundary (the "
+                "timestep fraction where dit_2 takes over, e.g. 0.875 for Wan 2.2 T2V-A14B, 0.9 for I2V-A14B)"
+            )
+        if self.dit_2 is None and self.config.boundary is not None:
+            raise ValueError(
+                f"the config's boundary ({self.config.boundary}) hands the low-noise steps to a second expert, "
+                "but this pipeline has one denoiser (no dit_2/, or transformer_2/ in a diffusers folder)"
+            )
+
+    def _check_one_expert(self, job: str) -> None:
+        if self.dit_2 is not None:
+            raise ValueError(
+                f"{job} runs one denoiser; this pipeline has two experts (Wan 2.2 A14B): use generate, edit "
+                "(without a source prompt), inpaint or animate"
+            )
 
     @property
     def size_multiple(self) -> tuple[int, int]:
@@ -420,6 +498,7 @@ class VideoPipeline:
             )
             return self._output(z, opts.output_type, fit)
         self._check_text_to_video()
+        self._check_one_expert("an edit with source_prompt (FlowEdit)")
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, opts.seed, noise)
         source_guidance = check_option(
@@ -559,12 +638,17 @@ class VideoPipeline:
             )
         shape = self._latent_shape(b, frames, h, w)
         noise, generator = self._noise(shape, opts.seed, noise)
-        if self.dit.config.image_dim is None:
-            start, hook, model_kwargs = self._keep_frames(image, last, noise, first_frame == "clean")
+        clean_frames = None
+        if self.dit.config.condition_channels == 0:
+            start, hook, model_kwargs = self._keep_frames(image, last, noise, first_frame != "noised")
+            if first_frame == "clean_sigma0":
+                clean_frames = torch.zeros(shape[2], dtype=torch.bool)
+                clean_frames[0] = True
         else:
             start, hook, model_kwargs = self._wan_image_condition(image, last, shape)
         init = start if strength < 1 else None
-        z = self._sample(noise, self._prompts(prompt, b), opts, generator, init, strength, hook, model_kwargs)
+        z = self._sample(noise, self._prompts(prompt, b), opts, generator, init, strength, hook, model_kwargs,
+                         clean_frames)  # fmt: skip
         return self._output(z, opts.output_type, fit)
 
     def _keep_frames(self, image, last, noise, clean_first: bool):
@@ -608,12 +692,13 @@ class VideoPipeline:
             given[-1] = 1.0
         given = torch.cat([given[:1].expand(tf - 1), given])
         mask = repeat(given, "(t k) -> b k t h w", k=tf, b=b, h=h, w=w)
-        tokens = self.image_encoder.encode(rearrange(torch.cat(stills), "b c 1 h w -> b c h w"))
-        tokens = rearrange(tokens, "(n b) i d -> b (n i) d", b=b)
-        start = latents[:, :, :1].expand(
-            shape
-        )  # the image's own latent: the causal VAE encodes frame 0 alone
-        return start, None, {"image": tokens, "condition": torch.cat([mask, latents], dim=1)}
+        kwargs = {"condition": torch.cat([mask, latents], dim=1)}
+        if self.image_encoder is not None:  # Wan 2.1 I2V / FLF2V (Wan 2.2 I2V-A14B has no CLIP)
+            tokens = self.image_encoder.encode(rearrange(torch.cat(stills), "b c 1 h w -> b c h w"))
+            kwargs["image"] = rearrange(tokens, "(n b) i d -> b (n i) d", b=b)
+        # the image's own latent: the causal VAE encodes frame 0 alone
+        start = latents[:, :, :1].expand(shape)
+        return start, None, kwargs
 
     @torch.no_grad()
     def control(
@@ -677,6 +762,7 @@ class VideoPipeline:
         shape = (b, shape[1], len(references) + shape[2], *shape[3:])
         noise, generator = self._noise(shape, opts.seed, noise)
         self._check_text_to_video()
+        self._check_one_expert("control")
         context, context_mask = self.encode_text(self._prompts(prompt, b))
         negative = self._negative(opts.negative_prompt, opts.guidance != 1)
         model = ControlledDiT(self.dit, self.control_branch)
@@ -800,6 +886,7 @@ class VideoPipeline:
         """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
         self._check_text_to_video()
+        self._check_one_expert("a noise morph")
         tokens, mask = self.encode_text([prompt_a, prompt_b])
         if mask is not None:  # the union: one context layout for every frame
             mask = mask.any(dim=0, keepdim=True).expand(2, -1)
@@ -820,23 +907,35 @@ class VideoPipeline:
     # ------------------------------------------------------------------------------------ helpers
 
     def _sample(self, noise, prompts, opts: SamplingOptions, generator, init=None, strength=1.0, hook=None,
-                model_kwargs=None):  # fmt: skip
-        """The one call to the sampling loop that every job makes."""
+                model_kwargs=None, clean_frames=None):  # fmt: skip
+        """The one call to the sampling loop that every job makes. ``clean_frames`` (a (t,) bool): latent frames
+        the denoiser is told are clean (noise level 0 at their tokens: Wan 2.2 TI2V)."""
         if model_kwargs is None:
             self._check_text_to_video()
+        self._check_boundary()
         context, context_mask = self.encode_text(prompts)
-        negative = self._negative(opts.negative_prompt, opts.guidance != 1)
-        return denoise(self.dit, noise, context, context_mask, **negative, init=init, strength=strength, hook=hook,
-                       generator=generator, timesteps=self.config.timesteps,
+        models = self._experts()
+        if clean_frames is not None:
+            models = [CleanFrames(dit, clean_frames) for dit in models]
+        second = None
+        if self.dit_2 is not None:
+            switch = None if self.placement is None else self.placement.switch
+            second = SecondExpert(models[1], self.config.boundary, opts.guidance_2, on_switch=switch)
+            if self.placement is not None:
+                self.placement.start()
+        guided = opts.guidance != 1 or (second is not None and opts.guidance_2 not in (None, 1))
+        negative = self._negative(opts.negative_prompt, guided)
+        return denoise(models[0], noise, context, context_mask, **negative, init=init, strength=strength,
+                       hook=hook, generator=generator, timesteps=self.config.timesteps,
                        scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
-                       model_kwargs=model_kwargs, **opts.loop_keywords())  # fmt: skip
+                       model_kwargs=model_kwargs, second=second, **opts.loop_keywords())  # fmt: skip
 
     def _check_text_to_video(self) -> None:
         """Jobs other than animate sample from text alone: an image-conditioned denoiser cannot run them."""
-        if self.dit.config.image_dim is not None:
+        if self.dit.config.condition_channels:
             raise ValueError(
-                "this job needs a text-to-video denoiser; this pipeline's is image-conditioned (Wan I2V / FLF2V: "
-                "it takes a still's CLIP tokens and latents at every step): use animate(image, prompt) "
+                "this job needs a text-to-video denoiser; this pipeline's is image-conditioned (Wan I2V / FLF2V / "
+                "2.2 I2V-A14B: it takes a still's latents, and CLIP tokens, at every step): use animate(image, prompt) "
                 "(vidlatent animate IMAGE PROMPT [--last IMAGE])"
             )
 

@@ -21,7 +21,9 @@ SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscret
 def diffusers_pipeline_config(root: Path) -> PipelineConfig:
     """The ``PipelineConfig`` of a diffusers Wan pipeline folder (``model_index.json``): Wan's conventions
     (all 512 text tokens attended, the scheduler's timesteps), WanPipeline's defaults (50 steps, guidance 5,
-    81 frames of 480x832), and the sampler, shift and settings of ``scheduler/scheduler_config.json``."""
+    81 frames of 480x832), and the sampler, shift and settings of ``scheduler/scheduler_config.json``. Wan 2.2:
+    ``expand_timesteps`` (TI2V-5B) makes animate's first frame clean at noise level 0 (``first_frame:
+    clean_sigma0``); ``boundary_ratio`` (A14B) is the two experts' ``boundary``."""
     index = read_json(root / "model_index.json")
     name = index.get("_class_name")
     if name not in WAN_PIPELINES:
@@ -29,6 +31,10 @@ def diffusers_pipeline_config(root: Path) -> PipelineConfig:
             f"{root} holds a diffusers {name or 'pipeline'}; accepted: {', '.join(WAN_PIPELINES)} folders"
         )
     cfg = PipelineConfig(**WAN_DEFAULTS)
+    # Wan 2.2: TI2V-5B's per-token timesteps (the kept first frame at 0), A14B's two experts
+    if index.get("expand_timesteps"):
+        cfg.first_frame = "clean_sigma0"
+    cfg.boundary = index.get("boundary_ratio")
     path = root / "scheduler" / "scheduler_config.json"
     if path.is_file():
         sched = read_json(path)
