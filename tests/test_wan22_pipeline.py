@@ -176,12 +176,16 @@ def test_offloaded_experts_switch_once_and_give_the_same_video(a14b):
 
 def test_image_to_video_two_experts_equal_diffusers(tmp_path, still):
     """Wan 2.2 I2V-A14B: condition latents (frame mask + image latents) and no CLIP, two experts."""
-    ref = pipeline("WanImageToVideoPipeline", latent_channels=16, image=True, experts=2, boundary_ratio=BOUNDARY)
+    ref = pipeline(
+        "WanImageToVideoPipeline", latent_channels=16, image=True, experts=2, boundary_ratio=BOUNDARY
+    )
     ref.save_pretrained(str(tmp_path / "i2v"))
     pipe = VideoPipeline.from_pretrained(tmp_path / "i2v")
     assert pipe.image_encoder is None and pipe.dit.config.condition_channels == 20
     start = noise(16, 7)
-    expected = as_video(ref(image=Image.open(still), **ref_kw(start, guidance_scale=5.0, guidance_scale_2=3.0)).frames)
+    expected = as_video(
+        ref(image=Image.open(still), **ref_kw(start, guidance_scale=5.0, guidance_scale_2=3.0)).frames
+    )
     video = pipe.animate(still, PROMPT, FRAMES, NEGATIVE, steps=6, guidance=5.0, guidance_2=3.0,
                          noise=start.clone(), progress=False)  # fmt: skip
     close(video, expected)
@@ -211,7 +215,9 @@ def test_a_48_channel_denoiser_with_a_16_channel_vae_is_one_clear_error(ti2v, tm
     path, _ = ti2v
     pipe = VideoPipeline.from_pretrained(path)
     vae16 = CausalVAE.from_pretrained(_saved(tiny_vae(16), tmp_path / "vae16"))
-    with pytest.raises(ValueError, match=r"takes 48 and returns 48 latent channels, but the VAE makes 16.*Wan 2\.2"):
+    with pytest.raises(
+        ValueError, match=r"takes 48 and returns 48 latent channels, but the VAE makes 16.*Wan 2\.2"
+    ):
         VideoPipeline(vae16, pipe.dit, pipe.text_encoder, pipe.config)
     mixed = tmp_path / "mixed"
     shutil.copytree(path, mixed)

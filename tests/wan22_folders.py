@@ -49,7 +49,9 @@ def tiny_transformer(in_channels: int, out_channels: int, seed: int):
     return transformer
 
 
-def parts(latent_channels: int = 48, seed: int = 0, shift: float = 3.0, image: bool = False, experts: int = 1):
+def parts(
+    latent_channels: int = 48, seed: int = 0, shift: float = 3.0, image: bool = False, experts: int = 1
+):
     """Components of a tiny Wan 2.2 pipeline: vae, transformer (and transformer_2 with two experts), text
     encoder, tokenizer, scheduler. ``image``: the denoisers take condition latents (I2V-A14B: a 4-channel
     frame mask and the image latents) beside the noise."""
@@ -74,7 +76,9 @@ def pipeline(cls_name: str = "WanPipeline", **config):
     (``expand_timesteps``, ``boundary_ratio``)."""
     import diffusers
 
-    part_kw = {k: config.pop(k) for k in ("latent_channels", "seed", "shift", "image", "experts") if k in config}
+    part_kw = {
+        k: config.pop(k) for k in ("latent_channels", "seed", "shift", "image", "experts") if k in config
+    }
     components = parts(**part_kw)
     if cls_name == "WanImageToVideoPipeline":
         components.update(image_encoder=None, image_processor=None)
