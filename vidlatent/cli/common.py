@@ -86,6 +86,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=option_type("steps"), default=None, help="sampling steps")
     g.add_argument("--guidance", type=option_type("guidance"), default=None,
                    help="classifier-free guidance, 0-100 (1 = off)")  # fmt: skip
+    g.add_argument("--guidance-2", type=option_type("guidance_2"), default=None,
+                   help="two experts (Wan 2.2 A14B): the low-noise expert's guidance (default: --guidance)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     g.add_argument("--sampler", default=None, help="euler, unipc or dpm")
     g.add_argument(
@@ -98,7 +100,7 @@ def sampling_options(args: argparse.Namespace, seed: int | None = None):
     """The sampling flags given on the command line as ``SamplingOptions`` (the rest: the pipeline's config)."""
     from ..config.pipeline import SamplingOptions
 
-    names = ("steps", "guidance", "sampler", "shift", "negative_prompt")
+    names = ("steps", "guidance", "guidance_2", "sampler", "shift", "negative_prompt")
     return SamplingOptions(seed=seed, **{k: getattr(args, k, None) for k in names})
 
 

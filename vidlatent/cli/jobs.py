@@ -73,6 +73,9 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
         metavar="PATH[:SCALE]",
         help="a LoRA file for the denoiser (any Wan 2.1 layout) at SCALE (1); repeat for several",
     )
+    p.add_argument("--lora-2", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="two experts (Wan 2.2 A14B): a LoRA file for the low-noise expert (--lora: the "
+                   "high-noise one); repeat for several")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_common(p)
 
@@ -93,8 +96,9 @@ def _load_pipeline(args: argparse.Namespace):
     bad = [x for x in args.overrides if "=" not in x]
     if bad:
         raise ValueError(f"unexpected argument {bad[0]!r}: options are key=value (e.g. steps=20)")
-    loras = [parse_lora_spec(spec) for spec in getattr(args, "lora", [])]
-    _check_inputs(*(path for path, _ in loras))
+    loras = [(*parse_lora_spec(spec), 1) for spec in getattr(args, "lora", [])]
+    loras += [(*parse_lora_spec(spec), 2) for spec in getattr(args, "lora_2", [])]
+    _check_inputs(*(path for path, _, _ in loras))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quiet:
         _silence_progress()
@@ -103,8 +107,8 @@ def _load_pipeline(args: argparse.Namespace):
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
-    for path, scale in loras:
-        pipe.load_lora(path, scale)
+    for path, scale, expert in loras:
+        pipe.load_lora(path, scale, expert=expert)
     if loras:  # folded into the weights for good: the same result without the adapters' cost at every step
         pipe.fuse_lora(keep_originals=False)
     return pipe

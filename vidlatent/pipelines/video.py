@@ -918,6 +918,11 @@ class VideoPipeline:
         if clean_frames is not None:
             models = [CleanFrames(dit, clean_frames) for dit in models]
         second = None
+        if self.dit_2 is None and opts.guidance_2 is not None:
+            raise ValueError(
+                "guidance_2 is the low-noise expert's guidance; this pipeline has one denoiser (two experts: "
+                "Wan 2.2 A14B)"
+            )
         if self.dit_2 is not None:
             switch = None if self.placement is None else self.placement.switch
             second = SecondExpert(models[1], self.config.boundary, opts.guidance_2, on_switch=switch)
