@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["VAEConfig", "DiTConfig", "TextConfig", "HFTextConfig", "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD"]
+__all__ = [
+    "VAEConfig",
+    "DiTConfig",
+    "TextConfig",
+    "HFTextConfig",
+    "WAN21_LATENTS_MEAN",
+    "WAN21_LATENTS_STD",
+    "WAN22_LATENTS_MEAN",
+    "WAN22_LATENTS_STD",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<empty>")  # ids 0, 1, 2 of every built-in vocabulary
 HF_SUBFOLDER = "hf"  # where a text folder keeps its Hugging Face model
@@ -22,10 +31,35 @@ WAN21_LATENTS_STD = [
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 ]  # fmt: skip
 
+# Wan 2.2 VAE latent statistics (48 channels), as published with the model (Wan2.2 wan/modules/vae2_2.py).
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+]  # fmt: skip
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+]  # fmt: skip
+
+VAE_STAGE_SHORTCUTS = ("none", "resample")
+
 
 @dataclass
 class VAEConfig:
-    """The Wan 2.1 causal VAE family. Defaults are the Wan 2.1 VAE itself."""
+    """The Wan causal VAE family (2.1 and 2.2). Defaults are the Wan 2.1 VAE itself.
+
+    What Wan 2.2 changes is three options, each meaning one thing: ``patch_size`` (pixels folded into
+    channels around the network), ``decoder_base_channels`` (a decoder wider than the encoder) and
+    ``stage_shortcut`` (parameter-free shortcuts around each resolution stage).
+    """
 
     in_channels: int = 3
     base_channels: int = 96
@@ -37,6 +71,15 @@ class VAEConfig:
     dropout: float = 0.0
     latents_mean: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
     latents_std: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+    # p x p pixel patches folded into channels before the encoder and unfolded after the decoder (Wan 2.2: 2);
+    # the spatial factor is then 2^stages x p
+    patch_size: int = 1
+    # the decoder's base width; None = base_channels (Wan 2.1). Wan 2.2: encoder 160, decoder 256
+    decoder_base_channels: int | None = None
+    # "none" (Wan 2.1): plain stages, each decoder upsampler halves the channels. "resample" (Wan 2.2): each
+    # stage adds a parameter-free resampled copy of its input (channel-grouped average pooling down,
+    # duplication up), and decoder upsamplers keep the channels
+    stage_shortcut: str = "none"
     # streaming: latent frames per chunk after the first (the first frame is always its own chunk)
     chunk_size: int = 1
     # spatial tiling, in pixels; tiling switches on automatically when h or w exceeds auto_tile_above
@@ -46,7 +89,12 @@ class VAEConfig:
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return 2 ** (len(self.channel_mult) - 1) * self.patch_size
+
+    @property
+    def decoder_channels(self) -> int:
+        """The decoder's base width (``decoder_base_channels``, or ``base_channels`` when unset)."""
+        return self.base_channels if self.decoder_base_channels is None else self.decoder_base_channels
 
     @property
     def temporal_factor(self) -> int:

@@ -1,4 +1,4 @@
-"""The 3D causal VAE (Wan 2.1 family): causal convolutions, streaming in time, tiling in space.
+"""The 3D causal VAE (Wan 2.1 and 2.2 families): causal convolutions, streaming in time, tiling in space.
 
 Letters: b batch, c channels, t frames, h height, w width, n tokens (pixels of one frame).
 
@@ -12,7 +12,13 @@ an image (t = 1) encode exactly like the first frame of any video that starts wi
 
 The whole-clip result and the chunked result are the same function of the input; only memory and speed
 differ. The module layout is our own; ``diffusers_key_map`` and ``wan_key_map`` translate to the diffusers
-``AutoencoderKLWan`` and original Wan 2.1 checkpoint layouts.
+``AutoencoderKLWan`` and original Wan 2.1 / 2.2 checkpoint layouts.
+
+Wan 2.2 is the same network with three options of ``VAEConfig``: ``patch_size`` folds 2x2 pixel patches into
+channels around the encoder/decoder (``Encoder``/``Decoder`` do the folding, so streaming and tiling see
+pixels), ``decoder_base_channels`` widens the decoder, and ``stage_shortcut="resample"`` adds a
+parameter-free shortcut around each ``Stage`` (``PoolShortcut`` down, ``RepeatShortcut`` up) and keeps the
+channels through the decoder's upsamplers. The shortcuts follow the same first-frame rule as the resamplers.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 
 from ..checkpoint import (
     CONFIG_NAME,
@@ -40,6 +46,13 @@ from ..checkpoint import (
     save_folder,
 )
 from ..config import VAEConfig, config_from_dict, config_to_dict, load_config
+from ..config.models import (
+    VAE_STAGE_SHORTCUTS,
+    WAN21_LATENTS_MEAN,
+    WAN21_LATENTS_STD,
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+)
 from .layers import RMSNorm, attention
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -264,40 +277,117 @@ class MidBlock(nn.Module):
         return self.block2(self.attn(self.block1(x, cache)), cache)
 
 
-class Stage(nn.Module):
-    """Residual blocks at one resolution, then an optional resampler."""
+class PoolShortcut(nn.Module):
+    """Parameter-free downsampling shortcut (Wan 2.2): fold (time, h, w) neighbours into channels, then
+    average consecutive groups of channels down to ``out_channels``.
 
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None):
+    Time pairs are taken as (first frame alone, then pairs), like ``TimeDownsample``: a chunk holding the
+    clip's first frame has an odd length and gets one zero frame in front of it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time: int, space: int):
+        super().__init__()
+        factor = time * space * space
+        if (in_channels * factor) % out_channels:
+            raise ValueError(
+                f"a pooling shortcut needs in_channels x {factor} ({in_channels * factor}) divisible by "
+                f"out_channels ({out_channels})"
+            )
+        self.out_channels, self.time, self.space = out_channels, time, space
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if x.shape[2] % self.time:
+            x = F.pad(x, (0, 0, 0, 0, self.time - x.shape[2] % self.time, 0))
+        s = self.space
+        x = rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w", ft=self.time, fh=s, fw=s)
+        return reduce(x, "b (c g) t h w -> b c t h w", "mean", c=self.out_channels)
+
+
+class RepeatShortcut(nn.Module):
+    """Parameter-free upsampling shortcut (Wan 2.2): repeat each channel, then unfold channel groups into
+    (time, h, w) neighbours at ``out_channels``.
+
+    The clip's first frame becomes one frame (the last of its time copies), like ``TimeUpsample``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time: int, space: int):
+        super().__init__()
+        factor = time * space * space
+        if (out_channels * factor) % in_channels:
+            raise ValueError(
+                f"a repeating shortcut needs out_channels x {factor} ({out_channels * factor}) divisible by "
+                f"in_channels ({in_channels})"
+            )
+        self.repeats = out_channels * factor // in_channels
+        self.time, self.space = time, space
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        first = cache is None or self not in cache.started
+        if cache is not None:
+            cache.started.add(self)
+        s = self.space
+        x = x.repeat_interleave(self.repeats, dim=1)
+        x = rearrange(x, "b (c ft fh fw) t h w -> b c (t ft) (h fh) (w fw)", ft=self.time, fh=s, fw=s)
+        return x[:, :, self.time - 1 :] if first else x
+
+
+class Stage(nn.Module):
+    """Residual blocks at one resolution, then an optional resampler; an optional shortcut adds a
+    resampled copy of the stage's input to its output (Wan 2.2)."""
+
+    def __init__(
+        self, blocks: list[nn.Module], resample: nn.Module | None, shortcut: nn.Module | None = None
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        skip = x
         for block in self.blocks:
             x = block(x, cache)
-        return x if self.resample is None else self.resample(x, cache)
+        if self.resample is not None:
+            x = self.resample(x, cache)
+        return x if self.shortcut is None else x + self.shortcut(skip, cache)
 
 
 # --------------------------------------------------------------------------------------------- encoder / decoder
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Fold p x p pixel patches into channels: (b c t h w) -> (b c*p*p t h/p w/p), Wan 2.2's channel order."""
+    return x if p == 1 else rearrange(x, "b c t (h ph) (w pw) -> b (c pw ph) t h w", ph=p, pw=p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of ``patchify``."""
+    return x if p == 1 else rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)
+
+
 class Encoder(nn.Module):
+    """Pixels (b, in_channels, t, h, w) -> latent moments (b, 2*latent_channels, t', h', w')."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_channels * m for m in [1, *cfg.channel_mult]]
         last = len(cfg.channel_mult) - 1
-        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3)
+        residual = cfg.stage_shortcut == "resample"
+        self.patch_size = cfg.patch_size
+        self.conv_in = CausalConv3d(cfg.in_channels * cfg.patch_size**2, dims[0], 3)
         self.stages = nn.ModuleList()
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             blocks = [ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks)]
-            down = SpatialDownsample(cout, bool(cfg.temporal_downsample[i])) if i < last else None
-            self.stages.append(Stage(blocks, down))
+            temporal = i < last and bool(cfg.temporal_downsample[i])
+            down = SpatialDownsample(cout, temporal) if i < last else None
+            skip = PoolShortcut(cin, cout, 2 if temporal else 1, 2 if i < last else 1) if residual else None
+            self.stages.append(Stage(blocks, down, skip))
         self.mid = MidBlock(dims[-1], cfg.dropout)
         self.norm_out = RMSNorm(dims[-1], channels_first=True)
         self.conv_out = CausalConv3d(dims[-1], cfg.latent_channels * 2, 3)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        x = self.conv_in(x, cache)
+        x = self.conv_in(patchify(x, self.patch_size), cache)
         for stage in self.stages:
             x = stage(x, cache)
         x = self.mid(x, cache)
@@ -305,30 +395,37 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Raw latents (b, latent_channels, t', h', w') -> pixels (b, in_channels, t, h, w), unclamped."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mult = cfg.channel_mult
-        dims = [cfg.base_channels * m for m in [mult[-1], *mult[::-1]]]
+        dims = [cfg.decoder_channels * m for m in [mult[-1], *mult[::-1]]]
         temporal_up = list(cfg.temporal_downsample)[::-1]
         last = len(mult) - 1
+        residual = cfg.stage_shortcut == "resample"
+        self.patch_size = cfg.patch_size
         self.conv_in = CausalConv3d(cfg.latent_channels, dims[0], 3)
         self.mid = MidBlock(dims[0], cfg.dropout)
         self.stages = nn.ModuleList()
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            cin = cin // 2 if i > 0 else cin  # each upsampler halves the channels
+            if i > 0 and not residual:
+                cin = cin // 2  # Wan 2.1: each upsampler halves the channels
             blocks = [
                 ResBlock(cin if j == 0 else cout, cout, cfg.dropout) for j in range(cfg.num_res_blocks + 1)
             ]
-            up = SpatialUpsample(cout, cout // 2, bool(temporal_up[i])) if i < last else None
-            self.stages.append(Stage(blocks, up))
+            temporal = i < last and bool(temporal_up[i])
+            up = SpatialUpsample(cout, cout if residual else cout // 2, temporal) if i < last else None
+            skip = RepeatShortcut(cin, cout, 2 if temporal else 1, 2) if residual and i < last else None
+            self.stages.append(Stage(blocks, up, skip))
         self.norm_out = RMSNorm(dims[-1], channels_first=True)
-        self.conv_out = CausalConv3d(dims[-1], cfg.in_channels, 3)
+        self.conv_out = CausalConv3d(dims[-1], cfg.in_channels * cfg.patch_size**2, 3)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         x = self.mid(self.conv_in(z, cache), cache)
         for stage in self.stages:
             x = stage(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return unpatchify(self.conv_out(F.silu(self.norm_out(x)), cache), self.patch_size)
 
 
 # --------------------------------------------------------------------------------------------- tiling
@@ -385,7 +482,9 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> t
 
 
 class CausalVAE(nn.Module):
-    """Video VAE: (b,3,1+4k,h,w) in [-1,1] <-> raw latents (b,c,1+k,h/8,w/8); images are one-frame clips.
+    """Video VAE: (b,3,1+4k,h,w) in [-1,1] <-> raw latents (b,c,1+k,h/s,w/s); images are one-frame clips.
+
+    ``s`` is ``spatial_factor``: 8 for Wan 2.1 (16 latent channels), 16 for Wan 2.2 (48 latent channels).
 
     ``encode`` returns a :class:`DiagonalGaussian`; ``decode`` maps raw latents back to pixels in [-1, 1].
     ``normalize``/``denormalize`` convert raw latents to and from the unit-scale latents a denoiser sees.
@@ -403,6 +502,12 @@ class CausalVAE(nn.Module):
         for name in ("latents_mean", "latents_std"):
             if len(getattr(cfg, name)) != cfg.latent_channels:
                 raise ValueError(f"{name} needs {cfg.latent_channels} values, got {len(getattr(cfg, name))}")
+        if cfg.stage_shortcut not in VAE_STAGE_SHORTCUTS:
+            raise ValueError(
+                f"stage_shortcut must be one of {', '.join(VAE_STAGE_SHORTCUTS)}, got {cfg.stage_shortcut!r}"
+            )
+        if cfg.patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer (1 = no patches), got {cfg.patch_size}")
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = CausalConv3d(cfg.latent_channels * 2, cfg.latent_channels * 2, 1)
@@ -459,8 +564,20 @@ class CausalVAE(nn.Module):
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or not z.is_floating_point():
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"latents must be a float tensor (b,{cfg.latent_channels},t,h,w), got {shape}")
-        if z.shape[1] != cfg.latent_channels:
-            raise ValueError(f"latents must have {cfg.latent_channels} channels in dim 1, got {z.shape[1]}")
+        self._check_latent_channels(z.shape[1])
+
+    def _check_latent_channels(self, channels: int) -> None:
+        """Latents with another channel count were made by another VAE: say which, in one line."""
+        ours = self.config.latent_channels
+        if channels == ours:
+            return
+        known = {16: "a Wan 2.1 VAE", 48: "a Wan 2.2 VAE"}
+        theirs = f" (as {known[channels]} makes)" if channels in known else ""
+        this = f", {known[ours]}" if ours in known else ""
+        raise ValueError(
+            f"latents have {channels} channels{theirs}, but this VAE{this} takes {ours} channels: they were "
+            "made by a different VAE; decode them with the VAE that encoded them"
+        )
 
     def _use_tiling(self, tile: bool | None, h: int, w: int) -> bool:
         if tile is None:
@@ -517,7 +634,8 @@ class CausalVAE(nn.Module):
     def encode(
         self, video: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None
     ) -> DiagonalGaussian:
-        """Encode a clip (b,3,1+4k,h,w) in [-1,1] into a posterior over raw latents (b,c,1+k,h/8,w/8).
+        """Encode a clip (b,3,1+4k,h,w) in [-1,1] into a posterior over raw latents (b,c,1+k,h/s,w/s),
+        ``s`` = ``spatial_factor``.
 
         ``chunk_size``: latent frames per streamed chunk after the first (default ``config.chunk_size``;
         0 = the whole clip in one pass); every chunk size gives the same result. ``tile``: spatial tiling
@@ -540,7 +658,7 @@ class CausalVAE(nn.Module):
     def decode(
         self, z: torch.Tensor, chunk_size: int | None = None, tile: bool | None = None, out_device=None
     ) -> torch.Tensor:
-        """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),8h',8w') clamped to [-1, 1].
+        """Decode raw latents (b,c,t',h',w') into a clip (b,3,1+4(t'-1),s*h',s*w') clamped to [-1, 1].
 
         ``out_device`` (e.g. ``"cpu"``) gathers the decoded frames there as they are made, so the
         accelerator's memory holds one chunk's activations however long the clip is.
@@ -575,6 +693,8 @@ class CausalVAE(nn.Module):
             yield video.clamp(-1.0, 1.0)
 
     def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if z.dim() == 5:
+            self._check_latent_channels(z.shape[1])
         shape = (1, -1, 1, 1, 1)
         mean = torch.tensor(self.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
         std = torch.tensor(self.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
@@ -600,7 +720,8 @@ class CausalVAE(nn.Module):
     @names_source("VAE")
     def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides=None, **fields) -> CausalVAE:
         """Load a VAE from a preset name (random init), a vidlatent folder, a diffusers ``AutoencoderKLWan``
-        folder, or an original Wan 2.1 VAE checkpoint (``Wan2.1_VAE.pth`` or the same keys in .safetensors).
+        folder (Wan 2.1 or 2.2), or an original Wan VAE checkpoint (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth`` or
+        the same keys in .safetensors).
 
         ``overrides`` (a dict or ``key=value`` strings) and keyword ``fields`` replace config fields (e.g.
         ``chunk_size=2``). Weights load without executing code; keys or shapes that do not fit raise an error
@@ -653,38 +774,49 @@ class CausalVAE(nn.Module):
 
 
 def vae_config_from_diffusers(raw: dict) -> dict:
-    """Translate a diffusers ``AutoencoderKLWan`` config.json into ``VAEConfig`` fields (Wan 2.1 only)."""
-    if raw.get("is_residual") or raw.get("patch_size"):
-        raise ValueError(
-            "this AutoencoderKLWan is a Wan 2.2 VAE (residual / patchified); only Wan 2.1 is supported"
-        )
-    base = raw.get("base_dim", 96)
-    if raw.get("decoder_base_dim") not in (None, base):
-        raise ValueError("decoder_base_dim different from base_dim is not supported")
+    """Translate a diffusers ``AutoencoderKLWan`` config.json (Wan 2.1 or 2.2) into ``VAEConfig`` fields."""
     if raw.get("attn_scales"):
-        raise ValueError(f"attn_scales {raw['attn_scales']} are not supported (Wan 2.1 uses none)")
+        raise ValueError(f"attn_scales {raw['attn_scales']} are not supported (Wan uses none)")
+    patch = raw.get("patch_size") or 1
     cfg = VAEConfig()
+    base = raw.get("base_dim", 96)
+    in_channels, out_channels = raw.get("in_channels", 3), raw.get("out_channels", raw.get("in_channels", 3))
+    if in_channels != out_channels:
+        raise ValueError(f"in_channels ({in_channels}) != out_channels ({out_channels}) is not supported")
+    if in_channels % (patch * patch):
+        raise ValueError(f"in_channels {in_channels} is not a multiple of patch_size^2 ({patch * patch})")
     out = {
-        "in_channels": raw.get("in_channels", 3),
+        "in_channels": in_channels // (patch * patch),  # diffusers counts the patchified channels
         "base_channels": base,
         "channel_mult": list(raw.get("dim_mult", cfg.channel_mult)),
         "num_res_blocks": raw.get("num_res_blocks", cfg.num_res_blocks),
         "temporal_downsample": list(raw.get("temperal_downsample", cfg.temporal_downsample)),
         "latent_channels": raw.get("z_dim", 16),
         "dropout": raw.get("dropout", 0.0),
+        "patch_size": patch,
+        "decoder_base_channels": raw.get("decoder_base_dim") if raw.get("decoder_base_dim") != base else None,
+        "stage_shortcut": "resample" if raw.get("is_residual") else "none",
     }
-    if raw.get("out_channels", out["in_channels"]) != out["in_channels"]:
-        raise ValueError("in_channels != out_channels is not supported")
+    spatial = 2 ** (len(out["channel_mult"]) - 1) * patch
+    if raw.get("scale_factor_spatial") not in (None, spatial):
+        raise ValueError(
+            f"scale_factor_spatial {raw['scale_factor_spatial']} does not fit dim_mult {out['channel_mult']} "
+            f"and patch_size {patch} (which give {spatial})"
+        )
     for name in ("latents_mean", "latents_std"):
         if raw.get(name) is not None:
             out[name] = list(raw[name])
+        elif out["latent_channels"] != 16:  # diffusers' defaults are Wan 2.1's 16 values
+            out[name] = _default_stats(out["latent_channels"])[name == "latents_std"]
     return out
 
 
 def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
     """``VAEConfig`` -> diffusers ``AutoencoderKLWan`` constructor arguments."""
+    p = cfg.patch_size
     return {
         "base_dim": cfg.base_channels,
+        "decoder_base_dim": cfg.decoder_base_channels,
         "z_dim": cfg.latent_channels,
         "dim_mult": list(cfg.channel_mult),
         "num_res_blocks": cfg.num_res_blocks,
@@ -693,9 +825,22 @@ def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
         "dropout": cfg.dropout,
         "latents_mean": list(cfg.latents_mean),
         "latents_std": list(cfg.latents_std),
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
+        "is_residual": cfg.stage_shortcut == "resample",
+        "in_channels": cfg.in_channels * p * p,
+        "out_channels": cfg.in_channels * p * p,
+        "patch_size": p if p > 1 else None,
+        "scale_factor_temporal": cfg.temporal_factor,
+        "scale_factor_spatial": cfg.spatial_factor,
     }
+
+
+def _default_stats(channels: int) -> tuple[list[float], list[float]]:
+    """Published latent statistics for Wan's latent widths (16: 2.1, 48: 2.2); neutral ones otherwise."""
+    if channels == 16:
+        return list(WAN21_LATENTS_MEAN), list(WAN21_LATENTS_STD)
+    if channels == 48:
+        return list(WAN22_LATENTS_MEAN), list(WAN22_LATENTS_STD)
+    return [0.0] * channels, [1.0] * channels
 
 
 def _detect_layout(sd: dict) -> str:
@@ -706,23 +851,39 @@ def _detect_layout(sd: dict) -> str:
     if any(k.startswith("encoder.stages.") for k in sd):
         return "vidlatent"
     raise ValueError(
-        "unrecognised VAE checkpoint: expected original Wan 2.1 keys (encoder.conv1.weight, ...), diffusers "
-        "AutoencoderKLWan keys (encoder.conv_in.weight, encoder.down_blocks...) or vidlatent keys"
+        "unrecognised VAE checkpoint: expected original Wan 2.1 / 2.2 keys (encoder.conv1.weight, ...), "
+        "diffusers AutoencoderKLWan keys (encoder.conv_in.weight, encoder.down_blocks...) or vidlatent keys"
     )
 
 
 def vae_config_from_state_dict(sd: dict, layout: str) -> dict:
-    """Infer base width, latent and input channels from a single-file checkpoint; the rest is Wan 2.1."""
-    conv_in = sd["encoder.conv1.weight" if layout == "wan" else "encoder.conv_in.weight"]
-    post = sd["conv2.weight" if layout == "wan" else "post_quant_conv.weight"]
+    """Infer a single-file checkpoint's config: Wan 2.1 or 2.2 structure, widths, latent and pixel channels.
+
+    Wan 2.2 is told by its nested stages (``encoder.downsamples.0.downsamples.*`` in the original layout,
+    ``encoder.down_blocks.0.resnets.*`` in diffusers'); its input is 2x2-patchified RGB. The rest (stage
+    count, blocks per stage, which stages halve time) is Wan's.
+    """
+    wan = layout == "wan"
+    residual = any(
+        k.startswith("encoder.downsamples.0.downsamples." if wan else "encoder.down_blocks.0.resnets.")
+        for k in sd
+    )
+    conv_in = sd["encoder.conv1.weight" if wan else "encoder.conv_in.weight"]
+    dec_in = sd["decoder.conv1.weight" if wan else "decoder.conv_in.weight"]
+    post = sd["conv2.weight" if wan else "post_quant_conv.weight"]
+    patch = 2 if residual else 1
+    cfg = VAEConfig()
     out = {
         "base_channels": conv_in.shape[0],
-        "in_channels": conv_in.shape[1],
+        "in_channels": conv_in.shape[1] // (patch * patch),
         "latent_channels": post.shape[0],
+        "patch_size": patch,
+        "stage_shortcut": "resample" if residual else "none",
     }
-    if out["latent_channels"] != 16:  # Wan's latent stats only fit 16 channels; use neutral ones otherwise
-        out["latents_mean"] = [0.0] * out["latent_channels"]
-        out["latents_std"] = [1.0] * out["latent_channels"]
+    dec_base = dec_in.shape[0] // cfg.channel_mult[-1]
+    if dec_base != out["base_channels"]:
+        out["decoder_base_channels"] = dec_base
+    out["latents_mean"], out["latents_std"] = _default_stats(out["latent_channels"])
     return out
 
 
@@ -750,6 +911,24 @@ def _block_keys(ours: str, theirs: str, layout: str, kind: str) -> dict[str, str
     return m
 
 
+def _stage_names(part: str, i: int, n: int, layout: str, nested: bool):
+    """Foreign module prefix of stage ``i``'s block ``j`` (``j=None``: its resampler); ``n`` blocks a stage.
+
+    Wan 2.1 original: one flat list per part (the decoder's stages hold one more block); diffusers nests the
+    decoder only. Wan 2.2 (residual stages) is nested in both layouts.
+    """
+    if layout == "wan":
+        group = "downsamples" if part == "encoder" else "upsamples"
+        if nested:
+            return lambda j: f"{part}.{group}.{i}.{group}.{n if j is None else j}"
+        return lambda j: f"{part}.{group}.{i * (n + 1) + (n if j is None else j)}"
+    if part == "encoder" and not nested:
+        return lambda j: f"encoder.down_blocks.{i * (n + 1) + (n if j is None else j)}"
+    blocks = "down_blocks" if part == "encoder" else "up_blocks"
+    resampler = ("downsampler" if part == "encoder" else "upsampler") if nested else "upsamplers.0"
+    return lambda j: f"{part}.{blocks}.{i}." + (resampler if j is None else f"resnets.{j}")
+
+
 def _vae_key_map(model: CausalVAE, layout: str) -> dict[str, str]:
     cfg, m = model.config, {}
     wan = layout == "wan"
@@ -772,26 +951,13 @@ def _vae_key_map(model: CausalVAE, layout: str) -> dict[str, str]:
         m.update(_block_keys(f"{part}.mid.block2", f"{mid}.2" if wan else f"{mid}.resnets.1", layout, "res"))
         norm(f"{part}.norm_out", f"{part}.head.0" if wan else f"{part}.norm_out")
         conv(f"{part}.conv_out", f"{part}.head.2" if wan else f"{part}.conv_out")
-    n = cfg.num_res_blocks
-    for i, stage in enumerate(model.encoder.stages):  # flat list in both layouts: n blocks then a resampler
-        flat = "encoder.downsamples" if wan else "encoder.down_blocks"
-        for j in range(len(stage.blocks)):
-            m.update(
-                _block_keys(f"encoder.stages.{i}.blocks.{j}", f"{flat}.{i * (n + 1) + j}", layout, "res")
-            )
-        if stage.resample is not None:
-            m.update(
-                _block_keys(f"encoder.stages.{i}.resample", f"{flat}.{i * (n + 1) + n}", layout, "resample")
-            )
-    for i, stage in enumerate(model.decoder.stages):  # wan: flat (n+1 blocks, resampler); diffusers: nested
-        for j in range(len(stage.blocks)):
-            theirs = f"decoder.upsamples.{i * (n + 2) + j}" if wan else f"decoder.up_blocks.{i}.resnets.{j}"
-            m.update(_block_keys(f"decoder.stages.{i}.blocks.{j}", theirs, layout, "res"))
-        if stage.resample is not None:
-            theirs = (
-                f"decoder.upsamples.{i * (n + 2) + n + 1}" if wan else f"decoder.up_blocks.{i}.upsamplers.0"
-            )
-            m.update(_block_keys(f"decoder.stages.{i}.resample", theirs, layout, "resample"))
+    for part in ("encoder", "decoder"):
+        for i, stage in enumerate(getattr(model, part).stages):
+            names = _stage_names(part, i, len(stage.blocks), layout, cfg.stage_shortcut == "resample")
+            for j in range(len(stage.blocks)):
+                m.update(_block_keys(f"{part}.stages.{i}.blocks.{j}", names(j), layout, "res"))
+            if stage.resample is not None:
+                m.update(_block_keys(f"{part}.stages.{i}.resample", names(None), layout, "resample"))
     own = set(model.state_dict())
     return {k: v for k, v in m.items() if k in own}
 
@@ -802,7 +968,7 @@ def diffusers_key_map(model: CausalVAE) -> dict[str, str]:
 
 
 def wan_key_map(model: CausalVAE) -> dict[str, str]:
-    """Our parameter names -> original Wan 2.1 ``WanVAE_`` names (``Wan2.1_VAE.pth``)."""
+    """Our parameter names -> original Wan ``WanVAE_`` names (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``)."""
     return _vae_key_map(model, "wan")
 
 
