@@ -8,6 +8,11 @@ each measured in a fresh subprocess.
     python scripts/bench_vae.py --device cuda --dtype bf16 --frames 17 81 --size 480 832
     python scripts/bench_vae.py --device cuda --dtype bf16 --cudnn-benchmark
     python scripts/bench_vae.py --memory-table --frames 17 81 321 --size 64 64
+    python scripts/bench_vae.py --preset wan2.2 --size 128 128             # the Wan 2.2 VAE (4x16x16)
+    python scripts/bench_vae.py --wan22-720p                              # issue 23's GPU row (below)
+
+``--wan22-720p`` is the Wan 2.2 VAE decode of 121x704x1280 (5 s at 720p) on CUDA in bf16, ours against
+diffusers: time and peak memory, and whether it meets the target (>= 1.5x faster at <= 0.7x diffusers' peak).
 """
 
 from __future__ import annotations
@@ -76,13 +81,19 @@ def speed(args) -> None:
             args.device, dtype
         )
         with torch.no_grad():
-            z = ours.encode(x).mean
+            if "encode" in args.ops:
+                z = ours.encode(x).mean
+            else:  # decode only: latents of the clip's shape (no encode of a long clip first)
+                tf, sf = ours.temporal_factor, ours.spatial_factor
+                shape = (1, ours.config.latent_channels, 1 + (t - 1) // tf, h // sf, w // sf)
+                z = torch.randn(shape, generator=torch.Generator().manual_seed(t)).to(args.device, dtype)
             jobs = {
                 ("encode", "ours"): lambda x=x: ours.encode(x, chunk_size=args.chunk_size, tile=False).mean,
                 ("encode", "diffusers"): lambda x=x: ref.encode(x).latent_dist.mean,
                 ("decode", "ours"): lambda z=z: ours.decode(z, chunk_size=args.chunk_size, tile=False),
                 ("decode", "diffusers"): lambda z=z: ref.decode(z).sample,
             }
+            jobs = {k: fn for k, fn in jobs.items() if k[0] in args.ops}
             for fn in jobs.values():  # warm-up (cudnn autotuning, allocator)
                 fn()
             times = {k: [] for k in jobs}
@@ -92,7 +103,7 @@ def speed(args) -> None:
                     dt, peak = timed(fn, args.device)
                     times[key].append(dt)
                     peaks[key] = max(peaks[key], peak or 0)
-        for op in ("encode", "decode"):
+        for op in args.ops:
             ours_t, ref_t = min(times[(op, "ours")]), min(times[(op, "diffusers")])
             mem = ""
             if args.device == "cuda":
@@ -101,6 +112,11 @@ def speed(args) -> None:
                 f"{op} {t}x{h}x{w}: ours {t / ours_t:7.2f} frames/s ({ours_t:.3f} s)  diffusers {t / ref_t:7.2f} "
                 f"frames/s ({ref_t:.3f} s)  ratio {ref_t / ours_t:.2f}x{mem}"
             )
+            if args.target:
+                speedup, mem_ratio = ref_t / ours_t, peaks[(op, "ours")] / max(peaks[(op, "diffusers")], 1)
+                verdict = "meets" if speedup >= 1.5 and mem_ratio <= 0.7 else "misses"
+                print(f"target (>= 1.5x faster at <= 0.7x diffusers' peak): {speedup:.2f}x at {mem_ratio:.2f}x "
+                      f"peak -> {verdict}")  # fmt: skip
 
 
 def memory_child(args) -> None:
@@ -116,15 +132,9 @@ def memory_child(args) -> None:
             x = torch.rand(1, 3, t, h, w, device=args.device, dtype=dtype) * 2 - 1
             fn = lambda: vae.encode(x, chunk_size=args.chunk_size, tile=False).mean  # noqa: E731
         else:
-            x = torch.randn(
-                1,
-                vae.config.latent_channels,
-                1 + (t - 1) // 4,
-                h // 8,
-                w // 8,
-                device=args.device,
-                dtype=dtype,
-            )
+            tf, sf = vae.temporal_factor, vae.spatial_factor
+            shape = (1, vae.config.latent_channels, 1 + (t - 1) // tf, h // sf, w // sf)
+            x = torch.randn(shape, device=args.device, dtype=dtype)
             fn = lambda: vae.decode(x, chunk_size=args.chunk_size, tile=False)  # noqa: E731
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         dt, peak = timed(fn, args.device)
@@ -167,11 +177,21 @@ def main() -> None:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="latent frames per chunk (0 = whole clip)"
     )
+    parser.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument(
+        "--wan22-720p",
+        action="store_true",
+        help="Wan 2.2 VAE decode of 121x704x1280 on CUDA, bf16, ours vs diffusers, against the issue's target",
+    )
     parser.add_argument("--memory-table", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", default="encode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.target = args.wan22_720p
+    if args.wan22_720p:
+        args.preset, args.device, args.dtype, args.ops = "wan2.2", "cuda", "bf16", ["decode"]
+        args.frames, args.size, args.repeats = [121], [704, 1280], min(args.repeats, 2)
     if args.child:
         memory_child(args)
     elif args.memory_table:
