@@ -87,7 +87,7 @@ def test_presets_are_wan22():
 @pytest.mark.parametrize(
     "t, h, w, seed",
     [
-        (9, 32, 48, 1),
+        (5, 32, 48, 1),
         (1, 48, 32, 3),
         pytest.param(1, 16, 16, 4, marks=pytest.mark.slow),
         pytest.param(5, 16, 32, 5, marks=pytest.mark.slow),
@@ -199,19 +199,19 @@ def test_vidlatent_folder_round_trip(tmp_path, pair):
 
 def test_causality_and_image_is_first_frame(pair):
     vae, _ = pair
-    x = video(t=13, h=16, w=16)
+    x = video(t=9, h=16, w=16)
     with torch.no_grad():
         full = vae.encode(x).mean
-        for j in range(3):
+        for j in range(2):
             assert maxdiff(vae.encode(x[:, :, : 1 + 4 * j]).mean, full[:, :, : 1 + j]) <= 1e-5
         dec = vae.decode(full)
         assert maxdiff(vae.decode(full[:, :, :1]), dec[:, :, :1]) <= 1e-5  # an image decodes alone
         assert maxdiff(vae.decode(full[:, :, :2]), dec[:, :, :5]) <= 1e-5
         y = x.clone()
-        y[:, :, 9:] = -y[:, :, 9:]
+        y[:, :, 5:] = -y[:, :, 5:]
         changed = vae.encode(y).mean
-        assert maxdiff(changed[:, :, :3], full[:, :, :3]) <= 1e-5
-        assert maxdiff(changed[:, :, 3], full[:, :, 3]) > 1e-3
+        assert maxdiff(changed[:, :, :2], full[:, :, :2]) <= 1e-5
+        assert maxdiff(changed[:, :, 2], full[:, :, 2]) > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
@@ -219,8 +219,8 @@ def test_chunk_size_invariance(pair, seed):
     vae, _ = pair
     x = video(t=13, h=16, w=32, seed=seed)
     with torch.no_grad():
-        means = [vae.encode(x, chunk_size=c).mean for c in (0, 1, 2, 3)]
-        outs = [vae.decode(means[0], chunk_size=c) for c in (0, 1, 2, 3)]
+        means = [vae.encode(x, chunk_size=c).mean for c in (0, 1, 2)]
+        outs = [vae.decode(means[0], chunk_size=c) for c in (0, 1, 2)]
     for m in means[1:]:
         assert maxdiff(m, means[0]) <= 1e-5
     for o in outs[1:]:
