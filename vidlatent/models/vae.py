@@ -573,7 +573,10 @@ class CausalVAE(nn.Module):
             return
         known = {16: "a Wan 2.1 VAE", 48: "a Wan 2.2 VAE"}
         theirs = f" (as {known[channels]} makes)" if channels in known else ""
-        this = f", {known[ours]}" if ours in known else ""
+        release = {(16, "none"): known[16], (48, "resample"): known[48]}.get(
+            (ours, self.config.stage_shortcut)
+        )
+        this = f", {release}" if release else ""
         raise ValueError(
             f"latents have {channels} channels{theirs}, but this VAE{this} takes {ours} channels: they were "
             "made by a different VAE; decode them with the VAE that encoded them"
