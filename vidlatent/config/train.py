@@ -92,7 +92,11 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # see train.lora.add_lora
     # task=control: a control branch (models.control.ControlBranch) learns beside a frozen pipeline's denoiser,
     # text encoder and VAE (data: shapes, or a folder of videos with their control videos)
-    pipeline: str | None = None  # the frozen pipeline: a folder, "default" or a preset ("tiny")
+    # the frozen pipeline: a folder, "default" or a preset ("tiny"). task=denoiser: the pipeline folder to fine-tune
+    # (ours or a diffusers Wan root): its denoiser trains on data= (a folder of captioned clips)
+    # with latents and text embeddings cached to disk through its VAE and text encoder (see train.cache)
+    pipeline: str | None = None
+    cache: str | None = None  # fine-tuning a pipeline on clips: the cache folder (default <output>/cache)
     control_layers: list[int] | None = None  # denoiser blocks given a hint; None = every second (as VACE)
     control_transform: str = "silhouette"  # data=shapes: the control made from each clip (silhouette | edges)
     controls: str = "controls"  # a video folder: the folder beside the clips holding their control videos

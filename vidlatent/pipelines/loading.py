@@ -25,6 +25,7 @@ from ..models.dit import VideoDiT
 from ..models.image import ENCODER_DIR, load_image_encoder
 from ..models.text import WAN_T5_FILE, WAN_TOKENIZER, HFTextEncoder, load_text_encoder
 from ..models.vae import CausalVAE
+from .finetuned import read_base
 from .wan import (
     WAN_DIT_FILE,
     WAN_VAE_FILE,
@@ -60,6 +61,8 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
     """A pipeline folder of ours (vae/, dit/, text_encoder/, pipeline.json or .yaml), a diffusers Wan root
     (model_index.json, transformer/, ...) or an original Wan 2.1 folder, as ``cls``."""
     dits = [folder / n for n in ("dit", "transformer") if (folder / n).is_dir()]
+    base = read_base(folder)  # a fine-tuned folder naming its base denoiser and LoRAs (finetuned.py)
+    dits = dits or ([base.dit] if base else [])
     diffusers_root = (folder / "model_index.json").is_file()
     config_file = next((folder / n for n in PIPELINE_FILES if (folder / n).is_file()), None)
     if is_wan_release(folder):
@@ -111,7 +114,10 @@ def from_folder(cls, folder: Path, device=None, dtype=None):
                 "diffusers' Wan I2V folders) or beside it"
             )
         image_encoder = load_image_encoder(folder, device=device, dtype=dtype)
-    return cls(vae, dit, text_encoder, config, image_encoder, control_branch=control, dit_2=dit_2)
+    pipe = cls(vae, dit, text_encoder, config, image_encoder, control_branch=control, dit_2=dit_2)
+    for path, scale in base.loras if base else []:  # a fine-tuned folder's LoRAs (finetuned.py)
+        pipe.load_lora(path, scale=scale)
+    return pipe
 
 
 def check_experts_present(folder: Path, diffusers_root: bool, has_first: bool) -> None:

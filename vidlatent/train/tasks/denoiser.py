@@ -13,6 +13,7 @@ Letters: b batch, c channels, t latent frames, h height, w width, n text tokens,
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -22,18 +23,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...config import DiTConfig, load_config
+from ...checkpoint import atomic_write
+from ...config import DiTConfig, config_to_dict, list_presets, load_config
+from ...config.pipeline import PipelineConfig
 from ...config.train import TrainConfig
 from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas, velocity_target
 from ...models.dit import VideoDiT
 from ...models.text import TextEncoder, load_text_encoder
 from ...models.vae import CausalVAE
+from ..cache import PipelineParts, prepare_cache
 from ..data import BucketSampler, LatentDataset
 from ..distributed import Dist, share
 from . import register
 from .base import Batch, Draws, Loss, Position, Task
 
-__all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops"]
+__all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops", "save_diffusers_dit"]
 
 
 def dit_flops(config: DiTConfig, tokens: int, text_tokens: int) -> int:
@@ -101,37 +105,54 @@ class DenoiserTask(Task):
             raise ValueError(
                 "redraw_pipeline trains the decoder on re-drawn latents: set task=vae and vae_train=decoder"
             )
+        if cfg.pipeline is not None:
+            from ..cache import is_clip_folder
+
+            if not is_clip_folder(cfg.data):
+                raise ValueError(
+                    f"pipeline={cfg.pipeline} fine-tunes on a folder of captioned clips (videos or images); "
+                    f"data={cfg.data} holds none"
+                )
 
     def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist):
         self.cfg, self.device, self.dist = cfg, device, dist
-        self.dataset = LatentDataset(cfg.data, cfg.captions, in_memory=cfg.data_in_memory)
+        # fine-tuning a pipeline folder: latents and text embeddings come from the disk cache (train.cache)
+        self.parts = PipelineParts.of(cfg.pipeline) if cfg.pipeline else None
+        self.plan = prepare_cache(cfg, self.parts, dist, device) if self.parts else None
+        data, captions = (self.plan.latents, self.plan.captions) if self.plan else (cfg.data, cfg.captions)
+        self.dataset = LatentDataset(data, captions, in_memory=cfg.data_in_memory)
         if not len(self.dataset):
-            raise ValueError(f"no usable latent files in {cfg.data}: {self.dataset.summary()}")
+            raise ValueError(f"no usable latent files in {data}: {self.dataset.summary()}")
         # every rank reads the same global batches (batch_size clips per rank) and takes its share
         self.sampler = BucketSampler(self.dataset, cfg.batch_size * dist.world_size, seed=cfg.seed)
         self.text_encoder, self.dit = self._build_models(self.dataset.items[0].shape[0])
         if dist.enabled and cfg.parallel == "fsdp" and cfg.lora_rank:
             raise ValueError("LoRA training under parallel=fsdp is not supported; use parallel=ddp")
         self.models = {"dit": self.dit}
-        if cfg.train_text_encoder:
+        if self.text_encoder is None:  # a pipeline's: its embeddings are cached, it is not loaded
+            pass
+        elif cfg.train_text_encoder:
             if not any(p.requires_grad for p in self.text_encoder.parameters()):
                 raise ValueError("train_text_encoder=true but the text encoder has no trainable parameters")
             self.models["text_encoder"] = self.text_encoder
         else:
             self.text_encoder.requires_grad_(False).eval()
-        self._text_cache = TextCache(self.text_encoder) if cfg.text_cache else None
+        self._text_cache = TextCache(self.text_encoder) if cfg.text_cache and self.text_encoder else None
         self.sample_vae = self._load_sample_vae() if cfg.sample_every and dist.main else None
 
     def _build_models(self, channels: int) -> tuple[TextEncoder, VideoDiT]:
         """The text encoder and the denoiser (a preset's fresh weights seeded by ``cfg.seed``), with LoRA
         adapters and compiled blocks as the config says."""
-        cfg = self.cfg
+        cfg, text_encoder = self.cfg, None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            text_encoder = load_text_encoder(
-                cfg.text_encoder, device=self.device, overrides=cfg.text_overrides
-            )
-            if Path(cfg.dit).exists():
+            if self.parts is None:
+                text_encoder = load_text_encoder(
+                    cfg.text_encoder, device=self.device, overrides=cfg.text_overrides
+                )
+            if self.parts is not None:
+                dit = VideoDiT.from_pretrained(self.parts.dit, device=self.device, dtype=torch.float32)
+            elif Path(cfg.dit).exists():
                 dit = VideoDiT.from_pretrained(cfg.dit, device=self.device, dtype=torch.float32)
             else:
                 sizes = [
@@ -213,7 +234,11 @@ class DenoiserTask(Task):
     # ----------------------------------------------------------------------------------------- step
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captions' text tokens and mask (through the text cache when there is one)."""
+        """The captions' text tokens and mask (through the text cache when there is one; from the disk cache
+        when fine-tuning a pipeline, as its denoiser reads them: no mask for Wan's)."""
+        if self.plan is not None:
+            context, mask = self.plan.text.encode(captions)
+            return context.to(self.device), None if mask is None else mask.to(self.device)
         if self._text_cache is not None:
             return self._text_cache.encode(captions)
         return self.text_encoder.encode(captions)
@@ -287,7 +312,7 @@ class DenoiserTask(Task):
             z, caption = self.dataset[i]
             x0 = z[None].expand(levels, *z.shape).to(self.device)
             noise = torch.randn(x0.shape, generator=gen).to(self.device)
-            context, mask = self.text_encoder.encode([caption] * levels)
+            context, mask = self.encode_text([caption] * levels)
             s = sigma.to(self.device)
             pred = self.dit(add_noise(x0, noise, s), s, context, mask)
             losses.append(flow_loss(pred, velocity_target(x0, noise)).item())
@@ -318,7 +343,8 @@ class DenoiserTask(Task):
             from ...pipelines.batch import load_vae
 
             with torch.random.fork_rng(devices=[]):  # a preset's random init leaves the global RNG alone
-                vae = load_vae(self.cfg.vae, device=self.device)[0].eval()
+                src = self.parts.folder if self.parts is not None else self.cfg.vae
+                vae = load_vae(src, device=self.device)[0].eval()
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             warnings.warn(f"no samples: vae={self.cfg.vae!r} does not load ({err})", stacklevel=3)
             return None
@@ -338,21 +364,113 @@ class DenoiserTask(Task):
         return load_text_encoder(self.cfg.text_encoder, device="cpu", overrides=self.cfg.text_overrides)
 
     def export(self, folder: Path, models: dict[str, torch.nn.Module]) -> None:
-        """``folder/dit`` (``VideoDiT.from_pretrained`` reads it) and ``folder/text_encoder``. With LoRA the
-        adapter goes to ``folder/lora.safetensors`` in diffusers' layout (``load_lora`` and diffusers'
-        ``load_lora_weights`` read it) and ``folder/dit`` holds the base model only when ``cfg.dit`` is a
-        preset (a folder base is where it was); merge for inference with ``load_lora`` + ``merge_lora``."""
+        """A pipeline folder every job takes with ``--model``: the denoiser, ``text_encoder/``, ``vae/`` (the
+        VAE the latents were made with) and ``pipeline.json`` (the sampler settings).
+
+        The denoiser: ``dit/`` (ours), or for a fine-tuned pipeline ``transformer/`` in diffusers' layout
+        (``WanTransformer3DModel.from_pretrained`` reads it). With LoRA the adapter goes to ``lora.safetensors``
+        in diffusers' layout (``load_lora`` and diffusers' ``load_lora_weights`` read it) and ``base.json``
+        names the base denoiser it goes on (``pipelines.finetuned``): ``dit/`` here when ``cfg.dit`` is a
+        preset (its weights exist only in this run), else the folder the run started from."""
+        from ...pipelines.finetuned import write_base
+
         for name, model in models.items():
             if name == "dit" and self.cfg.lora_rank:
-                self._export_lora(model, folder)
+                write_base(folder, self._export_lora(model, folder), [("lora.safetensors", 1.0)])
+            elif name == "dit" and self.parts is not None:
+                save_diffusers_dit(model, folder / "transformer")
             else:
                 model.save_pretrained(folder / name)
-        if "text_encoder" not in models:
-            self.text_encoder.save_pretrained(folder / "text_encoder")
+        if self.parts is not None:
+            from ..cache import copy_folder
 
-    def _export_lora(self, dit: VideoDiT, folder: Path) -> None:
+            copy_folder(self.plan.root / "text_encoder", folder / "text_encoder")
+            CausalVAE.from_pretrained(self.parts.vae).save_pretrained(folder / "vae")
+            config = self.parts.config
+        else:
+            if "text_encoder" not in models:
+                self.text_encoder.save_pretrained(folder / "text_encoder")
+            config = self._export_vae(folder)
+        text = json.dumps(config_to_dict(config), indent=2)
+        atomic_write(folder / "pipeline.json", lambda p: Path(p).write_text(text))
+
+    def _export_lora(self, dit: VideoDiT, folder: Path) -> str:
+        """Write ``lora.safetensors`` (and ``dit/``, the base, for a preset); returns the base's path for
+        ``base.json``."""
         from ..lora import remove_lora, save_lora
 
         save_lora(dit, folder / "lora.safetensors", layout="diffusers")
-        if not Path(self.cfg.dit).exists():  # a preset's base weights exist only in this run
-            remove_lora(copy.deepcopy(dit), merge=False).save_pretrained(folder / "dit")
+        if self.parts is not None:
+            return str(self.parts.dit.resolve())
+        if Path(self.cfg.dit).exists():
+            return str(Path(self.cfg.dit).resolve())
+        remove_lora(copy.deepcopy(dit), merge=False).save_pretrained(folder / "dit")
+        return "dit"
+
+    def _export_vae(self, folder: Path) -> PipelineConfig:
+        """Write ``folder/vae``: the VAE the latent files record (their ``vae`` entry: source and fingerprint),
+        else ``cfg.vae`` with a warning; returns the pipeline config for the folder (the ``cfg.dit`` pipeline
+        preset's, else the defaults) at the size of the training clips."""
+        from ...config.pipeline import PipelinePreset
+        from ...data.latents import read_latent_metadata, vae_fingerprint
+        from ...pipelines.batch import load_vae
+
+        records = {}
+        for item in self.dataset.items:
+            vae = read_latent_metadata(item.path).get("vae") or {}
+            records.setdefault(vae.get("fingerprint"), vae)
+        record = next(iter(records.values()))
+        if len(records) > 1:
+            warnings.warn(
+                f"the latent files were made with {len(records)} different VAEs; final/vae is "
+                f"{record.get('src')!r}",
+                stacklevel=3,
+            )
+        vae, why = None, ""
+        src = str(record.get("src", "")).removeprefix("preset:")
+        if not record.get("fingerprint"):
+            why = "the latent files do not record their VAE (written by an older vidlatent)"
+        else:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    vae = load_vae(src)[0]
+                if vae_fingerprint(vae) != record["fingerprint"]:
+                    vae, why = (
+                        None,
+                        f"the recorded VAE {src!r} has other weights now than when it encoded them",
+                    )
+            except Exception as err:  # noqa: BLE001 - then cfg.vae, with the reason
+                vae, why = None, f"the recorded VAE {src!r} does not load ({err})"
+        if vae is None:
+            warnings.warn(f"{why}: final/vae is vae={self.cfg.vae!r}; re-encode, or set vae= to the VAE that "
+                          "made the latents", stacklevel=3)  # fmt: skip
+            with torch.random.fork_rng(devices=[]):
+                vae = load_vae(self.cfg.vae)[0]
+        vae.save_pretrained(folder / "vae")
+        presets = list_presets("pipeline")
+        config = (
+            load_config(PipelinePreset, "pipeline", self.cfg.dit).pipeline
+            if self.cfg.dit in presets
+            else None
+        )
+        config = copy.deepcopy(config) if config is not None else PipelineConfig()
+        _, t, h, w = self.dataset.items[0].shape
+        sf, tf = vae.config.spatial_factor, vae.config.temporal_factor
+        config.frames, config.height, config.width = 1 + tf * (t - 1), h * sf, w * sf
+        return config
+
+
+def save_diffusers_dit(dit: VideoDiT, folder: Path) -> None:
+    """Write ``dit`` as diffusers writes a ``WanTransformer3DModel`` (config.json +
+    diffusion_pytorch_model.safetensors), which diffusers and ``VideoDiT.from_pretrained`` both read."""
+    from safetensors.torch import save_file
+
+    from ...models.dit import to_diffusers_config, to_diffusers_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in to_diffusers_state_dict(dit.state_dict()).items()}
+    config = {"_class_name": "WanTransformer3DModel", **to_diffusers_config(dit.config)}
+    atomic_write(
+        folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(state, p, {"format": "pt"})
+    )
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
