@@ -1,0 +1,181 @@
+"""Fine-tuning: what training makes is a pipeline folder every job takes (encode -> train -> generate from the
+CLI), and a pipeline folder (a tiny random diffusers Wan root) fine-tunes on captioned clips through a disk
+cache of latents and text embeddings, with neither its VAE nor its text encoder in memory while it trains; the
+LoRA it makes gives diffusers' WanPipeline the same transformer output as ours."""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from media import pattern
+from wan_folders import wan_t2v_root
+
+from vidlatent import VideoPipeline
+from vidlatent.cli import main
+from vidlatent.data.io import write_video
+from vidlatent.data.latents import read_latent_metadata, vae_fingerprint
+from vidlatent.models.dit import VideoDiT
+from vidlatent.models.text import TextEncoder
+from vidlatent.models.vae import CausalVAE
+from vidlatent.train import Trainer, load_train_config
+from vidlatent.train.cache import CACHE_FILE, TextStore
+
+CAPTIONS = ["a red wave drifts", "blue stripes turn", "a green glow pulses", "an orange ripple"]
+
+
+def make_clips(folder: Path, frames=(9, 9, 9, 9), size=32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (n, caption) in enumerate(zip(frames, CAPTIONS)):
+        write_video(folder / f"c{i}.mp4", pattern(n, size, size, phase=1.3 * i), fps=8)
+        (folder / f"c{i}.txt").write_text(caption + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return make_clips(tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers"
+    wan_t2v_root(root)
+    return root
+
+
+def finetune(wan, clips, output, *overrides):
+    args = [f"pipeline={wan}", f"data={clips}", f"output={output}", "data_options={frames: 5}", "lr=5e-3",
+            "ema_decay=0", "caption_dropout=0.2", "checkpoint_every=2", "progress=false", "steps=4", *overrides]  # fmt: skip
+    return load_train_config(overrides=args)
+
+
+# ------------------------------------------------------------------------------ point 0: final/ runs
+
+
+def test_cli_encode_train_generate(tmp_path, clips, capsys):
+    lat, run = tmp_path / "latents", tmp_path / "run"
+    assert (
+        main(["encode", str(clips), "-o", str(lat), "--model", "tiny", "--frames", "9", "--workers", "0"])
+        == 0
+    )
+    assert main(["train", "tiny", f"data={lat}", f"output={run}", "steps=2", "progress=false"]) == 0
+    final = run / "final"
+    assert {"dit", "vae", "text_encoder", "pipeline.json"} <= {p.name for p in final.iterdir()}
+    record = read_latent_metadata(next(lat.glob("*.safetensors")))["vae"]
+    assert vae_fingerprint(CausalVAE.from_pretrained(final / "vae")) == record["fingerprint"]
+    config = json.loads((final / "pipeline.json").read_text())
+    assert (config["frames"], config["height"], config["width"]) == (9, 32, 32)  # the training clips' size
+    out = tmp_path / "gen.mp4"
+    args = ["generate", CAPTIONS[0], "--model", str(final), "-o", str(out), "--steps", "2", "--seed", "1"]
+    assert main(args) == 0 and out.is_file()
+
+
+def test_lora_run_final_names_its_base_and_loads_with_the_lora(tmp_path, clips, tiny_vae):
+    from vidlatent.pipelines.batch import encode_clips
+
+    encode_clips([clips], tmp_path / "lat", tiny_vae, vae_src="preset:tiny", progress=False, num_workers=0)
+    cfg = load_train_config("tiny", overrides=[f"data={tmp_path / 'lat'}", f"output={tmp_path / 'run'}",
+                                               "lora_rank=4", "train_text_encoder=false", "lr=5e-2", "steps=3",
+                                               "ema_decay=0", "progress=false"])  # fmt: skip
+    trainer = Trainer(cfg)
+    with torch.no_grad():  # a fresh preset's zero head passes no adapter a gradient: give it weights
+        for p in trainer.dit.parameters():
+            if not p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    base = json.loads((final / "base.json").read_text())
+    assert base["dit"] == "dit" and base["loras"][0]["path"] == "lora.safetensors"
+    pipe = VideoPipeline.from_pretrained(final)
+    assert pipe.loras  # applied on load
+    z = trainer.dataset[0][0][None]
+    context, mask = trainer.text_encoder.encode([CAPTIONS[1]])
+    sigma = torch.tensor([0.5])
+    with torch.no_grad():
+        trainer.dit.eval()
+        want = trainer.dit(z, sigma, context, mask)
+        got = pipe.dit(z, sigma, context, mask)
+        base = VideoDiT.from_pretrained(final / "dit")(z, sigma, context, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the LoRA moved it
+
+
+# ------------------------------------------------------------- point 1: a pipeline folder on clips
+
+
+def _loaded_encoders() -> dict[int, str]:
+    """{id: class name} of the VAE / text encoder objects alive now (ours, transformers', diffusers')."""
+    from diffusers import AutoencoderKLWan
+    from transformers import PreTrainedModel
+
+    kinds = (CausalVAE, TextEncoder, PreTrainedModel, AutoencoderKLWan)
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on some module-level proxies warns
+        return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)}
+
+
+def test_finetune_wan_folder_caches_trains_without_encoders_and_resumes_exactly(
+    tmp_path, wan, clips, monkeypatch
+):
+    cache = tmp_path / "cache"
+    earlier = _loaded_encoders()  # other tests' shared fixtures
+    trainer = Trainer(finetune(wan, clips, tmp_path / "whole", f"cache={cache}", "lora_rank=4"))
+    assert trainer.text_encoder is None
+    assert json.loads((cache / CACHE_FILE).read_text())["vae"]["src"] == str((wan / "vae").resolve())
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 4
+    assert (
+        len(list((cache / "text").glob("*.safetensors"))) == 4 + 2
+    )  # the captions, "" and the sample prompt
+    assert not list(cache.rglob(".*tmp*"))  # nothing half-written
+    seen = []
+    loss = trainer.task.loss
+
+    def spy(*args, **kwargs):
+        seen.extend(name for i, name in _loaded_encoders().items() if i not in earlier)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.task, "loss", spy)
+    expected = trainer.train()
+    assert seen == []  # neither the VAE nor the text encoder was in memory during the steps
+    monkeypatch.undo()
+    assert len(expected) == 4
+
+    # a rerun finds everything cached: the VAE and the text encoder are not even loaded
+    loads = []
+    monkeypatch.setattr(CausalVAE, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    first = Trainer(finetune(wan, clips, tmp_path / "split", f"cache={cache}", "lora_rank=4"))
+    head = first.train(until=2)
+    second = Trainer(finetune(wan, clips, tmp_path / "split", f"cache={cache}", "lora_rank=4", "resume=auto"))
+    monkeypatch.undo()
+    tail = second.train()
+    assert loads == []
+    assert head + tail == pytest.approx(expected, abs=1e-6)  # exact resume
+
+
+def test_overfitting_run_lowers_the_loss(tmp_path, wan, clips):
+    cfg = finetune(wan, clips, tmp_path / "run", f"cache={tmp_path / 'cache'}", "steps=30", "lr=2e-3",
+                   "caption_dropout=0", "checkpoint_every=100")  # fmt: skip
+    trainer = Trainer(cfg)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_text_store_pads_as_the_pipeline(tmp_path, wan, clips):
+    """Wan's denoiser reads all 512 padded tokens with no mask: the cache gives that, equal to the encoder."""
+    from vidlatent.models.text import load_text_encoder
+
+    Trainer(finetune(wan, clips, tmp_path / "run", "steps=1", "checkpoint_every=1")).train(until=0)
+    store = TextStore(tmp_path / "run" / "cache" / "text", masked=False)
+    context, mask = store.encode(CAPTIONS[:2])
+    encoder = load_text_encoder(wan / "text_encoder", overrides=["clean=wan"])
+    want, _ = encoder.encode(CAPTIONS[:2])
+    assert mask is None and context.shape == want.shape
+    torch.testing.assert_close(context, want, atol=1e-6, rtol=0)
