@@ -179,3 +179,68 @@ def test_text_store_pads_as_the_pipeline(tmp_path, wan, clips):
     want, _ = encoder.encode(CAPTIONS[:2])
     assert mask is None and context.shape == want.shape
     torch.testing.assert_close(context, want, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ point 2: usable elsewhere
+
+
+def _inputs(trainer, seed: int = 0):
+    """(x, sigma, context) as Wan's transformer reads them: a clip's latents noised, all 512 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    z = trainer.dataset[0][0][None]
+    sigma = torch.tensor([0.6])
+    x = (1 - sigma) * z + sigma * torch.randn(z.shape, generator=g)
+    context, mask = trainer.encode_text([CAPTIONS[0]])
+    assert mask is None
+    return x, sigma, context
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.std()).item()
+
+
+def test_trained_lora_gives_diffusers_the_same_output(tmp_path, wan, clips):
+    from diffusers import WanPipeline
+
+    trainer = Trainer(finetune(wan, clips, tmp_path / "run", "lora_rank=4", "lr=3e-2", "steps=3"))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    x, sigma, context = _inputs(trainer)
+    pipe = WanPipeline.from_pretrained(str(wan))
+    with torch.no_grad():
+        base = pipe.transformer(x, 1000 * sigma, context).sample
+        pipe.load_lora_weights(str(final / "lora.safetensors"))
+        expected = pipe.transformer(x, 1000 * sigma, context).sample
+        ours = VideoPipeline.from_pretrained(final).dit(x, sigma, context)  # base.json: Wan's + the LoRA
+        flag = VideoPipeline.from_pretrained(wan)
+        flag.load_lora(final / "lora.safetensors")  # what --lora does
+        with_flag = flag.dit(x, sigma, context)
+        trainer.dit.eval()
+        trained = trainer.dit(x, sigma, context)
+    print(f"LoRA moved the output {_rel(expected, base):.3f}; ours vs diffusers {_rel(ours, expected):.2e}")
+    assert _rel(expected, base) > 1e-2  # the LoRA changes the output
+    assert _rel(ours, expected) <= 1e-4
+    assert _rel(with_flag, expected) <= 1e-4
+    assert _rel(trained, expected) <= 1e-4
+
+
+def test_full_finetune_writes_a_diffusers_transformer(tmp_path, wan, clips):
+    from diffusers import WanTransformer3DModel
+
+    trainer = Trainer(finetune(wan, clips, tmp_path / "run", "lr=1e-2", "steps=2"))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    x, sigma, context = _inputs(trainer, seed=1)
+    ref = WanTransformer3DModel.from_pretrained(str(final / "transformer")).eval()
+    original = WanTransformer3DModel.from_pretrained(str(wan / "transformer")).eval()
+    with torch.no_grad():
+        trainer.dit.eval()
+        want = trainer.dit(x, sigma, context)
+        got = ref(x, 1000 * sigma, context).sample
+        before = original(x, 1000 * sigma, context).sample
+    assert _rel(want, before) > 1e-3  # training moved the weights
+    assert _rel(got, want) <= 1e-4
+    pipe = VideoPipeline.from_pretrained(final)  # and the folder is a pipeline of ours
+    pipe.progress = False
+    video = pipe.generate(CAPTIONS[0], frames=5, height=32, width=32, steps=2, seed=0)
+    assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
