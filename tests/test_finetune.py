@@ -63,7 +63,8 @@ def test_cli_encode_train_generate(tmp_path, clips, capsys):
         main(["encode", str(clips), "-o", str(lat), "--model", "tiny", "--frames", "9", "--workers", "0"])
         == 0
     )
-    assert main(["train", "tiny", f"data={lat}", f"output={run}", "steps=2", "progress=false"]) == 0
+    train = ["train", "tiny", f"data={lat}", f"output={run}", "steps=2", "progress=false"]
+    assert main([*train, "export_checkpoints=true", "checkpoint_every=1"]) == 0
     final = run / "final"
     assert {"dit", "vae", "text_encoder", "pipeline.json"} <= {p.name for p in final.iterdir()}
     record = read_latent_metadata(next(lat.glob("*.safetensors")))["vae"]
@@ -73,6 +74,9 @@ def test_cli_encode_train_generate(tmp_path, clips, capsys):
     out = tmp_path / "gen.mp4"
     args = ["generate", CAPTIONS[0], "--model", str(final), "-o", str(out), "--steps", "2", "--seed", "1"]
     assert main(args) == 0 and out.is_file()
+    step1 = run / "checkpoints" / "step-0000001" / "pipeline"  # on request, each checkpoint is one too
+    args = ["generate", CAPTIONS[0], "--model", str(step1), "-o", str(out), "--steps", "2", "--seed", "1"]
+    assert main(args) == 0
 
 
 def test_lora_run_final_names_its_base_and_loads_with_the_lora(tmp_path, clips, tiny_vae):
@@ -244,3 +248,52 @@ def test_full_finetune_writes_a_diffusers_transformer(tmp_path, wan, clips):
     pipe.progress = False
     video = pipe.generate(CAPTIONS[0], frames=5, height=32, width=32, steps=2, seed=0)
     assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_clips_and_caption_rows_are_listed_and_skipped(tmp_path, wan, capsys):
+    folder = make_clips(tmp_path / "clips", frames=(9, 3, 9, 9))  # c1 is shorter than the 5 frames asked
+    for i in (2, 3):
+        (folder / f"c{i}.txt").unlink()
+    table = tmp_path / "captions.jsonl"  # names c2 and a clip that is not there; c3 has no caption at all
+    rows = [{"path": "c2.mp4", "caption": "from the table"}, {"path": "ghost.mp4", "caption": "nobody"}]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = Trainer(finetune(wan, folder, tmp_path / "run", f"captions={table}", "steps=1"))
+    err = capsys.readouterr().err
+    reasons = dict(trainer.plan.bad)
+    assert set(reasons) == {str(folder / "c1.mp4"), str(folder / "c3.mp4"), str(table)}
+    assert "3 frames, fewer than the 5 asked" in reasons[str(folder / "c1.mp4")]
+    assert "no caption" in reasons[str(folder / "c3.mp4")] and "ghost.mp4" in reasons[str(table)]
+    assert "skipped 3 item(s)" in err and all(p in err for p in reasons)
+    assert sorted(trainer.dataset[i][1] for i in range(len(trainer.dataset))) == sorted(
+        [CAPTIONS[0], "from the table"]
+    )
+    assert len(list((tmp_path / "run" / "cache" / "latents").iterdir())) == 2  # nothing written for the bad
+    trainer.train()  # the run goes on with the good clips
+
+
+def test_cache_of_another_vae_or_text_encoder_is_refused_naming_both(tmp_path, wan, clips):
+    import shutil
+
+    from wan_folders import tiny_umt5
+
+    cache = tmp_path / "cache"
+    Trainer(finetune(wan, clips, tmp_path / "a", f"cache={cache}", "steps=1"))
+    manifest = (cache / CACHE_FILE).read_text()
+    other = tmp_path / "other"
+    wan_t2v_root(other, seed=7)
+    with pytest.raises(ValueError, match="made with the VAE") as err:
+        Trainer(finetune(other, clips, tmp_path / "b", f"cache={cache}", "steps=1"))
+    assert str((wan / "vae").resolve()) in str(err.value) and str((other / "vae").resolve()) in str(err.value)
+    text = tmp_path / "text"  # Wan's VAE, another text encoder
+    shutil.copytree(wan, text)
+    shutil.rmtree(text / "text_encoder")
+    tiny_umt5(seed=11)[0].save_pretrained(str(text / "text_encoder"))
+    with pytest.raises(ValueError, match="made with the text encoder") as err:
+        Trainer(finetune(text, clips, tmp_path / "c", f"cache={cache}", "steps=1"))
+    assert str(wan / "text_encoder") in str(err.value) and str(text / "text_encoder") in str(err.value)
+    assert (cache / CACHE_FILE).read_text() == manifest  # left as it was
+    with pytest.raises(ValueError, match="data_options"):
+        Trainer(finetune(wan, clips, tmp_path / "d", f"cache={cache}", "steps=1", "data_options={frames: 9}"))

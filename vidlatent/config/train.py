@@ -76,6 +76,7 @@ class TrainConfig:
     # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on the first step)
     compile: bool = False
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the last step
+    export_checkpoints: bool = False  # each checkpoint also holds pipeline/ (as final/: --model takes it)
     log_every: int = 1  # steps between metrics.jsonl rows
     resume: str | None = None  # "auto" (latest under output, if any) or a checkpoint folder
     device: str | None = None  # default: cuda if available

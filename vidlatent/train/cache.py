@@ -228,7 +228,8 @@ class CachePlan:
         """One line per skipped clip after a count line (empty when nothing was skipped)."""
         if not self.bad:
             return ""
-        return f"skipped {len(self.bad)} clip(s):\n" + "\n".join(f"  {p}: {why}" for p, why in self.bad)
+        lines = [f"skipped {len(self.bad)} item(s) of the training data:"]
+        return "\n".join(lines + [f"  {p}: {why}" for p, why in self.bad])
 
 
 def data_options(cfg: TrainConfig) -> dict:

@@ -304,6 +304,9 @@ class Trainer:
             checkpointing.write(folder, checkpointing.Checkpoint(weights, ema, state, files, yaml))
         self.last_checkpoint = folder
         distributed.barrier()  # the other ranks wait until the checkpoint is complete
+        if self.config.export_checkpoints:  # also a pipeline folder for --model (the task's export)
+            with torch.random.fork_rng(devices=[]):
+                self.export(folder / "pipeline")
         return folder
 
     def _state(self) -> dict:
