@@ -297,3 +297,17 @@ def test_cache_of_another_vae_or_text_encoder_is_refused_naming_both(tmp_path, w
     assert (cache / CACHE_FILE).read_text() == manifest  # left as it was
     with pytest.raises(ValueError, match="data_options"):
         Trainer(finetune(wan, clips, tmp_path / "d", f"cache={cache}", "steps=1", "data_options={frames: 9}"))
+
+
+def test_our_pipeline_folder_fine_tunes_too(tmp_path, tiny_pipe, clips):
+    """A folder of ours (built-in text encoder, masked text): the cache keeps the mask; final/ generates."""
+    tiny_pipe.save_pretrained(tmp_path / "ours")
+    trainer = Trainer(finetune(tmp_path / "ours", clips, tmp_path / "run", "steps=2", "lora_rank=2"))
+    context, mask = trainer.encode_text(CAPTIONS[:2])
+    want, want_mask = tiny_pipe.text_encoder.encode(CAPTIONS[:2])
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(context, want, atol=1e-6, rtol=0)
+    trainer.train()
+    pipe = VideoPipeline.from_pretrained(tmp_path / "run" / "final")
+    pipe.progress = False
+    assert pipe.loras and pipe.generate(CAPTIONS[1], steps=2, seed=0).shape == (1, 3, 5, 32, 32)
