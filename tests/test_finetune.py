@@ -311,3 +311,37 @@ def test_our_pipeline_folder_fine_tunes_too(tmp_path, tiny_pipe, clips):
     pipe = VideoPipeline.from_pretrained(tmp_path / "run" / "final")
     pipe.progress = False
     assert pipe.loras and pipe.generate(CAPTIONS[1], steps=2, seed=0).shape == (1, 3, 5, 32, 32)
+
+
+# ------------------------------------------------------------------- point 3: image to video
+
+
+def test_i2v_fine_tunes_on_cached_first_frame_conditioning(tmp_path, clips):
+    from safetensors.torch import load_file
+    from wan_folders import wan_i2v_root
+
+    from vidlatent.data.io import read_video
+
+    root = tmp_path / "Wan2.1-I2V-tiny-Diffusers"
+    wan_i2v_root(root)
+    trainer = Trainer(finetune(root, clips, tmp_path / "run", "lora_rank=4", "lr=3e-2", "steps=2"))
+    assert trainer.i2v and trainer.text_encoder is None
+    item = trainer.dataset.items[0]
+    cached = load_file(tmp_path / "run" / "cache" / "image" / item.path.name)
+    pipe = VideoPipeline.from_pretrained(root)
+    source = read_latent_metadata(item.path)["source"]
+    video, _ = read_video(source, frames=5, temporal_factor=4, multiple=8)
+    with torch.no_grad():  # what the pipeline gives the model when animating from this clip's first frame
+        _, _, want = pipe._wan_image_condition(video[None, :, :1], None, (1, *item.shape))
+    condition, image = trainer.task._image_condition([0])
+    torch.testing.assert_close(condition, want["condition"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image, want["image"], atol=1e-5, rtol=1e-5)
+    assert cached["image"].shape == want["image"].shape[1:]
+    before = trainer.evaluate()
+    losses = trainer.train()
+    assert len(losses) == 2 and trainer.evaluate() != before
+    final = VideoPipeline.from_pretrained(tmp_path / "run" / "final")  # image encoder, LoRA on Wan's I2V
+    final.progress = False
+    assert final.loras and final.image_encoder is not None
+    out = final.animate(video[None, :, :1], CAPTIONS[0], frames=5, steps=2, seed=0)
+    assert out.shape == (1, 3, 5, 32, 32) and torch.isfinite(out).all()

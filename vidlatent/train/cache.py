@@ -115,6 +115,11 @@ class PipelineParts:
         return cls(folder, dits[0], folder / "vae", text, overrides, config)
 
     @property
+    def image_conditioned(self) -> bool:
+        """Whether the denoiser is Wan's image-to-video one (CLIP tokens and condition latents beside x)."""
+        return read_json(self.dit / "config.json").get("image_dim") is not None
+
+    @property
     def masked(self) -> bool:
         """Whether the denoiser reads the text with its mask (ours) or every padded token (Wan)."""
         return self.config.text_attention == "masked"
@@ -384,6 +389,8 @@ def prepare_cache(cfg: TrainConfig, parts: PipelineParts, dist: Dist, device: to
             + (": " + "; ".join(f"{p} ({why})" for p, why in bad) if bad else " (no video or image files)")
         )
 
+    if parts.image_conditioned:
+        _cache_image_conditions(usable, root, parts, opts, dist, device, cfg.progress)
     store = TextStore(text_dir, parts.masked)
     needed = sorted({captions[c] for c in usable} | {""} | set(cfg.sample_prompts))
     missing = [c for c in needed if not store.has(c)]
@@ -406,6 +413,41 @@ def prepare_cache(cfg: TrainConfig, parts: PipelineParts, dist: Dist, device: to
             print(CachePlan(root, latents, table, store, bad).summary(), file=sys.stderr)
     distributed.barrier()
     return CachePlan(root, latents, table, store, bad)
+
+
+def _cache_image_conditions(clips, root, parts, opts, dist, device, progress) -> None:
+    """For an image-conditioned denoiser (Wan 2.1 I2V), each clip's first-frame conditioning as Wan builds it
+    at inference (``VideoPipeline._wan_image_condition``): ``condition``, the normalized latents (posterior mode)
+    of the clip [first frame, zeros, ...], and ``image``, the first frame's CLIP tokens; one file per clip in
+    ``image/``, named as its latent file (the frame mask follows from the shape and is built when training)."""
+    from tqdm.auto import tqdm
+
+    from ..data.io import read_video
+    from ..models.image import load_image_encoder
+    from ..models.vae import CausalVAE
+
+    folder = root / "image"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in clips if not (folder / latent_name(c)).is_file()]
+    mine = shard(todo, dist.rank, dist.world_size)[0]
+    if mine:
+        vae = CausalVAE.from_pretrained(parts.vae, device=device).eval()
+        encoder = load_image_encoder(parts.folder, device=device)
+        read = {k: v for k, v in opts.items() if k != "size"}
+        read["size"] = tuple(opts["size"]) if opts["size"] else None
+        for clip in tqdm(mine, desc="image conditions", disable=not (progress and dist.main)):
+            video, _ = read_video(clip, temporal_factor=vae.temporal_factor, multiple=vae.spatial_factor,
+                                  frame_policy="trim", **read)  # fmt: skip
+            first = video[:, :1].to(device)
+            given = torch.cat([first, torch.zeros_like(video[:, 1:]).to(device)], dim=1)
+            with torch.inference_mode():
+                condition = vae.normalize(vae.encode(given[None].to(vae.dtype)).mode())[0].float().cpu()
+                tokens = encoder.encode(first[:, 0][None])[0].float().cpu()
+            tensors = {"condition": condition.contiguous(), "image": tokens.contiguous()}
+            atomic_write(folder / latent_name(clip), lambda p, t=tensors: save_file(t, p))
+        del vae, encoder
+        gc.collect()
+    distributed.barrier()
 
 
 def _save_pointer(encoder, folder: Path) -> None:

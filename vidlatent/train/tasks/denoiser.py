@@ -17,7 +17,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,9 @@ class LatentBatch(Batch):
     under ranks (None in one process: the plain mean)."""
 
     weight: torch.Tensor | None = None
+    items: list[int] = field(default_factory=list)  # the dataset indices of the clips in x
+    condition: torch.Tensor | None = None  # an image-conditioned denoiser's (b c t h w) first-frame latents
+    image: torch.Tensor | None = None  # and the first frames' CLIP tokens (b i d)
 
 
 class TextCache:
@@ -126,6 +129,15 @@ class DenoiserTask(Task):
         # every rank reads the same global batches (batch_size clips per rank) and takes its share
         self.sampler = BucketSampler(self.dataset, cfg.batch_size * dist.world_size, seed=cfg.seed)
         self.text_encoder, self.dit = self._build_models(self.dataset.items[0].shape[0])
+        self.i2v = self.dit.config.image_dim is not None  # Wan 2.1 I2V: first-frame conditioning, cached
+        if self.i2v and (cfg.image_fraction or cfg.first_frame_dropout < 1 or self.parts is None):
+            raise ValueError(
+                "an image-conditioned denoiser (Wan I2V) fine-tunes from pipeline= on clips (its conditioning is "
+                "cached), without image_fraction or first_frame_dropout (it is always given the first frame)"
+            )
+        if self.i2v and self.dit.config.image_pos_len is not None:
+            raise ValueError("fine-tuning Wan's first-last-frame model (FLF2V) is not supported; I2V is")
+        self.mask_channels = self.dit.config.in_channels - 2 * self.dit.config.out_channels
         if dist.enabled and cfg.parallel == "fsdp" and cfg.lora_rank:
             raise ValueError("LoRA training under parallel=fsdp is not supported; use parallel=ddp")
         self.models = {"dit": self.dit}
@@ -169,7 +181,9 @@ class DenoiserTask(Task):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + 1)
                 add_lora(dit, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
-        if dit.config.in_channels != channels:
+        if dit.config.out_channels != channels or (
+            dit.config.image_dim is None and dit.config.in_channels != channels
+        ):
             raise ValueError(
                 f"the latents have {channels} channels; the denoiser takes {dit.config.in_channels}"
             )
@@ -202,12 +216,27 @@ class DenoiserTask(Task):
                 break
         if self.cfg.image_fraction and torch.rand((), generator=generator) < self.cfg.image_fraction:
             batch.x = batch.x[:, :, :1]
+        if self.i2v:
+            batch.condition, batch.image = self._image_condition(batch.items)
         return batch
+
+    def _image_condition(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition (b 4+c t h w): Wan's frame mask (the first latent frame given) and the cached latents
+        of [first frame, zeros, ...]; CLIP tokens (b i d) of the first frames) of the dataset's clips ``items``."""
+        from safetensors.torch import load_file
+
+        files = [load_file(self.plan.root / "image" / self.dataset.items[i].path.name) for i in items]
+        latents = torch.stack([f["condition"] for f in files])
+        b, _, t, h, w = latents.shape
+        mask = torch.zeros(b, self.mask_channels, t, h, w)
+        mask[:, :, 0] = 1.0
+        condition = torch.cat([mask, latents], dim=1).to(self.device)
+        return condition, torch.stack([f["image"] for f in files]).to(self.device)
 
     def _read_share(self, idx: list[int], generator: torch.Generator) -> LatentBatch | None:
         """This rank's clips of the global batch ``idx``; a file broken since the scan is reported and
         skipped (None: nothing left, in one process)."""
-        latents, captions, rows = [], [], []
+        latents, captions, rows, items = [], [], [], []
         for j in share(len(idx), self.dist.rank, self.dist.world_size):
             try:
                 z, caption = self.dataset[idx[j]]
@@ -217,19 +246,21 @@ class DenoiserTask(Task):
             latents.append(z)
             captions.append(caption)
             rows.append(j)
+            items.append(idx[j])
         if not self.dist.enabled:
             if not latents:
                 return None
             draws = Draws(generator, list(range(len(rows))), len(rows))
-            return LatentBatch(torch.stack(latents).to(self.device), captions, draws)
+            return LatentBatch(torch.stack(latents).to(self.device), captions, draws, items=items)
         # ranks must agree on the batch: a share that is empty (or all broken) becomes a weight-0 clip
         if not latents:
             latents, captions, rows = [torch.zeros(self.dataset.items[idx[0]].shape)], [""], [0]
+            items = [idx[0]]
             weight = torch.zeros(1)
         else:
             weight = torch.full((len(rows),), 1.0 / len(idx))
         draws = Draws(generator, rows, len(idx), sliced=True)
-        return LatentBatch(torch.stack(latents).to(self.device), captions, draws, weight)
+        return LatentBatch(torch.stack(latents).to(self.device), captions, draws, weight, items)
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -243,11 +274,12 @@ class DenoiserTask(Task):
             return self._text_cache.encode(captions)
         return self.text_encoder.encode(captions)
 
-    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, captions: list[str]):
-        """(the denoiser's velocity, the largest real text token count of the batch)."""
+    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, captions: list[str], extra=None):
+        """(the denoiser's velocity, the largest real text token count of the batch); ``extra``: an
+        image-conditioned denoiser's ``image`` and ``condition`` keywords."""
         context, mask = self.encode_text(captions)
         text_tokens = int(mask.sum(1).max()) if mask is not None else context.shape[1]
-        return self.dit(x_sigma, sigma, context, mask), text_tokens
+        return self.dit(x_sigma, sigma, context, mask, **(extra or {})), text_tokens
 
     def _noised(
         self, batch: LatentBatch
@@ -279,7 +311,8 @@ class DenoiserTask(Task):
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16"
         ):
-            pred, text_tokens = forward(x_sigma, sigma, captions)
+            extra = {"image": batch.image, "condition": batch.condition} if self.i2v else None
+            pred, text_tokens = forward(x_sigma, sigma, captions, extra)
         pt, ph, pw = self.dit.config.patch_size
         _, _, t, h, w = batch.x.shape
         tokens = (t // pt) * (h // ph) * (w // pw)
@@ -313,8 +346,12 @@ class DenoiserTask(Task):
             x0 = z[None].expand(levels, *z.shape).to(self.device)
             noise = torch.randn(x0.shape, generator=gen).to(self.device)
             context, mask = self.encode_text([caption] * levels)
-            s = sigma.to(self.device)
-            pred = self.dit(add_noise(x0, noise, s), s, context, mask)
+            s, extra = sigma.to(self.device), {}
+            if self.i2v:
+                condition, image = self._image_condition([i])
+                extra = {"condition": condition.expand(levels, *condition.shape[1:]),
+                         "image": image.expand(levels, *image.shape[1:])}  # fmt: skip
+            pred = self.dit(add_noise(x0, noise, s), s, context, mask, **extra)
             losses.append(flow_loss(pred, velocity_target(x0, noise)).item())
         return sum(losses) / len(losses)
 
@@ -322,7 +359,7 @@ class DenoiserTask(Task):
     def sample(self, seed: int) -> torch.Tensor | None:
         """A short generation per ``sample_prompts`` entry, side by side, decoded by ``cfg.vae`` (None when
         that VAE does not load or its latent channels differ from the denoiser's)."""
-        if self.sample_vae is None:
+        if self.sample_vae is None or self.i2v:  # image-to-video samples: not yet
             return None
         from ...diffusion.sampling import denoise
 
@@ -385,6 +422,9 @@ class DenoiserTask(Task):
             from ..cache import copy_folder
 
             copy_folder(self.plan.root / "text_encoder", folder / "text_encoder")
+            for name in ("image_encoder", "image_processor"):  # Wan I2V: the CLIP vision encoder
+                if self.i2v and (self.parts.folder / name).is_dir():
+                    copy_folder(self.parts.folder / name, folder / name)
             CausalVAE.from_pretrained(self.parts.vae).save_pretrained(folder / "vae")
             config = self.parts.config
         else:
