@@ -345,3 +345,40 @@ def test_i2v_fine_tunes_on_cached_first_frame_conditioning(tmp_path, clips):
     assert final.loras and final.image_encoder is not None
     out = final.animate(video[None, :, :1], CAPTIONS[0], frames=5, steps=2, seed=0)
     assert out.shape == (1, 3, 5, 32, 32) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------ torchrun
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_cache_and_match_one_process(tmp_path, wan, clips):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["lora_rank=4", "steps=2", "caption_dropout=0.5", "device=cpu"]
+    one = Trainer(finetune(wan, clips, tmp_path / "one", "batch_size=2", *args))
+    expected = one.train()
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    overrides = [f"pipeline={wan}", f"data={clips}", f"output={tmp_path / 'ddp'}", "data_options={frames: 5}",
+                 "lr=5e-3", "ema_decay=0", "checkpoint_every=2", "progress=false", "batch_size=1", *args]  # fmt: skip
+    (tmp_path / "ft.yaml").write_text("\n".join(o.replace("=", ": ", 1) for o in overrides) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vidlatent.cli", "train", str(tmp_path / "ft.yaml")]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = [json.loads(r)["loss"] for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert got == pytest.approx(expected, abs=1e-5)
+    for name in ("latents", "text"):
+        a, b = tmp_path / "one" / "cache" / name, tmp_path / "ddp" / "cache" / name
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for p in a.iterdir():
+            x, y = load_file(p), load_file(b / p.name)
+            assert all(torch.equal(x[k], y[k]) for k in x)
