@@ -382,3 +382,22 @@ def test_two_ranks_share_the_cache_and_match_one_process(tmp_path, wan, clips):
         for p in a.iterdir():
             x, y = load_file(p), load_file(b / p.name)
             assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_latents_without_a_vae_record_train_and_say_so(tmp_path, clips, tiny_vae):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vidlatent.pipelines.batch import encode_clips
+
+    encode_clips([clips], tmp_path / "new", tiny_vae, progress=False, num_workers=0)
+    (tmp_path / "old").mkdir()
+    for f in (tmp_path / "new").glob("*.safetensors"):  # as an older vidlatent wrote them: no "vae" entry
+        with safe_open(str(f), framework="pt") as fh:
+            meta = {k: v for k, v in fh.metadata().items() if k != "vae"}
+            save_file({"latents": fh.get_tensor("latents")}, str(tmp_path / "old" / f.name), metadata=meta)
+    cfg = load_train_config("tiny", overrides=[f"data={tmp_path / 'old'}", f"output={tmp_path / 'run'}",
+                                               "steps=1", "progress=false", "vae=tiny"])  # fmt: skip
+    with pytest.warns(UserWarning, match="do not record their VAE.*final/vae is vae='tiny'"):
+        Trainer(cfg).train()
+    assert (tmp_path / "run" / "final" / "vae" / "config.json").is_file()

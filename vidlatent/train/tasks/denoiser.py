@@ -466,21 +466,18 @@ class DenoiserTask(Task):
                 f"{record.get('src')!r}",
                 stacklevel=3,
             )
-        vae, why = None, ""
-        src = str(record.get("src", "")).removeprefix("preset:")
-        if not record.get("fingerprint"):
-            why = "the latent files do not record their VAE (written by an older vidlatent)"
-        else:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    vae = load_vae(src)[0]
-                if vae_fingerprint(vae) != record["fingerprint"]:
-                    vae, why = (
-                        None,
-                        f"the recorded VAE {src!r} has other weights now than when it encoded them",
-                    )
-            except Exception as err:  # noqa: BLE001 - then cfg.vae, with the reason
-                vae, why = None, f"the recorded VAE {src!r} does not load ({err})"
+        vae, why = None, "the latent files do not record their VAE (written by an older vidlatent)"
+        if record.get("fingerprint"):  # the recorded source, else cfg.vae: whichever has those weights
+            why = f"neither the recorded VAE {record.get('src')!r} nor vae={self.cfg.vae!r} is the one that made them"
+            for src in dict.fromkeys([str(record.get("src", "")).removeprefix("preset:"), self.cfg.vae]):
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        candidate = load_vae(src)[0]
+                except Exception:  # noqa: BLE001 - moved or deleted: try the next
+                    continue
+                if vae_fingerprint(candidate) == record["fingerprint"]:
+                    vae = candidate
+                    break
         if vae is None:
             warnings.warn(f"{why}: final/vae is vae={self.cfg.vae!r}; re-encode, or set vae= to the VAE that "
                           "made the latents", stacklevel=3)  # fmt: skip
