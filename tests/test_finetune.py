@@ -57,6 +57,7 @@ def finetune(wan, clips, output, *overrides):
 # ------------------------------------------------------------------------------ point 0: final/ runs
 
 
+@pytest.mark.slow
 def test_cli_encode_train_generate(tmp_path, clips, capsys):
     lat, run = tmp_path / "latents", tmp_path / "run"
     assert (
@@ -124,6 +125,7 @@ def _loaded_encoders() -> dict[int, str]:
         return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)}
 
 
+@pytest.mark.slow
 def test_finetune_wan_folder_caches_trains_without_encoders_and_resumes_exactly(
     tmp_path, wan, clips, monkeypatch
 ):
@@ -162,6 +164,7 @@ def test_finetune_wan_folder_caches_trains_without_encoders_and_resumes_exactly(
     assert head + tail == pytest.approx(expected, abs=1e-6)  # exact resume
 
 
+@pytest.mark.slow
 def test_overfitting_run_lowers_the_loss(tmp_path, wan, clips):
     cfg = finetune(wan, clips, tmp_path / "run", f"cache={tmp_path / 'cache'}", "steps=30", "lr=2e-3",
                    "caption_dropout=0", "checkpoint_every=100")  # fmt: skip
@@ -169,6 +172,7 @@ def test_overfitting_run_lowers_the_loss(tmp_path, wan, clips):
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
+    print(f"fixed-noise flow loss before {before:.4f}, after 30 steps {after:.4f}")
     assert after < 0.8 * before, (before, after)
 
 
@@ -203,6 +207,7 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.std()).item()
 
 
+@pytest.mark.slow
 def test_trained_lora_gives_diffusers_the_same_output(tmp_path, wan, clips):
     from diffusers import WanPipeline
 
@@ -299,6 +304,7 @@ def test_cache_of_another_vae_or_text_encoder_is_refused_naming_both(tmp_path, w
         Trainer(finetune(wan, clips, tmp_path / "d", f"cache={cache}", "steps=1", "data_options={frames: 9}"))
 
 
+@pytest.mark.slow
 def test_our_pipeline_folder_fine_tunes_too(tmp_path, tiny_pipe, clips):
     """A folder of ours (built-in text encoder, masked text): the cache keeps the mask; final/ generates."""
     tiny_pipe.save_pretrained(tmp_path / "ours")
@@ -316,6 +322,7 @@ def test_our_pipeline_folder_fine_tunes_too(tmp_path, tiny_pipe, clips):
 # ------------------------------------------------------------------- point 3: image to video
 
 
+@pytest.mark.slow
 def test_i2v_fine_tunes_on_cached_first_frame_conditioning(tmp_path, clips):
     from safetensors.torch import load_file
     from wan_folders import wan_i2v_root
