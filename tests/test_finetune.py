@@ -152,11 +152,29 @@ def test_finetune_wan_folder_caches_trains_without_encoders_and_resumes_exactly(
     monkeypatch.undo()
     assert len(expected) == 4
 
-    # a rerun finds everything cached: the VAE and the text encoder are not even loaded
-    loads = []
-    monkeypatch.setattr(CausalVAE, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    # an interrupted cache (one clip, one caption missing) is completed, the rest is not redone; then a rerun
+    # finds everything cached: the VAE and the text encoder are not even loaded
+    from safetensors.torch import load_file
+
+    import vidlatent.models.text as text_module
+
+    lost = [next((cache / "latents").iterdir()), next((cache / "text").iterdir())]
+    kept = [load_file(f) for f in lost]
+    for f in lost:
+        f.unlink()
+    loads, real_vae, real_text = [], CausalVAE.from_pretrained, text_module.load_text_encoder
+    monkeypatch.setattr(
+        CausalVAE, "from_pretrained", lambda *a, **k: loads.append("vae") or real_vae(*a, **k)
+    )
+    monkeypatch.setattr(
+        text_module, "load_text_encoder", lambda *a, **k: loads.append("text") or real_text(*a, **k)
+    )
     first = Trainer(finetune(wan, clips, tmp_path / "split", f"cache={cache}", "lora_rank=4"))
+    assert loads == ["vae", "text"]  # once each, for what was missing
+    for f, tensors in zip(lost, kept):
+        assert all(torch.equal(load_file(f)[k], v) for k, v in tensors.items())
     head = first.train(until=2)
+    loads.clear()
     second = Trainer(finetune(wan, clips, tmp_path / "split", f"cache={cache}", "lora_rank=4", "resume=auto"))
     monkeypatch.undo()
     tail = second.train()
@@ -233,6 +251,7 @@ def test_trained_lora_gives_diffusers_the_same_output(tmp_path, wan, clips):
     assert _rel(trained, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_full_finetune_writes_a_diffusers_transformer(tmp_path, wan, clips):
     from diffusers import WanTransformer3DModel
 
