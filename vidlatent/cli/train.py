@@ -41,6 +41,8 @@ def add_train(sub) -> None:
         "train preset such as 'tiny', with key=value overrides. resume=auto continues the latest "
         "checkpoint under output=. Exits 1 when the loss became NaN/inf (the last good checkpoint is kept).",
         epilog="examples:\n  vidlatent train tiny data=latents/ output=runs/tiny steps=500 resume=auto\n"
+        "  vidlatent train finetune.yaml  (pipeline: WAN_FOLDER, data: clips/, lora_rank: 16: fine-tune a pipeline "
+        "on captioned clips through a disk cache; docs/training.md)\n"
         "  torchrun --nproc_per_node=8 -m vidlatent.cli train CONFIG parallel=ddp|fsdp  "
         "(global batch = batch_size x ranks x grad_accum)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
