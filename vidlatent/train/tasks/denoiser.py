@@ -141,7 +141,7 @@ class DenoiserTask(Task):
         if dist.enabled and cfg.parallel == "fsdp" and cfg.lora_rank:
             raise ValueError("LoRA training under parallel=fsdp is not supported; use parallel=ddp")
         self.models = {"dit": self.dit}
-        if self.text_encoder is None:  # a pipeline's: its embeddings are cached, it is not loaded
+        if self.text_encoder is None:  # fine-tuning a pipeline: its text embeddings are cached
             pass
         elif cfg.train_text_encoder:
             if not any(p.requires_grad for p in self.text_encoder.parameters()):
@@ -158,7 +158,7 @@ class DenoiserTask(Task):
         cfg, text_encoder = self.cfg, None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            if self.parts is None:
+            if self.parts is None:  # a pipeline's text encoder stays on disk: its embeddings are cached
                 text_encoder = load_text_encoder(
                     cfg.text_encoder, device=self.device, overrides=cfg.text_overrides
                 )
