@@ -104,6 +104,12 @@ class PipelineParts:
                 f"pipeline={src} is not a pipeline folder to fine-tune: it lacks {', '.join(missing)} (an "
                 "original Wan 2.1 release folder: convert it first with `vidlatent convert`)"
             )
+        experts = [n for n in ("dit_2", "transformer_2") if (folder / n).is_dir()]
+        if experts:
+            raise ValueError(
+                f"pipeline={src} is a two-expert model (Wan 2.2 A14B: {experts[0]}/): fine-tuning trains one "
+                "denoiser; two experts are not supported"
+            )
         text = [folder / "text_encoder"]
         if (folder / "model_index.json").is_file():
             config, overrides = diffusers_pipeline_config(folder), ["clean=wan"]
