@@ -381,6 +381,8 @@ def prepare_cache(cfg: TrainConfig, parts: PipelineParts, dist: Dist, device: to
                               world_size=dist.world_size, progress=cfg.progress and dist.main, num_workers=0,
                               frame_policy="trim", **{**opts, "size": opts["size"] and tuple(opts["size"])})  # fmt: skip
         bad += report.failed
+        if report.failed and not dist.main:  # rank 0 lists what it knows; each other rank its own failures
+            print(report.summary(), file=sys.stderr)
         del vae
         gc.collect()
     distributed.barrier()
