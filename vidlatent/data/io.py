@@ -364,8 +364,29 @@ def _probe(path: Path) -> dict:
         raise VideoReadError(f"cannot read {path}: {_one_line(err)}") from err
     if count == 0:
         raise VideoReadError(f"cannot read {path}: the video stream holds no frames")
+    if _display_rotation(path) % 180:  # a phone video stored 1920x1080 with rotate=90 shows as 1080x1920
+        size = size[::-1]
     _check_pixels(path, size, "frames")
     return {"count": int(count), "fps": float(rate) if rate else None, "size": size, "damaged_count": damaged}
+
+
+def _display_rotation(path: Path) -> int:
+    """Degrees (counter-clockwise: 0, 90, 180 or 270) the display matrix of the first frame turns the stored
+    frames by (a phone's ``rotate`` tag), as players and decord show them; 0 when it cannot be read. Decodes
+    that one frame: PyAV exposes the matrix on frames only."""
+    import av
+
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            frame = next(container.decode(video=0), None)
+            return _quarter_turns(frame) * 90
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader, not here
+        return 0
+
+
+def _quarter_turns(frame) -> int:
+    """The counter-clockwise quarter turns (0-3) a decoded PyAV frame's display matrix asks for."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
 
 
 def _implausible(count: int, stream, container, rate) -> bool:
@@ -409,8 +430,8 @@ def _decode_pyav(path: Path, indices: list[int], count: int):
         stream = container.streams.video[0]
         stream.thread_type = "FRAME"
         for i, frame in enumerate(container.decode(stream)):
-            if i == index:
-                chunk.append(frame.to_ndarray(format="rgb24"))
+            if i == index:  # turned as shown (the display matrix), as decord does
+                chunk.append(np.rot90(frame.to_ndarray(format="rgb24"), _quarter_turns(frame)))
                 index = next(wanted, None)
                 if len(chunk) == _CHUNK or index is None:
                     yield np.stack(chunk)
