@@ -123,7 +123,7 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        unused = any(name in self.task.sparse for name in self.task.models)
+        unused = self.task.find_unused or any(name in self.task.sparse for name in self.task.models)
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
 
     # ----------------------------------------------------------------------------------------- step

@@ -6,7 +6,8 @@ Letters: b batch, c colour channels (3), f frames, h height, w width.
 only (``vidlatent.data.probe``), finds each file's caption, and assigns it to a bucket: a clip shape
 ``(f, h, w)``. ``VideoBucketSampler`` batches clips of one bucket together, in an order that is a pure
 function of ``(seed, epoch)``, and gives every rank of a distributed run a disjoint, equal-length share of
-each epoch. ``make_loader`` runs one epoch (or the rest of one) through a torch DataLoader; a file that has
+each epoch: whole batches (``split="batches"``) or its share of every batch (``split="clips"``, what one
+process with the global batch would read). ``make_loader`` runs one epoch (or the rest of one) through a torch DataLoader; a file that has
 broken since the scan is reported and dropped from its batch, so it never stops an epoch.
 
 Buckets. Each bucket is ``(f, h, w)`` with f = 1 + 4k (the causal VAE's frame counts) and h, w multiples of 16.
@@ -37,8 +38,9 @@ from torch.utils.data import DataLoader
 from ..data.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe, read_video
 from ..data.paths import expand_paths
 from .data import read_captions
+from .distributed import share
 
-__all__ = ["VideoFolderDataset", "VideoItem", "VideoBucketSampler", "folder_dataset", "make_loader"]
+__all__ = ["SPLITS", "VideoFolderDataset", "VideoItem", "VideoBucketSampler", "folder_dataset", "make_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ TEMPORAL_FACTOR = 4  # clips have 1 + 4k frames
 SPATIAL_MULTIPLE = 16  # clip heights and widths are multiples of this
 VIDEO_SUFFIXES = (*VIDEO_EXTENSIONS, ".gif")
 IMAGE_SUFFIXES = tuple(s for s in IMAGE_EXTENSIONS if s != ".gif")  # multi-frame png / webp are clips too
+SPLITS = ("batches", "clips")  # how VideoBucketSampler shares an epoch among ranks
 
 
 @dataclass
@@ -296,9 +299,12 @@ class VideoBucketSampler:
 
     Each epoch shuffles the items of every bucket, cuts them into batches of that bucket's batch size (the
     last batch of a bucket may be smaller unless ``drop_last``), and shuffles the batches of all buckets
-    together. With ``world_size`` > 1 the epoch's batches are dealt round-robin to the ranks, and the last
-    ``len % world_size`` batches (a different few each epoch) are left out, so every rank gets the same
-    number of batches and no two ranks share one.
+    together. With ``world_size`` > 1 and ``split="batches"`` the epoch's batches are dealt round-robin to the
+    ranks, and the last ``len % world_size`` batches (a different few each epoch) are left out, so every rank
+    gets the same number of batches and no two ranks share one. With ``split="clips"`` every rank gets every
+    batch, cut to its share (``distributed.share``: the batch sizes are then global batch sizes), so the ranks
+    together read what one process reads; a rank whose share of a batch is empty (a bucket's last, smaller
+    batch) reads the batch's first clip, which ``in_share`` tells apart, to join the step with weight 0.
 
     Args:
         dataset: a ``VideoFolderDataset`` (anything with ``buckets()`` -> {shape: indices}).
@@ -307,6 +313,7 @@ class VideoBucketSampler:
         seed: seeds the order, with the epoch.
         rank, world_size: this process's share of a distributed run.
         drop_last: drop each bucket's last batch when it is smaller than the bucket's batch size.
+        split: ``"batches"`` or ``"clips"``: how ranks share an epoch (above).
     """
 
     def __init__(
@@ -319,7 +326,10 @@ class VideoBucketSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        split: str = "batches",
     ):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
         if (batch_size is None) == (budget is None):
             raise ValueError("give either batch_size or budget")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -327,6 +337,7 @@ class VideoBucketSampler:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.split = split
         self.buckets = dataset.buckets()
         self.batch_sizes: dict[tuple[int, int, int], int] = {}
         for shape in self.buckets:
@@ -367,8 +378,15 @@ class VideoBucketSampler:
     def epoch(self, epoch: int) -> list[list[int]]:
         """This rank's batches of one epoch."""
         batches = self.global_batches(epoch)
+        if self.split == "clips":
+            shares = [[b[j] for j in share(len(b), self.rank, self.world_size)] for b in batches]
+            return [s or b[:1] for s, b in zip(shares, batches)]
         usable = len(batches) // self.world_size * self.world_size
         return batches[self.rank : usable : self.world_size]
+
+    def in_share(self, batch: list[int]) -> list[int]:
+        """Positions in the global ``batch`` that are this rank's share of it (``split="clips"``)."""
+        return list(share(len(batch), self.rank, self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch ``iter(sampler)`` runs (for use as a DataLoader ``batch_sampler``)."""
@@ -395,43 +413,44 @@ class _EpochView(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.dataset.clip(i, self.epoch)
+            return (*self.dataset.clip(i, self.epoch), i)
         except Exception as err:  # noqa: BLE001 - a file broken since the scan is dropped from its batch
             item = self.dataset.items[i]
             return _Failed(i, str(item.path), f"{type(err).__name__}: {err}", item.shape)
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, list[str], list[_Failed]]:
-    """Stack the clips that loaded into (b c f h w), their captions, and the failures (b may be 0)."""
+def _collate(samples: list) -> tuple[torch.Tensor, list[str], list[_Failed], list[int]]:
+    """Stack the clips that loaded into (b c f h w), their captions, the failures (b may be 0), and the
+    dataset indices of the clips that loaded."""
     good = [s for s in samples if not isinstance(s, _Failed)]
     failed = [s for s in samples if isinstance(s, _Failed)]
     if good:
-        videos = torch.stack([v for v, _ in good])
+        videos = torch.stack([v for v, _, _ in good])
     else:
         f, h, w = failed[0].shape
         videos = torch.zeros(0, 3, f, h, w)
-    return videos, [c for _, c in good], failed
+    return videos, [c for _, c, _ in good], failed, [i for _, _, i in good]
 
 
 class _Loader:
-    """One epoch's batches ``(videos (b c f h w), captions)``; see ``make_loader``."""
+    """One epoch's batches ``(videos (b c f h w), captions[, indices])``; see ``make_loader``."""
 
-    def __init__(self, loader: DataLoader, dataset: VideoFolderDataset, keep_empty: bool):
-        self.loader, self.dataset, self.keep_empty = loader, dataset, keep_empty
+    def __init__(self, loader: DataLoader, dataset: VideoFolderDataset, keep_empty: bool, indices: bool):
+        self.loader, self.dataset, self.keep_empty, self.indices = loader, dataset, keep_empty, indices
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple]:
         reported = {path for path, _ in self.dataset.bad}
-        for videos, captions, failed in self.loader:
+        for videos, captions, failed, indices in self.loader:
             for fail in failed:
                 log.warning("skipping %s: %s", fail.path, fail.reason)
                 if fail.path not in reported:
                     reported.add(fail.path)
                     self.dataset.bad.append((fail.path, f"at load: {fail.reason}"))
             if len(videos) or self.keep_empty:
-                yield videos, captions
+                yield (videos, captions, indices) if self.indices else (videos, captions)
 
 
 def make_loader(
@@ -440,6 +459,7 @@ def make_loader(
     epoch: int,
     num_workers: int = 0,
     start: int = 0,
+    indices: bool = False,
     **loader_kwargs,
 ) -> _Loader:
     """One epoch of collated batches ``(videos (b c f h w) float32, captions list[str])``, from batch ``start``
@@ -449,7 +469,7 @@ def make_loader(
     processes; ``loader_kwargs`` go to the DataLoader, e.g. ``pin_memory=True``). A clip that fails to load is
     logged, added once to ``dataset.bad`` and dropped from its batch; a batch left with no clip is skipped in
     a single-process run, and yielded empty (b = 0) when ``sampler.world_size`` > 1, so that every rank runs
-    the same number of steps.
+    the same number of steps. ``indices``: each batch also gives the dataset indices of its clips.
     """
     batches = sampler.epoch(epoch)[start:]
     loader = DataLoader(
@@ -459,4 +479,4 @@ def make_loader(
         collate_fn=_collate,
         **loader_kwargs,
     )
-    return _Loader(loader, dataset, keep_empty=sampler.world_size > 1)
+    return _Loader(loader, dataset, keep_empty=sampler.world_size > 1, indices=indices)

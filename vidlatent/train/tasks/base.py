@@ -84,11 +84,14 @@ class Task(ABC):
     """One kind of training. ``models`` are the trained models by name (their parameters are checkpointed as
     ``<name>.<parameter>``); ``sparse`` names those a batch need not use all of (token embeddings): kept
     whole on every rank under FSDP, searched for unused parameters under DDP. ``count_flops``: the loop
-    counts the models' FLOPs with torch's counter (once per clip shape) instead of taking ``Loss.flops``."""
+    counts the models' FLOPs with torch's counter (once per clip shape) instead of taking ``Loss.flops``.
+    ``find_unused``: some batches leave parameters unused (the VAE's temporal layers on one-frame clips): DDP
+    searches for them."""
 
     name: ClassVar[str]
     sparse: ClassVar[tuple[str, ...]] = ()
     count_flops: ClassVar[bool] = False
+    find_unused: bool = False
     models: dict[str, torch.nn.Module]
 
     @staticmethod

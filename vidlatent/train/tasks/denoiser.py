@@ -33,7 +33,7 @@ from ...models.text import TextEncoder, load_text_encoder
 from ...models.vae import CausalVAE
 from ..cache import PipelineParts, prepare_cache
 from ..data import BucketSampler, LatentDataset
-from ..distributed import Dist, share
+from ..distributed import Dist, all_reduce_, share
 from . import register
 from .base import Batch, Draws, Loss, Position, Task
 
@@ -235,7 +235,7 @@ class DenoiserTask(Task):
 
     def _read_share(self, idx: list[int], generator: torch.Generator) -> LatentBatch | None:
         """This rank's clips of the global batch ``idx``; a file broken since the scan is reported and
-        skipped (None: nothing left, in one process)."""
+        skipped (None: nothing left on any rank)."""
         latents, captions, rows, items = [], [], [], []
         for j in share(len(idx), self.dist.rank, self.dist.world_size):
             try:
@@ -252,13 +252,17 @@ class DenoiserTask(Task):
                 return None
             draws = Draws(generator, list(range(len(rows))), len(rows))
             return LatentBatch(torch.stack(latents).to(self.device), captions, draws, items=items)
-        # ranks must agree on the batch: a share that is empty (or all broken) becomes a weight-0 clip
+        # ranks must agree on the batch: the mean divides by the clips all ranks read (none: the next batch);
+        # a share that is empty (or all broken) becomes a weight-0 clip
+        used = int(all_reduce_(torch.tensor([len(rows)], device=self.device)).item())
+        if not used:
+            return None
         if not latents:
             latents, captions, rows = [torch.zeros(self.dataset.items[idx[0]].shape)], [""], [0]
             items = [idx[0]]
             weight = torch.zeros(1)
         else:
-            weight = torch.full((len(rows),), 1.0 / len(idx))
+            weight = torch.full((len(rows),), 1.0 / used)
         draws = Draws(generator, rows, len(idx), sliced=True)
         return LatentBatch(torch.stack(latents).to(self.device), captions, draws, weight, items)
 

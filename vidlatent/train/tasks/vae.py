@@ -2,8 +2,10 @@
 and edge terms, and a patch discriminator after ``disc_start`` steps).
 
 ``data: shapes`` draws endless clips from the procedural shapes world (``data_options`` are ``ShapesWorld``
-arguments; the data position is a clip counter); a folder of videos is read by ``VideoBucketSampler``, which
-deals whole batches to the ranks, each batch's posterior noise from its own seeded generator.
+arguments; the data position is a clip counter); a folder of videos is read by ``VideoBucketSampler``, each
+rank its share of every global batch, with posterior noise drawn for the whole batch from the batch's own
+seeded generator and sliced, so N ranks compute what one process does (clips that fail to load included: the
+mean divides by the clips all ranks read).
 ``vae_train: decoder`` keeps the encoder (and so the latent space) fixed; with ``redraw_pipeline`` a share
 of the encoded clips is re-drawn from its caption by that pipeline's denoiser (SDEdit) before the decoder
 sees it, so the decoder learns to draw what a denoiser leaves.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +35,7 @@ from ..losses import PatchDiscriminator, hinge_d_loss, vae_loss
 from . import register
 from .base import Batch, Draws, Loss, Position, Task
 
-__all__ = ["VAETask", "load_perceptual"]
+__all__ = ["ClipBatch", "VAETask", "load_perceptual"]
 
 
 def load_perceptual(cfg: TrainConfig, device) -> torch.nn.Module:
@@ -53,8 +56,17 @@ def load_perceptual(cfg: TrainConfig, device) -> torch.nn.Module:
     return net.to(device).eval().requires_grad_(False)
 
 
+@dataclass
+class ClipBatch(Batch):
+    """This rank's clips of a global batch of videos; ``used``: how many clips all ranks read of it (what the
+    batch's mean divides by; 0 for a rank's weight-0 stand-in clip)."""
+
+    used: int = 0
+
+
 class _VideoBatches:
-    """The folder's batches for this rank, read by a DataLoader that restarts wherever the position says."""
+    """The folder's batches, this rank's share of each global batch of ``batch_size * ranks`` clips, read by a
+    DataLoader that restarts wherever the position says."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist):
         from ..video_data import VideoBucketSampler, folder_dataset
@@ -62,27 +74,35 @@ class _VideoBatches:
         self.videos = folder_dataset(cfg)
         if not len(self.videos):
             raise ValueError(f"no usable videos in {cfg.data}: {self.videos.summary()}")
-        self.sampler = VideoBucketSampler(
-            self.videos, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
-        )
+        self.sampler = VideoBucketSampler(self.videos, cfg.batch_size * dist.world_size, seed=cfg.seed,
+                                          rank=dist.rank, world_size=dist.world_size, split="clips")  # fmt: skip
         self.num_workers = cfg.num_workers
         self.loader, self.at = None, None  # the open loader and the position its next batch has
+        self.batches: tuple[int, list[list[int]]] | None = None  # (epoch, its global batches)
 
-    def next(self, position: Position) -> tuple[torch.Tensor, list[str]]:
-        """The batch at ``position`` (advanced past it; to the next epoch when this one is done)."""
+    def next(self, position: Position) -> tuple[torch.Tensor, list[str], list[int], int]:
+        """The batch at ``position`` (advanced past it; to the next epoch when this one is done): this rank's
+        clips that loaded, their captions, their positions in the global batch, and the global batch's size."""
         from ..video_data import make_loader
 
         while True:
             if self.loader is None or self.at != (position.epoch, position.batch_index):
-                self.loader = iter(make_loader(self.videos, self.sampler, position.epoch,
+                self.loader = iter(make_loader(self.videos, self.sampler, position.epoch, indices=True,
                                                num_workers=self.num_workers, start=position.batch_index))  # fmt: skip
             batch = next(self.loader, None)
             if batch is None:
                 position.epoch, position.batch_index, self.loader = position.epoch + 1, 0, None
                 continue
+            if self.batches is None or self.batches[0] != position.epoch:
+                self.batches = position.epoch, self.sampler.global_batches(position.epoch)
+            whole = self.batches[1][position.batch_index]
             position.batch_index += 1
             self.at = (position.epoch, position.batch_index)
-            return batch
+            videos, captions, indices = batch
+            mine = self.sampler.in_share(whole)
+            keep = [k for k, i in enumerate(indices) if whole.index(i) in mine]  # not a weight-0 stand-in
+            rows = [whole.index(indices[k]) for k in keep]
+            return videos[keep], [captions[k] for k in keep], rows, len(whole)
 
 
 @register
@@ -123,6 +143,11 @@ class VAETask(Task):
         self.world = ShapesWorld(**{"seed": cfg.seed, **cfg.data_options}) if cfg.data == "shapes" else None
         self.video_batches = _VideoBatches(cfg, dist) if self.world is None else None
         self.videos = None if self.video_batches is None else self.video_batches.videos
+        opts = cfg.data_options or {}  # one-frame clips (images) leave the temporal layers unused
+        if self.videos is not None:
+            self.find_unused = any(f == 1 for f, _, _ in self.videos.buckets())
+        else:
+            self.find_unused = opts.get("frames") == 1 or opts.get("image_fraction", 0) > 0
         self.vae, self.disc = self._build_models()
         self.disc_optimizer = None
         if self.disc is not None:
@@ -180,8 +205,10 @@ class VAETask(Task):
 
     def next_batch(self, position: Position, generator: torch.Generator) -> Batch:
         """Shapes: this rank's share of the next ``batch_size * ranks`` clips (draws from the shared generator,
-        sliced). Videos: this rank's next batch, its posterior noise from a generator seeded by (seed, epoch,
-        batch, rank), so ranks draw different noise and a resumed run draws what the uninterrupted one did."""
+        sliced). Videos: this rank's share of the next global batch, its posterior noise drawn for the whole batch
+        from a generator seeded by (seed, epoch, batch) and sliced, so ranks draw what one process draws and a
+        resumed run what the uninterrupted one did. A rank with no clip (its share empty or failed to load) runs
+        a zero clip with weight 0; a batch no rank could read is skipped."""
         rank, world = self.dist.rank, self.dist.world_size
         if self.video_batches is None:  # endless procedural clips: the data position is a clip counter
             n = self.cfg.batch_size * world
@@ -191,14 +218,16 @@ class VAETask(Task):
             clips = [self.world.clip(start + j) for j in rows]
             draws = Draws(generator, rows, n, sliced=self.dist.enabled)
             return Batch(torch.stack([v for v, _ in clips]).to(self.device), [c for _, c in clips], draws)
-        videos, captions = self.video_batches.next(position)
+        while True:
+            videos, captions, rows, n = self.video_batches.next(position)
+            used = int(distributed.all_reduce_(torch.tensor([len(rows)], device=self.device)).item())
+            if used:
+                break
         seed = ((self.cfg.seed * 1_000_003 + position.epoch) * 1_000_003 + position.batch_index) * 1009
-        own = torch.Generator().manual_seed((seed + rank) % 2**63)
-        if not len(videos):  # every clip of this rank's batch failed to load: join with weight 0
-            videos, captions = torch.zeros(1, *videos.shape[1:]), [""]
-            return Batch(videos.to(self.device), captions, Draws(own, [], world, own=True))
-        draws = Draws(own, list(range(len(videos))), len(videos) * world, own=True)
-        return Batch(videos.to(self.device), captions, draws)
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        if not rows:  # nothing of this rank's share loaded: a zero clip with weight 0 (used = 0)
+            videos, captions, rows, used = torch.zeros(1, *videos.shape[1:]), [""], [0], 0
+        return ClipBatch(videos.to(self.device), captions, Draws(generator, rows, n, sliced=True), used)
 
     # ----------------------------------------------------------------------------------------- step
 
@@ -255,8 +284,12 @@ class VAETask(Task):
             loss = loss + cfg.disc_weight * adv
             parts["adv"] = float(adv.detach())
             fake = recon.detach()
-        if self.dist.enabled or batch.draws.own:  # this rank's part of the global batch mean
+        part = None  # this rank's part of the global batch mean
+        if isinstance(batch, ClipBatch):  # of the clips all ranks read
+            part = len(batch.draws.rows) / batch.used if batch.used else 0.0
+        elif self.dist.enabled:
             part = len(batch.draws.rows) / batch.n
+        if part is not None:
             parts = {k: v * part for k, v in parts.items()}
             loss = loss * part
         _, _, t, h, w = video.shape
