@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    optimizer: str = "adamw"  # adamw (fused where torch has it) | adamw8bit (bitsandbytes' 8-bit states)
     ema_decay: float = 0.999  # 0 = no EMA
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (for classifier-free guidance)
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform

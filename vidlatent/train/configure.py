@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import load_config
 from ..config.train import TrainConfig
 from ..diffusion.flow import TIMESTEP_SAMPLING
-from . import distributed
+from . import distributed, optim
 from .tasks import task_class
 
 __all__ = ["SCHEDULES", "PRECISIONS", "load_train_config", "check_config"]
@@ -56,6 +56,7 @@ def check_config(cfg: TrainConfig) -> None:
     _accepted("schedule", cfg.schedule, SCHEDULES)
     _accepted("mixed_precision", cfg.mixed_precision, PRECISIONS)
     _accepted("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLING)
+    optim.check_optimizer(cfg.optimizer)
     if cfg.sample_every < 0 or cfg.sample_steps < 1:
         raise ValueError(
             f"need sample_every >= 0 and sample_steps >= 1; got {cfg.sample_every}, {cfg.sample_steps}"

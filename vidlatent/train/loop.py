@@ -19,6 +19,8 @@ import contextlib
 import json
 import math
 import os
+import resource
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -89,7 +91,7 @@ class Trainer:
         # The fused update (one kernel on a GPU) rather than ~10 ops per parameter tensor: a small model's GPU
         # step is otherwise mostly kernel launches. Not under FSDP, where sharded and whole (sparse) parameters
         # mix and torch picks the implementation.
-        self.fused = self.device.type in ("cuda", "cpu") and not self.fsdp
+        self.fused = self.device.type in ("cuda", "cpu") and not self.fsdp and cfg.optimizer == "adamw"
         self.optimizer = optim.adamw(list(self.params.values()), cfg, self.fused)
         self.schedule = optim.Schedule(cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -134,6 +136,8 @@ class Trainer:
         Raises ``NonFiniteLossError`` (before touching the weights) when a loss or the gradient norm is NaN/inf.
         """
         started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         for m in self.task.models.values():
             m.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -155,7 +159,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.params, self.step)
         self.losses.append(metrics["loss"])
+        metrics["peak_mem_gib"] = self._peak_memory()
         return {"step": self.step, "loss": metrics.pop("loss"), "lr": lr, "grad_norm": grad_norm, **metrics}
+
+    def _peak_memory(self) -> float:
+        """GiB: on CUDA the most memory allocated during the step (``max_memory_allocated``); on the CPU the
+        process's peak resident set size so far (``ru_maxrss``)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
     def _accumulate(self) -> tuple[Batch, Loss, dict]:
         """Run ``grad_accum`` micro-batches forward and backward (DDP reduces once, on the last); returns the
