@@ -37,7 +37,7 @@ from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas,
 from ...models.control import ControlBranch, ControlledDiT
 from ...pipelines.control import check_control_video, encode, fold_mask
 from ..control_data import FolderControls, WorldControls
-from ..distributed import Dist, share
+from ..distributed import Dist, all_reduce_, share
 from . import register
 from .base import Batch, Draws, Loss, Position, Task
 from .denoiser import TextCache, dit_flops
@@ -178,12 +178,13 @@ class ControlTask(Task):
         seed = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_003 + position.batch_index) * 1009
         own = torch.Generator().manual_seed((seed + rank) % 2**63)
         read = [r for r in (self.folder.read(i, epoch) for i in indices) if r is not None]
+        used = int(all_reduce_(torch.tensor([len(read)], device=self.device)).item())  # the mean's divisor
         if not read:  # every clip of this rank's batch failed to read: join with weight 0
             clip, control, _ = next(self.folder.read(i, 0) for i in range(len(self.folder)))
             z, c = self._encode([clip], [control])
             return ControlBatch(z, [""], Draws(own, [], world, own=True), c)
         z, c = self._encode([r[0] for r in read], [r[1] for r in read])
-        draws = Draws(own, list(range(len(read))), len(read) * world, own=True)
+        draws = Draws(own, list(range(len(read))), used, own=True)
         return ControlBatch(z, [r[2] for r in read], draws, c)
 
     # ----------------------------------------------------------------------------------------- step
