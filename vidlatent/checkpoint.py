@@ -302,12 +302,46 @@ def find_weights(folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ sources
 
 SOURCE_KINDS = ("preset", "vidlatent", "file", "diffusers", "wan", "folder")
-_MISSING = {  # what each loader says when ``src`` is neither a path nor one of its presets
+_MISSING = {  # what each loader says when ``src`` is neither a path, a shipped model nor one of its presets
     "vae": "no VAE at {src!r}: not a file or folder, and not a preset ({presets})",
     "dit": "{src!r} is neither a file, a folder, nor a dit preset ({presets})",
     "text": "no text encoder at {src!r}: not a folder, and not a preset ({presets})",
     "pipeline": "no pipeline at {src!r}: not a folder, and not a preset ({presets})",
+    "control": "no control branch at {src!r}: not a folder",
+    "image": "no image encoder at {src!r}: not a folder",
 }
+
+# The models shipped inside the package (``vidlatent/weights/<name>/``, a pipeline folder). Their names mean their
+# trained weights to every loader; the architecture presets they were trained from are named ``<name>-arch``.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_MODELS = ("default",)
+SHIPPED_PARTS = {  # the subfolder of a shipped pipeline folder that each loader reads
+    "pipeline": ".",
+    "vae": "vae",
+    "dit": "dit",
+    "text": "text_encoder",
+    "control": "control",
+    "image": "image_encoder",
+}
+_PART_NAMES = {"pipeline": "pipeline", "vae": "VAE", "dit": "denoiser", "text": "text encoder",
+               "control": "control branch", "image": "image encoder"}  # fmt: skip
+
+
+def shipped_model(name: str, kind: str = "pipeline") -> Path:
+    """The folder of part ``kind`` (a key of ``SHIPPED_PARTS``) of the shipped model ``name``
+    (``SHIPPED_MODELS``): FileNotFoundError saying what is missing when the package lacks it."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED_MODELS)}")
+    root = WEIGHTS_DIR / name
+    if not (root / "dit").is_dir():
+        raise FileNotFoundError(
+            f"the {name} model is not installed (no weights at {root}); reinstall vidlatent, or give a folder "
+            f"or a preset ({name}-arch, tiny: random weights)"
+        )
+    folder = (root / SHIPPED_PARTS[kind]).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the shipped {name} model has no {_PART_NAMES[kind]} (no {folder})")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -315,7 +349,8 @@ class Source:
     """Where a component loads from, told once by ``resolve_source``.
 
     ``kind``: "preset" (``name`` is a shipped yaml preset; random weights), "vidlatent" (a folder written by
-    ``save_pretrained``: config.json with ``_vidlatent_kind``, or a pipeline folder with pipeline.json), "file"
+    ``save_pretrained``: config.json with ``_vidlatent_kind``, or a pipeline folder with pipeline.json; also a
+    shipped model's part, ``name`` being its name, e.g. "default"), "file"
     (one checkpoint file: safetensors or an original Wan .pth), "diffusers" (a diffusers pipeline root with
     model_index.json), "wan" (an original Wan 2.1 release folder: config.json of a WanModel) or "folder"
     (another folder: a diffusers component or a Hugging Face model; its loader reads its config.json).
@@ -324,6 +359,14 @@ class Source:
     kind: str
     name: str
     path: Path | None = None
+
+
+def named_part(src: str | os.PathLike, kind: str) -> str | os.PathLike | Path:
+    """``src`` itself, unless it is the name of a shipped model (and no such path exists): then the folder of its
+    part ``kind`` (``shipped_model``), for loaders that read folders only (control branch, image encoder)."""
+    if str(src) in SHIPPED_MODELS and not Path(src).exists():
+        return shipped_model(str(src), kind)
+    return src
 
 
 def is_wan_release(folder: Path) -> bool:
@@ -336,18 +379,25 @@ def is_wan_release(folder: Path) -> bool:
 
 
 def resolve_source(src: str | os.PathLike, kind: str, presets: list[str] | None = None) -> Source:
-    """Tell what ``src`` is for a loader of ``kind`` (vae, dit, text, pipeline): an existing path (a file, or a
-    folder of one of the layouts of ``Source``) before a preset name; FileNotFoundError naming the presets
-    (``presets``: the names accepted, default the shipped ``configs/<kind>/`` yaml files) when it is neither."""
+    """Tell what ``src`` is for a loader of ``kind`` (vae, dit, text, pipeline, control, image): an existing path
+    (a file, or a folder of one of the layouts of ``Source``) first, then the name of a shipped model
+    (``SHIPPED_MODELS``: its trained part for ``kind``, e.g. ``"default"`` -> ``weights/default/vae``), then a
+    preset name (random weights); FileNotFoundError naming the presets (``presets``: the names accepted, default
+    the shipped ``configs/<kind>/`` yaml files) and the shipped models when it is none of these."""
     path = Path(src)
+    if not path.exists() and str(src) in SHIPPED_MODELS:
+        folder = shipped_model(str(src), kind)
+        return Source("vidlatent", str(src), folder)
     if not path.exists():
         if presets is None:
             from .config import list_presets  # configs only: no model code
 
-            presets = list_presets(kind)
+            presets = list_presets(kind) if kind in ("vae", "dit", "text", "pipeline") else []
         if str(src) in presets:
             return Source("preset", str(src))
-        raise FileNotFoundError(_MISSING[kind].format(src=str(src), presets=", ".join(presets)))
+        names = ", ".join(p for p in presets if p not in SHIPPED_MODELS) or "none"
+        shipped = f"; shipped models (trained weights): {', '.join(SHIPPED_MODELS)}"
+        raise FileNotFoundError(_MISSING[kind].format(src=str(src), presets=names) + shipped)
     if path.is_file():
         return Source("file", str(src), path)
     if (path / "model_index.json").is_file():

@@ -62,7 +62,16 @@ def load_config(cls: type[T], kind: str, preset: str | None = None, *files: str 
     if preset is not None:
         path = PRESET_DIR / kind / f"{preset}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown {kind} preset {preset!r}; available: {', '.join(list_presets(kind))}")
+            arch = f"{preset}-arch"
+            hint = (  # "default" names the shipped model's trained weights; its architecture is "default-arch"
+                f" ({preset!r} names the shipped model's trained weights: load them with from_pretrained or "
+                f"give their folder; the random-weight preset of its architecture is {arch!r})"
+                if (PRESET_DIR / kind / f"{arch}.yaml").is_file()
+                else ""
+            )
+            raise ValueError(
+                f"unknown {kind} preset {preset!r}; available: {', '.join(list_presets(kind))}{hint}"
+            )
         parts.append(OmegaConf.load(path))
     parts += [load_yaml(f) for f in files]
     if overrides:

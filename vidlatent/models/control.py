@@ -33,6 +33,7 @@ from ..checkpoint import (
     find_weights,
     load_into,
     load_state_dict,
+    named_part,
     names_source,
     override_items,
     read_json,
@@ -135,9 +136,9 @@ class ControlBranch(nn.Module):
     ) -> ControlBranch:
         """Load a folder written by ``save_pretrained``. ``dtype`` defaults to the stored one; modulation tables
         stay fp32. ``overrides``: ``ControlConfig`` fields (a dict or ``key=value`` strings) over the stored
-        ones, e.g. ``gradient_checkpointing=true``. (A VACE checkpoint holds a denoiser too:
-        ``ControlledDiT.from_pretrained`` reads those.)"""
-        folder = Path(folder)
+        ones, e.g. ``gradient_checkpointing=true``. A shipped model's name (``"default"``) loads its branch.
+        (A VACE checkpoint holds a denoiser too: ``ControlledDiT.from_pretrained`` reads those.)"""
+        folder = Path(named_part(folder, "control"))
         meta = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
         if meta.get("_vidlatent_kind") != CONTROL_KIND:
             raise ValueError(

@@ -424,7 +424,8 @@ class VideoDiT(nn.Module):
         config: DiTConfig | None = None,
         overrides=None,
     ) -> VideoDiT:
-        """Load from a preset name, a vidlatent folder, a diffusers ``WanTransformer3DModel`` folder (single or
+        """Load from a shipped model's name (``"default"``: its trained denoiser), a preset name (random weights,
+        e.g. ``"default-arch"``), a vidlatent folder, a diffusers ``WanTransformer3DModel`` folder (single or
         sharded safetensors; a pipeline root with ``transformer/`` works too), or an original Wan 2.1 checkpoint
         file or folder. The layout is told from the keys; the config comes from ``config`` if given, else from
         the folder's config.json, else from tensor shapes (heads = dim / 128, as in every Wan 2.1 model).

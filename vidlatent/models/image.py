@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..checkpoint import CONFIG_NAME, read_json
+from ..checkpoint import CONFIG_NAME, named_part, read_json
 from .text import _dtype_kwarg, _import_transformers, _replace_dir
 
 ENCODER_DIR, PROCESSOR_DIR = "image_encoder", "image_processor"  # diffusers' pipeline layout, and ours
@@ -99,9 +99,10 @@ class ImageEncoder(nn.Module):
 
 def load_image_encoder(src: str | Path, device=None, dtype=None) -> ImageEncoder:
     """Load an ``ImageEncoder`` from a CLIP vision folder or a pipeline root with ``image_encoder/`` (see the module
-    docstring). ``dtype`` defaults to the checkpoint's. A clear ``FileNotFoundError`` names what is missing."""
+    docstring), or a shipped model's name (its ``image_encoder/``). ``dtype`` defaults to the checkpoint's. A clear
+    ``FileNotFoundError`` names what is missing."""
     transformers = _import_transformers()
-    path = Path(src)
+    path = Path(named_part(src, "image"))
     if (path / ENCODER_DIR / CONFIG_NAME).is_file():
         path = path / ENCODER_DIR
     accepted = (

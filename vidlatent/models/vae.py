@@ -722,9 +722,10 @@ class CausalVAE(nn.Module):
     @classmethod
     @names_source("VAE")
     def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides=None, **fields) -> CausalVAE:
-        """Load a VAE from a preset name (random init), a vidlatent folder, a diffusers ``AutoencoderKLWan``
-        folder (Wan 2.1 or 2.2), or an original Wan VAE checkpoint (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth`` or
-        the same keys in .safetensors).
+        """Load a VAE from a shipped model's name (``"default"``: its trained VAE), a preset name (random init,
+        e.g. ``"default-arch"``), a vidlatent folder, a diffusers ``AutoencoderKLWan`` folder (Wan 2.1 or 2.2),
+        or an original Wan VAE checkpoint (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth`` or the same keys in
+        .safetensors).
 
         ``overrides`` (a dict or ``key=value`` strings) and keyword ``fields`` replace config fields (e.g.
         ``chunk_size=2``). Weights load without executing code; keys or shapes that do not fit raise an error
