@@ -9,10 +9,11 @@ and handler; ``SUBCOMMANDS`` lists them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 
-from .common import add_common, parse_lora_spec
+from .common import add_common, parse_lora_spec, warning_lines
 from .jobs import JOB_SUBCOMMANDS
 from .latents import add_convert, add_decode, add_encode, add_reconstruct
 from .train import add_train
@@ -34,8 +35,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"vidlatent {__version__}")
     print(f"torch     {torch.__version__} (threads: {torch.get_num_threads()})")
     print(f"device    {device}")
+    from ..checkpoint import SHIPPED_MODELS
+
+    print(f"{'shipped models':<18}{', '.join(SHIPPED_MODELS)} (trained weights, for every part)")
     for kind in ("pipeline", "vae", "dit", "text"):
-        print(f"{kind + ' presets':<18}{', '.join(list_presets(kind)) or '-'}")
+        print(f"{kind + ' presets':<18}{', '.join(list_presets(kind)) or '-'} (random weights)")
     return 0
 
 
@@ -100,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
     debug = debug_wanted(getattr(args, "debug", False))
     try:
-        return args.func(args)
+        with contextlib.nullcontext() if debug else warning_lines(args.command):
+            return args.func(args)
     except KeyboardInterrupt:
         if debug:
             raise

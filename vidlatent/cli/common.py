@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from pathlib import Path
 
 from ..checks import option_type
 
@@ -155,6 +158,23 @@ def output_size(args: argparse.Namespace):
 def _notes(*notes: str) -> None:
     for note in dict.fromkeys(n for n in notes if n):
         print(note, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warning_lines(command: str):
+    """While a command runs, a warning that vidlatent issues (an unknown word of a prompt, a truncated prompt,
+    ...) is one line on stderr, ``vidlatent <command>: warning: <message>``; others keep Python's format."""
+    package = str(Path(__file__).resolve().parent.parent)
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not str(Path(filename).resolve()).startswith(package):
+                return shown(message, category, filename, lineno, file, line)
+            print(f"vidlatent {command}: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _device(args: argparse.Namespace) -> str:

@@ -64,7 +64,7 @@ PAD, UNK, EMPTY = SPECIAL_TOKENS  # ids 0, 1, 2 of every built-in vocabulary
 PADDINGS = ("longest", "max_length")
 KIND = "text"  # the ``_vidlatent_kind`` of a text encoder folder
 
-_WORDS = re.compile(r"\w+|[^\w\s]")
+_WORDS = re.compile(r"\w+")  # punctuation separates words and is dropped: it never changes the tokens
 _MAX_TRIGRAMS = 16  # trigrams kept per word (a word of 14+ characters keeps its first 16)
 
 
@@ -75,7 +75,9 @@ _MAX_TRIGRAMS = 16  # trigrams kept per word (a word of 14+ characters keeps its
 
 
 def split_words(text: str) -> list[str]:
-    """Lowercase (after NFKC), then split into words and single punctuation marks: "Red, ball!" -> red , ball !"""
+    """Lowercase (after NFKC), then split into words; punctuation only separates them: "Red, ball!" -> red ball.
+    So case and punctuation never change a prompt's tokens ("a red circle, moving right." is "a red circle
+    moving right")."""
     return _WORDS.findall(unicodedata.normalize("NFKC", text).lower())
 
 
@@ -134,6 +136,11 @@ def wan_clean(text: str) -> str:
 CLEANERS = {"none": lambda text: text, "wan": wan_clean}
 
 
+class UnknownWordsWarning(UserWarning):
+    """A prompt holds words the built-in text encoder never saw in training (not in its vocabulary): they are read
+    from their letters alone (hashed trigrams), which may mean nothing to the model."""
+
+
 # ------------------------------------------------------------------------------------------- interface
 
 
@@ -153,6 +160,11 @@ class TextEncoder(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a vidlatent text folder that ``load_text_encoder`` reads back."""
         raise NotImplementedError
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of ``prompt`` this encoder has never seen, in order, once each ([] for an encoder with a
+        subword tokenizer, which reads every word)."""
+        return []
 
     @classmethod
     def from_pretrained(cls, src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()):
@@ -217,6 +229,29 @@ class BuiltinTextEncoder(TextEncoder):
         self.norm = RMSNorm(config.dim, config.eps)
         if self.pos_embed.device.type != "meta":
             init_weights(self)
+        self.reported: set[str] = set()  # unknown words already named by a warning (each is named once)
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of ``prompt`` not in the vocabulary, in order, once each (after lowercasing; punctuation is
+        no word): "a Crimson pyramid, crimson!" -> ["crimson", "pyramid"]."""
+        return list(dict.fromkeys(w for w in split_words(_check_text(prompt)) if w not in self.index))
+
+    def warn_unknown(self, prompts: Sequence[str] | str) -> None:
+        """One ``UnknownWordsWarning`` line per prompt that holds unknown words not named before by this encoder
+        (so a training loop or a sampler calling ``encode`` again names each word once)."""
+        for prompt in check_prompts(prompts):
+            new = [w for w in self.unknown_words(prompt) if w not in self.reported]
+            if new:
+                self.reported.update(new)
+                words = ", ".join(repr(w) for w in new)
+                shown = prompt if len(prompt) <= 80 else f"{prompt[:60]}... ({len(prompt)} characters)"
+                warnings.warn(
+                    f"the text encoder has never seen {words} (in the prompt {shown!r}): "
+                    f"{'it is' if len(new) == 1 else 'they are'} read from the letters alone and may mean "
+                    f"nothing to the model; it knows {len(self.config.vocab) - len(SPECIAL_TOKENS)} words",
+                    UnknownWordsWarning,
+                    stacklevel=3,
+                )
 
     def tokenize(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts -> ids ``(b, n)`` long, trigrams ``(b, n, k)`` long (0 = none), mask ``(b, n)`` bool, on CPU."""
@@ -263,7 +298,9 @@ class BuiltinTextEncoder(TextEncoder):
         return self.norm(x) * mask[..., None].to(x.dtype)
 
     def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize and run: tokens ``(b, n, d)`` float32 on the module's device, mask ``(b, n)`` bool."""
+        """Tokenize and run: tokens ``(b, n, d)`` float32 on the module's device, mask ``(b, n)`` bool. Words
+        outside the vocabulary are named by an ``UnknownWordsWarning`` (``warn_unknown``)."""
+        self.warn_unknown(prompts)
         device = self.device
         ids, trigrams, mask = (t.to(device) for t in self.tokenize(prompts))
         return self(ids, trigrams, mask).float(), mask
@@ -598,7 +635,8 @@ def load_wan_t5(
 
 @names_source("text encoder")
 def load_text_encoder(src: str | Path, device=None, dtype=None, overrides: Sequence[str] = ()) -> TextEncoder:
-    """Load a text encoder from a preset name (random-init built-in encoder, e.g. ``"tiny"``), a vidlatent text
+    """Load a text encoder from a shipped model's name (``"default"``: its trained encoder), a preset name
+    (random-init built-in encoder, e.g. ``"tiny"``, ``"default-arch"``), a vidlatent text
     folder (``save_pretrained``), a Hugging Face model folder (config.json with ``model_type``), a diffusers
     pipeline root holding ``text_encoder/`` and ``tokenizer/``, or Wan's own T5 checkpoint (an original Wan 2.1
     folder holding ``models_t5_umt5-xxl-enc-bf16.pth`` and ``google/umt5-xxl/``, or that file: ``load_wan_t5``).
