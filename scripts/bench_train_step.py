@@ -174,7 +174,7 @@ def main() -> None:
         "--dit", default=None, help="denoiser preset (default: tiny; --vs-diffusers: wan2.1-t2v-1.3b)"
     )
     ap.add_argument(
-        "--text-encoder", default="default", help="text encoder preset (trained with the denoiser)"
+        "--text-encoder", default="default-arch", help="text encoder preset (trained with the denoiser)"
     )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latent", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
