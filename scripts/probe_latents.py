@@ -64,12 +64,16 @@ def pool(volume: torch.Tensor, moments: bool) -> torch.Tensor:
 
 
 def encode(vae, clips: list[torch.Tensor], batch: int = 8) -> torch.Tensor:
-    """The posterior means (b, c, t', h', w') of ``clips`` (a list of (3, t, h, w) in [-1, 1])."""
+    """The posterior means (b, c, t', h', w') of ``clips`` (a list of (3, t, h, w) in [-1, 1]); progress on
+    stderr every 100 clips."""
     out = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, len(clips), batch):
             out.append(vae.encode(torch.stack(clips[i : i + batch])).mean.float())
-    return torch.cat(out)
+            done = min(i + batch, len(clips))
+            if done % 100 < batch and done < len(clips):
+                print(f"encoded {done}/{len(clips)} clips", file=sys.stderr, flush=True)
+    return torch.cat(out).clone()  # a normal tensor again (out of inference mode)
 
 
 DECAYS = (
