@@ -114,11 +114,16 @@ def probe(features: torch.Tensor, labels: torch.Tensor, train: int, classes: int
     mean, std = x[:train].mean(0), x[:train].std(0).clamp(min=1e-8)
     x = (x - mean) / std
     cut = train - max(1, train // 5)
-    scores = [
-        accuracy(x[cut:train], labels[cut:train], fit(x[:cut], labels[:cut], classes, d)) for d in DECAYS
-    ]
-    decay = DECAYS[max(range(len(DECAYS)), key=lambda i: (scores[i], i))]  # ties: the stronger decay
-    return accuracy(x[train:], labels[train:], fit(x[:train], labels[:train], classes, decay))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small fits: one thread is faster than two that wait on each other
+    try:
+        scores = [
+            accuracy(x[cut:train], labels[cut:train], fit(x[:cut], labels[:cut], classes, d)) for d in DECAYS
+        ]
+        decay = DECAYS[max(range(len(DECAYS)), key=lambda i: (scores[i], i))]  # ties: the stronger decay
+        return accuracy(x[train:], labels[train:], fit(x[:train], labels[:train], classes, decay))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         "chance": {name: 1 / len(classes) for name, classes in TARGETS.items()},
         "probes": {},
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small fits: one thread is faster than two that wait on each other
     for pooling in ("pooled", "moments"):
         for name, volume in (("latents", latents), ("pixels", pixels)):
             features = pool(volume, pooling == "moments")
@@ -161,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                 for target, classes in TARGETS.items()
             }
             results["probes"][f"{name} {pooling}"] = {"features": features.shape[1], **row}
-    torch.set_num_threads(threads)
     results["seconds"] = round(time.perf_counter() - start, 1)
 
     print(
