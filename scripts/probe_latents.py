@@ -2,7 +2,7 @@
 latents and the pixels alike into a few statistics per channel, fit a logistic regression on a training share of
 the clips for the object's colour, shape and motion, and print the accuracies on the rest.
 
-    python scripts/probe_latents.py                     # 400 clips of 17x64x64 through the shipped VAE
+    python scripts/probe_latents.py                     # 800 clips of 17x64x64 through the shipped VAE
     python scripts/probe_latents.py --clips 96 --frames 5 --size 32 --json probe.json
 
 Two pools of each volume (c, t, h, w), the same for latents (16 channels, 5 frames of 8x8) and pixels (3, 17, 64x64):
@@ -129,7 +129,7 @@ def probe(features: torch.Tensor, labels: torch.Tensor, train: int, classes: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="the VAE: a shipped model, a folder or a preset")
-    ap.add_argument("--clips", type=int, default=400, help="one-object clips of the shapes world")
+    ap.add_argument("--clips", type=int, default=800, help="one-object clips of the shapes world")
     ap.add_argument("--train", type=float, default=0.75, help="the share of the clips the probes learn from")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64, help="height and width")
