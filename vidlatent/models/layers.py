@@ -17,7 +17,8 @@ _KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-ATTENTION_BACKENDS = ("sdpa", *_KERNELS)
+EXTERNAL = ("flash_attn", "sage")  # optional packages, called by runtime.kernels where installed (no mask)
+ATTENTION_BACKENDS = ("sdpa", *_KERNELS, *EXTERNAL)
 
 
 def attention(
@@ -34,7 +35,11 @@ def attention(
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {', '.join(ATTENTION_BACKENDS)}")
     attn_mask = None if mask is None else mask[:, None, None, :]
-    if backend == "sdpa":
+    if backend in EXTERNAL and mask is None:  # a masked call (padded text) takes torch's own kernel
+        from ..runtime.kernels import external_attention
+
+        return external_attention(backend, q, k, v)
+    if backend == "sdpa" or backend in EXTERNAL:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     with sdpa_kernel(_KERNELS[backend]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

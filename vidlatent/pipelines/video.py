@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from einops import rearrange, reduce, repeat
 
+from .. import runtime
 from ..checkpoint import is_wan_release, override_items, resolve_source
 from ..checks import check_finite, check_option, check_weights_finite, model_cause
 from ..config import list_presets, load_config, merge_config
@@ -132,6 +133,9 @@ class VideoPipeline:
     (``_video_input`` / ``_image_input``), ``opts = self._options(options, sampling, "job")``, draw
     ``_noise``, build a hook or model keywords if it keeps or conditions on something, call ``_sample`` once,
     return ``_output``.
+
+    Keywords ``offload`` ("none", "model", "blocks"), ``weights_dtype`` (None, "fp8"), ``compile`` and
+    ``attention`` choose how it runs, not what it computes (``vidlatent.runtime.configure``).
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class VideoPipeline:
         image_encoder: ImageEncoder | None = None,
         control_branch: ControlBranch | None = None,
         dit_2: VideoDiT | None = None,
+        **runtime_options,
     ):
         c, tf, dcfg = vae.config.latent_channels, vae.temporal_factor, dit.config
         image_conditioned = dcfg.image_dim is not None
@@ -180,19 +185,27 @@ class VideoPipeline:
             )
         self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
         self.dit_2 = dit_2  # two experts (Wan 2.2 A14B): the low-noise one; dit is the high-noise one
-        self.control_branch = None
+        self.control_branch, self.weights_placement = None, None
         if control_branch is not None:
             self.load_control(control_branch)
         self.config = check_pipeline_config(config)
         self._check_boundary()
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
         self.placement: ExpertPlacement | None = None  # see offload_experts
+        # offload, weights_dtype, compile, attention: how it runs, not what it computes
+        self.weights_placement = runtime.configure(self, **runtime_options)
 
     # ------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(
-        cls, src: str | os.PathLike, device=None, dtype=None, overrides=None, check_finite: bool = False
+        cls,
+        src: str | os.PathLike,
+        device=None,
+        dtype=None,
+        overrides=None,
+        check_finite: bool = False,
+        **runtime_options,
     ) -> VideoPipeline:
         """Load from a pipeline folder, a preset name (``tiny``: random weights, for tests) or ``"default"``.
 
@@ -203,7 +216,10 @@ class VideoPipeline:
         with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
         presets). ``overrides``: ``PipelineConfig`` fields (a dict or ``key=value`` strings) over the folder's.
         ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
+        ``runtime_options`` (``offload``, ``weights_dtype``, ``compile``, ``attention``): see ``runtime.configure``;
+        with offload the weights are read to the host and ``device`` is where the parts run.
         """
+        run_on, device = device, runtime.load_device(runtime_options.get("offload", "none"), device)
         if str(src) == "default" and not Path(src).is_dir():
             src = default_model_folder()
         source = resolve_source(src, "pipeline", presets=["default", *list_presets("pipeline")])
@@ -227,6 +243,8 @@ class VideoPipeline:
                         check_weights_finite(model, f"the {name} of {src}")
         if overrides:
             pipe.config = check_pipeline_config(merge_config(pipe.config, override_items(overrides)))
+        if runtime_options:
+            pipe.weights_placement = runtime.configure(pipe, **runtime_options, device=run_on)
         return pipe
 
     @classmethod
@@ -334,8 +352,10 @@ class VideoPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where the denoiser runs (with ``offload_experts``, the active expert's device)."""
-        return self.placement.device if self.placement is not None else next(self.dit.parameters()).device
+        """Where the jobs run (with ``offload_experts``, the active expert's device; with ``offload``, the
+        accelerator, while the weights wait on the host)."""
+        placement = self.weights_placement or self.placement
+        return placement.device if placement is not None else next(self.dit.parameters()).device
 
     # ------------------------------------------------------------------------------------ two experts
 

@@ -1,0 +1,96 @@
+"""How a pipeline runs on the hardware it has, without changing what it computes: where weights live (``offload``),
+how the denoiser's linear weights are stored (``weights_dtype``), which attention kernel runs (``attention``) and
+whether the denoiser's block is compiled (``compile``). ``configure`` applies all four to a ``VideoPipeline``;
+``VideoPipeline(..., offload=...)`` and ``VideoPipeline.from_pretrained(..., offload=...)`` call it.
+
+Modules: ``offload.py`` (``Placement``: the one place that moves weights), ``fp8.py`` (float8 weight storage),
+``kernels.py`` (attention choice and checks, regional compile).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..models.dit import Attention
+from .fp8 import Float8Linear, parameter_bytes, quantize
+from .kernels import check_attention, compile_blocks, installed_packages, working_backends
+from .offload import OFFLOAD_MODES, Placement, pipeline_placement
+
+WEIGHTS_DTYPES = (None, "fp8")
+
+__all__ = [
+    "OFFLOAD_MODES", "WEIGHTS_DTYPES", "Float8Linear", "Placement", "accelerator", "check_attention",
+    "check_runtime", "compile_blocks", "configure", "installed_packages", "load_device", "parameter_bytes",
+    "pipeline_placement", "quantize", "working_backends",
+]  # fmt: skip
+
+
+def accelerator(device=None) -> torch.device | None:
+    """The device offloaded weights run on: ``device`` when it is an accelerator, else CUDA when there is one
+    and no device was named; None when there is none (CPU, or Apple's unified memory, where offload saves
+    nothing)."""
+    if device is not None:
+        device = torch.device(device)
+        return None if device.type in ("cpu", "mps", "meta") else device
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def check_runtime(offload: str = "none", weights_dtype: str | None = None) -> None:
+    """One clear line for an unknown ``offload`` or ``weights_dtype``."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload {offload!r}; accepted: {', '.join(OFFLOAD_MODES)}")
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(
+            f"unknown weights_dtype {weights_dtype!r}; accepted: None (as loaded), 'fp8' (the denoiser's block "
+            "linears as float8 e4m3 with a scale per output channel)"
+        )
+
+
+def load_device(offload: str, device=None):
+    """Where a pipeline's weights are read to: the host when they will be offloaded, else ``device``."""
+    check_runtime(offload)
+    return "cpu" if offload != "none" and accelerator(device) is not None else device
+
+
+def configure(
+    pipe,
+    offload: str = "none",
+    weights_dtype: str | None = None,
+    compile: bool = False,
+    attention: str | None = None,
+    device=None,
+    resident: int = 2,
+) -> Placement | None:
+    """Apply the runtime choices to ``pipe`` (in place) and return its ``Placement`` (None without offload).
+
+    ``weights_dtype="fp8"``: ``fp8.quantize`` on the denoiser. ``attention``: checked on the device the denoiser
+    will run on, then set on it (and on a control branch). ``compile``: ``compile_blocks``. ``offload``:
+    ``"model"`` or ``"blocks"`` onto ``device`` (default: CUDA); where there is no accelerator a one-line
+    warning says so and the pipeline runs as it is. ``resident``: blocks on the accelerator at once (blocks).
+    """
+    check_runtime(offload, weights_dtype)
+    target = accelerator(device)
+    if offload != "none" and target is None:
+        where = (
+            f"device {device}" if device is not None else "this machine (torch.cuda.is_available() is False)"
+        )
+        warnings.warn(f"offload={offload!r} needs an accelerator and {where} has none: running without offload",
+                      stacklevel=3)  # fmt: skip
+        offload = "none"
+    dit = pipe.dit
+    if weights_dtype == "fp8":
+        quantize(dit)
+    if attention is not None:
+        run_on = target if offload != "none" else next(dit.parameters()).device
+        check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
+        dit.set_attention(attention)
+        for module in pipe.control_branch.modules() if pipe.control_branch is not None else ():
+            if isinstance(module, Attention):
+                module.backend = attention
+    if compile:
+        compile_blocks(dit)
+    if offload == "none":
+        return None
+    return pipeline_placement(pipe, offload, target, resident)
