@@ -33,7 +33,9 @@ def sizes() -> None:
         bf16 = parameter_bytes(model)
         quantize(model)
         fp8 = parameter_bytes(model)
-        print(f"{preset}: bf16 {bf16 / 2**30:.2f} GiB, fp8 blocks {fp8 / 2**30:.2f} GiB ({fp8 / bf16:.3f} of bf16)")
+        print(
+            f"{preset}: bf16 {bf16 / 2**30:.2f} GiB, fp8 blocks {fp8 / 2**30:.2f} GiB ({fp8 / bf16:.3f} of bf16)"
+        )
 
 
 def rel_error(model: VideoDiT, inputs: tuple, per: str, dtype: torch.dtype) -> float:

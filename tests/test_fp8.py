@@ -57,7 +57,9 @@ def test_parameter_bytes_about_halved_vs_bf16(preset):
         model = _cast(VideoDiT(load_config(DiTConfig, "dit", preset)), torch.bfloat16)
     bf16 = parameter_bytes(model)
     quantize(model)
-    assert 0.50 < parameter_bytes(model) / bf16 < 0.53  # the fp32 tables, embedders and head stay as they were
+    assert (
+        0.50 < parameter_bytes(model) / bf16 < 0.53
+    )  # the fp32 tables, embedders and head stay as they were
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -77,14 +77,23 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
                    help="two experts (Wan 2.2 A14B): a LoRA file for the low-noise expert (--lora: the "
                    "high-noise one); repeat for several")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("runtime (how it runs, not what it computes)")
+    g.add_argument("--offload", default="none", help="none, model (each part on the accelerator only while "
+                   "it runs) or blocks (the denoiser's blocks streamed through it)")  # fmt: skip
+    g.add_argument("--weights-dtype", default=None, help="fp8: the denoiser's block linears stored as float8")
+    g.add_argument("--attention", default=None, help="sdpa, cudnn, flash, efficient, math, flash_attn, sage")
+    g.add_argument("--compile", action="store_true", help="compile the denoiser's block (torch.compile)")
     add_common(p)
 
 
 def _load_pipeline(args: argparse.Namespace):
     """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides."""
+    import warnings
+
     import torch
     from omegaconf import OmegaConf
 
+    from .. import runtime
     from ..config import load_yaml, merge_config
     from ..diffusion.sampling import SAMPLERS
     from ..pipelines import VideoPipeline
@@ -102,7 +111,9 @@ def _load_pipeline(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quiet:
         _silence_progress()
-    pipe = VideoPipeline.from_pretrained(args.model, device=device, check_finite=_is_folder(args.model))
+    offload = getattr(args, "offload", "none")
+    load_on = runtime.load_device(offload, device)  # offloaded weights are read to the host
+    pipe = VideoPipeline.from_pretrained(args.model, device=load_on, check_finite=_is_folder(args.model))
     parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
@@ -111,6 +122,13 @@ def _load_pipeline(args: argparse.Namespace):
         pipe.load_lora(path, scale, expert=expert)
     if loras:  # folded into the weights for good: the same result without the adapters' cost at every step
         pipe.fuse_lora(keep_originals=False)
+    # no accelerator to offload to: one line, then it runs plainly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.placement = runtime.configure(pipe, offload, getattr(args, "weights_dtype", None),
+                                           getattr(args, "compile", False), getattr(args, "attention", None),
+                                           device=device)  # fmt: skip
+    _notes(*(str(w.message) for w in caught))
     return pipe
 
 

@@ -42,17 +42,23 @@ class WeightGroup:
     """Weights that move together (a part, or one denoiser block): their host tensors, and while loaded the
     accelerator copies that the modules' parameters and buffers point at."""
 
-    def __init__(self, name: str, modules: Iterable[nn.Module], skip: set[int] = frozenset(), pin=False):
+    def __init__(self, name: str, modules: Iterable[nn.Module], skip: Iterable[nn.Module] = (), pin=False):
         self.name, self.loaded, self.loads = name, False, 0
+        self.modules, self.skip, self.pin = list(modules), list(skip), pin
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter or buffer, its host tensor)
+        self._known: set[int] = set()
         self._event, self._copies = None, []
-        seen = set(skip)
-        for module in modules:
+        self.scan()
+
+    def scan(self) -> None:
+        """Take in weights the modules gained since (a LoRA's adapters); those of ``skip`` modules move apart."""
+        skip = {id(t) for m in self.skip for t in (*m.parameters(), *m.buffers())}
+        for module in self.modules:
             for t in (*module.parameters(), *module.buffers()):
-                if id(t) in seen:
+                if id(t) in self._known or id(t) in skip:
                     continue
-                seen.add(id(t))
-                if pin and not t.data.is_pinned():
+                self._known.add(id(t))
+                if self.pin and not t.data.is_pinned():
                     t.data = t.data.pin_memory()  # the pinned tensor replaces the loaded one: one host copy
                 self.slots.append((t, t.data))
 
@@ -64,6 +70,7 @@ class WeightGroup:
         """Start copying to ``device`` (on ``stream`` when given: ``ready`` makes the current stream wait)."""
         if self.loaded:
             return
+        self.scan()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self._copies = [transfer(host, device) for _, host in self.slots]
             if stream is not None:
@@ -101,6 +108,9 @@ class Placement:
     bring that part to the accelerator; ``blocks``: the denoiser's blocks to stream (``"blocks"`` mode).
     ``transfer`` makes an accelerator copy of a host tensor (tests pass a counting CPU copy for a fake
     accelerator). ``log``: when set, every block's entry appends ``(block, sorted resident blocks)``.
+
+    Weights are changed in place on the host (``fuse_lora``) only while their part is there: ``offload_all``
+    first. Modules added later (a LoRA's adapters) are taken in when their part next comes to the accelerator.
     """
 
     def __init__(
@@ -122,7 +132,7 @@ class Placement:
         self.host = torch.device("cpu")
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda and mode == "blocks" else None
-        skip = {id(t) for b in (blocks or []) for t in (*b.parameters(), *b.buffers())}
+        skip = list(blocks or [])
         self.parts = {name: WeightGroup(name, mods, skip, pin=cuda) for name, mods in parts.items() if mods}
         self.blocks = [WeightGroup(f"block {i}", [b], pin=cuda) for i, b in enumerate(blocks or [])]
         self.resident = min(resident, max(1, len(self.blocks)))
