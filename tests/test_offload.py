@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from vidlatent import VideoPipeline
 from vidlatent.runtime import OFFLOAD_MODES, pipeline_placement
@@ -125,6 +126,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 @pytest.mark.parametrize("mode", ["model", "blocks"])
 def test_repeated_pipelines_do_not_grow_rss(mode):
@@ -141,3 +143,22 @@ def test_repeated_pipelines_do_not_grow_rss(mode):
         gc.collect()
         sizes.append(rss())
     assert sizes[-1] <= 1.10 * sizes[0], [f"{s / 2**20:.0f} MiB" for s in sizes]
+
+
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_lora_fused_after_placement_is_what_runs(tiny, mode, tmp_path):
+    """Fusing writes into the host weights (the parts wait there between jobs), which the next copies carry."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.cross_attn.v"):  # the same names in Wan's layout
+        layer = tiny.dit.get_submodule(name)
+        state[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=g)
+        state[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=g) / 4
+    save_file(state, tmp_path / "style.safetensors")
+    plain, pipe = copy.deepcopy(tiny), placed(tiny, mode)
+    before = pipe.generate("a red circle", seed=5, **JOB)
+    for p in (plain, pipe):
+        p.load_lora(tmp_path / "style.safetensors")
+        p.fuse_lora()
+    got = pipe.generate("a red circle", seed=5, **JOB)
+    assert torch.equal(got, plain.generate("a red circle", seed=5, **JOB)) and not torch.equal(got, before)

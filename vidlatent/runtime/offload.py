@@ -109,8 +109,9 @@ class Placement:
     ``transfer`` makes an accelerator copy of a host tensor (tests pass a counting CPU copy for a fake
     accelerator). ``log``: when set, every block's entry appends ``(block, sorted resident blocks)``.
 
-    Weights are changed in place on the host (``fuse_lora``) only while their part is there: ``offload_all``
-    first. Modules added later (a LoRA's adapters) are taken in when their part next comes to the accelerator.
+    Weights changed in place (``fuse_lora``) must be changed on the host, where parts wait between jobs
+    (``offload_all`` sends them all there). Parameters added later are taken in when their part next moves;
+    unfused LoRA factors (``models.lora`` keeps them outside the modules) are not moved.
     """
 
     def __init__(
