@@ -117,7 +117,8 @@ def reference(folder: Path, dtype: torch.dtype, device: str, mode: str):
     if mode == "blocks":
         for part in (ref.transformer, ref.vae):
             part.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                      offload_type="block_level", num_blocks_per_group=1, use_stream=True)  # fmt: skip
+                                      offload_type="block_level", num_blocks_per_group=1, use_stream=True,
+                                      record_stream=True)  # fmt: skip
         ref.text_encoder.to(device)
         return ref
     if mode == "fp8":

@@ -58,6 +58,8 @@ class WeightGroup:
                 if id(t) in self._known or id(t) in skip:
                     continue
                 self._known.add(id(t))
+                if t.device.type != "cpu":  # a part handed over on the accelerator: its host copy is made once
+                    t.data = t.data.to("cpu")
                 if self.pin and not t.data.is_pinned():
                     t.data = t.data.pin_memory()  # the pinned tensor replaces the loaded one: one host copy
                 self.slots.append((t, t.data))
