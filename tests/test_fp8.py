@@ -94,7 +94,7 @@ def test_pipeline_fp8_and_offload_compose():
     got = pipe.generate("a red circle", seed=0, **JOB)
     assert torch.isfinite(got).all() and 0 < (got - want).abs().max() < 0.2
     placed = copy.deepcopy(pipe)
-    placed.placement = pipeline_placement(placed, "blocks", "cpu", transfer=lambda t, d: t.clone())
+    placed.weights_placement = pipeline_placement(placed, "blocks", "cpu", transfer=lambda t, d: t.clone())
     assert torch.equal(placed.generate("a red circle", seed=0, **JOB), got)  # fp8 buffers stream too
 
 

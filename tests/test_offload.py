@@ -32,7 +32,7 @@ def tiny():
 
 def placed(pipe, mode, resident=2):
     pipe = copy.deepcopy(pipe)
-    pipe.placement = pipeline_placement(pipe, mode, "cpu", resident=resident, transfer=clone)
+    pipe.weights_placement = pipeline_placement(pipe, mode, "cpu", resident=resident, transfer=clone)
     return pipe
 
 
@@ -52,14 +52,14 @@ def test_offload_equals_plain_run(tiny, mode, seed):
     pipe = placed(tiny, mode)
     got = pipe.generate(["a red circle", "a blue square"], seed=seed, **JOB)
     assert torch.equal(got, want)
-    loads = pipe.placement.loads
+    loads = pipe.weights_placement.loads
     assert loads["denoiser"] == 1 and loads["vae"] == 1  # each part goes once per job, not once per step
     assert loads["text_encoder"] == 1
 
 
 def test_model_offload_one_part_at_a_time(tiny):
     pipe = placed(tiny, "model")
-    parts = pipe.placement.parts
+    parts = pipe.weights_placement.parts
     seen = []
 
     def spy(module, args):
@@ -80,7 +80,7 @@ def test_blocks_stream_with_a_bounded_number_resident(resident):
     pipe.dit.blocks.extend(copy.deepcopy(pipe.dit.blocks))  # 4 blocks
     plain = copy.deepcopy(pipe)
     pipe = placed(pipe, "blocks", resident)
-    placement, n = pipe.placement, 4
+    placement, n = pipe.weights_placement, 4
     placement.log = []
     inside = []
     for i, block in enumerate(pipe.dit.blocks):  # registered after the placement's hooks: runs after them
@@ -109,7 +109,7 @@ def test_offload_without_accelerator_runs_plainly(tiny):
     with pytest.warns(UserWarning, match="needs an accelerator") as caught:
         pipe = VideoPipeline.from_pretrained("tiny", device="cpu", offload="blocks")
     assert len(caught) == 1 and len(str(caught[0].message).splitlines()) == 1
-    assert pipe.placement is None
+    assert pipe.weights_placement is None
     assert torch.equal(pipe.generate("a red circle", seed=4, **JOB), want)
 
 
@@ -137,7 +137,7 @@ def test_repeated_pipelines_do_not_grow_rss(mode):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe = VideoPipeline.from_pretrained("default")
-        pipe.placement = pipeline_placement(pipe, mode, "cpu", transfer=clone)
+        pipe.weights_placement = pipeline_placement(pipe, mode, "cpu", transfer=clone)
         pipe.generate("a red circle", frames=1, height=16, width=16, steps=1, progress=False, seed=0)
         del pipe
         gc.collect()

@@ -125,7 +125,7 @@ def _load_pipeline(args: argparse.Namespace):
     # no accelerator to offload to: one line, then it runs plainly
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe.placement = runtime.configure(pipe, offload, getattr(args, "weights_dtype", None),
+        pipe.weights_placement = runtime.configure(pipe, offload, getattr(args, "weights_dtype", None),
                                            getattr(args, "compile", False), getattr(args, "attention", None),
                                            device=device)  # fmt: skip
     _notes(*(str(w.message) for w in caught))

@@ -79,18 +79,27 @@ def configure(
         warnings.warn(f"offload={offload!r} needs an accelerator and {where} has none: running without offload",
                       stacklevel=3)  # fmt: skip
         offload = "none"
-    dit = pipe.dit
-    if weights_dtype == "fp8":
-        quantize(dit)
+    dit, dit_2 = pipe.dit, getattr(pipe, "dit_2", None)
+    if offload == "blocks" and dit_2 is not None:
+        raise ValueError(
+            "offload='blocks' streams one denoiser's blocks; this pipeline has two experts (Wan 2.2 A14B): use "
+            "offload='model', or offload_experts() (one expert on the accelerator at a time)"
+        )
+    for model in (dit, dit_2) if weights_dtype == "fp8" else ():
+        if model is not None:
+            quantize(model)
     if attention is not None:
         run_on = target if offload != "none" else next(dit.parameters()).device
         check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
-        dit.set_attention(attention)
+        for model in (dit, dit_2):
+            if model is not None:
+                model.set_attention(attention)
         for module in pipe.control_branch.modules() if pipe.control_branch is not None else ():
             if isinstance(module, Attention):
                 module.backend = attention
-    if compile:
-        compile_blocks(dit)
+    for model in (dit, dit_2) if compile else ():
+        if model is not None:
+            compile_blocks(model)
     if offload == "none":
         return None
     return pipeline_placement(pipe, offload, target, resident)

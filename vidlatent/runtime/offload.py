@@ -58,7 +58,9 @@ class WeightGroup:
                 if id(t) in self._known or id(t) in skip:
                     continue
                 self._known.add(id(t))
-                if t.device.type != "cpu":  # a part handed over on the accelerator: its host copy is made once
+                if (
+                    t.device.type != "cpu"
+                ):  # a part handed over on the accelerator: its host copy is made once
                     t.data = t.data.to("cpu")
                 if self.pin and not t.data.is_pinned():
                     t.data = t.data.pin_memory()  # the pinned tensor replaces the loaded one: one host copy
@@ -242,7 +244,8 @@ def pipeline_placement(pipe, mode: str, device, resident: int = 2, transfer: Tra
     branch (their forward), the VAE (``encode``/``decode`` and their streaming steps). In ``"blocks"`` mode the
     denoiser's blocks stream (``resident`` at once) and the VAE gathers decoded frames on the host.
     """
-    denoiser = [m for m in (pipe.dit, pipe.control_branch) if m is not None]
+    dit_2 = getattr(pipe, "dit_2", None)  # Wan 2.2 A14B's second expert moves with the first ("model" only)
+    denoiser = [m for m in (pipe.dit, dit_2, pipe.control_branch) if m is not None]
     parts = {
         "text_encoder": [pipe.text_encoder],
         "image_encoder": [pipe.image_encoder] if pipe.image_encoder is not None else [],
