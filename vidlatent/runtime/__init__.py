@@ -85,12 +85,13 @@ def configure(
             "offload='blocks' streams one denoiser's blocks; this pipeline has two experts (Wan 2.2 A14B): use "
             "offload='model', or offload_experts() (one expert on the accelerator at a time)"
         )
+    if attention is not None:  # checked before anything changes
+        run_on = target if offload != "none" else next(dit.parameters()).device
+        check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
     for model in (dit, dit_2) if weights_dtype == "fp8" else ():
         if model is not None:
             quantize(model)
     if attention is not None:
-        run_on = target if offload != "none" else next(dit.parameters()).device
-        check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
         for model in (dit, dit_2):
             if model is not None:
                 model.set_attention(attention)
