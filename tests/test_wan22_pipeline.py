@@ -167,7 +167,7 @@ def test_offloaded_experts_switch_once_and_give_the_same_video(a14b):
     plain = pipe.generate(PROMPT, NEGATIVE, **kw)
     pipe.offload_experts()
     moves = []
-    placement = pipe.placement
+    placement = pipe.expert_placement
     for name in ("start", "switch"):
         method = getattr(placement, name)
         setattr(placement, name, lambda method=method, name=name: (moves.append(name), method())[1])

@@ -186,12 +186,12 @@ class VideoPipeline:
         self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
         self.dit_2 = dit_2  # two experts (Wan 2.2 A14B): the low-noise one; dit is the high-noise one
         self.control_branch, self.weights_placement = None, None
+        self.expert_placement: ExpertPlacement | None = None  # see offload_experts
         if control_branch is not None:
             self.load_control(control_branch)
         self.config = check_pipeline_config(config)
         self._check_boundary()
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
-        self.placement: ExpertPlacement | None = None  # see offload_experts
         # offload, weights_dtype, compile, attention: how it runs, not what it computes
         self.weights_placement = runtime.configure(self, **runtime_options)
 
@@ -354,7 +354,7 @@ class VideoPipeline:
     def device(self) -> torch.device:
         """Where the jobs run (with ``offload_experts``, the active expert's device; with ``offload``, the
         accelerator, while the weights wait on the host)."""
-        placement = self.weights_placement or self.placement
+        placement = self.weights_placement or self.expert_placement
         return placement.device if placement is not None else next(self.dit.parameters()).device
 
     # ------------------------------------------------------------------------------------ two experts
@@ -366,8 +366,8 @@ class VideoPipeline:
         instead of two, for two host-device copies of an expert per run. The results are the same."""
         if self.dit_2 is None:
             raise ValueError("offload_experts applies to a pipeline with two experts (Wan 2.2 A14B: dit_2)")
-        self.placement = ExpertPlacement(self.dit, self.dit_2, device or self.device)
-        self.placement.start()
+        self.expert_placement = ExpertPlacement(self.dit, self.dit_2, device or self.device)
+        self.expert_placement.start()
 
     def _check_boundary(self) -> None:
         """Two experts need a boundary, a boundary needs two experts."""
@@ -944,10 +944,10 @@ class VideoPipeline:
                 "Wan 2.2 A14B)"
             )
         if self.dit_2 is not None:
-            switch = None if self.placement is None else self.placement.switch
+            switch = None if self.expert_placement is None else self.expert_placement.switch
             second = SecondExpert(models[1], self.config.boundary, opts.guidance_2, on_switch=switch)
-            if self.placement is not None:
-                self.placement.start()
+            if self.expert_placement is not None:
+                self.expert_placement.start()
         guided = opts.guidance != 1 or (second is not None and opts.guidance_2 not in (None, 1))
         negative = self._negative(opts.negative_prompt, guided)
         return denoise(models[0], noise, context, context_mask, **negative, init=init, strength=strength,
