@@ -2,8 +2,10 @@
 ``wan_folders``): TI2V-5B-shaped (a 48-channel VAE, ``expand_timesteps=True``) and A14B-shaped (two experts and
 a ``boundary_ratio``; T2V, and I2V with condition latents and no CLIP).
 
-The VAE is the Wan 2.1 architecture with 48 latent channels (``z_dim=48``, what TI2V-5B's denoiser takes); the
-denoisers are the tiny preset's. Weights are unit-gain random so every part moves the output.
+The TI2V VAE is Wan 2.2-structured like the real one (``is_residual``, 2x2 pixel patches, 4x16x16, 48 latent
+channels: the ``tiny2.2`` preset's widths); the A14B VAE is Wan 2.1's (4x8x8, 16 channels: the ``tiny`` preset's),
+as the real A14B releases ship ``Wan2.1_VAE.pth``. The denoisers are the tiny preset's. Weights are unit-gain
+random so every part moves the output.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from vidlatent.models.dit import to_diffusers_config
 from vidlatent.models.vae import vae_config_to_diffusers
 
 
-def tiny_vae(latent_channels: int, seed: int = 0):
-    """diffusers' ``AutoencoderKLWan`` of the tiny preset's widths with ``latent_channels`` and random latent
-    statistics."""
+def tiny_vae(latent_channels: int, seed: int = 0, preset: str | None = None):
+    """diffusers' ``AutoencoderKLWan`` of ``preset``'s structure and widths with ``latent_channels`` and random
+    latent statistics. ``preset`` None: ``tiny2.2`` (Wan 2.2-structured, 16x) for 48 channels, else ``tiny``
+    (Wan 2.1-structured, 8x)."""
     from diffusers import AutoencoderKLWan
 
+    preset = preset or ("tiny2.2" if latent_channels == 48 else "tiny")
     g = torch.Generator().manual_seed(seed)
     cfg = dataclasses.replace(
-        load_config(VAEConfig, "vae", "tiny"),
+        load_config(VAEConfig, "vae", preset),
         latent_channels=latent_channels,
         latents_mean=(0.3 * torch.randn(latent_channels, generator=g)).tolist(),
         latents_std=(0.5 + torch.rand(latent_channels, generator=g)).tolist(),
