@@ -1,5 +1,5 @@
-"""Wan 2.1's conventions: how a diffusers Wan folder and an original Wan 2.1 release folder become a
-``PipelineConfig`` (their sampler, schedule, text handling and call defaults), and the files a release holds."""
+"""Wan's conventions: how a diffusers Wan folder (Wan 2.1 or 2.2) and an original Wan 2.1 release folder become
+a ``PipelineConfig`` (their sampler, schedule, text handling and call defaults), and the files a release holds."""
 
 from __future__ import annotations
 
@@ -14,8 +14,38 @@ from ..models.text import WAN_T5_FILE, WAN_TOKENIZER
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")
 WAN_DEFAULTS = dict(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16.0, negative_prompt="",
                     text_attention="all", timesteps="scheduler")  # fmt: skip
+# Wan 2.2's own call defaults, by kind, from Wan-Video/Wan2.2: wan/configs/wan_ti2v_5B.py (sample_steps 50,
+# sample_guide_scale 5.0, sample_shift 5.0, frame_num 121, sample_fps 24; size 1280*704, width x height, the
+# default of wan/textimage2video.py and a SUPPORTED_SIZES entry of wan/configs/__init__.py), wan_t2v_A14B.py
+# (40 steps, shift 12.0, sample_guide_scale (3.0, 4.0) = (low-noise, high-noise): guidance 4 for the
+# high-noise expert, guidance_2 3 for the low-noise one), wan_i2v_A14B.py (40 steps, shift 5.0, (3.5, 3.5));
+# the A14B pair's 81 frames at 16 fps from shared_config.py and generate.py's default --size 1280*720.
+# A folder's own scheduler_config.json shift, where it has one, stays the shift (diffusers samples with it).
+WAN22_DEFAULTS = {
+    "ti2v-5B": dict(steps=50, guidance=5.0, shift=5.0, frames=121, fps=24.0, height=704, width=1280),
+    "t2v-A14B": dict(steps=40, guidance=4.0, guidance_2=3.0, shift=12.0, frames=81, fps=16.0, height=720,
+                     width=1280),
+    "i2v-A14B": dict(steps=40, guidance=3.5, guidance_2=3.5, shift=5.0, frames=81, fps=16.0, height=720,
+                     width=1280),
+}  # fmt: skip
 SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
                       "DPMSolverMultistepScheduler": "dpm"}  # fmt: skip
+
+
+def wan22_kind(root: Path, index: dict) -> str | None:
+    """Which Wan 2.2 model a diffusers Wan folder is (a key of ``WAN22_DEFAULTS``), or None for Wan 2.1.
+
+    Two experts (``boundary_ratio``, or a ``transformer_2`` component or folder) make an A14B: I2V-A14B in a
+    ``WanImageToVideoPipeline``, else T2V-A14B. ``expand_timesteps`` or a 48-channel VAE (``vae/config.json``
+    ``z_dim``) make TI2V-5B.
+    """
+    second = index.get("transformer_2")
+    if index.get("boundary_ratio") is not None or (second and second[0]) or (root / "transformer_2").is_dir():
+        return "i2v-A14B" if index.get("_class_name") == "WanImageToVideoPipeline" else "t2v-A14B"
+    vae = root / "vae" / CONFIG_NAME
+    if index.get("expand_timesteps") or (vae.is_file() and read_json(vae).get("z_dim") == 48):
+        return "ti2v-5B"
+    return None
 
 
 def diffusers_pipeline_config(root: Path) -> PipelineConfig:
@@ -23,14 +53,16 @@ def diffusers_pipeline_config(root: Path) -> PipelineConfig:
     (all 512 text tokens attended, the scheduler's timesteps), WanPipeline's defaults (50 steps, guidance 5,
     81 frames of 480x832), and the sampler, shift and settings of ``scheduler/scheduler_config.json``. Wan 2.2:
     ``expand_timesteps`` (TI2V-5B) makes animate's first frame clean at noise level 0 (``first_frame:
-    clean_sigma0``); ``boundary_ratio`` (A14B) is the two experts' ``boundary``."""
+    clean_sigma0``); ``boundary_ratio`` (A14B) is the two experts' ``boundary``; a folder recognisably Wan 2.2
+    (``wan22_kind``) takes Wan 2.2's own defaults for its kind (``WAN22_DEFAULTS``) instead of WanPipeline's."""
     index = read_json(root / "model_index.json")
     name = index.get("_class_name")
     if name not in WAN_PIPELINES:
         raise ValueError(
             f"{root} holds a diffusers {name or 'pipeline'}; accepted: {', '.join(WAN_PIPELINES)} folders"
         )
-    cfg = PipelineConfig(**WAN_DEFAULTS)
+    kind = wan22_kind(root, index)
+    cfg = PipelineConfig(**{**WAN_DEFAULTS, **(WAN22_DEFAULTS[kind] if kind else {})})
     # Wan 2.2: TI2V-5B's per-token timesteps (the kept first frame at 0), A14B's two experts
     if index.get("expand_timesteps"):
         cfg.first_frame = "clean_sigma0"
