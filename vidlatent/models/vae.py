@@ -582,7 +582,7 @@ class CausalVAE(nn.Module):
         release = {(16, "none"): known[16], (48, "resample"): known[48]}.get(
             (ours, self.config.stage_shortcut)
         )
-        this = f", {release}" if release else ""
+        this = f" ({release})" if release else ""
         raise ValueError(
             f"latents have {channels} channels{theirs}, but this VAE{this} takes {ours} channels: they were "
             "made by a different VAE; decode them with the VAE that encoded them"
