@@ -143,6 +143,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
+        self.exchange = None  # context-parallel self-attention (runtime.parallel sets it): (q, k, v, backend)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -163,7 +164,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (rearrange(z, "b n k e -> b k n e") for z in (q, k, v))
-        out = attention(q, k, v, mask=mask, backend=self.backend)
+        if self.exchange is None:
+            out = attention(q, k, v, mask=mask, backend=self.backend)
+        else:
+            out = self.exchange(q, k, v, self.backend)
         if image is not None:
             k_img, v_img = self.k_image(image), self.v_image(image)
             if self.k_image_norm is not None:
@@ -251,6 +255,7 @@ class VideoDiT(nn.Module):
         self.time_modulation = nn.Linear(d, 6 * d)  # applied to silu(time embedding), shared by all blocks
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head = Head(d, config.out_channels * math.prod(patch), config.eps)
+        self.context_parallel = None  # runtime.parallel.ContextParallel: this rank's share of every call
         init_weights(self)
 
     def set_attention(self, backend: str) -> None:
@@ -298,6 +303,12 @@ class VideoDiT(nn.Module):
         entering block 0, text, time modulation, rope, context mask, image tokens), it returns residuals
         ``{block index: (b, n, d)}``, each added to the tokens after that block.
         """
+        kwargs = dict(image=image, condition=condition, hints=hints)
+        if self.context_parallel is not None:  # under torchrun: this rank's share (runtime.parallel)
+            return self.context_parallel.forward(self._forward, x, sigma, context, context_mask, **kwargs)
+        return self._forward(x, sigma, context, context_mask, **kwargs)
+
+    def _forward(self, x, sigma, context, context_mask, *, image, condition, hints) -> torch.Tensor:
         sigma, context_mask = self._check_inputs(x, sigma, context, context_mask)
         self._check_image_inputs(x, image, condition)
         context, context_mask = _drop_masked_tokens(context, context_mask)
@@ -313,6 +324,9 @@ class VideoDiT(nn.Module):
         image = None if image is None else self.image_embed(image.to(dtype))
 
         residuals = {} if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
+        if (par := self.context_parallel) is not None:  # a share of the tokens from here to the head
+            tokens, rope, time_emb, time_mod = par.split(tokens, rope, time_emb, time_mod)
+            residuals = {i: par.split_tokens(r) for i, r in residuals.items()}
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
@@ -324,6 +338,7 @@ class VideoDiT(nn.Module):
                 tokens = tokens + residuals[i]
 
         out = self.head(tokens, time_emb)
+        out = out if par is None else par.gather(out)
         unpatchify = "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)"
         out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
         return out.to(x.dtype)

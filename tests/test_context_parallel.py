@@ -1,0 +1,75 @@
+"""Context-parallel sampling (``runtime.parallel``): 2 and 4 gloo processes on the CPU, each generating one
+video with the tokens of every denoiser call split across ranks (Ulysses all-to-all attention) and, with
+``cfg``, guidance's two halves on two rank groups, against one process generating it whole.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from context_parallel_worker import JOB, PROMPT
+
+from vidlatent.config import DiTConfig, load_config
+from vidlatent.models.dit import VideoDiT
+from vidlatent.pipelines import VideoPipeline
+from vidlatent.runtime import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(script: str, *args, nproc: int) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script,
+           *args]  # fmt: skip
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The tiny pipeline with a 4-head denoiser (4 ranks split 4 heads), saved once."""
+    pipe = VideoPipeline.from_pretrained("tiny")
+    c = pipe.vae.config.latent_channels
+    cfg = load_config(DiTConfig, "dit", "tiny", overrides=[f"in_channels={c}", f"out_channels={c}",
+                                                            f"text_dim={pipe.text_encoder.dim}", "num_heads=4"])  # fmt: skip
+    torch.manual_seed(0)
+    dit = VideoDiT(cfg).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a zero-init head would make every video the same
+    out = tmp_path_factory.mktemp("cp") / "pipe"
+    VideoPipeline(pipe.vae, dit, pipe.text_encoder, pipe.config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(folder) -> torch.Tensor:
+    return VideoPipeline.from_pretrained(folder).generate(PROMPT, **JOB)
+
+
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ranks_give_the_single_process_video(folder, single, tmp_path, nproc):
+    torchrun(os.path.join(ROOT, "tests", "context_parallel_worker.py"), folder, tmp_path, nproc=nproc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"cfg-{nproc}.pt", f"sequence-{nproc}.pt"]
+    assert single.abs().max() > 0.05  # a video that differs from place to place, not a flat one
+    for split in ("sequence", "cfg"):
+        video = torch.load(tmp_path / f"{split}-{nproc}.pt")
+        assert video.shape == single.shape
+        err = (video - single).abs().max().item()
+        assert err < 1e-5, (split, nproc, err)
+
+
+def test_one_process_is_refused():
+    pipe_dit = VideoDiT(load_config(DiTConfig, "dit", "tiny"))
+    with pytest.raises(ValueError, match="2 or more ranks"):
+        parallel.context_parallel(pipe_dit)

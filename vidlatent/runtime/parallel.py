@@ -1,0 +1,193 @@
+"""Context-parallel sampling: every denoiser call of a job spread over the ranks of a ``torchrun`` run.
+
+Two ways to split one call, combined on a grid of ``cfg x sequence`` ranks (``world = cfg * sequence``):
+
+* **sequence** (Ulysses, Jacobs et al. 2023): each rank of a sequence group holds a contiguous share of the
+  video tokens from the patch embedding to the head. Everything per token (projections, norms, the MLP,
+  cross-attention to the text, which every rank holds whole) runs on the share alone; self-attention trades
+  token shares for head shares with one all-to-all, attends over the whole sequence for ``heads / sequence``
+  heads, and trades back with a second one. Rotary positions are sliced from the whole grid's, so every token
+  turns by its global position. A token count that does not divide is padded at the end; the padded keys are
+  masked out of attention and the padded outputs dropped. The head count must divide ``sequence``.
+* **cfg**: with classifier-free guidance the sampling loop calls the denoiser on ``[cond; uncond]`` as one
+  batch; with ``cfg=True`` the first half runs on one sequence group and the second on the other, and the
+  halves are joined by an all-gather. A batch that does not split in two (no guidance), or a call with a
+  control branch's hints (they hold the whole batch), runs whole on both groups.
+
+Every rank ends a call holding the whole output, so the sampler, hooks and VAE run as in one process and
+the result equals the single-process one (within float rounding; measured in tests/test_context_parallel.py).
+
+Letters: b batch, n tokens (l: one rank's share), k heads, e head dim, w ranks of a group, f features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..models.layers import attention
+
+__all__ = ["ContextParallel", "context_parallel", "disable", "is_main", "broadcast_seed"]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs: rank 0, or the only process."""
+    return _world()[0] == 0
+
+
+def broadcast_seed(seed: int) -> int:
+    """Rank 0's ``seed`` on every rank (each rank may have drawn its own fresh one); ``seed`` alone otherwise."""
+    if _world()[1] == 1:
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ContextParallel:
+    """One rank's part in spreading a denoiser call (see the module docstring). Made by ``context_parallel``;
+    ``VideoDiT.forward`` calls ``forward``, ``split`` and ``gather``, its self-attention calls ``attend``."""
+
+    def __init__(self, num_heads: int, cfg: bool = False):
+        rank, world = _world()
+        if world == 1:
+            raise ValueError("context-parallel sampling needs a process group of 2 or more ranks (torchrun)")
+        self.cfg = 2 if cfg else 1
+        if world % self.cfg:
+            raise ValueError(f"cfg parallel splits the ranks in two groups; world size {world} is odd")
+        self.sequence = world // self.cfg
+        if num_heads % self.sequence:
+            raise ValueError(
+                f"sequence parallel splits attention heads across {self.sequence} ranks; the denoiser's "
+                f"{num_heads} heads do not divide: use a world size whose sequence part divides {num_heads}"
+                f"{' (with cfg parallel: world = 2 x sequence)' if cfg else ''}"
+            )
+        self.part, self.index = divmod(rank, self.sequence)  # which cfg half, which token share
+        self.sequence_group = self.cfg_group = None
+        if self.cfg > 1:  # every rank makes every group, in the same order
+            for j in range(self.cfg):
+                group = dist.new_group(list(range(j * self.sequence, (j + 1) * self.sequence)))
+                self.sequence_group = group if j == self.part else self.sequence_group
+            for i in range(self.sequence):
+                group = dist.new_group([i + j * self.sequence for j in range(self.cfg)])
+                self.cfg_group = group if i == self.index else self.cfg_group
+        self.tokens = 0  # the real token count of the call under way (set by ``split``; padding lies past it)
+
+    # ------------------------------------------------------------------------- the batch (cfg halves)
+
+    def forward(self, inner, x: torch.Tensor, *args, hints=None, **kwargs) -> torch.Tensor:
+        """``inner(x, *args, hints=hints, **kwargs)`` on this rank's half of the batch, the halves all-gathered.
+        Tensors whose first size is the batch's are split; others (a 0-dim sigma) go to both halves."""
+        b = x.shape[0]
+        if self.cfg == 1 or b % self.cfg or hints is not None:
+            return inner(x, *args, hints=hints, **kwargs)
+
+        def half(v):
+            return (
+                v.chunk(self.cfg)[self.part]
+                if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b
+                else v
+            )
+
+        out = inner(half(x), *map(half, args), hints=hints, **{k: half(v) for k, v in kwargs.items()})
+        parts = [torch.empty_like(out) for _ in range(self.cfg)]
+        dist.all_gather(parts, out.contiguous(), group=self.cfg_group)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------------- the tokens (sequence)
+
+    def _share(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's contiguous share of ``v`` along ``dim`` (of size ``self.tokens``), zero-padded first."""
+        pad = -self.tokens % self.sequence
+        if pad:
+            widths = [0, 0] * (v.ndim - 1 - dim) + [0, pad]
+            v = F.pad(v, widths)
+        return v.chunk(self.sequence, dim=dim)[self.index]
+
+    def split(self, tokens: torch.Tensor, rope: torch.Tensor, time_emb: torch.Tensor, time_mod: torch.Tensor):
+        """This rank's share of the tokens (b n f), of their rotations (n e/2 2) and, where noise levels are
+        per token, of the time embedding (b n f) and modulation (b n s f)."""
+        self.tokens = tokens.shape[1]
+        per_token = time_mod.ndim == 4
+        return (
+            self._share(tokens, 1),
+            self._share(rope, 0),
+            self._share(time_emb, 1) if per_token else time_emb,
+            self._share(time_mod, 1) if per_token else time_mod,
+        )
+
+    def split_tokens(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a per-token tensor (b n f), e.g. a control hint."""
+        return self._share(v, 1)
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """The whole sequence (b n f) from every rank's share, padding dropped."""
+        if self.sequence == 1:
+            return out
+        parts = [torch.empty_like(out) for _ in range(self.sequence)]
+        dist.all_gather(parts, out.contiguous(), group=self.sequence_group)
+        return torch.cat(parts, dim=1)[:, : self.tokens]
+
+    def _all_to_all(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(v)
+        dist.all_to_all_single(out, v, group=self.sequence_group)
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        """Self-attention of this rank's token share ``(b k l e)`` over the whole sequence: an all-to-all to
+        ``(b k/w n e)``, attention (padded keys masked), and an all-to-all back."""
+        if self.sequence == 1:
+            return attention(q, k, v, backend=backend)
+        w = self.sequence
+        q, k, v = (
+            rearrange(self._all_to_all(rearrange(z, "b (w k) l e -> w b k l e", w=w).contiguous()),
+                      "w b k l e -> b k (w l) e")
+            for z in (q, k, v)
+        )  # fmt: skip
+        n = q.shape[2]
+        mask = None
+        if n != self.tokens:
+            mask = (torch.arange(n, device=q.device) < self.tokens).expand(q.shape[0], n)
+        out = attention(q, k, v, mask=mask, backend=backend)
+        out = self._all_to_all(rearrange(out, "b k (w l) e -> w b k l e", w=w).contiguous())
+        return rearrange(out, "w b k l e -> b (w k) l e")
+
+
+def context_parallel(pipe_or_model, cfg: bool = False) -> ContextParallel:
+    """Spread every denoiser call of a pipeline (its ``dit`` and ``dit_2``) or of one ``VideoDiT`` over the ranks
+    of the initialized default process group (``train.distributed.setup`` joins torchrun's). ``cfg``: guidance's
+    two halves on two rank groups. ValueError when the heads or ranks do not divide (see ``ContextParallel``)."""
+    from ..models.dit import VideoDiT
+
+    models = (
+        [pipe_or_model] if isinstance(pipe_or_model, VideoDiT) else [pipe_or_model.dit, pipe_or_model.dit_2]
+    )
+    models = [m for m in models if m is not None]
+    cp = ContextParallel(models[0].config.num_heads, cfg=cfg)
+    for model in models:
+        model.context_parallel = cp
+        for block in model.blocks:
+            block.self_attn.exchange = cp.attend
+    return cp
+
+
+def disable(pipe_or_model) -> None:
+    """Undo ``context_parallel``: the denoisers run whole on each rank again."""
+    from ..models.dit import VideoDiT
+
+    models = (
+        [pipe_or_model] if isinstance(pipe_or_model, VideoDiT) else [pipe_or_model.dit, pipe_or_model.dit_2]
+    )
+    for model in (m for m in models if m is not None):
+        model.context_parallel = None
+        for block in model.blocks:
+            block.self_attn.exchange = None
