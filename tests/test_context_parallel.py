@@ -6,6 +6,7 @@ video with the tokens of every denoiser call split across ranks (Ulysses all-to-
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from context_parallel_worker import JOB, PROMPT
 
 from vidlatent.config import DiTConfig, load_config
+from vidlatent.data.io import read_image
 from vidlatent.models.dit import VideoDiT
 from vidlatent.pipelines import VideoPipeline
 from vidlatent.runtime import parallel
@@ -73,3 +75,31 @@ def test_one_process_is_refused():
     pipe_dit = VideoDiT(load_config(DiTConfig, "dit", "tiny"))
     with pytest.raises(ValueError, match="2 or more ranks"):
         parallel.context_parallel(pipe_dit)
+
+
+@pytest.mark.slow
+def test_cli_generate_under_torchrun_rank_zero_writes(folder, tmp_path):
+    """``torchrun vidlatent generate`` without a seed: rank 0's fresh seed is every rank's, the 9 tokens of a
+    48 x 48 image are padded to split across 2 ranks, and rank 0 alone writes the image and its line."""
+    out = tmp_path / "still.png"
+    run = torchrun("-m", "vidlatent.cli", "generate", PROMPT, "-o", out, "--model", folder, "--frames", 1, "--height", 48,
+                   "--width", 48, "-q", "--device", "cpu", nproc=2)  # fmt: skip
+    wrote = [line for line in run.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1, run.stdout
+    seed = int(re.search(r"seed (\d+)\)", wrote[0])[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["still.png"]
+    expected = VideoPipeline.from_pretrained(folder).generate(
+        PROMPT, frames=1, height=48, width=48, seed=seed, progress=False
+    )
+    got = read_image(out)[:, 0]  # (3, h, w) in [-1, 1], 8 bits
+    assert got.shape == expected[0, :, 0].shape
+    assert (got - expected[0, :, 0]).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_heads_or_ranks_that_do_not_divide_are_refused(monkeypatch):
+    monkeypatch.setattr(parallel, "_world", lambda: (0, 4))
+    with pytest.raises(ValueError, match="2 heads do not divide"):
+        parallel.ContextParallel(num_heads=2)
+    monkeypatch.setattr(parallel, "_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="world size 3 is odd"):
+        parallel.ContextParallel(num_heads=6, cfg=True)

@@ -83,6 +83,8 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
     g.add_argument("--weights-dtype", default=None, help="fp8: the denoiser's block linears stored as float8")
     g.add_argument("--attention", default=None, help="sdpa, cudnn, flash, efficient, math, flash_attn, sage")
     g.add_argument("--compile", action="store_true", help="compile the denoiser's block (torch.compile)")
+    g.add_argument("--cfg-parallel", action="store_true", help="under torchrun: guidance's two halves on two "
+                   "rank groups (the tokens are split across the ranks of each)")  # fmt: skip
     add_common(p)
 
 
@@ -98,6 +100,7 @@ def _load_pipeline(args: argparse.Namespace):
     from ..diffusion.sampling import SAMPLERS
     from ..pipelines import VideoPipeline
     from ..pipelines.video import check_pipeline_config
+    from ..runtime import parallel
 
     sampler = getattr(args, "sampler", None)
     if sampler is not None and sampler not in SAMPLERS:
@@ -109,6 +112,8 @@ def _load_pipeline(args: argparse.Namespace):
     loras += [(*parse_lora_spec(spec), 2) for spec in getattr(args, "lora_2", [])]
     _check_inputs(*(path for path, _, _ in loras))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel.launched():  # torchrun: this rank's device; every denoiser call is spread over the ranks
+        device = str(parallel.join(args.device))
     if args.quiet:
         _silence_progress()
     offload = getattr(args, "offload", "none")
@@ -129,6 +134,8 @@ def _load_pipeline(args: argparse.Namespace):
                                            getattr(args, "compile", False), getattr(args, "attention", None),
                                            device=device)  # fmt: skip
     _notes(*(str(w.message) for w in caught))
+    if parallel.launched():
+        parallel.context_parallel(pipe, cfg=getattr(args, "cfg_parallel", False))
     return pipe
 
 
@@ -136,10 +143,12 @@ def _seed(args: argparse.Namespace, pipe) -> int:
     """The seed to use: ``--seed``, else the config's, else a fresh random one (printed so it can be reused)."""
     import random
 
+    from ..runtime import parallel
+
     seed = args.seed if args.seed is not None else pipe.config.seed
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
-    return seed
+    return parallel.broadcast_seed(seed)  # under torchrun every rank takes rank 0's
 
 
 def _read_clip(pipe, path: str, args: argparse.Namespace, image: bool = False):
@@ -162,7 +171,10 @@ def _write(
 ) -> int:
     """Write the job's output (a padded input's output cropped back to its size); print paths, frames, W x H."""
     from ..data.io import restore_size
+    from ..runtime import parallel
 
+    if not parallel.is_main():  # under torchrun rank 0 alone writes (every rank holds the output)
+        return 0
     video = restore_size(video, fit)
     paths = pipe.save(video, path, fps=fps)
     b, _, t, h, w = video.shape

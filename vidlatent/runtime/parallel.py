@@ -22,6 +22,8 @@ Letters: b batch, n tokens (l: one rank's share), k heads, e head dim, w ranks o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from einops import rearrange
 
 from ..models.layers import attention
 
-__all__ = ["ContextParallel", "context_parallel", "disable", "is_main", "broadcast_seed"]
+__all__ = ["ContextParallel", "broadcast_seed", "context_parallel", "disable", "is_main", "join", "launched"]
 
 
 def _world() -> tuple[int, int]:
@@ -37,6 +39,19 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched() -> bool:
+    """Whether this process is one of several that torchrun started (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(device=None) -> torch.device:
+    """Join torchrun's process group (gloo on the CPU, nccl on CUDA) and return this rank's device:
+    ``device``, else ``cuda:<LOCAL_RANK>`` where CUDA is available, else the CPU."""
+    from ..train.distributed import setup
+
+    return setup(device)[1]
 
 
 def is_main() -> bool:
