@@ -13,6 +13,7 @@ import contextlib
 import re
 import sys
 
+from .cache import add_calibrate_cache
 from .common import add_common, parse_lora_spec, warning_lines
 from .jobs import JOB_SUBCOMMANDS
 from .latents import add_convert, add_decode, add_encode, add_reconstruct
@@ -48,7 +49,16 @@ def add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-SUBCOMMANDS = [add_info, add_encode, add_decode, add_reconstruct, add_convert, add_train, *JOB_SUBCOMMANDS]
+SUBCOMMANDS = [
+    add_info,
+    add_encode,
+    add_decode,
+    add_reconstruct,
+    add_convert,
+    add_train,
+    *JOB_SUBCOMMANDS,
+    add_calibrate_cache,
+]
 
 
 class UsageError(Exception):

@@ -85,6 +85,9 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
     g.add_argument("--compile", action="store_true", help="compile the denoiser's block (torch.compile)")
     g.add_argument("--cfg-parallel", action="store_true", help="under torchrun: guidance's two halves on two "
                    "rank groups (the tokens are split across the ranks of each)")  # fmt: skip
+    g.add_argument("--cache", default=None, metavar="THRESHOLD|PATH[:LEVEL]", help="step caching: skip the "
+                   "blocks after the first where the first's residual changed less than THRESHOLD (e.g. 0.1), "
+                   "or a file of vidlatent calibrate-cache (its default level, or LEVEL)")  # fmt: skip
     add_common(p)
 
 
@@ -132,7 +135,7 @@ def _load_pipeline(args: argparse.Namespace):
         warnings.simplefilter("always")
         pipe.weights_placement = runtime.configure(pipe, offload, getattr(args, "weights_dtype", None),
                                            getattr(args, "compile", False), getattr(args, "attention", None),
-                                           device=device)  # fmt: skip
+                                           device=device, cache=getattr(args, "cache", None))  # fmt: skip
     _notes(*(str(w.message) for w in caught))
     if parallel.launched():
         parallel.context_parallel(pipe, cfg=getattr(args, "cfg_parallel", False))

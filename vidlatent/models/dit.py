@@ -283,6 +283,7 @@ class VideoDiT(nn.Module):
         image: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
         hints: Callable[..., Mapping[int, torch.Tensor]] | None = None,
+        cache: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Velocity ``(b, c, t, h, w)`` for noisy latents ``x`` at noise level ``sigma`` (b,) in [0, 1], or
         at one noise level per video token, ``sigma`` (b, n) with n the tokens after patching in (t h w) order
@@ -302,13 +303,17 @@ class VideoDiT(nn.Module):
         ``hints`` (a control branch, ``models.control``): called once with the embedded inputs (the tokens
         entering block 0, text, time modulation, rope, context mask, image tokens), it returns residuals
         ``{block index: (b, n, d)}``, each added to the tokens after that block.
+
+        ``cache`` (step caching, ``runtime.cache.CacheState``): ``cache(tokens, run_blocks, depth)`` returns the
+        tokens after all ``depth`` blocks; ``run_blocks(tokens, start, stop, rows=None)`` runs blocks
+        ``start..stop-1`` on the samples ``rows`` (an index tensor; None: all), so it may skip some of them.
         """
-        kwargs = dict(image=image, condition=condition, hints=hints)
+        kwargs = dict(image=image, condition=condition, hints=hints, cache=cache)
         if self.context_parallel is not None:  # under torchrun: this rank's share (runtime.parallel)
             return self.context_parallel.forward(self._forward, x, sigma, context, context_mask, **kwargs)
         return self._forward(x, sigma, context, context_mask, **kwargs)
 
-    def _forward(self, x, sigma, context, context_mask, *, image, condition, hints) -> torch.Tensor:
+    def _forward(self, x, sigma, context, context_mask, *, image, condition, hints, cache) -> torch.Tensor:
         sigma, context_mask = self._check_inputs(x, sigma, context, context_mask)
         self._check_image_inputs(x, image, condition)
         context, context_mask = _drop_masked_tokens(context, context_mask)
@@ -325,17 +330,27 @@ class VideoDiT(nn.Module):
 
         residuals = {} if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
         if (par := self.context_parallel) is not None:  # a share of the tokens from here to the head
+            if cache is not None:  # each rank would judge its own share and the ranks' collectives would part
+                raise ValueError(
+                    "step caching does not run under context parallel (torchrun) yet: use cache=None"
+                )
             tokens, rope, time_emb, time_mod = par.split(tokens, rope, time_emb, time_mod)
             residuals = {i: par.split_tokens(r) for i, r in residuals.items()}
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(
-                    block, tokens, text, time_mod, rope, context_mask, image, use_reentrant=False
-                )
-            else:
-                tokens = block(tokens, text, time_mod, rope, context_mask, image)
-            if i in residuals:
-                tokens = tokens + residuals[i]
+
+        def run_blocks(tokens, start, stop, rows=None):  # blocks start..stop-1 on the samples ``rows`` (all)
+            pick = (lambda v: v) if rows is None else (lambda v: v if v is None or len(v) == 1 else v[rows])
+            inputs = (pick(text), pick(time_mod), rope, pick(context_mask), pick(image))
+            for i, block in enumerate(self.blocks[start:stop], start):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    tokens = checkpoint(block, tokens, *inputs, use_reentrant=False)
+                else:
+                    tokens = block(tokens, *inputs)
+                if i in residuals:
+                    tokens = tokens + pick(residuals[i])
+            return tokens
+
+        depth = len(self.blocks)
+        tokens = run_blocks(tokens, 0, depth) if cache is None else cache(tokens, run_blocks, depth)
 
         out = self.head(tokens, time_emb)
         out = out if par is None else par.gather(out)

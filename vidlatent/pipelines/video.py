@@ -135,7 +135,8 @@ class VideoPipeline:
     return ``_output``.
 
     Keywords ``offload`` ("none", "model", "blocks"), ``weights_dtype`` (None, "fp8"), ``compile`` and
-    ``attention`` choose how it runs, not what it computes (``vidlatent.runtime.configure``).
+    ``attention`` choose how it runs, not what it computes (``vidlatent.runtime.configure``); ``cache`` (step
+    caching: a threshold or a settings file) trades a little of what it computes for speed.
     """
 
     def __init__(
@@ -186,6 +187,7 @@ class VideoPipeline:
         self.vae, self.dit, self.text_encoder, self.image_encoder = vae, dit, text_encoder, image_encoder
         self.dit_2 = dit_2  # two experts (Wan 2.2 A14B): the low-noise one; dit is the high-noise one
         self.control_branch, self.weights_placement = None, None
+        self._cache, self.cache_states = None, []  # step caching (see the cache property)
         self.expert_placement: ExpertPlacement | None = None  # see offload_experts
         if control_branch is not None:
             self.load_control(control_branch)
@@ -216,7 +218,8 @@ class VideoPipeline:
         with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
         presets). ``overrides``: ``PipelineConfig`` fields (a dict or ``key=value`` strings) over the folder's.
         ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
-        ``runtime_options`` (``offload``, ``weights_dtype``, ``compile``, ``attention``): see ``runtime.configure``;
+        ``runtime_options`` (``offload``, ``weights_dtype``, ``compile``, ``attention``, ``cache``): see
+        ``runtime.configure``;
         with offload the weights are read to the host and ``device`` is where the parts run.
         """
         run_on, device = device, runtime.load_device(runtime_options.get("offload", "none"), device)
@@ -349,6 +352,16 @@ class VideoPipeline:
         if self.dit_2 is not None:
             scales.update({f"{n}@2": v for n, v in lora.lora_scales(self.dit_2).items()})
         return scales
+
+    @property
+    def cache(self) -> runtime.StepCache | None:
+        """Step caching for every job (``runtime.cache``): set a threshold, a settings file (``PATH[:LEVEL]``),
+        a ``StepCache`` or None (off). After a job, ``cache_states`` holds each denoiser's ``CacheState``."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, spec) -> None:
+        self._cache = runtime.cache_settings(spec, self.dit)
 
     @property
     def device(self) -> torch.device:
@@ -937,6 +950,8 @@ class VideoPipeline:
         models = self._experts()
         if clean_frames is not None:
             models = [CleanFrames(dit, clean_frames) for dit in models]
+        self.cache_states = [] if self.cache is None else [runtime.CacheState(self.cache) for _ in models]
+        models = [runtime.Cached(m, st) for m, st in zip(models, self.cache_states)] or models
         second = None
         if self.dit_2 is None and opts.guidance_2 is not None:
             raise ValueError(

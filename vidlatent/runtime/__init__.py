@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from ..models.dit import Attention
+from .cache import Cached, CacheState, StepCache, cache_settings
 from .fp8 import Float8Linear, parameter_bytes, quantize
 from .kernels import check_attention, compile_blocks, installed_packages, working_backends
 from .offload import OFFLOAD_MODES, Placement, pipeline_placement
@@ -21,8 +22,8 @@ from .offload import OFFLOAD_MODES, Placement, pipeline_placement
 WEIGHTS_DTYPES = (None, "fp8")
 
 __all__ = [
-    "OFFLOAD_MODES", "WEIGHTS_DTYPES", "Float8Linear", "Placement", "accelerator", "check_attention",
-    "check_runtime", "compile_blocks", "configure", "installed_packages", "load_device", "parameter_bytes",
+    "OFFLOAD_MODES", "WEIGHTS_DTYPES", "CacheState", "Cached", "Float8Linear", "Placement", "StepCache",
+    "accelerator", "cache_settings", "check_attention", "check_runtime", "compile_blocks", "configure", "installed_packages", "load_device", "parameter_bytes",
     "pipeline_placement", "quantize", "working_backends",
 ]  # fmt: skip
 
@@ -62,6 +63,7 @@ def configure(
     attention: str | None = None,
     device=None,
     resident: int = 2,
+    cache=None,
 ) -> Placement | None:
     """Apply the runtime choices to ``pipe`` (in place) and return its ``Placement`` (None without offload).
 
@@ -69,8 +71,10 @@ def configure(
     will run on, then set on it (and on a control branch). ``compile``: ``compile_blocks``. ``offload``:
     ``"model"`` or ``"blocks"`` onto ``device`` (default: CUDA); where there is no accelerator a one-line
     warning says so and the pipeline runs as it is. ``resident``: blocks on the accelerator at once (blocks).
+    ``cache``: step caching, ``pipe.cache`` (a threshold, a settings file, or None: see ``cache.cache_settings``).
     """
     check_runtime(offload, weights_dtype)
+    step_cache = cache_settings(cache, pipe.dit)  # checked first: a bad setting leaves the pipeline as it was
     target = accelerator(device)
     if offload != "none" and target is None:
         where = (
@@ -88,6 +92,7 @@ def configure(
     if attention is not None:  # checked before anything changes
         run_on = target if offload != "none" else next(dit.parameters()).device
         check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
+    pipe.cache = step_cache
     for model in (dit, dit_2) if weights_dtype == "fp8" else ():
         if model is not None:
             quantize(model)
