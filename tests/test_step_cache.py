@@ -142,3 +142,22 @@ def test_cli_cache_flag_and_calibrate(tmp_path, capsys):
         ["generate", "a red circle", "--model", "tiny", "--cache", "-1", "-o", str(tmp_path / "b.png")]
     )
     assert code != 0 and "cache threshold must be a number >= 0" in capsys.readouterr().err
+
+
+def test_tiny_wan_folder_relative_difference(tmp_path):
+    """The tiny Wan 2.1 folder (tests/wan_folders.py): the cached run's latents against the uncached, reported
+    (pytest -s prints them); a threshold that skips moves them, by less than they measure."""
+    from wan_folders import wan_t2v_root
+
+    wan_t2v_root(tmp_path / "wan")
+    pipe = VideoPipeline.from_pretrained(tmp_path / "wan")
+    job = dict(frames=5, height=32, width=32, steps=10, guidance=5.0, progress=False, output_type="latent")
+    plain = pipe.generate("a red ball", seed=0, **job)
+    for threshold in (0.1, 0.3, 0.5):
+        pipe.cache = threshold
+        z = pipe.generate("a red ball", seed=0, **job)
+        state = pipe.cache_states[0]
+        diff = float((z - plain).norm() / plain.norm())
+        print(f"tiny Wan, cache {threshold}: relative difference {diff:.4f}, block evaluations "
+              f"{state.block_evals}/{state.full_evals}")  # fmt: skip
+        assert diff < 1 and (diff > 0) == (state.skipped > 0)
