@@ -17,6 +17,7 @@ from .cache import add_calibrate_cache
 from .common import add_common, parse_lora_spec, warning_lines
 from .jobs import JOB_SUBCOMMANDS
 from .latents import add_convert, add_decode, add_encode, add_reconstruct
+from .serve import add_serve
 from .train import add_train
 
 __all__ = ["SUBCOMMANDS", "add_common", "build_parser", "main", "parse_lora_spec", "run"]
@@ -58,6 +59,7 @@ SUBCOMMANDS = [
     add_train,
     *JOB_SUBCOMMANDS,
     add_calibrate_cache,
+    add_serve,
 ]
 
 
