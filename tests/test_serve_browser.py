@@ -115,7 +115,13 @@ def _upload(driver, elem_id: str, path: Path) -> None:
 def _shot(driver, name: str) -> None:
     folder = os.environ.get("VIDLATENT_SCREENSHOTS")
     if folder:
-        driver.save_screenshot(str(Path(folder) / f"serve-{name}.png"))
+        from PIL import Image
+
+        path = Path(folder) / f"serve-{name}.png"
+        driver.save_screenshot(str(path))
+        image = Image.open(path).convert("RGB")  # small for docs/: 700 px wide, 64 colours
+        image = image.resize((700, round(image.height * 700 / image.width)), Image.LANCZOS)
+        image.quantize(64).save(path, optimize=True)
 
 
 def _run_and_download(driver, name: str, tmp_path: Path) -> Path:
@@ -182,6 +188,17 @@ def test_morph_in_the_browser(browser, tmp_path):
     _shot(browser, "morph")
 
 
+def test_inpaint_with_an_uploaded_mask_in_the_browser(browser, tmp_path):
+    _tab(browser, "inpaint")
+    _sampling(browser, 2, 1)
+    _upload(browser, "inpaint-input", DOCS / "input.gif")  # 17 frames, 64x64
+    _upload(browser, "inpaint-mask", DOCS / "mask.png")
+    _type(browser, "inpaint-prompt", "a green triangle moving left")
+    out = _run_and_download(browser, "inpaint", tmp_path)
+    assert _frames_and_size(out) == (17, 64, 64)
+    _shot(browser, "inpaint")
+
+
 def test_a_bad_upload_shows_one_line(browser, tmp_path):
     By = _by()
     fake = tmp_path / "clip.mp4"
@@ -199,6 +216,7 @@ def test_a_bad_upload_shows_one_line(browser, tmp_path):
     assert "Traceback" not in text and 'File "' not in text, text
     _shot(browser, "error")
     if os.environ.get("VIDLATENT_SCREENSHOTS"):  # the tabs no test above fills, for docs/serve.md
-        for name in ("inpaint", "animate", "control", "reconstruct", "encode"):
+        browser.get(browser.current_url)  # a fresh page: no error toast
+        for name in ("animate", "control", "reconstruct", "encode"):
             _tab(browser, name)
             _shot(browser, name)

@@ -103,19 +103,20 @@ def _stop_tqdm_on(stop: threading.Event):
         tqdm.__iter__ = original
 
 
+def _text(value) -> str:
+    """A field's value as typed ("" when empty); the command line checks it."""
+    return "" if value is None else str(value).strip()
+
+
 def _sampling_argv(steps, guidance, seed, sampler, shift, negative, lora, lora_scale) -> list[str]:
     """The shared sampling panel as CLI flags (empty fields: the model's defaults)."""
     argv = []
-    if steps:
-        argv += ["--steps", str(int(steps))]
-    if guidance is not None and guidance != "":
-        argv += ["--guidance", str(guidance)]
-    if seed is not None and seed != "" and int(seed) >= 0:
-        argv += ["--seed", str(int(seed))]
+    for flag, value in (("--steps", steps), ("--guidance", guidance), ("--shift", shift)):
+        argv += [flag, _text(value)] if _text(value) else []
+    if _text(seed) and float(seed) >= 0:
+        argv += ["--seed", str(int(float(seed)))]
     if sampler and sampler != SAMPLERS[0]:
         argv += ["--sampler", sampler]
-    if shift:
-        argv += ["--shift", str(shift)]
     if negative:
         argv += ["--negative-prompt", negative]
     if lora:
@@ -126,9 +127,13 @@ def _sampling_argv(steps, guidance, seed, sampler, shift, negative, lora, lora_s
 def _size_argv(frames=None, height=None, width=None) -> list[str]:
     argv = []
     for flag, value in (("--frames", frames), ("--height", height), ("--width", width)):
-        if value:
-            argv += [flag, str(int(value))]
+        argv += [flag, _text(value).removesuffix(".0")] if _text(value) else []
     return argv
+
+
+def _optional(gr, label: str, elem_id: str):
+    """A field left empty for the model's default."""
+    return gr.Textbox(label=label, placeholder="model default", elem_id=elem_id)
 
 
 def _need(value, what: str) -> str:
@@ -193,11 +198,11 @@ def build_app(runner: JobRunner):
         gr.Markdown(f"## vidlatent — model `{runner.model}`")
         with gr.Accordion("sampling (every job)", open=True):
             with gr.Row():
-                steps = gr.Number(label="steps", value=None, precision=0, elem_id="steps")
-                guidance = gr.Number(label="guidance", value=None, elem_id="guidance")
+                steps = _optional(gr, "steps", "steps")
+                guidance = _optional(gr, "guidance (1 = off)", "guidance")
                 seed = gr.Number(label="seed (-1: random)", value=-1, precision=0, elem_id="seed")
                 sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLERS[0], label="sampler", elem_id="sampler")
-                shift = gr.Number(label="shift", value=None, elem_id="shift")
+                shift = _optional(gr, "shift", "shift")
             with gr.Row():
                 negative = gr.Textbox(label="negative prompt", elem_id="negative")
                 lora = gr.File(label="LoRA (.safetensors)", file_types=[".safetensors"], elem_id="lora")
@@ -220,16 +225,14 @@ def build_app(runner: JobRunner):
         with gr.Tab("generate", elem_id="tab-generate"):
             g_prompt = gr.Textbox(label="prompt", elem_id="generate-prompt")
             with gr.Row():
-                g_frames = gr.Number(
-                    label="frames (1 = image)", value=None, precision=0, elem_id="generate-frames"
-                )
-                g_height = gr.Number(label="height", value=None, precision=0, elem_id="generate-height")
-                g_width = gr.Number(label="width", value=None, precision=0, elem_id="generate-width")
+                g_frames = _optional(gr, "frames (1 = image)", "generate-frames")
+                g_height = _optional(gr, "height", "generate-height")
+                g_width = _optional(gr, "width", "generate-width")
             g_run = gr.Button("generate", variant="primary", elem_id="generate-run")
             g_out = outputs("generate")
 
         def generate(prompt, frames, height, width, *sampling):
-            out = runner.folder() / ("out.png" if frames == 1 else "out.mp4")
+            out = runner.folder() / ("out.png" if str(frames).strip() == "1" else "out.mp4")
             argv = [
                 "generate",
                 _need(prompt, "the prompt"),
@@ -298,7 +301,7 @@ def build_app(runner: JobRunner):
                 a_last = gr.Image(label="last frame (optional)", type="filepath", elem_id="animate-last")
             a_prompt = gr.Textbox(label="prompt (what happens next)", elem_id="animate-prompt")
             with gr.Row():
-                a_frames = gr.Number(label="frames", value=None, precision=0, elem_id="animate-frames")
+                a_frames = _optional(gr, "frames", "animate-frames")
                 a_strength = gr.Slider(0, 1, value=1, step=0.05, label="strength", elem_id="animate-strength")
             a_run = gr.Button("animate", variant="primary", elem_id="animate-run")
             a_out = outputs("animate")

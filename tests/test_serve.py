@@ -1,0 +1,97 @@
+"""``vidlatent serve``'s glue without a browser: the runner runs the CLI's commands and turns their errors into
+one line, Cancel stops a sampling loop at its next step, a drawn mask becomes a mask image, the page builds."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vidlatent.diffusion.sampling import denoise
+from vidlatent.serve import Cancelled, JobRunner, _mask_from_drawing, _sampling_argv, _stop_tqdm_on
+
+
+def test_runner_runs_the_cli_command_and_reports_the_seed(tmp_path):
+    runner = JobRunner("tiny", "cpu", str(tmp_path))
+    out = runner.folder() / "out.mp4"
+    printed = runner.run(["generate", "a ball", "-o", str(out), "--frames", "5", "--height", "32",
+                          "--width", "32", *_sampling_argv(2, None, 3, "euler", None, None, None, 1)])  # fmt: skip
+    assert out.exists()
+    assert "5 frames, 32x32, seed 3" in printed, printed
+
+
+def test_a_bad_upload_is_one_line(tmp_path):
+    fake = tmp_path / "clip.mp4"
+    fake.write_text("not a video\n")
+    runner = JobRunner("tiny", "cpu", str(tmp_path))
+    with pytest.raises(ValueError) as err:
+        runner.run(["reconstruct", str(fake), "-o", str(tmp_path / "out.mp4")])
+    message = str(err.value)
+    assert message.startswith("vidlatent reconstruct: ") and "clip.mp4" in message
+    assert "\n" not in message
+
+
+def test_a_bad_option_is_one_line(tmp_path):
+    runner = JobRunner("tiny", "cpu", str(tmp_path))
+    with pytest.raises(ValueError, match="steps") as err:
+        runner.run(["generate", "a ball", "-o", str(tmp_path / "o.mp4"), "--steps", "-2"])
+    assert "\n" not in str(err.value)
+
+
+def test_cancel_stops_the_sampling_loop_at_its_next_step():
+    from tqdm import tqdm
+
+    original = tqdm.__iter__
+    stop, calls = threading.Event(), []
+
+    def model(x, sigma, context, context_mask=None):
+        calls.append(float(sigma[0]))
+        return torch.zeros_like(x)
+
+    def hook(step, sigma, x):
+        if step == 1:
+            stop.set()  # as the page's Cancel button does, from another thread
+        return x
+
+    context = torch.zeros(1, 2, 4)
+    with pytest.raises(Cancelled), _stop_tqdm_on(stop):
+        denoise(model, (1, 4, 1, 2, 2), context, sampler="euler", steps=10, hook=hook, progress=True)
+    assert len(calls) == 2  # set during step 1: steps 0 and 1 ran, the loop stopped before step 2 (of 10)
+    assert tqdm.__iter__ is original  # the page leaves tqdm as it found it
+    assert denoise(model, (1, 4, 1, 2, 2), context, sampler="euler", steps=3, progress=False).shape[0] == 1
+
+
+def test_a_drawn_mask_becomes_a_white_on_black_image(tmp_path):
+    layer = np.zeros((8, 12, 4), np.uint8)
+    layer[2:5, 3:7] = (255, 0, 0, 255)
+    path = _mask_from_drawing({"background": None, "layers": [layer], "composite": None}, tmp_path)
+    mask = np.asarray(Image.open(path))
+    assert mask.shape == (8, 12) and mask[2:5, 3:7].min() == 255 and mask.sum() == 255 * 12
+    assert _mask_from_drawing({"layers": [np.zeros((8, 12, 4), np.uint8)]}, tmp_path) is None
+
+
+@pytest.mark.slow  # importing gradio: ~8 s on 2 busy cores
+def test_the_page_builds_with_a_tab_per_job(tmp_path):
+    pytest.importorskip("gradio")
+    from vidlatent.serve import build_app
+
+    app = build_app(JobRunner("tiny", "cpu", str(tmp_path)))
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    for job in ("generate", "edit", "inpaint", "animate", "morph", "control", "reconstruct", "encode"):
+        assert f"tab-{job}" in ids and f"{job}-run" in ids, job
+
+
+def test_serve_is_a_subcommand():
+    from vidlatent.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "7999"])
+    assert (args.port, args.host, args.share, args.model) == (7999, "127.0.0.1", False, "default")
+
+
+def test_empty_fields_leave_the_model_defaults():
+    assert _sampling_argv("", None, -1, "model default", " ", "", None, 1) == []
+    assert _sampling_argv("4", "0", 5.0, "unipc", "3", "blur", "l.safetensors", 0.5) == [
+        "--steps", "4", "--guidance", "0", "--shift", "3", "--seed", "5", "--sampler", "unipc",
+        "--negative-prompt", "blur", "--lora", "l.safetensors:0.5",
+    ]  # fmt: skip
