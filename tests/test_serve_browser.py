@@ -167,6 +167,25 @@ def test_generate_in_the_browser(browser, tmp_path):
     _shot(browser, "generate")
 
 
+def test_progress_shows_and_cancel_stops_sampling(browser, tmp_path):
+    """A 3000-step job shows its sampling progress; Cancel stops it, so the next job (queued behind it, one at
+    a time) finishes in well under the minutes the long one would take."""
+    By = _by()
+    _tab(browser, "generate")
+    _sampling(browser, 3000, 2)
+    _type(browser, "generate-frames", 5)
+    browser.find_element(By.ID, "generate-run").click()
+    _wait(browser, lambda d: "sampling" in d.find_element(By.TAG_NAME, "body").text, "the progress", 120)
+    browser.find_element(By.ID, "cancel").click()
+    time.sleep(2)
+    _sampling(browser, 2, 3)
+    start = time.monotonic()
+    browser.find_element(By.ID, "generate-run").click()
+    _wait(browser, lambda d: "seed 3" in d.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value"),
+          "the next job", 90)  # fmt: skip
+    assert time.monotonic() - start < 90
+
+
 def test_edit_in_the_browser(browser, tmp_path):
     _tab(browser, "edit")
     _sampling(browser, 2, 1)
