@@ -95,3 +95,21 @@ def test_empty_fields_leave_the_model_defaults():
         "--steps", "4", "--guidance", "0", "--shift", "3", "--seed", "5", "--sampler", "unipc",
         "--negative-prompt", "blur", "--lora", "l.safetensors:0.5",
     ]  # fmt: skip
+
+
+@pytest.mark.slow  # importing gradio: ~8 s on 2 busy cores
+def test_loopback_by_default_public_only_with_a_warning(monkeypatch):
+    gr = pytest.importorskip("gradio")
+    import warnings
+
+    from vidlatent.serve import serve
+
+    launches = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launches.append(kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on loopback
+        serve("tiny", 7999, device="cpu")
+    assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
+    for kw in ({"host": "0.0.0.0"}, {"share": True}):
+        with pytest.warns(UserWarning, match="anyone who reaches it can run jobs"):
+            serve("tiny", 7999, device="cpu", **kw)
