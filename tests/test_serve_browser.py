@@ -218,6 +218,27 @@ def test_inpaint_with_an_uploaded_mask_in_the_browser(browser, tmp_path):
     _shot(browser, "inpaint")
 
 
+def test_encode_downloads_latents_and_statistics(browser, tmp_path):
+    from vidlatent.data.latents import load_latents
+
+    By = _by()
+    _tab(browser, "encode")
+    _upload(browser, "encode-input", DOCS / "a.png")
+    browser.find_element(By.ID, "encode-run").click()
+    links = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#encode-download a[href]"), "the latents")
+    got = {}
+    for link in links:
+        href = link.get_attribute("href")
+        path = tmp_path / Path(href.split("?")[0]).name
+        with urllib.request.urlopen(href, timeout=30) as response:
+            path.write_bytes(response.read())
+        got[path.suffix] = path
+    assert set(got) == {".safetensors", ".yaml"}, got
+    assert load_latents(got[".safetensors"])[0].shape[-3:] == (1, 8, 8)  # one frame, 64x64 / 8
+    assert "latents_mean" in got[".yaml"].read_text()
+    _shot(browser, "encode")
+
+
 def test_a_bad_upload_shows_one_line(browser, tmp_path):
     By = _by()
     fake = tmp_path / "clip.mp4"
@@ -236,6 +257,6 @@ def test_a_bad_upload_shows_one_line(browser, tmp_path):
     _shot(browser, "error")
     if os.environ.get("VIDLATENT_SCREENSHOTS"):  # the tabs no test above fills, for docs/serve.md
         browser.get(browser.current_url)  # a fresh page: no error toast
-        for name in ("animate", "control", "reconstruct", "encode"):
+        for name in ("animate", "control", "reconstruct"):
             _tab(browser, name)
             _shot(browser, name)
