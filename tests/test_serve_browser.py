@@ -225,7 +225,9 @@ def test_encode_downloads_latents_and_statistics(browser, tmp_path):
     _tab(browser, "encode")
     _upload(browser, "encode-input", DOCS / "a.png")
     browser.find_element(By.ID, "encode-run").click()
-    links = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#encode-download a[href]"), "the latents")
+    links = _wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#encode-download a[href]"), "the latents"
+    )
     got = {}
     for link in links:
         href = link.get_attribute("href")
