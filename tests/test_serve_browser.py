@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -216,6 +217,32 @@ def test_inpaint_with_an_uploaded_mask_in_the_browser(browser, tmp_path):
     out = _run_and_download(browser, "inpaint", tmp_path)
     assert _frames_and_size(out) == (17, 64, 64)
     _shot(browser, "inpaint")
+
+
+def test_inpaint_with_a_mask_drawn_on_the_first_frame(browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    By = _by()
+    browser.get(browser.current_url)  # a fresh page: no mask uploaded by the test above
+    _tab(browser, "inpaint")
+    _sampling(browser, 2, 1)
+    _upload(browser, "inpaint-input", DOCS / "input.gif")  # its first frame appears in the editor
+    time.sleep(2)
+    browser.find_element(By.CSS_SELECTOR, "#inpaint-draw button[aria-label='Brush']").click()
+    canvas = next(
+        c for c in browser.find_elements(By.CSS_SELECTOR, "#inpaint-draw canvas") if c.is_displayed()
+    )
+    stroke = ActionChains(browser).move_to_element_with_offset(canvas, -20, -20).click_and_hold()
+    stroke.move_by_offset(40, 0).move_by_offset(0, 40).move_by_offset(-40, 0).release().perform()
+    time.sleep(1)
+    _type(browser, "inpaint-prompt", "a green square")
+    out = _run_and_download(browser, "inpaint", tmp_path)
+    assert _frames_and_size(out) == (17, 64, 64)
+    status = browser.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value")
+    written = Path(status.split("wrote ", 1)[1].split(" (")[0])  # the server's folder: the same machine
+    mask = np.asarray(Image.open(written.parent / "mask.png"))
+    assert mask.shape == (64, 64) and 0 < (mask > 0).mean() < 1  # painted where the stroke went, not all
 
 
 def test_encode_downloads_latents_and_statistics(browser, tmp_path):
