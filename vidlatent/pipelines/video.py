@@ -53,6 +53,7 @@ from ..models.dit import VideoDiT
 from ..models.image import ENCODER_DIR, ImageEncoder
 from ..models.text import TextEncoder
 from ..models.vae import CausalVAE
+from ..runtime import parallel
 from . import loading
 from .control import sample_control
 from .denoisers import CleanFrames, ExpertPlacement, check_experts
@@ -425,7 +426,9 @@ class VideoPipeline:
 
         NonFiniteError when the latents or the decoded frames hold NaN/inf."""
         check_finite(latents, "the latents to decode", "they hold NaN/inf values")
-        video = self.vae.decode(self.vae.denormalize(latents.float())).float()
+        z = self.vae.denormalize(latents.float())
+        par = parallel.active(self)  # under torchrun: the VAE's tiles shared among the ranks
+        video = (self.vae.decode(z) if par is None else par.decode(self.vae, z)).float()
         return check_finite(video, "VAE decoding", lambda: model_cause("VAE", self.vae))
 
     def decode_images(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -1006,6 +1009,8 @@ class VideoPipeline:
         either way, also serves the samplers that draw noise at each step."""
         seed = self.config.seed if seed is None else seed
         generator = torch.Generator()
+        if seed is None and parallel.active(self) is not None:  # every rank samples with rank 0's fresh seed
+            seed = parallel.broadcast_seed(generator.seed())
         if seed is None:
             generator.seed()
         else:

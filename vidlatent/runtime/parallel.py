@@ -14,8 +14,15 @@ Two ways to split one call, combined on a grid of ``cfg x sequence`` ranks (``wo
   halves are joined by an all-gather. A batch that does not split in two (no guidance), or a call with a
   control branch's hints (they hold the whole batch), runs whole on both groups.
 
-Every rank ends a call holding the whole output, so the sampler, hooks and VAE run as in one process and
-the result equals the single-process one (within float rounding; measured in tests/test_context_parallel.py).
+Every rank ends a call holding the whole output, so the sampler and hooks run as in one process and the
+result equals the single-process one (within float rounding; measured in tests/test_context_parallel.py).
+
+The VAE decode (``ContextParallel.decode``, which ``VideoPipeline.decode`` calls under context parallel) is
+shared too when it tiles: the spatial tiles of the single-process tiled decode are dealt out round-robin over
+all ranks, each round's tiles all-gathered, and every rank blends them in the single-process order, so the
+video is the single-process tiled decode's (tests/test_context_parallel_vae.py). A decode that does not tile
+runs whole on every rank. A job without a seed takes rank 0's fresh one (``broadcast_seed``), so every rank
+samples the same video.
 
 Letters: b batch, n tokens (l: one rank's share), k heads, e head dim, w ranks of a group, f features.
 """
@@ -31,7 +38,17 @@ from einops import rearrange
 
 from ..models.layers import attention
 
-__all__ = ["ContextParallel", "broadcast_seed", "context_parallel", "disable", "is_main", "join", "launched"]
+__all__ = [
+    "ContextParallel",
+    "active",
+    "broadcast_seed",
+    "context_parallel",
+    "disable",
+    "is_main",
+    "join",
+    "launched",
+    "split_tiled_decode",
+]
 
 
 def _world() -> tuple[int, int]:
@@ -175,6 +192,75 @@ class ContextParallel:
         out = attention(q, k, v, mask=mask, backend=backend)
         out = self._all_to_all(rearrange(out, "b k (w l) e -> w b k l e", w=w).contiguous())
         return rearrange(out, "w b k l e -> b (w k) l e")
+
+    # ------------------------------------------------------------------------- the VAE decode
+
+    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(z)`` with its spatial tiles shared among all ranks (``split_tiled_decode``) where the
+        VAE tiles this size (``config.auto_tile_above``); whole on every rank where it does not."""
+        sf = vae.spatial_factor
+        if vae._use_tiling(None, z.shape[-2] * sf, z.shape[-1] * sf):
+            return split_tiled_decode(vae, z)
+        return vae.decode(z)
+
+
+# ----------------------------------------------------------------------------- the VAE decode, split by tiles
+
+
+def split_tiled_decode(vae, z: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """``vae.decode(z, chunk_size, tile=True)`` on every rank, each rank decoding a share of the tiles.
+
+    The tiles are the single-process ones (``config.tile_size`` / ``tile_overlap``); tile i goes to rank
+    ``i % world``. Round r decodes tiles ``r * world .. r * world + world - 1`` (one per rank; a rank past the
+    last tile sends zeros) and all-gathers them, so a rank holds ``world`` tiles and the canvas at a time.
+    Every rank blends the tiles in the single-process order with the same weights, so the result is that
+    decode's, whatever the tile count and world size. Without a process group: ``vae.decode`` itself.
+    """
+    from ..models.vae import _ramp, _tile_starts
+
+    rank, world = _world()
+    if world == 1:
+        return vae.decode(z, chunk_size, tile=True)
+    vae._check_latents(z)
+    z = z.to(device=vae.device, dtype=vae.dtype)
+    chunk = vae.config.chunk_size if chunk_size is None else chunk_size
+    sf = vae.spatial_factor
+    tile = max(1, vae.config.tile_size // sf)  # the sizes of CausalVAE.decode's tiling, in latent pixels
+    overlap = min(tile - 1, vae.config.tile_overlap // sf)
+    h, w = z.shape[-2:]
+    stride = tile - overlap
+    ys, xs = _tile_starts(h, tile, stride), _tile_starts(w, tile, stride)
+    starts = [(y0, x0) for y0 in ys for x0 in xs]
+    o_overlap = overlap * sf
+    out = weights = shape = None
+    for first in range(0, len(starts), world):
+        mine = first + rank
+        piece = None
+        if mine < len(starts):
+            y0, x0 = starts[mine]
+            piece = vae._decode_pixels(z[..., y0 : y0 + tile, x0 : x0 + tile], chunk)
+        if shape is None:  # every tile has one shape (the last start is size - tile); rank 0 always has one
+            box = [tuple(piece.shape) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            shape = box[0]
+            out = z.new_zeros((*shape[:3], h * sf, w * sf))
+            weights = z.new_zeros((h * sf, w * sf))
+        parts = [z.new_empty(shape) for _ in range(world)]
+        dist.all_gather(parts, piece.contiguous() if piece is not None else z.new_zeros(shape))
+        for (y0, x0), piece in zip(starts[first : first + world], parts):
+            ph, pw = piece.shape[-2:]
+            oy, ox = y0 * sf, x0 * sf
+            wy = _ramp(ph, min(o_overlap, ph), y0 > 0, y0 + tile < h)
+            wx = _ramp(pw, min(o_overlap, pw), x0 > 0, x0 + tile < w)
+            mask = (wy[:, None] * wx[None, :]).to(piece)
+            out[..., oy : oy + ph, ox : ox + pw] += piece * mask
+            weights[oy : oy + ph, ox : ox + pw] += mask
+    return (out / weights).clamp(-1.0, 1.0)
+
+
+def active(pipe) -> ContextParallel | None:
+    """The ``ContextParallel`` a pipeline's denoiser runs under, or None."""
+    return getattr(getattr(pipe, "dit", None), "context_parallel", None)
 
 
 def context_parallel(pipe_or_model, cfg: bool = False) -> ContextParallel:
