@@ -161,3 +161,22 @@ def test_tiny_wan_folder_relative_difference(tmp_path):
         print(f"tiny Wan, cache {threshold}: relative difference {diff:.4f}, block evaluations "
               f"{state.block_evals}/{state.full_evals}")  # fmt: skip
         assert diff < 1 and (diff > 0) == (state.skipped > 0)
+
+
+def test_jobs_that_sample_on_their_own_say_they_run_uncached(default_pipe):
+    """FlowEdit and the noise morph call the sampler themselves: with a cache set they warn in one line and
+    give exactly the uncached result."""
+    import copy
+
+    plain = copy.deepcopy(default_pipe)
+    cached = copy.deepcopy(default_pipe)
+    cached.cache = 0.5
+    video = plain.generate("a red circle moving right", frames=5, steps=2, seed=0)
+    kw = dict(strength=0.5, steps=2, seed=1, output_type="latent")
+    want = plain.edit(video, "a blue circle moving right", source_prompt="a red circle moving right", **kw)
+    with pytest.warns(UserWarning, match=r"not applied to an edit with source_prompt \(FlowEdit\)"):
+        got = cached.edit(
+            video, "a blue circle moving right", source_prompt="a red circle moving right", **kw
+        )
+    assert torch.equal(want, got)
+    assert cached.cache_states == []

@@ -23,6 +23,7 @@ k pixel frames per latent frame (the VAE's temporal factor), p q pixels per late
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -535,6 +536,7 @@ class VideoPipeline:
             return self._output(z, opts.output_type, fit)
         self._check_text_to_video()
         self._check_one_expert("an edit with source_prompt (FlowEdit)")
+        self._uncached("an edit with source_prompt (FlowEdit)")
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, opts.seed, noise)
         source_guidance = check_option(
@@ -799,6 +801,7 @@ class VideoPipeline:
         noise, generator = self._noise(shape, opts.seed, noise)
         self._check_text_to_video()
         self._check_one_expert("control")
+        self._uncached("control")
         context, context_mask = self.encode_text(self._prompts(prompt, b))
         negative = self._negative(opts.negative_prompt, opts.guidance != 1)
         model = ControlledDiT(self.dit, self.control_branch)
@@ -923,6 +926,7 @@ class VideoPipeline:
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
         self._check_text_to_video()
         self._check_one_expert("a noise morph")
+        self._uncached("a noise morph")
         tokens, mask = self.encode_text([prompt_a, prompt_b])
         if mask is not None:  # the union: one context layout for every frame
             mask = mask.any(dim=0, keepdim=True).expand(2, -1)
@@ -941,6 +945,13 @@ class VideoPipeline:
         return regenerate(arc_length_weights(weights, latents, weights)) if respace else latents
 
     # ------------------------------------------------------------------------------------ helpers
+
+    def _uncached(self, job: str) -> None:
+        """Step caching covers the jobs that sample through ``_sample`` (generate, SDEdit edit, inpaint,
+        animate); ``job`` samples on its own: say so once per call, then run it uncached."""
+        if self.cache is not None:
+            warnings.warn(f"step caching is not applied to {job} yet: it runs uncached", stacklevel=3)
+            self.cache_states = []
 
     def _sample(self, noise, prompts, opts: SamplingOptions, generator, init=None, strength=1.0, hook=None,
                 model_kwargs=None, clean_frames=None):  # fmt: skip
