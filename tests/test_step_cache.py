@@ -163,20 +163,57 @@ def test_tiny_wan_folder_relative_difference(tmp_path):
         assert diff < 1 and (diff > 0) == (state.skipped > 0)
 
 
-def test_jobs_that_sample_on_their_own_say_they_run_uncached(default_pipe):
-    """FlowEdit and the noise morph call the sampler themselves: with a cache set they warn in one line and
-    give exactly the uncached result."""
+def test_flow_edit_caches_each_side_apart(default_pipe):
+    """FlowEdit runs the denoiser on the source and the target side each step: each side has its own state;
+    threshold 0 is the plain edit bitwise, a large one skips on both sides and changes the edit."""
     import copy
 
-    plain = copy.deepcopy(default_pipe)
-    cached = copy.deepcopy(default_pipe)
-    cached.cache = 0.5
+    plain, cached = copy.deepcopy(default_pipe), copy.deepcopy(default_pipe)
     video = plain.generate("a red circle moving right", frames=5, steps=2, seed=0)
-    kw = dict(strength=0.5, steps=2, seed=1, output_type="latent")
-    want = plain.edit(video, "a blue circle moving right", source_prompt="a red circle moving right", **kw)
-    with pytest.warns(UserWarning, match=r"not applied to an edit with source_prompt \(FlowEdit\)"):
-        got = cached.edit(
-            video, "a blue circle moving right", source_prompt="a red circle moving right", **kw
-        )
-    assert torch.equal(want, got)
-    assert cached.cache_states == []
+    kw = dict(source_prompt="a red circle moving right", strength=0.8, steps=6, seed=1, output_type="latent")
+    want = plain.edit(video, "a blue circle moving right", **kw)
+    cached.cache = 0.0
+    assert torch.equal(cached.edit(video, "a blue circle moving right", **kw), want)
+    assert len(cached.cache_states) == 2 and all(st.skipped == 0 for st in cached.cache_states)
+    cached.cache = 1e6
+    got = cached.edit(video, "a blue circle moving right", **kw)
+    assert all(st.skipped > 0 for st in cached.cache_states)
+    assert not torch.equal(got, want)
+
+
+def test_control_is_cached():
+    """The control job wraps its own denoiser: threshold 0 is the plain job bitwise; a large one skips."""
+    from test_control_job import fresh_branch
+
+    pipe = VideoPipeline.from_pretrained("tiny")
+    randomize(pipe.dit, seed=5)
+    branch = fresh_branch(pipe)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pipe.load_control(branch)
+    control = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    kw = dict(steps=4, seed=3, guidance=3.0, output_type="latent", progress=False)
+    want = pipe.control("a red ball", control, **kw)
+    pipe.cache = 0.0
+    assert torch.equal(pipe.control("a red ball", control, **kw), want)
+    pipe.cache = 1e6
+    got = pipe.control("a red ball", control, **kw)
+    assert len(pipe.cache_states) == 1 and pipe.cache_states[0].skipped > 0
+    assert not torch.equal(got, want)
+
+
+def test_the_noise_morph_says_it_runs_uncached(default_pipe, tmp_path):
+    """The noise morph's inversion is a fixed-point walk: it runs uncached, says so in one line, and gives
+    the plain morph exactly."""
+    import copy
+
+    plain, cached = copy.deepcopy(default_pipe), copy.deepcopy(default_pipe)
+    a = plain.generate("a red circle", frames=1, steps=2, seed=0)
+    b = plain.generate("a blue square", frames=1, steps=2, seed=1)
+    kw = dict(frames=3, mode="noise", prompt_a="a red circle", prompt_b="a blue square", steps=2)
+    want = plain.morph(a, b, **kw)
+    cached.cache = 0.5
+    with pytest.warns(UserWarning, match="step caching is not applied to a noise morph"):
+        got = cached.morph(a, b, **kw)
+    assert torch.equal(want, got) and cached.cache_states == []

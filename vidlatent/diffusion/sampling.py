@@ -194,6 +194,7 @@ def flow_edit(
     strength: float = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    source_model: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Edit latents ``x0`` from what ``source`` describes to what ``context`` describes, without inverting them
     (FlowEdit, Kulikov et al. 2024); returns fp32 latents.
@@ -205,12 +206,14 @@ def flow_edit(
     What both prompts agree on cancels, so the input's layout and motion survive what a prompt changes; with
     the same prompt and guidance on both sides ``x0`` comes back unchanged. ``guidance``/``source_guidance``:
     classifier-free guidance of each side against ``negative`` (the paper uses less on the source side).
-    The noise is drawn from ``generator`` (the same seed, the same edit).
+    The noise is drawn from ``generator`` (the same seed, the same edit). ``source_model``: the source side's
+    model (default ``model``; a step cache keeps one state per side).
     """
     start = first_step(steps, strength)
     sigmas = sigma_schedule("euler", steps, shift).to(x0.device)
     target_v = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
-    source_v = guided_velocity(model, source, source_mask, negative, negative_mask, source_guidance)
+    source_v = guided_velocity(source_model or model, source, source_mask, negative, negative_mask,
+                               source_guidance)  # fmt: skip
     x0 = x0.float()
     z = x0.clone()
     for i in tqdm(range(start, steps), disable=not progress, desc="flow edit"):

@@ -32,6 +32,7 @@ from einops import rearrange
 from ..diffusion.sampling import denoise
 from ..models.control import ControlledDiT, Scale, hint_scales
 from ..models.vae import CausalVAE
+from ..runtime.cache import Cached, CacheState
 
 
 @torch.no_grad()
@@ -83,6 +84,7 @@ def sample_control(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     output_type: str = "video",
+    cache: CacheState | None = None,
     **options,
 ) -> torch.Tensor:
     """Generate a video steered by a ``control`` video (b, 3, t, h, w) (with a ``mask`` and ``reference``
@@ -92,7 +94,8 @@ def sample_control(
 
     ``scale``: the hints' scale (a float, one per hint, or (b, hints)). ``noise``: the start noise
     (b, c, r + t', h', w'), else drawn from ``generator``. ``options`` go to ``sampling.denoise`` (negative
-    tokens, guidance, sampler, steps, shift, timesteps, scheduler_config, hook, progress, ...).
+    tokens, guidance, sampler, steps, shift, timesteps, scheduler_config, hook, progress, ...). ``cache``: a
+    step cache's state for this run (``runtime.cache.CacheState``), or None.
     """
     if output_type not in ("video", "latent"):
         raise ValueError(f"unknown output_type {output_type!r}; accepted: video, latent")
@@ -119,7 +122,7 @@ def sample_control(
         )
     scales = hint_scales(scale, b, len(model.control.config.layers), latents.device)
     z = denoise(
-        model,
+        model if cache is None else Cached(model, cache),
         shape if noise is None else noise,
         context,
         context_mask,

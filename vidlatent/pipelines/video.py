@@ -536,7 +536,6 @@ class VideoPipeline:
             return self._output(z, opts.output_type, fit)
         self._check_text_to_video()
         self._check_one_expert("an edit with source_prompt (FlowEdit)")
-        self._uncached("an edit with source_prompt (FlowEdit)")
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, opts.seed, noise)
         source_guidance = check_option(
@@ -545,9 +544,11 @@ class VideoPipeline:
         context, mask = self.encode_text(self._prompts(prompt, len(z0)))
         source, source_mask = self.encode_text(self._prompts(source_prompt, len(z0), "source_prompt"))
         negative = self._negative(opts.negative_prompt, opts.guidance != 1 or source_guidance != 1)
-        z = flow_edit(self.dit, z0, context, mask, source, source_mask, **negative, guidance=opts.guidance,
+        target, source_model = self._cached([self.dit, self.dit])  # a step cache: one state per side
+        z = flow_edit(target, z0, context, mask, source, source_mask, **negative, guidance=opts.guidance,
                       source_guidance=source_guidance, steps=opts.steps, shift=opts.shift,
-                      strength=strength, generator=generator, progress=opts.progress)  # fmt: skip
+                      strength=strength, generator=generator, progress=opts.progress,
+                      source_model=source_model)  # fmt: skip
         return self._output(z, opts.output_type, fit)
 
     @torch.no_grad()
@@ -801,13 +802,13 @@ class VideoPipeline:
         noise, generator = self._noise(shape, opts.seed, noise)
         self._check_text_to_video()
         self._check_one_expert("control")
-        self._uncached("control")
         context, context_mask = self.encode_text(self._prompts(prompt, b))
         negative = self._negative(opts.negative_prompt, opts.guidance != 1)
         model = ControlledDiT(self.dit, self.control_branch)
         z = sample_control(self.vae, model, context, context_mask, control=video, mask=mask,
                            reference=references or None, scale=scale, noise=noise, generator=generator,
-                           output_type="latent", **negative, timesteps=self.config.timesteps,
+                           output_type="latent", cache=self._cache_state(), **negative,
+                           timesteps=self.config.timesteps,
                            scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
                            **opts.loop_keywords())  # fmt: skip
         return self._output(z, opts.output_type, fit)
@@ -926,7 +927,7 @@ class VideoPipeline:
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
         self._check_text_to_video()
         self._check_one_expert("a noise morph")
-        self._uncached("a noise morph")
+        self._uncached("a noise morph")  # its inversion is a fixed-point walk: skipped steps would bend it
         tokens, mask = self.encode_text([prompt_a, prompt_b])
         if mask is not None:  # the union: one context layout for every frame
             mask = mask.any(dim=0, keepdim=True).expand(2, -1)
@@ -946,11 +947,21 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------------------------ helpers
 
+    def _cached(self, models: list) -> list:
+        """``models`` each with a fresh step-cache state (kept in ``cache_states``), or as they are with no
+        cache: every sampling run starts its cache afresh."""
+        self.cache_states = [] if self.cache is None else [runtime.CacheState(self.cache) for _ in models]
+        return [runtime.Cached(m, st) for m, st in zip(models, self.cache_states)] or models
+
+    def _cache_state(self) -> runtime.CacheState | None:
+        """One fresh step-cache state for a job that wraps its own denoiser (control), or None."""
+        self.cache_states = [] if self.cache is None else [runtime.CacheState(self.cache)]
+        return self.cache_states[0] if self.cache_states else None
+
     def _uncached(self, job: str) -> None:
-        """Step caching covers the jobs that sample through ``_sample`` (generate, SDEdit edit, inpaint,
-        animate); ``job`` samples on its own: say so once per call, then run it uncached."""
+        """``job`` runs without the step cache (say so in one line when one is set)."""
         if self.cache is not None:
-            warnings.warn(f"step caching is not applied to {job} yet: it runs uncached", stacklevel=3)
+            warnings.warn(f"step caching is not applied to {job}: it runs uncached", stacklevel=3)
             self.cache_states = []
 
     def _sample(self, noise, prompts, opts: SamplingOptions, generator, init=None, strength=1.0, hook=None,
@@ -964,8 +975,7 @@ class VideoPipeline:
         models = self._experts()
         if clean_frames is not None:
             models = [CleanFrames(dit, clean_frames) for dit in models]
-        self.cache_states = [] if self.cache is None else [runtime.CacheState(self.cache) for _ in models]
-        models = [runtime.Cached(m, st) for m, st in zip(models, self.cache_states)] or models
+        models = self._cached(models)
         second = None
         if self.dit_2 is None and opts.guidance_2 is not None:
             raise ValueError(
