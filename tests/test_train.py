@@ -367,9 +367,9 @@ def test_first_frame_conditioning_gives_clean_first_frame_outside_the_loss(laten
         """One micro-step whose prediction of latent frame 0 is moved by ``bump``; (loss, x0, model input)."""
         seen, forward = {}, trainer.forward_module
 
-        def spy(x_sigma, sigma, captions):
+        def spy(x_sigma, sigma, captions, extra=None):
             seen["x"] = x_sigma
-            pred, text_tokens = forward(x_sigma, sigma, captions)
+            pred, text_tokens = forward(x_sigma, sigma, captions, extra)
             pred = pred.clone()
             pred[:, :, 0] += bump
             return pred, text_tokens

@@ -461,9 +461,12 @@ class DenoiserTask(Task):
 
         records = {}
         for item in self.dataset.items:
-            vae = read_latent_metadata(item.path).get("vae") or {}
+            try:
+                vae = read_latent_metadata(item.path).get("vae") or {}
+            except (OSError, ValueError):  # a file broken since the scan (reported then): the others say
+                continue
             records.setdefault(vae.get("fingerprint"), vae)
-        record = next(iter(records.values()))
+        record = next(iter(records.values()), {})
         if len(records) > 1:
             warnings.warn(
                 f"the latent files were made with {len(records)} different VAEs; final/vae is "
