@@ -32,7 +32,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from .. import runtime
-from ..checkpoint import is_wan_release, override_items, resolve_source
+from ..checkpoint import WEIGHTS_DIR, is_wan_release, override_items, resolve_source
 from ..checks import check_finite, check_option, check_weights_finite, model_cause
 from ..config import list_presets, load_config, merge_config
 from ..config.pipeline import (
@@ -86,7 +86,7 @@ __all__ = [  # the names this module has always offered (the configs and Wan's c
 ]  # fmt: skip
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
+DEFAULT_MODEL = WEIGHTS_DIR / "default"  # the shipped models live in one place (checkpoint.WEIGHTS_DIR)
 
 
 def default_model_folder() -> Path:
