@@ -214,10 +214,8 @@ class Head(nn.Module):
         self.proj = nn.Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        if time_emb.ndim == 3:  # per-token noise levels: (b n d)
-            shift, scale = (self.modulation[:, None] + time_emb[:, :, None]).unbind(2)
-        else:
-            shift, scale = (self.modulation + time_emb[:, None]).unsqueeze(2).unbind(1)
+        # the time embedding (b d), or (b n d) per token, as one modulation row shared by shift and scale
+        shift, scale = _modulation_rows(self.modulation, time_emb.unsqueeze(-2))
         return self.proj(modulate(x, shift, scale, self.eps).type_as(x))
 
 
