@@ -26,7 +26,6 @@ import gc
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,13 +466,3 @@ def _save_pointer(encoder, folder: Path) -> None:
         encoder.save_pretrained(folder, copy=False)
     else:
         encoder.save_pretrained(folder)
-
-
-def copy_folder(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary name, so ``dst`` is whole or absent."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)

@@ -423,12 +423,12 @@ class DenoiserTask(Task):
             else:
                 model.save_pretrained(folder / name)
         if self.parts is not None:
-            from ..cache import copy_folder
+            from ...pipelines.assemble import copy_into_place
 
-            copy_folder(self.plan.root / "text_encoder", folder / "text_encoder")
+            copy_into_place(self.plan.root / "text_encoder", folder / "text_encoder")
             for name in ("image_encoder", "image_processor"):  # Wan I2V: the CLIP vision encoder
                 if self.i2v and (self.parts.folder / name).is_dir():
-                    copy_folder(self.parts.folder / name, folder / name)
+                    copy_into_place(self.parts.folder / name, folder / name)
             CausalVAE.from_pretrained(self.parts.vae).save_pretrained(folder / "vae")
             config = self.parts.config
         else:
