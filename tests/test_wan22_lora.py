@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from test_dit import max_rel_diff, pair
 from test_lora_inference import block_modules, diffusers_keys, factors, kohya_keys
 from test_wan22_pipeline import BOUNDARY, NEGATIVE, PROMPT, as_video, noise, ref_kw
-from wan22_folders import pipeline
+from wan22_folders import saved
 
 from vidlatent import VideoPipeline
 from vidlatent.cli import main
@@ -22,10 +22,13 @@ from vidlatent.models.lora import load_lora
 
 @pytest.fixture(scope="module")
 def a14b(tmp_path_factory):
-    ref = pipeline("WanPipeline", latent_channels=16, experts=2, boundary_ratio=BOUNDARY)
-    path = tmp_path_factory.mktemp("wan22") / "Wan2.2-T2V-A14B-tiny-Diffusers"
-    ref.save_pretrained(str(path))
-    return path, ref
+    return saved(
+        tmp_path_factory.mktemp("wan22") / "Wan2.2-T2V-A14B-tiny-Diffusers",
+        "WanPipeline",
+        latent_channels=16,
+        experts=2,
+        boundary_ratio=BOUNDARY,
+    )
 
 
 @pytest.fixture(scope="module")

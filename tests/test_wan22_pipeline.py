@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from wan22_folders import pipeline, tiny_vae
+from wan22_folders import pipeline, saved, tiny_vae
 
 from vidlatent import VideoPipeline
 from vidlatent.cli import main
@@ -61,19 +61,21 @@ def wide_still(tmp_path_factory):
 def ti2v(tmp_path_factory):
     """A TI2V-5B-shaped folder (a Wan 2.2-structured 16x VAE of 48 latent channels, expand_timesteps) and
     diffusers' WanPipeline on it."""
-    ref = pipeline("WanPipeline", expand_timesteps=True)
-    path = tmp_path_factory.mktemp("wan22") / "Wan2.2-TI2V-tiny-Diffusers"
-    ref.save_pretrained(str(path))
-    return path, ref
+    return saved(
+        tmp_path_factory.mktemp("wan22") / "Wan2.2-TI2V-tiny-Diffusers", "WanPipeline", expand_timesteps=True
+    )
 
 
 @pytest.fixture(scope="module")
 def a14b(tmp_path_factory):
     """A T2V-A14B-shaped folder (two experts, boundary_ratio) and diffusers' WanPipeline on it."""
-    ref = pipeline("WanPipeline", latent_channels=16, experts=2, boundary_ratio=BOUNDARY)
-    path = tmp_path_factory.mktemp("wan22") / "Wan2.2-T2V-A14B-tiny-Diffusers"
-    ref.save_pretrained(str(path))
-    return path, ref
+    return saved(
+        tmp_path_factory.mktemp("wan22") / "Wan2.2-T2V-A14B-tiny-Diffusers",
+        "WanPipeline",
+        latent_channels=16,
+        experts=2,
+        boundary_ratio=BOUNDARY,
+    )
 
 
 def noise(channels, seed=0, latent_hw=(8, 8)):

@@ -89,3 +89,10 @@ def pipeline(cls_name: str = "WanPipeline", **config):
     pipe = getattr(diffusers, cls_name)(**components, **config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def saved(folder, cls_name: str = "WanPipeline", **config):
+    """``pipeline(cls_name, **config)`` saved to ``folder`` (a diffusers root): (folder, the pipeline)."""
+    ref = pipeline(cls_name, **config)
+    ref.save_pretrained(str(folder))
+    return folder, ref
