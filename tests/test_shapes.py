@@ -117,5 +117,7 @@ def test_oracle_accepts_tensors_and_sees_nothing_in_grey():
             "motion": "still",
             "area": pytest.approx(400 / 4096),
             "frames": 9,
+            "count": 1,
+            "size": "medium",  # 20 px wide: radius 10/0.9 px = 0.17 of 64
         }
     ]

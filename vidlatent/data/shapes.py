@@ -4,8 +4,13 @@ Every clip shows one to three flat-coloured shapes (circle, square, triangle in 
 left, right, up, down, along a diagonal or bouncing, over a low-saturation background (solid, gradient,
 soft stripes, soft checks). Captions come from a small grammar with paraphrases ("a red circle moving
 left", "a red ball slides to the left"). Backgrounds are kept desaturated so that the ``oracle`` can find
-objects by colour: it reads a clip and reports every object's colour, shape and motion, so generated
-videos can be scored without a person looking at them (``object_mask``: the pixels it reads as an object).
+objects by colour: it reads a clip and reports every object's colour, shape, motion, size and count, so
+generated videos can be scored without a person looking at them (``object_mask``: the pixels it reads as an
+object; ``read_background``: the background's colour).
+
+The *wide* world (``ShapesWorld(wide=True)``) adds what people ask of it: sizes ("a small red circle", "a big
+blue square"), still objects ("a green triangle standing still"), coloured backgrounds ("... on a blue
+background") and counts of one kind ("two red circles moving right", "three purple boxes bouncing").
 A scene's objects can also be drawn alone: ``render_masks`` (each object's coverage) and
 ``render_silhouette`` (white objects on black, a control video), drawn exactly as ``render`` draws them.
 
@@ -45,6 +50,9 @@ __all__ = [
     "render",
     "render_masks",
     "render_silhouette",
+    "prompt_attributes",
+    "read_background",
+    "SIZES",
 ]
 
 # saturated RGB colours (0-255) whose hues are at least ~25 degrees apart
@@ -98,6 +106,32 @@ BACKGROUND_PHRASES = {
 }
 
 
+# the wide world's additions (``ShapesWorld(wide=True)``)
+SIZES: dict[str, tuple[float, float]] = {  # radius as a fraction of the frame's shorter side
+    "small": (0.075, 0.10),
+    "medium": (0.12, 0.19),  # the narrow world's only size; captions name no size for it
+    "big": (0.22, 0.28),
+}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large")}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+PLURAL_WORDS = {
+    "circle": ("circles", "balls", "disks"),
+    "square": ("squares", "boxes", "blocks"),
+    "triangle": ("triangles",),
+}
+PLURAL_MOVING_VERBS = ("moving", "sliding", "move", "slide", "drift", "go", "travel")
+PLURAL_BOUNCING_PHRASES = ("bouncing", "bounce", "bouncing up and down", "hop up and down")
+STILL_PHRASES = ("standing still", "staying still", "that stays still", "sitting still", "not moving")
+PLURAL_STILL_PHRASES = ("standing still", "staying still", "that stay still", "sitting still", "not moving")
+COLOUR_BACKGROUND_PHRASES = (
+    "on {a} {colour} background",
+    "over {a} {colour} background",
+    "against {a} {colour} background",
+)
+BACKGROUND_SATURATION = (0.25, 0.32)  # coloured backgrounds: below the oracle's object threshold (0.4)
+BACKGROUND_VALUE = (0.4, 0.85)
+
+
 def _combo_split(seed: int = 2026, fraction: float = 0.2) -> tuple[tuple[str, str, str], ...]:
     """Pick ~``fraction`` of all (colour, shape, motion) combinations to hold out, such that every pair of
     attributes (colour+shape, colour+motion, shape+motion) still occurs in some training combination."""
@@ -143,10 +177,13 @@ class ShapeObject:
     y: float
     speed: float  # pixels per frame along the motion direction (bouncing: height of the hop)
     rgb: tuple[int, int, int] = (0, 0, 0)
+    size_class: str = ""  # "small" / "big" are named in captions (wide world); "" or "medium" are not
 
     def path(self, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Centre positions (x, y) at each frame."""
         t = np.arange(frames, dtype=np.float64)
+        if self.motion == "still":
+            return np.full(frames, self.x), np.full(frames, self.y)
         if self.motion == "bouncing":
             phase = t / max(1, frames - 1)
             return np.full(frames, self.x), self.y - self.speed * np.sin(np.pi * phase)
@@ -169,31 +206,71 @@ def _tone(level: float) -> str:
     return "dark" if level < 90 else ("light" if level > 170 else "gray")
 
 
-def caption(objects: list[ShapeObject], rng: np.random.Generator, background: dict | None = None) -> str:
-    """A paraphrased caption of ``objects`` (joined with "and"), sometimes naming the background."""
-    parts = []
+def _groups(objects: list[ShapeObject]) -> list[tuple[ShapeObject, int]]:
+    """Runs of objects of one kind (colour, shape, motion, size class) as (first object, how many)."""
+    out: list[tuple[ShapeObject, int]] = []
     for obj in objects:
-        noun = rng.choice(SHAPE_WORDS[obj.shape])
-        article = "an" if obj.colour[0] in "aeiou" else "a"
-        if obj.motion == "bouncing":
-            parts.append(f"{article} {obj.colour} {noun} {rng.choice(BOUNCING_PHRASES)}")
+        kind = (obj.colour, obj.shape, obj.motion, obj.size_class)
+        if out and (out[-1][0].colour, out[-1][0].shape, out[-1][0].motion, out[-1][0].size_class) == kind:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
-            verb, where = rng.choice(MOVING_VERBS), rng.choice(DIRECTION_PHRASES[obj.motion])
-            parts.append(f"{article} {obj.colour} {noun} {verb} {where}")
-    text = " and ".join(parts)
-    if background and rng.random() < 0.3:
+            out.append((obj, 1))
+    return out
+
+
+def _phrase(obj: ShapeObject, count: int, rng: np.random.Generator, wide: bool) -> str:
+    """ "a red circle moving left", "a small red ball standing still", "two big red circles bouncing"."""
+    size = f"{rng.choice(SIZE_WORDS[obj.size_class])} " if obj.size_class in SIZE_WORDS else ""
+    if count == 1:
+        noun = rng.choice(SHAPE_WORDS[obj.shape])
+        if wide and rng.random() < 0.1:
+            det = COUNT_WORDS[1]
+        else:
+            det = "an" if (size or obj.colour)[0] in "aeiou" else "a"
+        moving, bouncing, still = MOVING_VERBS, BOUNCING_PHRASES, STILL_PHRASES
+    else:
+        noun, det = rng.choice(PLURAL_WORDS[obj.shape]), COUNT_WORDS[count]
+        moving, bouncing, still = PLURAL_MOVING_VERBS, PLURAL_BOUNCING_PHRASES, PLURAL_STILL_PHRASES
+    head = f"{det} {size}{obj.colour} {noun}"
+    if obj.motion == "bouncing":
+        return f"{head} {rng.choice(bouncing)}"
+    if obj.motion == "still":
+        return f"{head} {rng.choice(still)}"
+    verb, where = rng.choice(moving), rng.choice(DIRECTION_PHRASES[obj.motion])
+    return f"{head} {verb} {where}"
+
+
+def caption(
+    objects: list[ShapeObject], rng: np.random.Generator, background: dict | None = None, wide: bool = False
+) -> str:
+    """A paraphrased caption of ``objects`` (joined with "and"), sometimes naming the background (always when it
+    is coloured). Consecutive objects of one kind are counted ("two red circles ..."); ``wide`` captions
+    sometimes say "one" for a single object."""
+    text = " and ".join(_phrase(obj, n, rng, wide) for obj, n in _groups(objects))
+    if background and background.get("colour"):
+        colour = background["colour"]
+        text += " " + rng.choice(COLOUR_BACKGROUND_PHRASES).format(
+            a="an" if colour[0] in "aeiou" else "a", colour=colour
+        )
+    elif background and rng.random() < 0.3:
         phrase = rng.choice(BACKGROUND_PHRASES[background["kind"]])
         text += " " + phrase.format(tone=_tone(background["level"]))
     return text
 
 
-def grammar_words() -> list[str]:
-    """Every word the caption grammar can produce (the default text encoder's vocabulary)."""
+def grammar_words(wide: bool = False) -> list[str]:
+    """Every word the caption grammar can produce (the default text encoder's vocabulary); ``wide``: the wide
+    world's grammar (its extra words come after the narrow grammar's)."""
     texts = [*COLOURS, *itertools.chain(*SHAPE_WORDS.values()), *MOVING_VERBS, *BOUNCING_PHRASES]
     texts += list(itertools.chain(*DIRECTION_PHRASES.values()))
     texts += [
         p.format(tone=t) for ps in BACKGROUND_PHRASES.values() for p in ps for t in ("dark", "light", "gray")
     ]
+    if wide:
+        texts += [*itertools.chain(*SIZE_WORDS.values()), *COUNT_WORDS.values()]
+        texts += [*itertools.chain(*PLURAL_WORDS.values()), *PLURAL_MOVING_VERBS, *PLURAL_BOUNCING_PHRASES]
+        texts += [*STILL_PHRASES, *PLURAL_STILL_PHRASES]
+        texts += [p.format(a=a, colour="red") for p in COLOUR_BACKGROUND_PHRASES for a in ("a", "an")]
     words: list[str] = ["a", "an", "and"]
     for text in texts:
         for w in text.split():
@@ -207,8 +284,9 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
     words = prompt.lower().replace(",", " ").split()
     colour = next((w for w in words if w in COLOURS), None)
     shape = next((s for s, names in SHAPE_WORDS.items() if any(n in words for n in names)), None)
+    shape = shape or next((s for s, names in PLURAL_WORDS.items() if any(n in words for n in names)), None)
     motion = None
-    if "bouncing" in words or "bounces" in words or "hops" in words:
+    if {"bouncing", "bounces", "bounce", "hops", "hop"} & set(words):
         motion = "bouncing"
     else:
         vertical = "up" if {"up", "upward", "upwards"} & set(words) else None
@@ -220,6 +298,29 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
         else:
             motion = vertical or horizontal
     return colour, shape, motion
+
+
+def prompt_attributes(prompt: str) -> dict:
+    """What a one-kind prompt of the wide grammar asks: ``{"colour", "shape", "motion", "size", "count",
+    "background"}`` (``motion`` "still" for a still object; ``size`` "small" / "big" / None; ``count`` 1-3;
+    ``background`` the colour of a coloured background or None)."""
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    background = None
+    if "background" in words:
+        k = words.index("background")
+        background = words[k - 1] if k and words[k - 1] in COLOURS else None
+        words = (
+            words[: max(0, k - 3)] + words[k + 1 :]
+        )  # "on a blue background": its colour is not the object's
+    colour, shape, motion = parse_prompt(" ".join(words))
+    if "still" in words or " ".join(words).find("not moving") >= 0:
+        motion = "still"
+    size = next((s for s, names in SIZE_WORDS.items() if set(names) & set(words)), None)
+    count = next((n for n, w in COUNT_WORDS.items() if w in words), None)
+    if count is None:
+        count = 2 if any(n in words for n in itertools.chain(*PLURAL_WORDS.values())) else 1
+    return {"colour": colour, "shape": shape, "motion": motion, "size": size, "count": count,
+            "background": background}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -329,8 +430,14 @@ class ShapesWorld:
     ``image_fraction`` of the clips are one-frame images; ``length`` makes the world a fixed set of that many
     clips (index ``i`` shows clip ``i % length``), e.g. to overfit. ``crop`` (a multiple of 8) makes ``clip``
     return a ``crop`` x ``crop`` window of each rendering, placed by the clip's seed (cheap VAE training at the
-    shapes' full-size scale).
+    shapes' full-size scale). ``wide`` adds the wide world's sizes, still objects, coloured backgrounds and
+    counted groups of one kind ("two red circles", train and all splits); each is named by the caption.
     """
+
+    WIDE_GROUP = 0.25  # share of wide clips showing a group of 2-3 objects of one kind (train / all splits)
+    WIDE_SIZES = {"small": 0.2, "medium": 0.6, "big": 0.2}
+    WIDE_STILL = 0.12  # share of objects (or groups) that stand still
+    WIDE_BACKGROUND = 0.25  # share of backgrounds that are coloured
 
     def __init__(
         self,
@@ -343,6 +450,7 @@ class ShapesWorld:
         image_fraction: float = 0.0,
         length: int | None = None,
         crop: int | None = None,
+        wide: bool = False,
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
@@ -356,7 +464,7 @@ class ShapesWorld:
         self.split, self.seed, self.max_objects = split, seed, max_objects
         if crop is not None and (crop <= 0 or crop % 8 or crop > min(height, width)):
             raise ValueError(f"crop must be a positive multiple of 8 up to the frame size; got {crop}")
-        self.image_fraction, self.length, self.crop = image_fraction, length, crop
+        self.image_fraction, self.length, self.crop, self.wide = image_fraction, length, crop, wide
         self.combos = {
             "train": TRAIN_COMBOS,
             "heldout": HELDOUT,
@@ -367,20 +475,30 @@ class ShapesWorld:
         return np.random.default_rng([self.seed, index, 0x5EA])
 
     def make_object(
-        self, rng: np.random.Generator, colour: str, shape: str, motion: str, frames: int
+        self,
+        rng: np.random.Generator,
+        colour: str,
+        shape: str,
+        motion: str,
+        frames: int,
+        size_class: str = "",
     ) -> ShapeObject:
-        """An object of the given kind with a random size, speed and a start that keeps its path in frame."""
+        """An object of the given kind with a random size (in ``SIZES[size_class]``; "" is medium, unnamed),
+        speed and a start that keeps its path in frame; ``motion`` "still" stays where it starts."""
         h, w = self.height, self.width
         side = min(h, w)
-        size = side * rng.uniform(0.12, 0.19)
+        size = side * rng.uniform(*SIZES[size_class or "medium"])
         jitter = rng.integers(-12, 13, size=3)
         rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
         steps = max(1, frames - 1)
+        if motion == "still":
+            x, y = rng.uniform(size, w - size), rng.uniform(size, h - size)
+            return ShapeObject(colour, shape, motion, size, x, y, 0.0, rgb, size_class)
         if motion == "bouncing":
             speed = side * rng.uniform(0.25, 0.4)  # hop height
             x = rng.uniform(size, w - size)
             y = rng.uniform(min(h - size, size + speed), h - size)
-            return ShapeObject(colour, shape, motion, size, x, y, speed, rgb)
+            return ShapeObject(colour, shape, motion, size, x, y, speed, rgb, size_class)
         dx, dy = MOTIONS[motion]
         norm = math.hypot(dx, dy)
         ux, uy = dx / norm, dy / norm
@@ -394,7 +512,7 @@ class ShapesWorld:
         lo_x, hi_x = (size, w - size - ux * travel) if ux >= 0 else (size - ux * travel, w - size)
         lo_y, hi_y = (size, h - size - uy * travel) if uy >= 0 else (size - uy * travel, h - size)
         x, y = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
-        return ShapeObject(colour, shape, motion, size, x, y, speed, rgb)
+        return ShapeObject(colour, shape, motion, size, x, y, speed, rgb, size_class)
 
     def make_background(self, rng: np.random.Generator) -> dict:
         kind = str(rng.choice(BACKGROUNDS))
@@ -408,10 +526,43 @@ class ShapesWorld:
             bg.update(angle=float(rng.uniform(0, math.pi)))
         return bg
 
+    def make_coloured_background(self, rng: np.random.Generator) -> dict:
+        """A solid background of a palette colour's hue, saturated below what the oracle reads as an object."""
+        name = str(rng.choice(list(COLOURS)))
+        sat, value = rng.uniform(*BACKGROUND_SATURATION), rng.uniform(*BACKGROUND_VALUE)
+        rgb = np.asarray(_hsv_to_rgb(PALETTE_HUES[name], sat, value)) * 255.0
+        level = float(rgb.mean())
+        return {"kind": "solid", "level": level, "tint": (rgb - level).tolist(), "colour": name}
+
+    def _wide_kind(self, rng: np.random.Generator, combo: tuple[str, str, str]) -> tuple[str, str, str, str]:
+        """A wide world's object kind: the combination, still or not, and its size class."""
+        colour, shape, motion = combo
+        if rng.random() < self.WIDE_STILL:
+            motion = "still"
+        size_class = str(rng.choice(list(self.WIDE_SIZES), p=list(self.WIDE_SIZES.values())))
+        return colour, shape, motion, "" if size_class == "medium" else size_class
+
+    def _group(self, rng: np.random.Generator, frames: int) -> list[ShapeObject]:
+        """Two or three objects of one kind (wide world), kept well apart so the oracle counts them."""
+        count = 2 if self.max_objects == 2 or rng.random() < 0.6 else 3
+        colour, shape, motion, size_class = self._wide_kind(rng, self.combos[rng.integers(len(self.combos))])
+        objects: list[ShapeObject] = []
+        for _ in range(count):
+            for _ in range(30):
+                obj = self.make_object(rng, colour, shape, motion, frames, size_class)
+                if all(_clear(obj, other, frames, margin=1.3) for other in objects):
+                    objects.append(obj)
+                    break
+        return objects
+
     def scene(self, index: int) -> Scene:
         """The description of clip ``index`` (objects, background, caption)."""
         rng = self._rng(index % self.length if self.length else index)
         frames = 1 if rng.random() < self.image_fraction else self.frames
+        if self.wide and self.split != "heldout" and self.max_objects > 1 and rng.random() < self.WIDE_GROUP:
+            objects = self._group(rng, frames)
+            background = self._background(rng)
+            return Scene(objects, background, caption(objects, rng, background, wide=True), frames)
         if self.split == "heldout":
             count = 1
         else:
@@ -422,16 +573,24 @@ class ShapesWorld:
             colour, shape, motion = self.combos[rng.integers(len(self.combos))]
             if colour in used:  # one object per colour, so captions and the oracle are unambiguous
                 continue
+            size_class = ""
+            if self.wide:
+                colour, shape, motion, size_class = self._wide_kind(rng, (colour, shape, motion))
             for _ in range(20):  # a few tries at a path that keeps clear of the objects already placed
-                obj = self.make_object(rng, colour, shape, motion, frames)
+                obj = self.make_object(rng, colour, shape, motion, frames, size_class)
                 if all(_clear(obj, other, frames) for other in objects):
                     break
             else:  # no room: the clip keeps the objects it has
                 break
             used.add(colour)
             objects.append(obj)
-        background = self.make_background(rng)
-        return Scene(objects, background, caption(objects, rng, background), frames)
+        background = self._background(rng)
+        return Scene(objects, background, caption(objects, rng, background, wide=self.wide), frames)
+
+    def _background(self, rng: np.random.Generator) -> dict:
+        if self.wide and rng.random() < self.WIDE_BACKGROUND:
+            return self.make_coloured_background(rng)
+        return self.make_background(rng)
 
     def render(self, scene: Scene) -> np.ndarray:
         """``scene`` as uint8 (f, h, w, 3) at this world's size."""
@@ -464,10 +623,10 @@ class ShapesWorld:
         return (self.clip(i) for i in itertools.count())
 
 
-def _clear(a: ShapeObject, b: ShapeObject, frames: int) -> bool:
-    """Whether two objects never overlap (bounding circles) over ``frames`` frames."""
+def _clear(a: ShapeObject, b: ShapeObject, frames: int, margin: float = 1.05) -> bool:
+    """Whether two objects never overlap (bounding circles grown by ``margin``) over ``frames`` frames."""
     (ax, ay), (bx, by) = a.path(frames), b.path(frames)
-    return bool((np.hypot(ax - bx, ay - by) > 1.05 * (a.size + b.size)).all())
+    return bool((np.hypot(ax - bx, ay - by) > margin * (a.size + b.size)).all())
 
 
 def to_tensor(video: np.ndarray) -> torch.Tensor:
@@ -508,6 +667,15 @@ def _hsv(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d = np.maximum(delta, 1e-6)
     hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
     return hue, sat, mx
+
+
+def _hsv_to_rgb(hue: float, sat: float, value: float) -> tuple[float, float, float]:
+    """One colour from hue (degrees), saturation and value in [0, 1] to RGB in [0, 1]."""
+    c = value * sat
+    x = c * (1 - abs((hue / 60.0) % 2 - 1))
+    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(hue // 60) % 6]
+    m = value - c
+    return r + m, g + m, b + m
 
 
 def _palette_hues() -> dict[str, float]:
@@ -583,13 +751,17 @@ def object_mask(video, colour: str | None = None, **thresholds) -> np.ndarray:
 def oracle(
     video, min_area: float = 0.004, sat_threshold: float = 0.4, value_threshold: float = 0.3
 ) -> list[dict]:
-    """Read a clip and report its objects: ``[{"colour", "shape", "motion", "area", "frames"}, ...]``.
+    """Read a clip and report its objects: ``[{"colour", "shape", "motion", "area", "frames", "count",
+    "size"}, ...]``, one entry per colour.
 
     ``video``: uint8 (f, h, w, 3), or float (3, f, h, w) / (f, h, w, 3) in [-1, 1]. Pixels saturated above
-    ``sat_threshold`` (backgrounds of the world are below ~0.15) are given the palette colour of nearest hue;
-    each colour present in at least half the frames with at least ``min_area`` of the frame is one object.
-    Its shape comes from how much of its bounding box it fills (median over frames), its motion from the
-    path of its centre. Objects are sorted by area, largest first. Objects of the same colour merge.
+    ``sat_threshold`` (backgrounds of the world are below ~0.35) are given the palette colour of nearest hue;
+    each colour present in at least half the frames with at least ``min_area`` of the frame is read. Its
+    ``count`` is how many separate regions of at least ``min_area`` it has (median over frames; "two red
+    circles" are one entry of count 2). Shape comes from how much of its bounding box its largest region fills
+    (median over frames), ``size`` ("small" / "medium" / "big", ``SIZES``) from that region's area and shape,
+    motion from the path of its centre (of all its regions' together when it counts more than one). Entries
+    are sorted by area, largest first.
     """
     masks = colour_masks(video, sat_threshold, value_threshold)
     f, h, w = next(iter(masks.values())).shape
@@ -600,27 +772,72 @@ def oracle(
         present = areas >= min_area * h * w
         if present.sum() < max(1, f / 2):
             continue
-        fills, xs, ys = [], [], []
-        for i in np.flatnonzero(present):
+        regions = [_regions(mask[i], min_area * h * w) for i in np.flatnonzero(present)]
+        count = max(1, int(np.round(np.median([len(r) for r in regions]))))
+        fills, sizes, xs, ys = [], [], [], []
+        for i, parts in zip(np.flatnonzero(present), regions):
             m = _largest_component(mask[i])
             rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
             box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
             fills.append(m.sum() / box)
+            sizes.append(m.sum())
+            if count > 1 and parts:  # a group: the centre of its regions together
+                m = np.logical_or.reduce(parts)
             xs.append((gx * m).sum() / m.sum())
             ys.append((gy * m).sum() / m.sum())
         motion = (
             _classify_motion(np.asarray(xs), np.asarray(ys), float(min(h, w))) if present.all() else "still"
         )
+        shape = _classify_shape(float(np.median(fills)))
         found.append(
             {
                 "colour": name,
-                "shape": _classify_shape(float(np.median(fills))),
+                "shape": shape,
                 "motion": motion,
                 "area": float(areas[present].mean() / (h * w)),
                 "frames": int(present.sum()),
+                "count": count,
+                "size": _classify_size(float(np.median(sizes)), shape, float(min(h, w))),
             }
         )
     return sorted(found, key=lambda o: -o["area"])
+
+
+SHAPE_AREA = {"circle": math.pi, "square": 1.8**2, "triangle": 0.5 * 2.0 * 1.8}  # area / radius**2
+
+
+def _classify_size(area: float, shape: str, side: float) -> str:
+    """ "small" / "medium" / "big" from an object's area in pixels (its radius, given its shape, against the
+    midpoints between ``SIZES``' ranges as fractions of the frame's shorter side)."""
+    radius = math.sqrt(area / SHAPE_AREA[shape]) / side
+    if radius < (SIZES["small"][1] + SIZES["medium"][0]) / 2:
+        return "small"
+    if radius > (SIZES["medium"][1] + SIZES["big"][0]) / 2:
+        return "big"
+    return "medium"
+
+
+def _regions(mask: np.ndarray, min_pixels: float) -> list[np.ndarray]:
+    """The connected regions of ``mask`` with at least ``min_pixels`` pixels (bool maps)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1)) if n else []
+    return [labels == k + 1 for k in range(n) if sizes[k] >= min_pixels]
+
+
+def read_background(video, sat_threshold: float = 0.4, value_threshold: float = 0.3) -> str:
+    """The background's colour as a caption names it: a palette colour for a coloured background (median of
+    the pixels no object covers saturated above 0.17 and brighter than 0.35), else its tone ("dark", "gray",
+    "light"). ``video`` as for ``oracle``; the thresholds are ``oracle``'s."""
+    frames = _as_uint8(video)
+    hue, sat, val = _hsv(frames)
+    rest = ~((sat > sat_threshold) & (val > value_threshold))
+    rgb = np.median(frames[rest].astype(np.float64), axis=0) if rest.any() else np.zeros(3)
+    bhue, bsat, bval = (float(a[0]) for a in _hsv(np.round(rgb).astype(np.uint8)[None]))
+    if bsat > 0.17 and bval > 0.35:
+        return min(PALETTE_HUES, key=lambda n: float(_hue_distance(np.asarray(bhue), PALETTE_HUES[n])))
+    return _tone(float(rgb.mean()))
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

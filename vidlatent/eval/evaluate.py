@@ -6,19 +6,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .shapes import RATES, SPLITS, pool, score_split, score_vae
+from .shapes import SPLITS, pool, score_split, score_vae
 from .speed import cli_time
+from .wide import ATTRIBUTES, score_wide
 
 
 def summary(split: str, r: dict) -> list[str]:
     """The printed lines of one split's results (its rates, and each seed's when pooled)."""
-    scores = " ".join(f"{k} {r[k]:.1%}" for k in ("colour", "shape", "motion", "all") if k in r)
+    scores = " ".join(f"{k} {r[k]:.1%}" for k in (*ATTRIBUTES, "colour", "shape", "motion", "all") if k in r)
     first = f", first frame {r['first_psnr']:.2f} dB" if "first_psnr" in r else ""
     seeds = f" x {len(r['seeds'])} seeds" if "seeds" in r else ""
     lines = [f"{split}: {scores} (nothing found {r['nothing']:.1%}, {r['prompts']} prompts{seeds}{first})"]
     for one in r.get("per_seed", []):
         lines.append(
-            "  seed {seed}: ".format(**one) + " ".join(f"{k} {one[k]:.1%}" for k in RATES if k in one)
+            "  seed {seed}: ".format(**one) + " ".join(f"{k} {v:.1%}" for k, v in one.items() if k != "seed")
         )
     return lines
 
@@ -46,7 +47,10 @@ def evaluate(
         t0 = time.perf_counter()
         edit = split.startswith("edit-")
         n = edit_count if edit else count
-        runs = [score_split(pipe, split, n, batch, seed, edit_strength, flow) for seed in seeds]
+        if split == "wide":  # its own items and rates (eval/wide.py)
+            runs = [score_wide(pipe, count, batch, seed) for seed in seeds]
+        else:
+            runs = [score_split(pipe, split, n, batch, seed, edit_strength, flow) for seed in seeds]
         results[split] = pool(runs, list(seeds))
         if edit:
             results[split].update(strength=edit_strength, flow_edit=flow, guidance=pipe.config.guidance)

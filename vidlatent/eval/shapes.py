@@ -24,7 +24,7 @@ import torch
 from ..data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
 from ..metrics import psnr
 
-SPLITS = ("heldout", "train", "image", "animate", "edit-shape", "edit-colour")
+SPLITS = ("heldout", "train", "image", "animate", "edit-shape", "edit-colour", "wide")
 RATES = ("colour", "shape", "motion", "all", "nothing")
 ANIMATE_SEED = 2024  # the held-out clips whose first frames animate, and edit, start from
 VAE_SEED = 12345  # the held-out clips score_vae reconstructs
@@ -156,7 +156,7 @@ def pool(runs: list[dict], seeds: list[int]) -> dict:
     item, and each seed's rates under ``per_seed``. One seed is returned as it is."""
     if len(runs) == 1:
         return runs[0]
-    keys = [k for k in (*RATES, "first_psnr") if k in runs[0]]
+    keys = [k for k, v in runs[0].items() if isinstance(v, float) and k != "seconds"]  # every rate
     pooled = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
     per_seed = [{"seed": seed, **{k: r[k] for k in keys}} for seed, r in zip(seeds, runs)]
     return {"prompts": runs[0]["prompts"], "seeds": list(seeds), **pooled,

@@ -9,7 +9,7 @@ runs it takes before any stage with lanes has finished). Each stage is ``<stage>
                    ``dit`` with the encoder run's VAE (a decoder run re-draws its clips with it)
   runs             training runs one after another, with every CPU thread, output to the terminal
   cache            then ``clips`` training clips of the world encoded by run ``vae``'s VAE into ``<out>/<into>``
-                   (``vae: encoder``: the recipe's encoder run)
+                   (``vae: encoder``: the recipe's encoder run; ``world``: arguments over the recipe's world)
   lanes            then lanes at once, ``threads`` CPU threads each, each lane's runs in order
   device           where the stage's runs train and its cache encodes (unset: the trainer's choice, CPU cache)
 
@@ -63,11 +63,13 @@ class Run:
 
 @dataclass(frozen=True)
 class Cache:
-    """``clips`` training clips of the world encoded by run ``vae``'s VAE into the latent folder ``into``."""
+    """``clips`` training clips of the world encoded by run ``vae``'s VAE into the latent folder ``into``;
+    ``world``: ShapesWorld arguments over the recipe's (e.g. ``{wide: true}``)."""
 
     clips: int
     vae: str
     into: str
+    world: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

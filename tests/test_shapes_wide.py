@@ -1,0 +1,153 @@
+"""The wide shapes world: sizes, still objects, coloured backgrounds and counted groups, each named by the caption
+and read back by the oracle; the narrow world is unchanged by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vidlatent.data.shapes import (
+    COLOURS,
+    Scene,
+    ShapeObject,
+    ShapesWorld,
+    caption,
+    grammar_words,
+    oracle,
+    prompt_attributes,
+    read_background,
+    render,
+)
+from vidlatent.eval.wide import ATTRIBUTES, read_wide, tally_wide, wide_items
+from vidlatent.models.text import split_words
+
+
+def _truth(scene: Scene) -> dict:
+    obj = scene.objects[0]
+    return {"colour": obj.colour, "shape": obj.shape, "motion": obj.motion, "size": obj.size_class or None,
+            "count": len(scene.objects), "background": scene.background.get("colour")}  # fmt: skip
+
+
+def test_the_oracle_reads_the_wide_world_back():
+    """On 300 wide clips the oracle reads every object's size, count and stillness, and the background's colour,
+    as the scene made them (the issue asks >= 98% on ground truth; the world is drawn to be read exactly)."""
+    world = ShapesWorld(wide=True, seed=11)
+    right = {"size": 0, "count": 0, "still": 0, "background": 0, "prompt": 0}
+    seen = {key: 0 for key in right}
+    for i in range(300):
+        scene = world.scene(i)
+        video = world.render(scene)
+        found = {o["colour"]: o for o in oracle(video)}
+        for obj in scene.objects:
+            got = found.get(obj.colour)
+            same = sum(o.colour == obj.colour for o in scene.objects)
+            seen["size"] += 1
+            right["size"] += got is not None and got["size"] == (obj.size_class or "medium")
+            seen["count"] += 1
+            right["count"] += got is not None and got["count"] == same
+            seen["still"] += 1
+            right["still"] += got is not None and (got["motion"] == "still") == (obj.motion == "still")
+        if scene.background.get("colour"):
+            seen["background"] += 1
+            right["background"] += read_background(video) == scene.background["colour"]
+        else:  # a grey background never reads as a colour
+            seen["background"] += 1
+            right["background"] += read_background(video) not in COLOURS
+        if len({o.colour for o in scene.objects}) == 1:  # one kind: the caption says it all
+            seen["prompt"] += 1
+            right["prompt"] += prompt_attributes(scene.caption) == _truth(scene)
+    rates = {key: right[key] / seen[key] for key in right}
+    assert min(rates.values()) >= 0.98, rates
+    assert seen["still"] > 20 and seen["background"] == 300
+
+
+def test_wide_world_shows_every_addition_and_its_words():
+    world = ShapesWorld(wide=True, seed=3)
+    scenes = [world.scene(i) for i in range(400)]
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.size_class for o in objects} == {"", "small", "big"}
+    assert any(o.motion == "still" for o in objects)
+    assert any(s.background.get("colour") for s in scenes)
+    counts = {len(s.objects) for s in scenes if len({o.colour for o in s.objects}) == 1}
+    assert {1, 2, 3} <= counts
+    vocab = set(grammar_words(wide=True))
+    assert set(grammar_words()) < vocab
+    assert {w for s in scenes for w in split_words(s.caption)} <= vocab
+    text = " ".join(s.caption for s in scenes)
+    for phrase in ("two ", "three ", "small ", "big ", " still", " background"):
+        assert phrase in text
+
+
+def test_narrow_world_has_none_of_it():
+    world = ShapesWorld(seed=3)
+    scenes = [world.scene(i) for i in range(200)]
+    assert all(o.size_class == "" and o.motion != "still" for s in scenes for o in s.objects)
+    assert not any(s.background.get("colour") for s in scenes)
+    assert all(len({o.colour for o in s.objects}) == len(s.objects) for s in scenes)
+    assert {w for s in scenes for w in split_words(s.caption)} <= set(grammar_words())
+
+
+def test_heldout_split_stays_one_object_per_clip_when_wide():
+    world = ShapesWorld(wide=True, split="heldout", seed=4)
+    assert all(len(world.scene(i).objects) == 1 for i in range(100))
+
+
+@pytest.mark.parametrize(
+    "prompt, want",
+    [
+        ("two red circles moving right", {"colour": "red", "shape": "circle", "motion": "right", "count": 2}),
+        (
+            "A big blue square, moving down.",
+            {"colour": "blue", "shape": "square", "motion": "down", "size": "big"},
+        ),
+        ("a red circle that stays still", {"motion": "still", "count": 1}),
+        ("a green box bouncing on an orange background", {"colour": "green", "background": "orange"}),
+        (
+            "three little purple triangles hop up and down",
+            {"count": 3, "size": "small", "motion": "bouncing"},
+        ),
+    ],
+)
+def test_prompt_attributes(prompt, want):
+    got = prompt_attributes(prompt)
+    assert {k: got[k] for k in want} == want
+
+
+def test_wide_items_score_the_truth_and_miss_a_wrong_clip():
+    """Rendering what each wide item asks reads back right for its attribute; a clip drawn without it does not."""
+    items = wide_items(16)
+    assert [a["attribute"] for _, a in items[:4]] == list(ATTRIBUTES)
+    rng = np.random.default_rng(0)
+    world = ShapesWorld(wide=True, seed=0)
+    rows, wrong = [], []
+    for prompt, asked in items:
+        assert prompt_attributes(prompt)["colour"] == asked["colour"]
+        n = asked.get("count", 1)
+        motion = asked["motion"]
+        size_class = asked.get("size", "")
+        objects = []
+        while len(objects) < n:  # the asked objects, apart, as the wide world draws them
+            obj = world.make_object(rng, asked["colour"], asked["shape"], motion, 17, size_class)
+            if all(np.hypot(*(np.subtract(obj.path(17), o.path(17)))).min() > 1.3 * (obj.size + o.size)
+                   for o in objects):  # fmt: skip
+                objects.append(obj)
+        bg = world.make_background(rng)
+        if "background" in asked:
+            while True:
+                bg = world.make_coloured_background(rng)
+                if bg["colour"] == asked["background"]:
+                    break
+        rows.append(read_wide(render(Scene(objects, bg), 17, 64, 64), asked))
+        plain = [world.make_object(rng, asked["colour"], asked["shape"], "right", 17)]  # medium, one, moving
+        wrong.append(read_wide(render(Scene(plain, world.make_background(rng)), 17, 64, 64), asked))
+    rates = tally_wide(rows)
+    assert all(rates[a] == 1.0 for a in ATTRIBUTES), rates
+    assert not any(row["ok"] for row in wrong)
+
+
+def test_caption_counts_runs_of_one_kind():
+    rng = np.random.default_rng(0)
+    a = ShapeObject("red", "circle", "left", 5.0, 10, 10, 1.0)
+    b = ShapeObject("blue", "square", "still", 5.0, 40, 40, 0.0, size_class="big")
+    text = caption([a, a, b], rng)
+    assert text.startswith("two red ") and " and a big blue " in text and "still" in text.split(" and ")[-1]
