@@ -117,6 +117,35 @@ def test_save_load_round_trip(tiny, tmp_path):
     )
 
 
+@pytest.mark.filterwarnings("ignore::vidlatent.models.text.UnknownWordsWarning")
+def test_add_words_keeps_every_encoding_and_round_trips(tmp_path):
+    enc = load_text_encoder("tiny")
+    prompts = [*PROMPTS, "two Small squares, still!", "a big zorgle on a teal background", "<unk> small"]
+    with pytest.warns(UserWarning, match="never seen"):
+        before = enc.encode(prompts)
+        small = enc.encode("small")[0]
+    old_vocab = list(enc.config.vocab)
+    added = enc.add_words(["Small", "still", "red", "<unk>", "<empty>", "small", "two-tone", "zorgle"])
+    assert added == ["small", "still", "two", "tone", "zorgle"]
+    assert enc.config.vocab == [*old_vocab, *added]
+    assert enc.word_embed.weight.shape[0] == len(enc.config.vocab)
+    ids, _, _ = enc.tokenize("two small zorgle")
+    assert ids.tolist() == [[enc.index["two"], enc.index["small"], enc.index["zorgle"]]]
+    assert min(ids[0].tolist()) == len(old_vocab)
+    after = enc.encode(prompts)  # each new word reads as <unk> did: bitwise the same encodings
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert enc.add_words(["small", "STILL"]) == [] and enc.word_embed.weight.requires_grad
+
+    enc.word_embed.weight.data[enc.index["small"]] += 1.0  # as training would move it
+    enc.save_pretrained(tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["vocab"] == enc.config.vocab
+    back = load_text_encoder(tmp_path / "enc")
+    assert back.config == enc.config and back.unknown_words("two small zorgle") == []
+    torch.testing.assert_close(back.encode(prompts), enc.encode(prompts), rtol=0, atol=0)
+    assert not torch.allclose(back.encode("small")[0], small)  # the moved row is read back
+    assert back.add_words(enc.config.vocab) == []
+
+
 def test_load_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="tiny"):
         load_text_encoder("no-such-preset")

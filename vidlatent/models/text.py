@@ -18,6 +18,7 @@ Letters: b batch, n tokens, d width, h heads, e head dim, k character trigrams p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -210,6 +211,7 @@ class BuiltinTextEncoder(TextEncoder):
 
     ``tokenize`` turns prompts into ids (for data loaders); ``forward(ids, trigrams, mask)`` is the network;
     ``encode`` does both. Gradients flow (no ``no_grad``), so it trains jointly with the denoiser.
+    ``add_words`` grows the vocabulary (for fine-tuning on captions with new words).
     """
 
     def __init__(self, config: TextConfig):
@@ -235,6 +237,29 @@ class BuiltinTextEncoder(TextEncoder):
         """The words of ``prompt`` not in the vocabulary, in order, once each (after lowercasing; punctuation is
         no word): "a Crimson pyramid, crimson!" -> ["crimson", "pyramid"]."""
         return list(dict.fromkeys(w for w in split_words(_check_text(prompt)) if w not in self.index))
+
+    def add_words(self, words: Iterable[str] | str) -> list[str]:
+        """Append the words not yet in the vocabulary (in order, once each; each entry normalised as
+        ``split_words`` does, so "Big" adds "big"; special tokens are skipped) and return them.
+
+        Each new word-embedding row starts as a copy of the ``<unk>`` row, the one the word was read with
+        before, so every prompt encodes bitwise as it did until training moves the new rows. The config's
+        vocabulary grows with them (``save_pretrained`` writes it). Call before an optimizer is made: the
+        word embedding is a new parameter.
+        """
+        entries = [words] if isinstance(words, str) else list(words)
+        found = (w for e in entries if _check_text(e) not in SPECIAL_TOKENS for w in split_words(e))
+        added = list(dict.fromkeys(w for w in found if w not in self.index))
+        if not added:
+            return []
+        old = self.word_embed.weight
+        with torch.no_grad():
+            rows = old[self.index[UNK]].expand(len(added), -1)
+            weight = torch.cat([old.detach(), rows])
+        self.word_embed = nn.Embedding.from_pretrained(weight, freeze=not old.requires_grad)
+        self.config = dataclasses.replace(self.config, vocab=[*self.config.vocab, *added])
+        self.index.update((w, i) for i, w in enumerate(added, len(self.index)))
+        return added
 
     def warn_unknown(self, prompts: Sequence[str] | str) -> None:
         """One ``UnknownWordsWarning`` line per prompt that holds unknown words not named before by this encoder
