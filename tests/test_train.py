@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from vidlatent.cli import main
 from vidlatent.config import VAEConfig, load_config
 from vidlatent.data.io import read_video, write_video
 from vidlatent.models.dit import VideoDiT
-from vidlatent.models.text import load_text_encoder
+from vidlatent.models.text import UnknownWordsWarning, load_text_encoder
 from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
@@ -432,6 +433,52 @@ def test_text_cache_encodes_each_caption_once_and_matches(latents, tmp_path):
     assert len(captions) == len(set(captions)) == len(cached._text_cache)  # each distinct caption once
     with pytest.raises(ValueError, match="text_cache=true needs a frozen text encoder"):
         config(latents["mixed"], tmp_path, "text_cache=true")
+
+
+def test_text_new_words_learns_the_captions_new_words_and_resumes(latents, tmp_path, capsys):
+    """text_new_words=true: the captions' unknown words join the tiny encoder's vocabulary (rows starting as
+    <unk>), train, reach final/text_encoder, and a resumed run continues exactly; off: one warning names them."""
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text(json.dumps({"path": "a.mp4", "caption": "two Small zorgle circles, moving left"}) + "\n")
+    steps = ["steps=4", "checkpoint_every=2", "caption_dropout=0", "ema_decay=0", f"captions={meta}"]
+    opts = [*steps, "text_new_words=true"]
+    new, old = ["two", "small", "zorgle", "circles"], load_text_encoder("tiny").config.vocab
+
+    whole = Trainer(config(latents["one"], tmp_path / "whole", *opts))
+    assert "learns 4 new word(s) from the captions: two, small, zorgle, circles" in capsys.readouterr().out
+    embed = whole.text_encoder.word_embed.weight
+    assert whole.text_encoder.config.vocab == [*old, *new] and embed.shape[0] == len(old) + 4
+    assert any(p is embed for g in whole.optimizer.param_groups for p in g["params"])
+    init = embed.detach().clone()
+    assert torch.equal(init[len(old) :], init[1].expand(4, -1))  # each starts as the <unk> row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWordsWarning)
+        expected = whole.train()
+    final = load_text_encoder(tmp_path / "whole" / "final" / "text_encoder")
+    saved = json.loads((tmp_path / "whole" / "final" / "text_encoder" / "config.json").read_text())
+    assert saved["vocab"] == final.config.vocab == [*old, *new]
+    moved = (final.word_embed.weight[len(old) :] - init[len(old) :]).abs().amax(dim=1)
+    assert (moved > 1e-3).all(), moved  # every new word trained
+
+    first = Trainer(config(latents["one"], tmp_path / "split", *opts))
+    head = first.train(until=2)
+    second = Trainer(config(latents["one"], tmp_path / "split", *opts, "resume=auto"))
+    tail = second.train()
+    assert second.text_encoder.config.vocab == [*old, *new] and head + tail == expected  # bitwise on CPU
+    meta.write_text(json.dumps({"path": "a.mp4", "caption": "two big circles"}) + "\n")
+    with pytest.raises(ValueError, match="only in the checkpoint: small, zorgle; only now: big"):
+        Trainer(config(latents["one"], tmp_path / "split", *opts, "resume=auto")).train()
+
+    plain = Trainer(config(latents["one"], tmp_path / "plain", *steps))  # off: the words stay <unk>
+    assert plain.text_encoder.config.vocab == old
+    with pytest.warns(UnknownWordsWarning) as caught:
+        plain.train(until=2)
+    named = [w for w in caught if issubclass(w.category, UnknownWordsWarning)]
+    assert len(named) == 1 and "'two', 'big', 'circles'" in str(named[0].message)
+    with pytest.raises(ValueError, match=rf"shapes differ: text_encoder.word_embed.weight \({len(old)}, "):
+        Trainer(config(latents["one"], tmp_path / "plain", *opts, "resume=auto")).train()
+    with pytest.raises(ValueError, match="text_new_words=true .* needs"):
+        config(latents["one"], tmp_path, "text_new_words=true", "train_text_encoder=false")
 
 
 def vae_on_videos(folder, output, *overrides):

@@ -28,6 +28,10 @@ class TrainConfig:
     dit_overrides: list[str] = field(default_factory=list)  # key=value DiTConfig fields (presets only)
     text_encoder: str = "tiny"  # preset name or folder
     train_text_encoder: bool = True  # the built-in encoder learns with the denoiser
+    # the trained built-in encoder learns the caption words outside its vocabulary: before training, each gets
+    # its own word-embedding row (starting as the <unk> row it was read with, so no encoding changes until it
+    # trains) and final/text_encoder lists it; false: such words stay <unk> (an UnknownWordsWarning names them)
+    text_new_words: bool = False
     text_overrides: list[str] = field(default_factory=list)  # key=value text config fields (presets only)
     vae: str = "tiny"  # vae preset or folder: trained when task=vae; encodes data=shapes for the denoiser
     vae_overrides: list[str] = field(default_factory=list)  # key=value VAEConfig fields (presets only)

@@ -73,4 +73,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
     if cfg.text_cache and cfg.train_text_encoder:
         raise ValueError("text_cache=true needs a frozen text encoder (train_text_encoder=false)")
+    if cfg.text_new_words and (cfg.task != "denoiser" or cfg.pipeline or not cfg.train_text_encoder):
+        raise ValueError(
+            "text_new_words=true grows the vocabulary of the built-in text encoder a denoiser trains: it needs "
+            "task=denoiser and train_text_encoder=true, without pipeline= (whose text embeddings are cached)"
+        )
     task.check(cfg)

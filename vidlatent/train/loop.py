@@ -346,17 +346,26 @@ class Trainer:
         differ = set(self.params) ^ set(ckpt.weights)
         if differ:
             raise ValueError(f"{folder}: checkpoint and model parameters differ: {sorted(differ)[:5]}")
+        state = ckpt.state
+        self.task.load_extra_state(folder, state)  # first: a task can name a checkpoint that does not fit
+        shapes = [
+            f"{k} {tuple(ckpt.weights[k].shape)} there, {tuple(p.shape)} here"
+            for k, p in self.params.items()
+            if ckpt.weights[k].shape != p.shape
+        ]
+        if shapes:
+            raise ValueError(
+                f"{folder}: checkpoint and model parameter shapes differ: {'; '.join(shapes[:5])}"
+            )
         place = checkpointing.place_like
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(place(ckpt.weights[k], p))
         if self.ema is not None:
             self.ema.weights = {k: place(ckpt.ema[k].float(), p).clone() for k, p in self.params.items()}
-        state = ckpt.state
         optim.load_optimizer_state(
             self.optimizer, state["optimizer"], self.task.models, self.fsdp, self.fused
         )
-        self.task.load_extra_state(folder, state)
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

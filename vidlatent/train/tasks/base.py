@@ -124,7 +124,9 @@ class Task(ABC):
         return {}, {}
 
     def load_extra_state(self, folder: Path, state: dict) -> None:
-        """Restore what ``extra_state`` saved (``folder``: the checkpoint, ``state``: its state.pt)."""
+        """Restore what ``extra_state`` saved (``folder``: the checkpoint, ``state``: its state.pt); called
+        before the trained weights are loaded, so it may raise ``ValueError`` for a checkpoint that does not
+        fit the task's models."""
         return None
 
     @abstractmethod

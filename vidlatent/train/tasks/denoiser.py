@@ -5,7 +5,8 @@ whole global batch from the run's generator (``Draws``), so N ranks compute what
 ``lora_rank > 0`` trains LoRA adapters on the blocks (the export writes ``lora.safetensors``);
 ``first_frame_dropout < 1`` trains image-to-video conditioning (the clean first latent frame is given and
 left out of the loss); ``image_fraction > 0`` trains that share of micro-batches on their first latent
-frame alone (one-frame generation); ``text_cache`` encodes each caption once with a frozen encoder.
+frame alone (one-frame generation); ``text_cache`` encodes each caption once with a frozen encoder;
+``text_new_words`` gives the trained built-in encoder the captions' words outside its vocabulary.
 
 Letters: b batch, c channels, t latent frames, h height, w width, n text tokens, d width.
 """
@@ -29,7 +30,7 @@ from ...config.pipeline import PipelineConfig
 from ...config.train import TrainConfig
 from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas, velocity_target
 from ...models.dit import VideoDiT
-from ...models.text import TextEncoder, load_text_encoder
+from ...models.text import BuiltinTextEncoder, TextEncoder, load_text_encoder
 from ...models.vae import CausalVAE
 from ..cache import PipelineParts, prepare_cache
 from ..data import BucketSampler, LatentDataset
@@ -147,6 +148,8 @@ class DenoiserTask(Task):
             if not any(p.requires_grad for p in self.text_encoder.parameters()):
                 raise ValueError("train_text_encoder=true but the text encoder has no trainable parameters")
             self.models["text_encoder"] = self.text_encoder
+            if cfg.text_new_words:  # before the loop makes the optimizer: the word embedding grows
+                self._add_caption_words()
         else:
             self.text_encoder.requires_grad_(False).eval()
         self._text_cache = TextCache(self.text_encoder) if cfg.text_cache and self.text_encoder else None
@@ -193,6 +196,42 @@ class DenoiserTask(Task):
             for block in dit.blocks:
                 block.compile()
         return text_encoder, dit
+
+    def _add_caption_words(self) -> None:
+        """``text_new_words``: the training captions' words outside the built-in encoder's vocabulary join it,
+        in order of first use (the same on every rank, and on resume from the same captions)."""
+        enc = self.text_encoder
+        if not isinstance(enc, BuiltinTextEncoder):
+            raise ValueError(
+                f"text_new_words=true grows a built-in text encoder's vocabulary; text_encoder={self.cfg.text_encoder}"
+                f" is a {type(enc).__name__}, whose tokenizer reads every word"
+            )
+        added = enc.add_words(item.caption for item in self.dataset.items)
+        if self.dist.main:
+            shown = ", ".join(added[:50]) + (f", ... ({len(added) - 50} more)" if len(added) > 50 else "")
+            tqdm.write(
+                f"text_new_words: the text encoder learns {len(added)} new word(s) from the captions: {shown}"
+                if added
+                else "text_new_words: the captions hold no word outside the text encoder's vocabulary"
+            )
+
+    def extra_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        if not self.cfg.text_new_words:
+            return {}, {}
+        return {}, {"text_vocab": list(self.text_encoder.config.vocab)}
+
+    def load_extra_state(self, folder: Path, state: dict) -> None:
+        saved = state.get("text_vocab")
+        if not self.cfg.text_new_words or saved is None:
+            return
+        now = self.text_encoder.config.vocab
+        if saved != now:
+            gone, new = [w for w in saved if w not in now], [w for w in now if w not in saved]
+            raise ValueError(
+                f"{folder}: the checkpoint's text vocabulary ({len(saved)} words) is not the one this run made "
+                f"from its captions ({len(now)}): the captions changed since (only in the checkpoint: "
+                f"{', '.join(gone[:20]) or 'none'}; only now: {', '.join(new[:20]) or 'none'})"
+            )
 
     # ----------------------------------------------------------------------------------------- data
 
@@ -402,7 +441,10 @@ class DenoiserTask(Task):
     def unsharded(self, name: str) -> torch.nn.Module:
         if name == "dit":
             return VideoDiT(self.dit.config)
-        return load_text_encoder(self.cfg.text_encoder, device="cpu", overrides=self.cfg.text_overrides)
+        encoder = load_text_encoder(self.cfg.text_encoder, device="cpu", overrides=self.cfg.text_overrides)
+        if self.cfg.text_new_words:  # the words this run added
+            encoder.add_words(self.text_encoder.config.vocab)
+        return encoder
 
     def export(self, folder: Path, models: dict[str, torch.nn.Module]) -> None:
         """A pipeline folder every job takes with ``--model``: the denoiser, ``text_encoder/``, ``vae/`` (the
