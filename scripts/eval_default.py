@@ -5,6 +5,12 @@
 Prints and writes (``--json``):
 * text-to-video on held-out prompts (colour/shape/motion combinations no training clip shows) and on prompts
   seen in training: how often the largest object the oracle finds has the asked colour, shape and motion;
+* for those two splits, the rates by asked colour, by asked shape and the shape rate by asked (colour, shape)
+  pair (``by_colour``, ``by_shape``, ``by_pair`` in the JSON; also for ``image``), and the share of clips
+  whose first frame is malformed (frame 0's object fits its best circle / square / triangle template with IoU
+  < 0.75, or is over 1.5x its median area over the clip) and of clips with a ghost object (a second region of
+  the asked colour in 3+ frames, or a colour not asked in half the frames) (``frames``;
+  ``vidlatent.eval.frames``);
 * text-to-image (split ``image``: the held-out prompts generated as one frame): colour and shape, as above
   (one frame shows no motion, so "all" means colour and shape);
 * image-to-video (split ``animate``): the first frames of held-out clips of the world animated with their

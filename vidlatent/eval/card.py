@@ -13,6 +13,45 @@ from safetensors.torch import load_file
 
 from ..config import PRESET_DIR, DiTConfig, list_presets, load_config
 from ..recipes.recipe import Recipe, Stage, load_recipe
+from .frames import MAX_GROWTH, MIN_IOU
+
+SPLIT_NAMES = {
+    "heldout": "held-out prompts",
+    "train": "prompts seen in training",
+    "image": "held-out prompts as one frame",
+}
+
+
+def breakdown_table(r: dict) -> list[str]:
+    """Markdown lines of one split's results (``evaluate``'s, pooled over seeds) broken down by what was asked: a
+    table of the rates by asked colour, then by asked shape (items, colour, shape, motion, all), and a table of
+    the shape rate by asked (colour, shape) pair, a row per colour ("-": no such item); [] without them."""
+    if "by_colour" not in r:
+        return []
+    keys = [k for k in ("colour", "shape", "motion", "all") if k in next(iter(r["by_colour"].values()))]
+    seeds = len(r.get("seeds", [0]))
+    n = f"n (x {seeds} seeds)" if seeds > 1 else "n"
+    lines = [f"| asked | {n} | " + " | ".join("all three" if k == "all" and "motion" in keys else k for k in keys)
+             + " |", "|---" * (len(keys) + 2) + "|"]  # fmt: skip
+    for by in ("by_colour", "by_shape"):
+        for name, g in r[by].items():
+            lines.append(f"| {name} | {g['n'] // seeds} | " + " | ".join(f"{g[k]:.1%}" for k in keys) + " |")
+    shapes = list(r["by_shape"])
+    lines += ["", "| shape read right | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
+    for colour in r["by_colour"]:
+        pairs = [r["by_pair"].get(f"{colour} {shape}") for shape in shapes]
+        cells = [f"{g['shape']:.1%} ({g['n'] // seeds})" if g else "-" for g in pairs]
+        lines.append(f"| {colour} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def frames_card_line(split: str, f: dict) -> str:
+    """A MODEL_CARD.md line of one split's first-frame and ghost shares (``frames.frame_shares``')."""
+    return (f"- {SPLIT_NAMES.get(split, split)}, {f['clips']} clips: malformed first frame {f['malformed']:.1%} (the "
+            f"object fits its best circle / square / triangle template with IoU < {MIN_IOU} in "
+            f"{f['misfit']:.1%}, {f['misfit_mid']:.1%} in the middle frame; it is over {MAX_GROWTH}x its median "
+            f"area in {f['oversize']:.1%}); ghost objects {f['ghost']:.1%} (a second region of the asked colour "
+            f"{f['ghost_same']:.1%}, a colour not asked {f['ghost_other']:.1%}).")  # fmt: skip
 
 
 def lane_lines(stage: Stage) -> list[str]:
@@ -187,6 +226,19 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         each = "; ".join(f"seed {o['seed']} " + " / ".join(f"{o[k]:.1%}" for k in ("colour", "shape", "motion")
                                                            if k in o) for o in r["per_seed"])  # fmt: skip
         lines.append(f"- {split}: {each}")
+    framed = [(split, results[split]["frames"]) for split in SPLIT_NAMES
+              if isinstance(results.get(split), dict) and "frames" in results[split]]  # fmt: skip
+    if framed:
+        lines += ["", "First frames and ghosts (text to video, pooled over seeds; `vidlatent.eval.frames`):"]
+        lines += [frames_card_line(split, f) for split, f in framed]
+    for split, name in SPLIT_NAMES.items():
+        if isinstance(results.get(split), dict) and "by_colour" in results[split]:
+            lines += [
+                "",
+                f"By what was asked, {name} (pooled over seeds):",
+                "",
+                *breakdown_table(results[split]),
+            ]
     if "animate" in results:
         a = results["animate"]
         lines += ["", f"Image to video: the first output frame against the still, {a['first_psnr']:.2f} dB PSNR "

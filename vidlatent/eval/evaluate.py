@@ -6,13 +6,45 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from .frames import MAX_GROWTH, MIN_IOU
 from .shapes import SPLITS, pool, score_split, score_vae
 from .speed import cli_time
 from .wide import ATTRIBUTES, score_wide
 
 
+def breakdown_lines(r: dict) -> list[str]:
+    """One split's rates by asked colour and by asked shape (a row each: items, colour, shape, motion, all) and
+    its shape rate by asked (colour, shape) pair (a row per colour), as plain-text tables; none without them."""
+    if "by_colour" not in r:
+        return []
+    keys = [k for k in ("colour", "shape", "motion", "all") if k in next(iter(r["by_colour"].values()))]
+    lines = ["  {:<9} {:>4} ".format("asked", "n") + " ".join(f"{k:>7}" for k in keys)]
+    for by in ("by_colour", "by_shape"):
+        for name, g in r[by].items():
+            lines.append(f"  {name:<9} {g['n']:>4} " + " ".join(f"{g[k]:>7.1%}" for k in keys))
+    shapes = list(r["by_shape"])
+    lines.append("  {:<9} ".format("shape by") + " ".join(f"{s:>14}" for s in shapes))
+    for colour in r["by_colour"]:
+        cells = []
+        for shape in shapes:
+            g = r["by_pair"].get(f"{colour} {shape}")
+            cells.append(f"{g['shape']:>7.1%} ({g['n']:>3})" if g else f"{'-':>14}")
+        lines.append(f"  {colour:<9} " + " ".join(cells))
+    return lines
+
+
+def frames_line(f: dict) -> str:
+    """One line of a split's first-frame and ghost shares (``frames.frame_shares``')."""
+    return (f"first frames of {f['clips']} clips: malformed {f['malformed']:.1%} (shape IoU < {MIN_IOU} "
+            f"{f['misfit']:.1%}, over {MAX_GROWTH}x median area {f['oversize']:.1%}, no object "
+            f"{f['first_missing']:.1%}; middle frame IoU < {MIN_IOU} {f['misfit_mid']:.1%}; median IoU "
+            f"{f['first_iou_median']:.3f}); ghosts {f['ghost']:.1%} (second region of the asked colour "
+            f"{f['ghost_same']:.1%}, a colour not asked {f['ghost_other']:.1%})")  # fmt: skip
+
+
 def summary(split: str, r: dict) -> list[str]:
-    """The printed lines of one split's results (its rates, and each seed's when pooled)."""
+    """The printed lines of one split's results (its rates, and each seed's when pooled; then the first-frame
+    and ghost shares and the rates by asked colour, shape and pair where the split has them)."""
     scores = " ".join(f"{k} {r[k]:.1%}" for k in (*ATTRIBUTES, "colour", "shape", "motion", "all") if k in r)
     first = f", first frame {r['first_psnr']:.2f} dB" if "first_psnr" in r else ""
     seeds = f" x {len(r['seeds'])} seeds" if "seeds" in r else ""
@@ -21,7 +53,9 @@ def summary(split: str, r: dict) -> list[str]:
         lines.append(
             "  seed {seed}: ".format(**one) + " ".join(f"{k} {v:.1%}" for k, v in one.items() if k != "seed")
         )
-    return lines
+    if "frames" in r:
+        lines.append("  " + frames_line(r["frames"]))
+    return lines + breakdown_lines(r)
 
 
 def evaluate(

@@ -11,6 +11,9 @@ Splits (each a list of items: a prompt and what it asks, (colour, shape, motion)
 
 An item counts for a key when the largest object the oracle finds has the asked value; ``all`` when every key
 does, ``nothing`` when the oracle finds no object. ``pool`` merges one split's results over sampling seeds.
+The text-to-video and image splits are also broken down by the asked colour, the asked shape and the asked
+(colour, shape) pair (``breakdown``), and the text-to-video clips read for malformed first frames and ghost
+objects (``frames.frame_quality``).
 ``score_vae`` reads held-out clips back through the VAE alone: a ceiling for what the denoiser can reach.
 """
 
@@ -23,9 +26,14 @@ import torch
 
 from ..data.shapes import COLOURS, SHAPES, ShapeObject, ShapesWorld, caption, eval_prompts, oracle
 from ..metrics import psnr
+from .frames import frame_quality, frame_shares, pool_shares
 
 SPLITS = ("heldout", "train", "image", "animate", "edit-shape", "edit-colour", "wide")
 RATES = ("colour", "shape", "motion", "all", "nothing")
+# splits whose rates are also given per asked colour, shape and pair; those whose clips are read for frames
+BREAKDOWN_SPLITS = ("heldout", "train", "image")
+FRAME_SPLITS = ("heldout", "train")
+BY = ("by_colour", "by_shape", "by_pair")
 ANIMATE_SEED = 2024  # the held-out clips whose first frames animate, and edit, start from
 VAE_SEED = 12345  # the held-out clips score_vae reconstructs
 
@@ -63,6 +71,42 @@ def tally(rows: list[dict], keys: tuple[str, ...]) -> dict:
     rates["all"] = sum(row["found"] is not None and all(row[key] for key in keys) for row in rows) / n
     rates["nothing"] = sum(row["found"] is None for row in rows) / n
     return rates
+
+
+def breakdown(asked: list[tuple[str, str, str]], rows: list[dict], keys: tuple[str, ...]) -> dict:
+    """``tally``'s rates of ``rows`` grouped by what each item asked: ``by_colour`` {colour: {"n", rates}},
+    ``by_shape`` {shape: ...} and ``by_pair`` {"colour shape": ...} (``nothing`` left out), in the world's
+    order; ``asked`` holds each row's (colour, shape, motion)."""
+    groups = {by: {} for by in BY}
+    for (colour, shape, _), row in zip(asked, rows):
+        for by, name in zip(BY, (colour, shape, f"{colour} {shape}")):
+            groups[by].setdefault(name, []).append(row)
+    order = {
+        "by_colour": list(COLOURS),
+        "by_shape": list(SHAPES),
+        "by_pair": [f"{c} {s}" for c in COLOURS for s in SHAPES],
+    }
+    out = {}
+    for by, named in groups.items():
+        rates = {
+            name: {"n": len(named[name]), **tally(named[name], keys)} for name in order[by] if name in named
+        }
+        out[by] = {name: {k: v for k, v in r.items() if k != "nothing"} for name, r in rates.items()}
+    return out
+
+
+def pool_breakdown(parts: list[dict]) -> dict:
+    """``breakdown``s of several runs merged: each group's rates weighted by its items."""
+    out = {}
+    for by in BY:
+        names = list(dict.fromkeys(name for part in parts for name in part[by]))
+        out[by] = {}
+        for name in names:
+            groups = [part[by][name] for part in parts if name in part[by]]
+            n = sum(g["n"] for g in groups)
+            keys = [k for k in groups[0] if k != "n"]
+            out[by][name] = {"n": n, **{k: sum(g[k] * g["n"] for g in groups) / n for k in keys}}
+    return out
 
 
 def _heldout_clips(count: int) -> tuple[ShapesWorld, list]:
@@ -134,17 +178,26 @@ def score_split(
     s``; ``job``: further job options) and score them with the oracle. For the edit splits, ``strength`` is the
     edit's and ``source`` (a dict of FlowEdit options, maybe empty) edits by FlowEdit from the clip's own caption.
 
-    Returns ``prompts``, the ``RATES``, ``first_psnr`` (animate) and up to 10 ``examples_missed`` as (prompt,
-    what was found or ``None``)."""
+    Returns ``prompts``, the ``RATES``, ``first_psnr`` (animate), the ``breakdown`` by asked colour, shape and
+    pair (``BREAKDOWN_SPLITS``), ``frames``: the shares of malformed first frames and ghosts
+    (``frames.frame_shares``, ``FRAME_SPLITS``), and up to 10 ``examples_missed`` as (prompt, what was found or
+    ``None``)."""
     keys, first = split_keys(split), []
     items = split_items(split, count, seed)
     make = _maker(pipe, split, count, seed, strength, source, job, first)
-    rows = []
+    rows, frames = [], []
     for s in range(0, len(items), batch):
         chunk = items[s : s + batch]
-        rows += [read_back(video, asked, keys) for (_, asked), video in zip(chunk, make(s, chunk))]
+        videos = make(s, chunk)
+        rows += [read_back(video, asked, keys) for (_, asked), video in zip(chunk, videos)]
+        if split in FRAME_SPLITS:
+            frames += [frame_quality(video, asked[0]) for (_, asked), video in zip(chunk, videos)]
         print(f"  {split}: {min(s + batch, len(items))}/{len(items)}", file=sys.stderr)
     extra = {"first_psnr": sum(first) / len(items)} if first else {}
+    if split in BREAKDOWN_SPLITS:
+        extra.update(breakdown([asked for _, asked in items], rows, keys))
+    if split in FRAME_SPLITS:
+        extra["frames"] = frame_shares(frames)
     misses = [
         (prompt, row["found"]) for (prompt, _), row in zip(items, rows) if not all(row[k] for k in keys)
     ]
@@ -153,11 +206,16 @@ def score_split(
 
 def pool(runs: list[dict], seeds: list[int]) -> dict:
     """One split's results over several sampling seeds (same prompts, same count): the rates pooled over every
-    item, and each seed's rates under ``per_seed``. One seed is returned as it is."""
+    item (the breakdown and the frame shares too), and each seed's rates under ``per_seed``. One seed is
+    returned as it is."""
     if len(runs) == 1:
         return runs[0]
     keys = [k for k, v in runs[0].items() if isinstance(v, float) and k != "seconds"]  # every rate
     pooled = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+    if BY[0] in runs[0]:
+        pooled.update(pool_breakdown([{by: r[by] for by in BY} for r in runs]))
+    if "frames" in runs[0]:
+        pooled["frames"] = pool_shares([r["frames"] for r in runs])
     per_seed = [{"seed": seed, **{k: r[k] for k in keys}} for seed, r in zip(seeds, runs)]
     return {"prompts": runs[0]["prompts"], "seeds": list(seeds), **pooled,
             "examples_missed": runs[0]["examples_missed"], "per_seed": per_seed}  # fmt: skip
