@@ -17,8 +17,13 @@ silhouette video); without a video there is nothing to keep.
 Multiple reference images go in the order given, as in the original VACE (diffusers' ``WanVACEPipeline``
 puts them in reverse order; with one reference the two agree).
 
+Wan2.1-Fun Control (alibaba-pai's Wan2.1-Fun-1.3B/14B-Control) has no branch: its denoiser reads 3c input
+channels, the noisy latents then ``fun_control_inputs``' condition (the control video's latents, then a first
+frame's latents in latent frame 0 and zeros after), and CLIP tokens of that image (zeros without one), as
+VideoX-Fun's ``WanFunControlPipeline`` builds them. No mask and no hint scale.
+
 Letters: b batch, c latent channels, t h w frames/height/width, r reference images, p q pixels per latent
-pixel (the VAE's spatial factor).
+pixel (the VAE's spatial factor), i image tokens, d their width.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from einops import rearrange
 
 from ..diffusion.sampling import denoise
 from ..models.control import ControlledDiT, Scale, hint_scales
+from ..models.image import ImageEncoder
 from ..models.vae import CausalVAE
 from ..runtime.cache import Cached, CacheState
 
@@ -137,6 +143,43 @@ def sample_control(
     return vae.decode(vae.denormalize(z.float())).float()
 
 
+@torch.no_grad()
+def fun_control_inputs(
+    vae: CausalVAE,
+    video: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    image_encoder: ImageEncoder | None = None,
+) -> dict[str, torch.Tensor]:
+    """The denoiser keywords of Wan2.1-Fun Control for a control ``video`` (b, 3, t, h, w) in [-1, 1] and an
+    optional ``reference`` image (1 or b, 3, h_i, w_i) in [-1, 1] of any size, the first frame to show, as
+    VideoX-Fun's ``WanFunControlPipeline`` builds them:
+
+    - ``condition`` (b, 2c, t', h', w') fp32, joined after the noisy latents: the control video's normalized
+      latents (the posterior mode of the video as given), then the reference's (stretched to h x w, bilinear,
+      and encoded as a one-frame clip) in latent frame 0 and zeros in the others; zeros without a reference,
+      and for a one-latent-frame output (VideoX-Fun leaves them zero there too);
+    - ``image`` (b, i, d) with an ``image_encoder``: the reference's CLIP tokens (of the image as given), or
+      zeros of that shape without one.
+
+    ValueError when the video is not (b, 3, 1 + k*tf, h, w) with h and w multiples of the VAE's factor, or the
+    reference not one image.
+    """
+    check_control_video(video, vae.temporal_factor, vae.spatial_factor)
+    b, _, _, h, w = video.shape
+    control = encode(vae, video)
+    first = torch.zeros_like(control)
+    image = None if reference is None else as_images(reference, b)[0].to(video.device)
+    if image is not None and control.shape[2] > 1:
+        first[:, :, :1] = encode(vae, stretch(image, h, w)[:, :, None])
+    kwargs = {"condition": torch.cat([control, first], dim=1)}
+    if image_encoder is not None:
+        if image is None:
+            kwargs["image"] = torch.zeros(b, image_encoder.tokens, image_encoder.dim, device=video.device)
+        else:
+            kwargs["image"] = image_encoder.encode(image).to(video.device)
+    return kwargs
+
+
 # ------------------------------------------------------------------------------------------------ parts
 
 
@@ -183,6 +226,17 @@ def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     top, left = (height - nh) // 2, (width - nw) // 2
     canvas[:, :, top : top + nh, left : left + nw] = resized
     return canvas
+
+
+def stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An image (b, 3, h, w) resized to height x width, aspect not kept (bilinear, antialiased, kept in the
+    input's range), as VideoX-Fun resizes its first frame; as it is when it has that size."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image.float()
+    resized = F.interpolate(
+        image.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.clamp(image.min(), image.max())
 
 
 def as_images(reference, b: int) -> list[torch.Tensor]:

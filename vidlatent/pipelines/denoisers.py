@@ -1,5 +1,10 @@
-"""How a pipeline hands its denoiser(s) to the sampling loop when Wan 2.2 asks for more than one call shape.
+"""What a pipeline's denoiser reads beside its noisy latents, and how the pipeline hands its denoiser(s) to the
+sampling loop when Wan 2.2 asks for more than one call shape.
 
+- ``denoiser_input``: which of ``DENOISER_INPUTS`` a denoiser takes, told once from its config and the VAE: the
+  ``DiTConfig.condition_channels`` latents joined to the noisy ones before the patch embedding are nothing
+  (text-to-video), a frame mask and a still's latents (Wan I2V), or a control video's and a first frame's
+  latents (Wan2.1-Fun Control: ``pipelines.control.fun_control_inputs`` builds them).
 - ``CleanFrames``: Wan 2.2 TI2V-5B's per-token timesteps. The kept (clean) latent frames' tokens are given
   noise level 0 and the rest the step's, as diffusers' pipelines do with ``expand_timesteps=True``.
 - ``ExpertPlacement``: Wan 2.2 A14B's two experts, with only the active one on the accelerator when asked:
@@ -15,8 +20,27 @@ import torch
 import torch.nn as nn
 from einops import reduce, repeat
 
+from ..config import DiTConfig
 from ..models import lora
 from ..models.dit import VideoDiT
+
+# What a denoiser takes beside its noisy latents (c latent channels, k pixel frames per latent frame)
+DENOISER_INPUTS = {
+    "text": "nothing: c channels in (text-to-video; Wan 2.2 TI2V-5B)",
+    "image": "a k-channel frame mask, then c still latents: 2c + k in (Wan 2.1 I2V / FLF2V, Wan 2.2 I2V-A14B)",
+    "fun_control": "c control-video latents, then c first-frame latents: 3c in (Wan2.1-Fun Control)",
+}
+
+
+def denoiser_input(config: DiTConfig, latent_channels: int, temporal_factor: int) -> str | None:
+    """Which of ``DENOISER_INPUTS`` a denoiser of ``config`` takes beside the latents of a VAE with
+    ``latent_channels`` channels and ``temporal_factor`` pixel frames per latent frame, told by its condition
+    channels; None when they are none of them. A VAE with as many latent channels as its temporal factor (a
+    tiny test VAE: 4 and 4) makes the image and Fun-Control layouts the same size; the image one is meant then
+    (every released Wan VAE has 16 or 48 channels, and 4 frames per latent frame)."""
+    c, k = latent_channels, temporal_factor
+    kinds = {0: "text", 2 * c: "fun_control", c + k: "image"}  # a later key wins a tie: image
+    return kinds.get(config.condition_channels) if config.out_channels == c else None
 
 
 class CleanFrames(nn.Module):
