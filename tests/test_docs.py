@@ -19,7 +19,8 @@ slow set (``-m slow``) runs them. Stand-ins, so that the commands run on a CPU i
 * the sample inputs of ``docs/`` (``input.gif``, ``mask.png``, ``still.png``, ``first.png``, ``last.png``,
   ``a.png``, ``b.png``) are copied in; ``clips/`` holds two of them with ``.txt`` captions, ``clip.gif`` one;
 * a Wan 2.1 folder name the page uses (``Wan2.1-T2V-1.3B-Diffusers`` ...) is a tiny random folder of the same
-  layout (tests/wan_folders.py; ``Wan2.1-VACE-1.3B-diffusers``: tests/vace_folders.py), and every job with a
+  layout (tests/wan_folders.py, ``Wan2.1-Fun-1.3B-Control-Diffusers`` too; ``Wan2.1-VACE-1.3B-diffusers``:
+  tests/vace_folders.py), and every job with a
   ``--model`` other than the shipped ``default`` and ``tiny`` gets ``--frames 5 --height 32 --width 32 --steps 2`` (encode: ``--frames 5 --size 32 32``) added;
 * every ``vidlatent train`` gets ``steps=2`` added;
 * ``style.safetensors`` / ``distill.safetensors`` are random LoRAs for the default model,
@@ -264,6 +265,10 @@ def stand_ins(page: str, folder: Path) -> None:
             from vace_folders import wan_vace_root
 
             wan_vace_root(folder / "Wan2.1-VACE-1.3B-diffusers")
+        if uses("Wan2.1-Fun-1.3B-Control-Diffusers"):
+            from wan_folders import wan_fun_control_root
+
+            wan_fun_control_root(folder / "Wan2.1-Fun-1.3B-Control-Diffusers")
         if uses("Wan2.1-T2V-1.3B"):
             from test_wan_original import write_wan_release
 

@@ -3,12 +3,16 @@
 ``wan_t2v_root(path)`` writes what ``WanPipeline.save_pretrained`` writes for a released Wan 2.1 T2V model
 (model_index.json, vae/, transformer/, text_encoder/, tokenizer/, scheduler/), at widths a CPU runs in
 seconds; ``wan_i2v_root(path, flf=...)`` what ``WanImageToVideoPipeline`` writes for Wan 2.1 I2V / FLF2V (the
-same, with an image-conditioned transformer, image_encoder/ and image_processor/). Weights are random with unit gain (tests/test_dit.py, tests/test_vae.py), so every part of the
-network moves the output and a wrong convention shows up as a large difference.
+same, with an image-conditioned transformer, image_encoder/ and image_processor/); ``wan_fun_control_root(path)``
+a Wan2.1-Fun Control model in that layout (a transformer of 3c input channels, as community diffusers conversions
+of alibaba-pai's checkpoints are laid out; diffusers has no Fun-Control pipeline). Weights are random with unit gain
+(tests/test_dit.py, tests/test_vae.py), so every part of the network moves the output and a wrong convention shows
+up as a large difference.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -137,3 +141,46 @@ def wan_i2v_root(path: str | Path, seed: int = 0, shift: float = 3.0, flf: bool 
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(path))
     return pipe
+
+
+# The Fun-Control folder's VAE has 8 latent channels, not the tiny VAE's 4: with 4 channels and 4 pixel frames per
+# latent frame, Wan I2V's input (2c + 4) and Fun-Control's (3c) would be the same size, and the folder an I2V one.
+FUN_LATENT_CHANNELS = 8
+
+
+def wan_fun_control_parts(seed: int = 0, shift: float = 3.0):
+    """The parts of a tiny Wan2.1-Fun Control folder: the T2V parts with an 8-channel VAE, an image-conditioned
+    transformer reading 3 x 8 channels (noise, control latents, first-frame latents), a CLIP vision encoder and
+    its image processor."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    parts = wan_t2v_parts(seed, shift)
+    c = FUN_LATENT_CHANNELS
+    vae_cfg = replace(
+        load_config(VAEConfig, "vae", "tiny"),
+        latent_channels=c,
+        latents_mean=[0.1 * (i - 3) for i in range(c)],
+        latents_std=[0.5 + 0.25 * i for i in range(c)],
+    )
+    vae = AutoencoderKLWan(**vae_config_to_diffusers(vae_cfg)).eval()
+    randomize_vae(vae, seed)
+    overrides = [f"in_channels={3 * c}", f"out_channels={c}", f"text_dim={TEXT_DIM}", f"image_dim={CLIP_DIM}"]
+    transformer = WanTransformer3DModel(
+        **to_diffusers_config(load_config(DiTConfig, "dit", "tiny", overrides=overrides))
+    )
+    randomize_dit(transformer.eval(), seed + 1)
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(0.3)
+    image_encoder, image_processor = tiny_clip(seed + 3)
+    return {**parts, "vae": vae, "transformer": transformer, "image_encoder": image_encoder,
+            "image_processor": image_processor}  # fmt: skip
+
+
+def wan_fun_control_root(path: str | Path, seed: int = 0, shift: float = 3.0) -> dict:
+    """Write a tiny Wan2.1-Fun Control folder in the diffusers layout (a ``WanImageToVideoPipeline`` root whose
+    transformer reads 3c channels) at ``path``; returns its parts (diffusers / transformers modules)."""
+    from diffusers import WanImageToVideoPipeline
+
+    parts = wan_fun_control_parts(seed, shift)
+    WanImageToVideoPipeline(**parts).save_pretrained(str(path))
+    return parts

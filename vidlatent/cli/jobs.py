@@ -41,7 +41,9 @@ JOB_EXAMPLES = {
     "control": """examples:
   vidlatent control pose.mp4 "a dancer on a beach" -o dancer.mp4 --model Wan2.1-VACE-1.3B-diffusers
   vidlatent control clip.mp4 "a red car" --mask car_mask.mp4 --reference car.png -o car.mp4 --scale 0.8
-  (white mask pixels are generated, black ones keep the control's; --scale S or one S per hint: S,S,...)""",
+  (white mask pixels are generated, black ones keep the control's; --scale S or one S per hint: S,S,...)
+  vidlatent control depth.mp4 "a robot walks" --reference first.png -o robot.mp4 --model Wan2.1-Fun-1.3B-Control-Diffusers
+  (Wan Fun-Control: one --reference, the first frame; no --mask, --scale or --control-branch)""",
 }
 
 
@@ -449,15 +451,17 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def add_control(sub) -> None:
-    p = _job_parser(sub, "control", "a video that follows a control video (pose, edges, silhouettes; VACE)")
+    p = _job_parser(
+        sub, "control", "a video that follows a control video (pose, edges, silhouettes; VACE, Fun-Control)"
+    )
     p.add_argument("control", help="the control video (or image): the output has its frames and size")
     p.add_argument("prompt", help="what to show")
     p.add_argument("--mask", default=None,
-                   help="black-and-white image or video of the control's size: white = generate, black = keep")  # fmt: skip
+                   help="black-and-white image or video of the control's size: white = generate, black = keep (VACE)")  # fmt: skip
     p.add_argument("--reference", action="append", default=[], metavar="IMAGE",
-                   help="an image of what to show (any size); repeat for several")  # fmt: skip
+                   help="an image of what to show (any size); repeat for several (Wan Fun-Control: one, the first frame)")  # fmt: skip
     p.add_argument("--scale", type=_scales, default=1.0, metavar="S[,S...]",
-                   help="the control's weight: one number, or one per hint (default 1; 0 = no control)")  # fmt: skip
+                   help="the control's weight: one number, or one per hint (default 1; 0 = no control; VACE)")  # fmt: skip
     p.add_argument("--control-branch", default=None, metavar="FOLDER",
                    help="a control branch folder (ControlBranch.save_pretrained) for --model's denoiser")  # fmt: skip
     _job_flags(p)

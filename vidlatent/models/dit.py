@@ -483,6 +483,7 @@ class VideoDiT(nn.Module):
         state = load_state_dict(path)
         layout = detect_layout(state)
         state = {"diffusers": from_diffusers_state_dict, "wan": from_wan_state_dict}.get(layout, dict)(state)
+        check_not_fun_v11(state, src)
         if config is None:
             config = config_from_metadata(meta) or infer_config(state)
         if overrides:
@@ -502,6 +503,24 @@ class VideoDiT(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a vidlatent folder (config.json + model.safetensors) that ``from_pretrained`` reads back."""
         save_folder(folder, self.state_dict(), config_to_dict(self.config), kind="dit")
+
+
+# Wan2.1-Fun V1.1 parts beside the Wan transformer (VideoX-Fun's wan_transformer3d.py): Control's reference-image
+# path (a 2D patch embedding of a reference latent, its tokens put in front as an extra frame) and Control-Camera's
+# adapter (camera rays added to the patch tokens). V1.0 Fun-Control is the plain transformer with 48 input channels.
+FUN_V11_PARTS = {"ref_conv": "Control's reference-image path", "control_adapter": "Control-Camera's adapter"}
+
+
+def check_not_fun_v11(state: Mapping[str, torch.Tensor], src) -> None:
+    """ValueError naming them when a checkpoint holds Wan2.1-Fun V1.1 parts, which this model does not run."""
+    found = [
+        f"{k} ({what})" for k, what in FUN_V11_PARTS.items() if any(n.startswith(f"{k}.") for n in state)
+    ]
+    if found:
+        raise ValueError(
+            f"{src} is a Wan2.1-Fun V1.1 model: {', '.join(found)} is not supported; Wan2.1-Fun V1.0 Control "
+            "(Wan2.1-Fun-1.3B-Control, Wan2.1-Fun-14B-Control: the Wan transformer with 48 input channels) loads"
+        )
 
 
 def init_linears_and_patch(model: nn.Module, patch_weight: torch.Tensor, patch_bias: torch.Tensor) -> None:

@@ -167,10 +167,14 @@ def load_denoiser(folder: Path, device=None, dtype=None) -> tuple[VideoDiT, Cont
 
 def from_wan_release(cls, folder: Path, device=None, dtype=None):
     """An original Wan 2.1 T2V release folder as ``cls``, with Wan's conventions and defaults."""
-    model_type = read_json(folder / CONFIG_NAME).get("model_type", "t2v")
+    raw = read_json(folder / CONFIG_NAME)
+    model_type = raw.get("model_type", "t2v")
     if model_type != "t2v":
+        # alibaba-pai's Wan2.1-Fun Control: 48 in, 16 out
+        fun = raw.get("in_dim") == 3 * raw.get("out_dim", 16)
+        what = f"Wan2.1-Fun Control (in_dim {raw['in_dim']})" if fun else f"Wan 2.1 {model_type}"
         raise ValueError(
-            f"{folder} is an original Wan 2.1 {model_type} folder: its CLIP checkpoint (open-clip XLM-RoBERTa "
+            f"{folder} is an original {what} folder: its CLIP checkpoint (open-clip XLM-RoBERTa "
             "ViT-H/14 .pth) is not read here; use the diffusers folder of the same model (its image_encoder/ "
             "is a transformers CLIPVisionModel), or VideoPipeline(vae, VideoDiT.from_pretrained(folder), "
             "text_encoder, config, image_encoder=load_image_encoder(diffusers_root))"

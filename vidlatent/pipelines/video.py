@@ -16,6 +16,10 @@ denoiser (ours, Wan T2V) gets the stills' latents kept in place by that hook (``
 image-conditioned one (Wan 2.1 I2V / FLF2V, ``DiTConfig.image_dim``) gets, at every call, the stills' CLIP tokens
 and a video of condition latents with a frame mask, as Wan builds them (``_wan_image_condition``).
 
+Control (control). A VACE branch beside the denoiser (``control_branch``), or a Wan Fun-Control denoiser, which
+reads the control video's latents on its own input channels (``pipelines.control``). What a denoiser takes
+beside its noisy latents, and so which jobs it runs, is ``denoiser_input`` (``pipelines.denoisers``).
+
 Letters: b batch, c channels, t frames, h height, w width, n text tokens, d text width,
 k pixel frames per latent frame (the VAE's temporal factor), p q pixels per latent pixel (spatial factor).
 """
@@ -56,8 +60,8 @@ from ..models.text import TextEncoder
 from ..models.vae import CausalVAE
 from ..runtime import parallel
 from . import loading
-from .control import sample_control
-from .denoisers import CleanFrames, ExpertPlacement, check_experts
+from .control import fun_control_inputs, sample_control
+from .denoisers import CleanFrames, ExpertPlacement, check_experts, denoiser_input
 from .inputs import Media, as_mask, as_video, is_file_input, one_channel, read_clip, read_mask
 from .interpolate import arc_length_weights, lerp, morph_weights, slerp
 from .loading import PIPELINE_FILES
@@ -75,6 +79,8 @@ from .wan import (
 )
 
 MORPH_MODES = ("latent", "noise")
+# the jobs a denoiser that takes more than text runs (``denoiser_input``); a text-to-video one runs every job
+JOBS_BY_INPUT = {"image": ("animate",), "fun_control": ("control",)}
 SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.5-4 on the default model)
 
 __all__ = [  # the names this module has always offered (the configs and Wan's conventions live next door now)
@@ -97,6 +103,26 @@ def default_model_folder() -> Path:
             "a pipeline folder (vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights)"
         )
     return DEFAULT_MODEL
+
+
+def _check_fun_control_options(mask, reference, scale) -> None:
+    """ValueError for control options a Wan Fun-Control denoiser has no use for (VACE's mask and hint scale, a
+    second reference image)."""
+    if mask is not None:
+        raise ValueError(
+            "a Wan Fun-Control denoiser takes no mask (VACE's keep/generate mask): it follows the whole control "
+            "video; drop mask (--mask)"
+        )
+    if not (isinstance(scale, (int, float)) and scale == 1):
+        raise ValueError(
+            "a Wan Fun-Control denoiser takes no control scale (VACE's hint weight): its control is part of its "
+            f"input; drop scale (--scale); got {scale!r}"
+        )
+    count = len(VideoPipeline._as_list(reference))
+    if count > 1:
+        raise ValueError(
+            f"a Wan Fun-Control denoiser takes one reference image (the first frame to show); got {count}"
+        )
 
 
 def latent_mask(mask: torch.Tensor, temporal_factor: int, spatial_factor: int) -> torch.Tensor:
@@ -123,7 +149,9 @@ class VideoPipeline:
     """VAE + denoiser + text encoder, and the jobs built on them: ``generate``, ``edit``, ``inpaint``,
     ``animate``, ``morph``, and ``control`` where the denoiser has a control branch (``control_branch``, a
     ``models.control.ControlBranch`` beside ``dit``: a VACE folder's, ``control/`` in a folder of ours, or
-    ``load_control``). Videos are (b, 3, t, h, w) floats in [-1, 1]; an image is a one-frame video.
+    ``load_control``) or is a Wan Fun-Control one (control latents on its input channels). Which jobs a denoiser
+    runs follows from what it takes beside its latents (``denoiser_input``). Videos are (b, 3, t, h, w) floats in
+    [-1, 1]; an image is a one-frame video.
 
     Random draws come from CPU generators seeded per call, so a seed gives the same noise on every device.
     Arguments left ``None`` take the value in ``config``.
@@ -154,14 +182,15 @@ class VideoPipeline:
     ):
         c, tf, dcfg = vae.config.latent_channels, vae.temporal_factor, dit.config
         image_conditioned = dcfg.image_dim is not None
-        conditions = (c + tf,) if image_conditioned else (0, c + tf)  # Wan 2.2 I2V-A14B: latents, no CLIP
-        if dcfg.out_channels != c or dcfg.condition_channels not in conditions:
+        kind = denoiser_input(dcfg, c, tf)  # "image" without CLIP tokens: Wan 2.2 I2V-A14B
+        if kind is None or (image_conditioned and kind == "text"):
             raise ValueError(
                 f"the denoiser takes {dcfg.in_channels} and returns {dcfg.out_channels} latent channels, but the "
                 f"VAE makes {c}: a text-to-video denoiser takes and returns {c}, an image-conditioned one (Wan "
-                f"I2V) takes {2 * c + tf} (noise, a {tf}-channel frame mask, image latents) and returns {c} (Wan "
-                "2.2 TI2V-5B's denoiser works on the 48 channels of the Wan 2.2 VAE, the others on the 16 of "
-                "Wan 2.1's)"
+                f"I2V) takes {2 * c + tf} (noise, a {tf}-channel frame mask, image latents) and a Wan Fun-Control "
+                f"one {3 * c} (noise, control latents, first-frame latents), and both return {c} (Wan 2.2 "
+                "TI2V-5B's denoiser works on the 48 channels of the Wan 2.2 VAE, the others on the 16 of Wan "
+                "2.1's)"
             )
         if dit_2 is not None:
             check_experts(dit, dit_2)
@@ -272,6 +301,11 @@ class VideoPipeline:
         ``control`` job, replacing any; ``save_pretrained`` writes it to ``control/``. ValueError naming both
         shapes when it was made for another denoiser (width, heads, blocks) or reads control latents this VAE
         does not make; nothing is attached then."""
+        if self.denoiser_input == "fun_control":
+            raise ValueError(
+                "this denoiser is Wan Fun-Control: it reads its control video on its input channels and takes no "
+                "control branch (VACE); run control(prompt, control=video) on it as it is"
+            )
         if not isinstance(branch, ControlBranch):
             dtype = self.dit.patch_embed.weight.dtype
             branch = ControlBranch.from_pretrained(branch, device=self.device, dtype=dtype).eval()
@@ -364,6 +398,12 @@ class VideoPipeline:
     @cache.setter
     def cache(self, spec) -> None:
         self._cache = runtime.cache_settings(spec, self.dit)
+
+    @property
+    def denoiser_input(self) -> str:
+        """What the denoiser takes beside its noisy latents (``denoisers.DENOISER_INPUTS``): ``"text"`` (every
+        job), ``"image"`` (Wan I2V: animate) or ``"fun_control"`` (Wan2.1-Fun Control: control)."""
+        return denoiser_input(self.dit.config, self.vae.config.latent_channels, self.vae.temporal_factor)
 
     @property
     def device(self) -> torch.device:
@@ -534,7 +574,7 @@ class VideoPipeline:
                 z0, prompt, strength, noise=noise, options=replace(opts, output_type="latent")
             )
             return self._output(z, opts.output_type, fit)
-        self._check_text_to_video()
+        self._check_job()
         self._check_one_expert("an edit with source_prompt (FlowEdit)")
         # the start noise is drawn (and left unused) as SDEdit draws it, so a seed gives the generator the same state
         _, generator = self._noise(z0.shape, opts.seed, noise)
@@ -651,6 +691,7 @@ class VideoPipeline:
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        self._check_job("animate")
         first_frame = self.config.first_frame if first_frame is None else first_frame
         if first_frame not in FIRST_FRAME:
             raise ValueError(f"unknown first_frame {first_frame!r}; accepted: {', '.join(FIRST_FRAME)}")
@@ -678,7 +719,7 @@ class VideoPipeline:
         shape = self._latent_shape(b, frames, h, w)
         noise, generator = self._noise(shape, opts.seed, noise)
         clean_frames = None
-        if self.dit.config.condition_channels == 0:
+        if self.denoiser_input == "text":
             start, hook, model_kwargs = self._keep_frames(image, last, noise, first_frame != "noised")
             if first_frame == "clean_sigma0":
                 clean_frames = torch.zeros(shape[2], dtype=torch.bool)
@@ -770,13 +811,22 @@ class VideoPipeline:
         file is read to them (``selection`` says how, as for ``edit``), a tensor must have them. ``noise``: the
         start noise (b, c, references + t', h', w'). LoRAs, negative prompts, seeds and the sampler options
         apply as in every job.
+
+        A Wan Fun-Control denoiser (``denoiser_input == "fun_control"``) needs no branch: it reads the control
+        video's latents on its input channels (``pipelines.control.fun_control_inputs``). Its ``reference`` is
+        one image, the first frame to show (stretched to the control's size; its CLIP tokens too); it takes no
+        ``mask`` and no ``scale``, and its ``noise`` is (b, c, t', h', w').
         """
-        if self.control_branch is None:
+        fun = self.denoiser_input == "fun_control"
+        if self.control_branch is None and not fun:
             raise ValueError(
                 "this pipeline has no control branch: load a VACE model (a diffusers WanVACEPipeline folder, "
                 "e.g. Wan2.1-VACE-1.3B-diffusers), a pipeline folder with control/, or attach one with "
                 "pipe.load_control(folder) (on the command line: --control-branch FOLDER)"
             )
+        self._check_job("control")
+        if fun:
+            _check_fun_control_options(mask, reference, scale)
         opts = self._options(options, sampling, "control", negative_prompt)
         source = control
         if is_file_input(control):  # read to the output's size where one is asked
@@ -793,14 +843,16 @@ class VideoPipeline:
                 f"the control video is {t} frames of {w}x{h} (width x height); the output asked for is "
                 f"{want[0]} frames of {want[2]}x{want[1]}: give a control of the output's size"
             )
+        references = [self._control_reference(r) for r in self._as_list(reference)]
+        if fun:
+            z = self._fun_control(prompt, video, references[0] if references else None, noise, opts)
+            return self._output(z, opts.output_type, fit)
         mask = self._control_mask(
             mask, video, selection, fit["source_size"] if is_file_input(source) else None
         )
-        references = [self._control_reference(r) for r in self._as_list(reference)]
         shape = self._latent_shape(b, t, h, w)
         shape = (b, shape[1], len(references) + shape[2], *shape[3:])
         noise, generator = self._noise(shape, opts.seed, noise)
-        self._check_text_to_video()
         self._check_one_expert("control")
         context, context_mask = self.encode_text(self._prompts(prompt, b))
         negative = self._negative(opts.negative_prompt, opts.guidance != 1)
@@ -812,6 +864,16 @@ class VideoPipeline:
                            scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
                            **opts.loop_keywords())  # fmt: skip
         return self._output(z, opts.output_type, fit)
+
+    def _fun_control(self, prompt, video, reference, noise, opts: SamplingOptions) -> torch.Tensor:
+        """Wan Fun-Control's run: the control video's (and the first frame's) latents joined to the noisy ones,
+        and the first frame's CLIP tokens, at every step (``pipelines.control.fun_control_inputs``); returns
+        the latents."""
+        b, _, t, h, w = video.shape
+        noise, generator = self._noise(self._latent_shape(b, t, h, w), opts.seed, noise)
+        self._check_one_expert("control")
+        kwargs = fun_control_inputs(self.vae, video, reference, self.image_encoder)
+        return self._sample(noise, self._prompts(prompt, b), opts, generator, model_kwargs=kwargs)
 
     def _control_mask(self, mask, video, selection, source_size) -> torch.Tensor | None:
         """A control job's mask (tensor or file) -> (b, 1, t, h, w) float in [0, 1] on the video's device;
@@ -925,7 +987,7 @@ class VideoPipeline:
     ):
         """Invert both images to noise, slerp noises, lerp prompt tokens, regenerate with Euler; with
         ``respace``, regenerate once more at the weights that make the latent steps equal."""
-        self._check_text_to_video()
+        self._check_job()
         self._check_one_expert("a noise morph")
         self._uncached("a noise morph")  # its inversion is a fixed-point walk: skipped steps would bend it
         tokens, mask = self.encode_text([prompt_a, prompt_b])
@@ -969,7 +1031,7 @@ class VideoPipeline:
         """The one call to the sampling loop that every job makes. ``clean_frames`` (a (t,) bool): latent frames
         the denoiser is told are clean (noise level 0 at their tokens: Wan 2.2 TI2V)."""
         if model_kwargs is None:
-            self._check_text_to_video()
+            self._check_job()
         self._check_boundary()
         context, context_mask = self.encode_text(prompts)
         models = self._experts()
@@ -994,14 +1056,24 @@ class VideoPipeline:
                        scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
                        model_kwargs=model_kwargs, second=second, **opts.loop_keywords())  # fmt: skip
 
-    def _check_text_to_video(self) -> None:
-        """Jobs other than animate sample from text alone: an image-conditioned denoiser cannot run them."""
-        if self.dit.config.condition_channels:
+    def _check_job(self, job: str | None = None) -> None:
+        """ValueError unless the denoiser can run ``job`` (None: a job that samples from text alone): a
+        text-to-video denoiser runs every job, an image-conditioned one (Wan I2V) animate alone, and a Wan
+        Fun-Control one control alone (``JOBS_BY_INPUT``)."""
+        kind = self.denoiser_input
+        if kind == "text" or job in JOBS_BY_INPUT[kind]:
+            return
+        if kind == "image":
             raise ValueError(
                 "this job needs a text-to-video denoiser; this pipeline's is image-conditioned (Wan I2V / FLF2V / "
                 "2.2 I2V-A14B: it takes a still's latents, and CLIP tokens, at every step): use animate(image, prompt) "
                 "(vidlatent animate IMAGE PROMPT [--last IMAGE])"
             )
+        raise ValueError(
+            "this job does not run on this pipeline's denoiser, a Wan Fun-Control one (it takes a control "
+            "video's latents at every step): use control(prompt, control=video, reference=first_frame) (vidlatent "
+            "control CONTROL PROMPT [--reference IMAGE])"
+        )
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> (tokens (b, n, d), mask (b, n) or None) as this pipeline's denoiser reads them: with the
