@@ -111,6 +111,30 @@ def test_invert_walks_the_flow_back_and_refine_makes_the_euler_round_trip_exact(
     assert all(b < a / 8 for a, b in zip(trips, trips[1:])) and trips[-1] < 1e-4
 
 
+def test_a_partial_inversion_stops_where_a_noised_denoise_starts():
+    """invert(strength=s) walks the Euler grid up to the level denoise(strength=s, noised=True) starts from: it
+    lands on the exact flow's point there (up to Euler's first-order error), and the round trip comes back."""
+    z = noise(1)
+    x0, context = MU + STD * z, torch.zeros(2, 1, 1)
+
+    def error(steps):  # the exact flow of N(MU, STD^2) data carries z through (1 - s) MU + sqrt(...) z
+        s = sigma_schedule("euler", steps)[steps - round(0.3 * steps)]
+        on_path = (1 - s) * MU + ((1 - s) ** 2 * STD**2 + s**2).sqrt() * z
+        mid = invert(gaussian, x0, context, steps=steps, strength=0.3, refine=4, progress=False)
+        return mid, (mid - on_path).abs().max().item()
+
+    (mid, e20), (_, e40) = error(20), error(40)
+    assert e20 < 0.15 and 0.4 < e40 / e20 < 0.6  # measured 0.115 and 0.51
+    full = invert(gaussian, x0, context, steps=20, refine=4, progress=False)
+    assert (mid - full).abs().max() > 1.0  # it stopped part way
+    back = denoise(
+        gaussian, mid, context, sampler="euler", steps=20, strength=0.3, noised=True, progress=False
+    )
+    assert (back - x0).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="give no init"):
+        denoise(gaussian, mid, context, steps=20, strength=0.3, noised=True, init=x0, progress=False)
+
+
 def test_sigma_schedule_is_the_samplers_grid():
     scheduler = make_scheduler("unipc", 3.0)
     scheduler.set_timesteps(7)

@@ -116,6 +116,7 @@ def denoise(
     sigmas: str = "scheduler",
     model_kwargs: Mapping[str, torch.Tensor] | None = None,
     second: SecondExpert | None = None,
+    noised: bool = False,
 ) -> torch.Tensor:
     """Integrate ``model(x, sigma, context, context_mask) -> velocity`` from noise to data; returns fp32 latents.
 
@@ -124,7 +125,8 @@ def denoise(
         ``guidance != 1`` both halves run as one batch, ``v = v_neg + guidance * (v_cond - v_neg)``.
     sampler: ``euler``, ``unipc`` or ``dpm`` (diffusers schedulers on flow sigmas); shift: their sigma shift.
     init, strength: SDEdit — start from ``init`` latents noised to the schedule's sigma after skipping the
-        first ``(1 - strength)`` of the steps.
+        first ``(1 - strength)`` of the steps. noised: ``noise`` already holds latents at that sigma (from
+        ``invert(..., strength=strength)``); the run starts from them as they are, with no ``init``.
     hook(step, sigma, latents) -> latents: called before every model call and once more at the end with
         sigma 0 (step == number of steps run); pipelines use it to paste known regions or frames.
     timesteps: the noise level the model is given: ``"continuous"``, the schedule's sigma; ``"scheduler"``,
@@ -146,8 +148,10 @@ def denoise(
     noise = noise.to(device=context.device, dtype=torch.float32)
     check_option("guidance", guidance), check_option("shift", shift), check_option("steps", steps)
     start = first_step(steps, strength)
-    if init is None and strength != 1:
-        raise ValueError("strength < 1 (SDEdit) needs init latents to start from")
+    if noised and init is not None:
+        raise ValueError("noised=True starts from the given noised latents: give no init")
+    if init is None and strength != 1 and not noised:
+        raise ValueError("strength < 1 (SDEdit) needs init latents to start from (or noised=True)")
     scheduler = make_scheduler(sampler, shift, scheduler_config)
     set_schedule(scheduler, sampler, steps, sigmas, device=noise.device)
     scheduler.set_begin_index(start)
@@ -246,6 +250,7 @@ def invert(
     steps: int = 30,
     shift: float = 1.0,
     refine: int = 0,
+    strength: float = 1.0,
     progress: bool = True,
 ) -> torch.Tensor:
     """Run the flow ODE backwards, data ``x0`` (sigma 0) to noise (sigma 1); returns fp32 "noise".
@@ -258,11 +263,13 @@ def invert(
     ``x_{i+1} <- x_i + (sigma_{i+1} - sigma_i) v(x_{i+1}, sigma_{i+1})`` (one more model call per step),
     which makes the Euler sampler's round trip exact when the iteration converges.
     Guidance as in ``denoise`` (inverting with guidance > 1 is less stable; 1 is the usual choice).
+    ``strength`` < 1 stops part way, at the noise level a ``denoise(..., strength=strength, noised=True)`` run
+    starts from, and returns the latents there.
     """
     sigmas = sigma_schedule("euler", steps, shift).flip(0).to(x0.device)  # 0, ..., 1
     velocity = guided_velocity(model, context, context_mask, negative, negative_mask, guidance)
     x = x0.float()
-    for i in tqdm(range(steps), disable=not progress, desc="inverting"):
+    for i in tqdm(range(steps - first_step(steps, strength)), disable=not progress, desc="inverting"):
         delta = sigmas[i + 1] - sigmas[i]
         nxt = x + delta * velocity(x, sigmas[i])
         for _ in range(refine):
