@@ -16,6 +16,7 @@ from vidlatent.pipelines import (
     slerp,
     smoothness,
 )
+from vidlatent.pipelines.video import NOISE_MORPH_STRENGTH
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +339,7 @@ def test_noise_morph_endpoints_reconstruct_the_images(pipe):
     za, zb = pipe.encode(a), pipe.encode(b)
 
     def endpoint_errors(steps, refine):
-        z = pipe.morph(a, b, 2, "noise", "a red ball", "a blue box", steps=steps, refine=refine,
+        z = pipe.morph(a, b, 2, "noise", "a red ball", "a blue box", steps=steps, refine=refine, strength=1,
                        output_type="latent")  # fmt: skip
         return [((z[i] - ref[0]).norm() / ref.norm()).item() for i, ref in ((0, za), (-1, zb))]
 
@@ -354,12 +355,38 @@ def test_noise_morph_endpoints_reconstruct_the_images(pipe):
         pipe.morph(a, pattern(frames=1, size=48), 5)
 
 
+def test_noise_morph_strength_sets_how_far_the_stills_are_inverted(pipe):
+    """strength < 1 inverts A and B part way and regenerates from there: the ends still come back, the middle
+    lies between the latent morph (nothing regenerated) and the full inversion's."""
+    a, b = pattern(frames=1), pattern(frames=1, phase=2.5)
+    za, zb = pipe.encode(a), pipe.encode(b)
+
+    def noise_morph(strength):
+        return pipe.morph(a, b, 5, "noise", "a red ball", "a blue box", steps=20, refine=2, strength=strength,
+                          output_type="latent")  # fmt: skip
+
+    latent = pipe.morph(a, b, 5, output_type="latent")
+    part, full = noise_morph(0.3), noise_morph(1.0)
+    for z in (part, full):
+        assert max(((z[i] - ref[0]).norm() / ref.norm()).item() for i, ref in ((0, za), (-1, zb))) < 0.02
+    to_latent = [(z[2] - latent[2]).norm().item() for z in (part, full)]
+    assert 0 < to_latent[0] < to_latent[1] / 2  # part way regenerates less of the middle
+    assert torch.equal(
+        pipe.morph(a, b, 5, "noise", steps=10, output_type="latent"),
+        pipe.morph(a, b, 5, "noise", steps=10, strength=NOISE_MORPH_STRENGTH, output_type="latent"),
+    )
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]; got 0"):
+        pipe.morph(a, b, 5, "noise", strength=0)
+    with pytest.raises(ValueError, match="strength applies to mode='noise' only"):
+        pipe.morph(a, b, 5, strength=0.5)
+
+
 def test_noise_morph_respacing_evens_out_the_steps(pipe):
     a, b = pattern(frames=1), pattern(frames=1, phase=2.5)
 
     def latent_jump(respace):
         z = pipe.morph(a, b, 9, "noise", "a red ball", "a blue box", steps=8, refine=1, respace=respace,
-                       output_type="latent")  # fmt: skip
+                       strength=1, output_type="latent")  # fmt: skip
         return smoothness(rearrange(z, "t c 1 h w -> 1 c t h w"))["jump"]
 
     # two prompts: this denoiser's path moves slowly in the middle and fast at the end (measured jump 2.3);

@@ -356,6 +356,7 @@ def cmd_morph(args: argparse.Namespace) -> int:
         args.prompt_a,
         args.prompt_b,
         easing=args.easing,
+        strength=args.strength,
         refine=args.refine,
         respace=args.respace,
         **kwargs,
@@ -374,6 +375,13 @@ def add_morph(sub) -> None:
     p.add_argument("--prompt-b", default=None, help="noise mode: a prompt describing B")
     p.add_argument("--easing", choices=["linear", "cosine", "smoothstep"], default="linear",
                    help="spacing of the frames (cosine/smoothstep linger at A and B)")  # fmt: skip
+    p.add_argument(
+        "--strength",
+        type=option_type("strength"),
+        default=None,
+        help="noise mode: how far A and B are inverted towards noise (1: all the way; default: the "
+        "pipeline's NOISE_MORPH_STRENGTH)",
+    )
     p.add_argument(
         "--refine",
         type=option_type("refine"),
