@@ -3,7 +3,7 @@ shape and position), morphed into each other in each mode, every middle frame re
 (vidlatent.eval.morph: what counts as an object, and the smoothness figures).
 
     python scripts/eval_morph.py [--model default] [--pairs 24] [--seeds 0 1 2] [--frames 17]
-                                 [--variants latent noise noise@0.1 animate] [--json out.json]
+                                 [--variants latent noise noise@0.2 bare-noise animate ...] [--json out.json]
 
 Variants: ``latent``; ``noise`` (the noise mode's default strength) or ``noise@S`` (inverted ``S`` of the way to
 noise), with the stills' descriptions as prompts ("a red circle"); ``bare-noise``/``bare-noise@S``, the same
@@ -51,7 +51,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument(
-        "--variants", nargs="+", default=["latent", "noise", "noise@1", "bare-noise@1", "animate"]
+        "--variants",
+        nargs="+",
+        default=["latent", "noise", "bare-noise", "noise@0.2", "noise@1", "bare-noise@1", "animate"],
     )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()

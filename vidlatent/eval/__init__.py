@@ -5,11 +5,13 @@
 ``animate --last``; ``speed``: the CLI's wall time; ``card``: the default model's MODEL_CARD.md.
 ``control``: how well videos follow silhouette controls (IoU, colour) on a held-out control set.
 ``frames``: malformed first frames and ghost objects of text-to-video clips.
+``morph``: whether morphs between two one-object stills keep an object in every middle frame, and how smoothly.
 """
 
 from .evaluate import evaluate, summary
 from .frames import frame_quality, frame_shares, shape_fit
 from .last_frame import LABELS, last_frame_scores
+from .morph import morph_pairs, morph_report, morph_scores, object_frames
 from .shapes import (
     RATES,
     SPLITS,
@@ -35,6 +37,10 @@ __all__ = [
     "frame_quality",
     "frame_shares",
     "last_frame_scores",
+    "morph_pairs",
+    "morph_report",
+    "morph_scores",
+    "object_frames",
     "pool",
     "read_back",
     "score_split",
