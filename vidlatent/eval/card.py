@@ -54,6 +54,20 @@ def frames_card_line(split: str, f: dict) -> str:
             f"{f['ghost_same']:.1%}, a colour not asked {f['ghost_other']:.1%}).")  # fmt: skip
 
 
+def wide_lines(r: dict | None) -> list[str]:
+    """MODEL_CARD.md lines of the wide split (``eval.wide``): each attribute's rate, and the plain rates of
+    those prompts; none without it."""
+    if not r:
+        return []
+    n = f"{r['prompts']} x {len(r['seeds'])} seeds" if "seeds" in r else r["prompts"]
+    return ["", f"Wide-world words (`vidlatent.eval.wide`; {n} held-out prompts, each asking one of size, count, "
+                "background colour or stillness; a prompt counts when the oracle reads that back):", "",
+            "| size | count | background colour | still | colour | shape | motion | all three | nothing found |",
+            "|---|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(f"{r[k]:.1%}" for k in ("size", "count", "background", "still", "colour", "shape",
+                                                     "motion", "all", "nothing")) + " |"]  # fmt: skip
+
+
 def lane_lines(stage: Stage) -> list[str]:
     """Markdown list items, one per run of the stage's lanes, with its ``vidlatent train`` arguments."""
     return [f"- {lane}: `{run.command()}`" for lane, runs in stage.lanes.items() for run in runs]
@@ -97,6 +111,10 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
                 "9's), then the stage-12 denoiser carried on alone:",
         "redraw3": "Stage 14 (redraw3), stage 11 carried on with its clips re-drawn by the stage-13 denoiser "
                    "instead, with both CPU threads:",
+        "wide": f"Stage 15 (wide), on this CPU: {stages['wide'].cache.clips} training clips of the wide world "
+                "(`ShapesWorld(wide=True)`: sizes, still objects, coloured backgrounds, counted groups) cached, then "
+                "the stage-12 denoiser and text encoder carried on with both threads, the captions' new words added "
+                "to the vocabulary (`text_new_words`):",
     }  # fmt: skip
     ran = [(head, stages[stage]) for stage, head in later.items()
            if all((out / runs[-1].name / "final").is_dir() for runs in stages[stage].lanes.values())]  # fmt: skip
@@ -218,6 +236,7 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
             lines.append(f"| {what}, strength {r['strength']}, {how}, guidance {r['guidance']} | {r['prompts']} "
                          f"| {r['colour']:.1%} | {r['shape']:.1%} | {r['motion']:.1%} | {r['all']:.1%} "
                          f"| {r['nothing']:.1%} |")  # fmt: skip
+    lines += wide_lines(results.get("wide"))
     seeded = [(split, r) for split, r in results.items() if isinstance(r, dict) and "per_seed" in r]
     if seeded:
         lines += ["", "Rows with several seeds pool the same prompts sampled with each seed; each seed alone "
