@@ -29,12 +29,12 @@ def _truth(scene: Scene) -> dict:
 
 
 def test_the_oracle_reads_the_wide_world_back():
-    """On 200 wide clips the oracle reads every object's size, count and stillness, and the background's colour,
+    """On 120 wide clips the oracle reads every object's size, count and stillness, and the background's colour,
     as the scene made them (the issue asks >= 98% on ground truth; the world is drawn to be read exactly)."""
     world = ShapesWorld(wide=True, seed=11)
     right = {"size": 0, "count": 0, "still": 0, "background": 0, "prompt": 0}
     seen = {key: 0 for key in right}
-    for i in range(200):
+    for i in range(120):
         scene = world.scene(i)
         video = world.render(scene)
         found = {o["colour"]: o for o in oracle(video)}
@@ -58,7 +58,7 @@ def test_the_oracle_reads_the_wide_world_back():
             right["prompt"] += prompt_attributes(scene.caption) == _truth(scene)
     rates = {key: right[key] / seen[key] for key in right}
     assert min(rates.values()) >= 0.98, rates
-    assert seen["still"] > 20 and seen["background"] == 200
+    assert seen["still"] > 10 and seen["background"] == 120
 
 
 def test_wide_world_shows_every_addition_and_its_words():
