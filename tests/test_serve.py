@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from vidlatent.diffusion.sampling import denoise
-from vidlatent.serve import Cancelled, JobRunner, _mask_from_drawing, _sampling_argv, _stop_tqdm_on
+from vidlatent.serve import (
+    Cancelled,
+    JobRunner,
+    _mask_from_drawing,
+    _morph_mode_argv,
+    _sampling_argv,
+    _stop_tqdm_on,
+)
 
 
 def test_runner_runs_the_cli_command_and_reports_the_seed(tmp_path):
@@ -69,6 +76,15 @@ def test_a_drawn_mask_becomes_a_white_on_black_image(tmp_path):
     mask = np.asarray(Image.open(path))
     assert mask.shape == (8, 12) and mask[2:5, 3:7].min() == 255 and mask.sum() == 255 * 12
     assert _mask_from_drawing({"layers": [np.zeros((8, 12, 4), np.uint8)]}, tmp_path) is None
+
+
+def test_morph_tab_passes_noise_options_only_in_noise_mode():
+    assert _morph_mode_argv("latent", "linear", "a", "b", 0.3) == ["--mode", "latent", "--easing", "linear"]
+    assert _morph_mode_argv("noise", "cosine", "", None, None) == ["--mode", "noise", "--easing", "cosine"]
+    assert _morph_mode_argv("noise", "linear", "a red ball", "a blue box", 0.25) == [
+        "--mode", "noise", "--easing", "linear", "--prompt-a", "a red ball", "--prompt-b", "a blue box",
+        "--strength", "0.25",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow  # importing gradio: ~8 s on 2 busy cores

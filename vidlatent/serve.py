@@ -108,6 +108,17 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength) -> list[str]:
+    """The morph tab's mode options as CLI arguments; the prompts and strength are the noise mode's (the latent
+    mode takes none, and the CLI refuses a strength there), empty fields leave the defaults."""
+    argv = ["--mode", mode, "--easing", easing]
+    if mode == "noise":
+        argv += ["--prompt-a", prompt_a] if prompt_a else []
+        argv += ["--prompt-b", prompt_b] if prompt_b else []
+        argv += ["--strength", f"{float(strength):g}"] if strength not in (None, "") else []
+    return argv
+
+
 def _sampling_argv(steps, guidance, seed, sampler, shift, negative, lora, lora_scale) -> list[str]:
     """The shared sampling panel as CLI flags (empty fields: the model's defaults)."""
     argv = []
@@ -327,23 +338,36 @@ def build_app(runner: JobRunner):
             with gr.Row():
                 m_prompt_a = gr.Textbox(label="noise mode: prompt for A", elem_id="morph-prompt-a")
                 m_prompt_b = gr.Textbox(label="noise mode: prompt for B", elem_id="morph-prompt-b")
+                m_strength = gr.Number(label="noise mode: strength (how far A and B are inverted; empty: the "
+                                       "model's default)", value=None, elem_id="morph-strength")  # fmt: skip
             m_run = gr.Button("morph", variant="primary", elem_id="morph-run")
             m_out = outputs("morph")
 
         def morph(
-            a, b, frames, mode, easing, prompt_a, prompt_b, steps, guidance, seed, sampler, shift, *rest
+            a,
+            b,
+            frames,
+            mode,
+            easing,
+            prompt_a,
+            prompt_b,
+            strength,
+            steps,
+            guidance,
+            seed,
+            sampler,
+            shift,
+            *rest,
         ):
             out = runner.folder() / "out.mp4"
             argv = ["morph", _need(a, "image A"), _need(b, "image B"), "-o", str(out), *_size_argv(frames)]
-            argv += ["--mode", mode, "--easing", easing]
-            argv += ["--prompt-a", prompt_a] if prompt_a else []
-            argv += ["--prompt-b", prompt_b] if prompt_b else []
+            argv += _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength)
             # morph takes steps, guidance and shift (noise mode); no seed or sampler: it is deterministic
             argv += _sampling_argv(steps, guidance, None, None, shift, None, *rest[1:])
             return finish(out, runner.run(argv))
 
         events.append(m_run.click(job(morph), [m_a, m_b, m_frames, m_mode, m_easing, m_prompt_a, m_prompt_b,
-                                               *panel], [*m_out, status]))  # fmt: skip
+                                               m_strength, *panel], [*m_out, status]))  # fmt: skip
 
         with gr.Tab("control", elem_id="tab-control"):
             c_input = gr.File(label="control video (pose, edges, silhouettes)", elem_id="control-input")
