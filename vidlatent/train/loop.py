@@ -347,7 +347,7 @@ class Trainer:
         if differ:
             raise ValueError(f"{folder}: checkpoint and model parameters differ: {sorted(differ)[:5]}")
         state = ckpt.state
-        self.task.load_extra_state(folder, state)  # first: a task can name a checkpoint that does not fit
+        self.task.check_extra_state(folder, state)  # first: a task can name a checkpoint that does not fit
         shapes = [
             f"{k} {tuple(ckpt.weights[k].shape)} there, {tuple(p.shape)} here"
             for k, p in self.params.items()
@@ -366,6 +366,7 @@ class Trainer:
         optim.load_optimizer_state(
             self.optimizer, state["optimizer"], self.task.models, self.fsdp, self.fused
         )
+        self.task.load_extra_state(folder, state)
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

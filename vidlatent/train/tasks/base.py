@@ -123,10 +123,14 @@ class Task(ABC):
         """What a checkpoint keeps beyond the trained weights: extra safetensors files and ``state.pt`` entries."""
         return {}, {}
 
+    def check_extra_state(self, folder: Path, state: dict) -> None:
+        """Called before anything of a checkpoint is loaded (``folder``: the checkpoint, ``state``: its
+        state.pt): raise ``ValueError`` for one that does not fit the task's models."""
+        return None
+
     def load_extra_state(self, folder: Path, state: dict) -> None:
-        """Restore what ``extra_state`` saved (``folder``: the checkpoint, ``state``: its state.pt); called
-        before the trained weights are loaded, so it may raise ``ValueError`` for a checkpoint that does not
-        fit the task's models."""
+        """Restore what ``extra_state`` saved (``folder``: the checkpoint, ``state``: its state.pt), after the
+        trained weights and the optimizer state."""
         return None
 
     @abstractmethod

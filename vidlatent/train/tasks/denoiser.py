@@ -220,7 +220,7 @@ class DenoiserTask(Task):
             return {}, {}
         return {}, {"text_vocab": list(self.text_encoder.config.vocab)}
 
-    def load_extra_state(self, folder: Path, state: dict) -> None:
+    def check_extra_state(self, folder: Path, state: dict) -> None:
         saved = state.get("text_vocab")
         if not self.cfg.text_new_words or saved is None:
             return
