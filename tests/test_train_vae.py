@@ -71,6 +71,18 @@ def psnr_on(vae, world, clips):
 
 
 def test_vae_training_improves_and_resumes_exactly(tmp_path):
+    # one thread: with two, a reloaded checkpoint's convolutions round differently in the last bit on some CPUs
+    # (6e-8 at the first resumed step, seen on this project's 2-core machines), which the discriminator from
+    # step 30 on grows past any tolerance; the resume itself is exact (bitwise on one thread)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _improves_and_resumes_exactly(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _improves_and_resumes_exactly(tmp_path):
     options = {"height": 32, "width": 32, "frames": 1, "length": 4}  # four images, overfitted
     kw = dict(steps=40, checkpoint_every=20, disc_weight=0.1, disc_start=30, lr=1e-3, data_options=options)
     trainer = Trainer(vae_config(tmp_path, **kw))
