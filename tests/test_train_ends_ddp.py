@@ -107,11 +107,13 @@ def test_vae_on_a_video_folder_under_ddp_equals_one_process(tmp_path):
     assert one.keys() == ddp.keys()
     diffs = {k: (one[k] - ddp[k]).abs() for k in one}
     # the key third of an attention's qkv bias has a zero gradient in exact arithmetic (softmax ignores a
-    # shift), so Adam turns rounding noise into lr-sized steps there: measured 1.4e-5; elsewhere 6.5e-6
+    # shift), so Adam turns rounding noise into lr-sized steps there: measured 1.4e-5; elsewhere 6.5e-6 on one CPU,
+    # 1.39e-5 on another (Adam's normalised steps grow last-bit differences of small gradients); a batch dealt
+    # wrongly moves weights by lr-sized steps (lr 2e-3), far above these
     key_bias = [k for k in one if k.endswith("to_qkv.bias")]
     for k in key_bias:
         n = one[k].numel() // 3
         assert diffs[k][:n].max() < 1e-5 and diffs[k][2 * n :].max() < 1e-5, k
         assert diffs[k][n : 2 * n].max() < 1e-4, k
-    assert max(d.max().item() for k, d in diffs.items() if k not in key_bias) < 1e-5
+    assert max(d.max().item() for k, d in diffs.items() if k not in key_bias) < 5e-5
     assert (tmp_path / "ddp" / "final" / "vae" / "config.json").is_file()
