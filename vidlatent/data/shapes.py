@@ -208,10 +208,13 @@ def _tone(level: float) -> str:
 
 def _groups(objects: list[ShapeObject]) -> list[tuple[ShapeObject, int]]:
     """Runs of objects of one kind (colour, shape, motion, size class) as (first object, how many)."""
+
+    def kind(obj: ShapeObject) -> tuple[str, str, str, str]:
+        return obj.colour, obj.shape, obj.motion, obj.size_class
+
     out: list[tuple[ShapeObject, int]] = []
     for obj in objects:
-        kind = (obj.colour, obj.shape, obj.motion, obj.size_class)
-        if out and (out[-1][0].colour, out[-1][0].shape, out[-1][0].motion, out[-1][0].size_class) == kind:
+        if out and kind(out[-1][0]) == kind(obj):
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
             out.append((obj, 1))
@@ -772,11 +775,12 @@ def oracle(
         present = areas >= min_area * h * w
         if present.sum() < max(1, f / 2):
             continue
-        regions = [_regions(mask[i], min_area * h * w) for i in np.flatnonzero(present)]
-        count = max(1, int(np.round(np.median([len(r) for r in regions]))))
+        split = [
+            _components(mask[i], min_area * h * w) for i in np.flatnonzero(present)
+        ]  # one labelling a frame
+        count = max(1, int(np.round(np.median([len(parts) for _, parts in split]))))
         fills, sizes, xs, ys = [], [], [], []
-        for i, parts in zip(np.flatnonzero(present), regions):
-            m = _largest_component(mask[i])
+        for m, parts in split:
             rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
             box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
             fills.append(m.sum() / box)
@@ -817,13 +821,17 @@ def _classify_size(area: float, shape: str, side: float) -> str:
     return "medium"
 
 
-def _regions(mask: np.ndarray, min_pixels: float) -> list[np.ndarray]:
-    """The connected regions of ``mask`` with at least ``min_pixels`` pixels (bool maps)."""
+def _components(mask: np.ndarray, min_pixels: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """From one labelling of ``mask``: its largest connected region (as ``_largest_component``) and its regions
+    of at least ``min_pixels`` pixels (bool maps)."""
     from scipy import ndimage
 
     labels, n = ndimage.label(mask)
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1)) if n else []
-    return [labels == k + 1 for k in range(n) if sizes[k] >= min_pixels]
+    if n == 0:
+        return mask, []
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+    largest = mask if n == 1 else labels == (1 + int(np.argmax(sizes)))
+    return largest, [labels == k + 1 for k in range(n) if sizes[k] >= min_pixels]
 
 
 def read_background(video, sat_threshold: float = 0.4, value_threshold: float = 0.3) -> str:
