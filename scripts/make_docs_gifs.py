@@ -16,13 +16,23 @@ import numpy as np
 from PIL import Image
 
 from vidlatent.data.io import write_video
-from vidlatent.data.shapes import ShapesWorld, to_tensor
+from vidlatent.data.shapes import ShapesWorld, coverage, to_tensor
 
 
 def vidlatent(*args: str, model: str) -> None:
     cmd = ["vidlatent", *args] + (["--model", model] if model != "default" else [])
     print("$", shlex.join(cmd), flush=True)
     subprocess.run([sys.executable, "-m", "vidlatent.cli", *cmd[1:]], check=True)
+
+
+def arc_silhouette(frames: int = 17, size: int = 64, radius: float = 0.13) -> np.ndarray:
+    """A control video no caption of the world can say: a white disc on black going along an arc from the lower
+    left, over the top, to the lower right, uint8 (frames, size, size, 3), drawn as the world draws a circle
+    (``radius``: a fraction of the side)."""
+    angle = np.linspace(np.pi * 0.9, np.pi * 0.1, frames)
+    xs, ys = size / 2 + size * 0.3 * np.cos(angle), size * 0.72 - size * 0.4 * np.sin(angle)
+    cov = coverage("circle", radius * size, xs, ys, size, size)[..., None]
+    return np.clip(np.round(255.0 * np.repeat(cov, 3, axis=-1)), 0, 255).astype(np.uint8)
 
 
 def main() -> None:
@@ -68,6 +78,11 @@ def main() -> None:
     vidlatent("animate", f"{out}/first.png", world.scene(4).caption, "--last", f"{out}/last.png",
               "-o", f"{out}/animate_last.gif", "--seed", "1", model=m)  # fmt: skip
     vidlatent("reconstruct", f"{out}/input.gif", "-o", f"{out}/reconstruct.gif", model=m)
+    # one control path (a silhouette the user draws), three prompts
+    write_video(out / "control.gif", to_tensor(arc_silhouette()), fps=8)
+    for colour in ("red", "green", "blue"):
+        vidlatent("control", f"{out}/control.gif", f"a {colour} circle moving right",
+                  "-o", f"{out}/control_{colour}.gif", "--seed", "1", model=m)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -102,6 +102,39 @@ def test_scale_zero_and_a_fresh_branch_are_generate():
     assert torch.equal(pipe.control("a red ball", control, scale=0.0, **kw), plain)
 
 
+def test_the_pipeline_config_gives_the_control_job_s_scale_and_guidance(tmp_path):
+    """``control_scale`` / ``control_guidance`` of a folder's pipeline.json are the control job's defaults: a call
+    without scale or guidance runs with them, a call that gives them runs with its own, and other jobs keep
+    ``guidance``."""
+    from vidlatent.config import PipelineConfig
+
+    pipe = VideoPipeline.from_pretrained("tiny")
+    pipe.load_control(fresh_branch(pipe))
+    with torch.no_grad():
+        for p in pipe.control_branch.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    control = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    kw = dict(steps=2, seed=3, output_type="latent", progress=False)
+    explicit = pipe.control("a red ball", control, scale=0.5, guidance=1.0, **kw)
+    assert pipe.config.control_scale == 1.0 and pipe.config.control_guidance is None
+    assert not torch.equal(pipe.control("a red ball", control, **kw), explicit)
+    pipe.save_pretrained(tmp_path / "p")
+    settings = tmp_path / "p" / "pipeline.json"
+    settings.write_text(settings.read_text().replace('"control_scale": 1.0', '"control_scale": 0.5')
+                        .replace('"control_guidance": null', '"control_guidance": 1.0'))  # fmt: skip
+    loaded = VideoPipeline.from_pretrained(tmp_path / "p")
+    assert (loaded.config.control_scale, loaded.config.control_guidance) == (0.5, 1.0)
+    assert torch.equal(loaded.control("a red ball", control, **kw), explicit)
+    given = loaded.control("a red ball", control, scale=1.0, guidance=3.0, **kw)
+    assert torch.equal(given, pipe.control("a red ball", control, scale=1.0, guidance=3.0, **kw))
+    plain = dict(frames=5, height=32, width=32, **kw)
+    assert torch.equal(loaded.generate("a red ball", **plain), pipe.generate("a red ball", **plain))
+    with pytest.raises(ValueError, match="control_scale"):
+        from vidlatent.config.pipeline import check_pipeline_config
+
+        check_pipeline_config(PipelineConfig(control_scale=-1.0))
+
+
 def test_control_folder_round_trip(pipe, tmp_path):
     noise = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     pipe.save_pretrained(tmp_path / "ours")

@@ -6,21 +6,46 @@ denoiser (dit-cpu) that ships now passes the same bars. The 216-item figures are
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import vidlatent
 from vidlatent.data.shapes import SHAPES, ShapesWorld, caption, eval_prompts, oracle
+from vidlatent.eval.control import heldout_controls, score_control
 from vidlatent.pipelines.encode import psnr
 from vidlatent.pipelines.video import DEFAULT_MODEL
 
 
 def test_weights_ship_inside_the_package_and_are_small():
     files = list(DEFAULT_MODEL.rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"vae", "dit", "text_encoder"}
-    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    assert {f.parent.name for f in files} == {"vae", "dit", "text_encoder", "control"}
+    assert sum(f.stat().st_size for f in files) <= 36 * 2**20
     assert (DEFAULT_MODEL / "pipeline.json").is_file() and (DEFAULT_MODEL / "MODEL_CARD.md").is_file()
+    package = Path(vidlatent.__file__).parent  # the whole package, weights included, stays under 40 MiB
+    size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    assert size <= 40 * 2**20, f"{size / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_default_control_follows_held_out_silhouettes(default_pipe):
+    """The shipped silhouette control on 8 held-out clips of the control set (their captions and silhouettes), with
+    the pipeline's control defaults; the same prompts without the control for comparison. Measured here: mean IoU
+    0.782 with the control, 0.082 without, colour 8 of 8 both (216 clips: MODEL_CARD.md). A control that
+    does nothing scores like the prompt alone (about 0.2), so the bar catches a branch that stopped working."""
+    pipe = default_pipe
+    assert (pipe.config.control_scale, pipe.config.control_guidance) == (2.0, 1.0)
+    captions, controls, _, colours = heldout_controls(24).stack(0, 24)
+    captions, controls, colours = captions[::3], controls[::3], colours[::3]
+    controlled = pipe.control(captions, controls, seed=0, progress=False)
+    plain = pipe.generate(captions, seed=0, progress=False)
+    scored = {name: [score_control(v, c, k) for v, c, k in zip(videos, controls, colours)]
+              for name, videos in (("control", controlled), ("none", plain))}  # fmt: skip
+    iou = {name: float(np.mean([r["iou"] for r in rows])) for name, rows in scored.items()}
+    assert iou["control"] >= 0.7 and iou["none"] <= 0.4, iou
+    assert sum(r["colour"] for r in scored["control"]) >= 7, scored["control"]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ The fast set parses every command (and compiles every ```python block, and check
 slow set (``-m slow``) runs them. Stand-ins, so that the commands run on a CPU in a clean folder:
 
 * the sample inputs of ``docs/`` (``input.gif``, ``mask.png``, ``still.png``, ``first.png``, ``last.png``,
-  ``a.png``, ``b.png``) are copied in; ``clips/`` holds two of them with ``.txt`` captions, ``clip.gif`` one;
+  ``a.png``, ``b.png``, ``control.gif``) are copied in; ``clips/`` holds two of them with ``.txt`` captions, ``clip.gif`` one;
 * a Wan 2.1 folder name the page uses (``Wan2.1-T2V-1.3B-Diffusers`` ...) is a tiny random folder of the same
   layout (tests/wan_folders.py, ``Wan2.1-Fun-1.3B-Control-Diffusers`` too; ``Wan2.1-VACE-1.3B-diffusers``:
   tests/vace_folders.py), and every job with a
@@ -47,7 +47,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 PARSED_ONLY = "not run by the doc check"
-SAMPLES = ["input.gif", "mask.png", "still.png", "first.png", "last.png", "a.png", "b.png"]
+SAMPLES = ["input.gif", "mask.png", "still.png", "first.png", "last.png", "a.png", "b.png", "control.gif"]
 CAPTIONS = {"input.gif": "an orange triangle goes downward", "generate.gif": "a red circle moving right"}
 SHIPPED_MODELS = {"default", "tiny"}
 JOBS = {"generate", "edit", "inpaint", "animate", "morph", "control"}

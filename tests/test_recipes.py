@@ -21,7 +21,9 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 30 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 31 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
+    assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world == {"wide": True}
     assert configs["dit-fine3"].batch_size == 512 and configs["dit-fine3"].device == "cuda"
     assert configs["vae-refine"].lr == 3e-4 and configs["vae-refine"].output == str(recipe.out / "vae-refine")
@@ -72,10 +74,10 @@ def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):
     """The shipped folder's parts adopted as the runs its runs.json names, then shipped again: the runs picked are
     those (the latest stages whose lanes all finished) and every file comes out the same, pipeline.json too."""
     recipe = load_recipe("default", tmp_path / "out")
-    assert shipped_runs(recipe) == ("vae-finetune", "dit")  # nothing trained yet: the recipe's fallback
+    assert shipped_runs(recipe) == {"vae": "vae-finetune", "dit": "dit"}  # nothing trained yet: the recipe's fallback
     adopt_ship(recipe, DEFAULT_MODEL)
     runs = json.loads((DEFAULT_MODEL / RUNS_FILE).read_text())
-    assert shipped_runs(recipe) == (runs["vae"], runs["dit"])
+    assert shipped_runs(recipe) == runs  # the control branch too, when the shipped model has one
     folder = ship(recipe, tmp_path / "ship")
     for name in (
         "pipeline.json",
@@ -85,6 +87,28 @@ def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):
         "text_encoder/config.json",
     ):
         assert (folder / name).read_bytes() == (DEFAULT_MODEL / name).read_bytes(), name
+
+
+def test_ship_passes_over_stages_marked_not_shipped_and_picks_a_finished_control(tmp_path):
+    """A finished lane of a ``ship: false`` stage (the wide denoiser) is not shipped; a finished control lane is,
+    beside the denoiser it was trained for, and its branch lands in the shipped folder's control/."""
+    from vidlatent.config.control import control_config_for
+    from vidlatent.models.control import ControlBranch
+    from vidlatent.models.dit import VideoDiT
+
+    recipe = load_recipe("default", tmp_path / "out")
+    shipped = json.loads((DEFAULT_MODEL / RUNS_FILE).read_text())
+    (recipe.out / "dit-wide" / "final").mkdir(parents=True)  # stage 15 finished; it is marked ship: false
+    assert shipped_runs(recipe) == {"vae": "vae-finetune", "dit": "dit"}  # the fallback, not dit-wide
+    adopt_ship(recipe, DEFAULT_MODEL)
+    branch = recipe.out / "control" / "final" / "control"
+    if "control" not in shipped:  # a finished control lane, as the control stage exports it
+        config = control_config_for(VideoDiT.from_pretrained("default").config, [0, 2], in_channels=96)
+        ControlBranch(config).save_pretrained(branch)
+    assert shipped_runs(recipe) == {"vae": shipped["vae"], "dit": shipped["dit"], "control": "control"}
+    folder = ship(recipe, tmp_path / "ship")
+    assert json.loads((folder / RUNS_FILE).read_text())["control"] == "control"
+    assert (folder / "control" / "config.json").read_bytes() == (branch / "config.json").read_bytes()
 
 
 def test_the_model_card_lists_the_runs_as_the_shipped_card_does(tmp_path):

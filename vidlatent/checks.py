@@ -18,6 +18,8 @@ OPTION_RANGES: dict[str, tuple] = {
     "guidance": (0.0, 100.0, True, True, False),  # classifier-free guidance scale; 1 = off
     "source_guidance": (0.0, 100.0, True, True, False),
     "guidance_2": (0.0, 100.0, True, True, False),  # the low-noise expert's (Wan 2.2 A14B)
+    "control_scale": (0.0, 100.0, True, True, False),  # a control branch's hint weight (VACE)
+    "control_guidance": (0.0, 100.0, True, True, False),  # the control job's default guidance
     "shift": (0.0, 1000.0, False, True, False),  # sigma shift of a schedule
     "strength": (0.0, 1.0, True, True, False),
     "fps": (0.0, 1000.0, False, True, False),

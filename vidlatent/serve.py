@@ -376,7 +376,8 @@ def build_app(runner: JobRunner):
                 c_mask = gr.File(label="mask (optional; white = generate)", elem_id="control-mask")
                 c_ref = gr.Image(label="reference image (optional)", type="filepath", elem_id="control-ref")
             with gr.Row():
-                c_scale = gr.Slider(0, 2, value=1, step=0.05, label="control scale", elem_id="control-scale")
+                c_scale = gr.Number(label="control scale (empty: the model's)", value=None,
+                                    elem_id="control-scale")  # fmt: skip
                 c_branch = gr.Textbox(label="control branch folder (optional)", elem_id="control-branch")
             c_run = gr.Button("control", variant="primary", elem_id="control-run")
             c_out = outputs("control")
@@ -385,7 +386,8 @@ def build_app(runner: JobRunner):
             out = runner.folder() / "out.mp4"
             argv = ["control", _need(path, "the control video"), _need(prompt, "the prompt"), "-o", str(out)]
             argv += [*(["--mask", mask] if mask else []), *(["--reference", ref] if ref else [])]
-            argv += ["--scale", str(scale), *(["--control-branch", branch] if branch else [])]
+            argv += ["--scale", f"{float(scale):g}"] if scale not in (None, "") else []
+            argv += ["--control-branch", branch] if branch else []
             return finish(out, runner.run(argv + _sampling_argv(*sampling)))
 
         events.append(c_run.click(job(control), [c_input, c_prompt, c_mask, c_ref, c_scale, c_branch, *panel],

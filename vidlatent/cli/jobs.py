@@ -468,8 +468,9 @@ def add_control(sub) -> None:
                    help="black-and-white image or video of the control's size: white = generate, black = keep (VACE)")  # fmt: skip
     p.add_argument("--reference", action="append", default=[], metavar="IMAGE",
                    help="an image of what to show (any size); repeat for several (Wan Fun-Control: one, the first frame)")  # fmt: skip
-    p.add_argument("--scale", type=_scales, default=1.0, metavar="S[,S...]",
-                   help="the control's weight: one number, or one per hint (default 1; 0 = no control; VACE)")  # fmt: skip
+    p.add_argument("--scale", type=_scales, default=None, metavar="S[,S...]",
+                   help="the control's weight: one number, or one per hint (default: the model's control_scale, "
+                        "1 unless its pipeline.json says; 0 = no control; VACE)")  # fmt: skip
     p.add_argument("--control-branch", default=None, metavar="FOLDER",
                    help="a control branch folder (ControlBranch.save_pretrained) for --model's denoiser")  # fmt: skip
     _job_flags(p)

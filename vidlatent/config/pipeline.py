@@ -56,6 +56,10 @@ class PipelineConfig:
     # 1000 (the noisy ones), the one in dit_2/ the rest (diffusers' boundary_ratio); None: one denoiser
     boundary: float | None = None
     guidance_2: float | None = None  # the second expert's guidance (None: guidance)
+    # the control job's defaults, where its call gives none: the hints' weight (VACE's context scale), and its
+    # guidance (None: guidance). A control branch trained for a model says how hard it is best followed.
+    control_scale: float = 1.0
+    control_guidance: float | None = None
 
 
 def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None = None) -> PipelineConfig:
@@ -71,6 +75,8 @@ def check_pipeline_config(cfg: PipelineConfig, source: str | os.PathLike | None 
         for name in ("steps", "guidance", "shift", "fps"):
             check_option(name, getattr(cfg, name))
         check_option("guidance_2", cfg.guidance_2)
+        check_option("control_scale", cfg.control_scale)
+        check_option("control_guidance", cfg.control_guidance)
         if cfg.boundary is not None and not 0 < cfg.boundary < 1:
             raise ValueError(
                 f"boundary must be in (0, 1) (a fraction of the 1000 timesteps); got {cfg.boundary}"

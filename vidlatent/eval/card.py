@@ -68,6 +68,26 @@ def wide_lines(r: dict | None) -> list[str]:
                                                      "motion", "all", "nothing")) + " |"]  # fmt: skip
 
 
+def control_lines(r: dict | None) -> list[str]:
+    """MODEL_CARD.md lines of the control evaluation (``scripts/eval_control.py``'s results: variant -> numbers):
+    the shipped control branch on held-out silhouettes, and the same prompts without it; none without them."""
+    if not r:
+        return []
+    lines = ["", "Silhouette control (`scripts/eval_control.py`; held-out clips of the world, each clip's caption as the "
+                 "prompt and its silhouettes as the control; IoU of the generated object's mask with the silhouette, "
+                 "per frame, averaged):", "",
+             "| | clips | mean IoU | lowest IoU | clips with IoU >= 0.5 | colour right | no object |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for variant, v in r.items():
+        levels = variant.split("@")[1:]
+        name = {"none": "the prompt alone (no control)", "control": "with the control (the model's defaults)"}.get(
+            variant
+        ) or f"with the control (scale {levels[0]}{f', guidance {levels[1]}' if len(levels) > 1 else ''})"
+        lines.append(f"| {name} | {v['clips']} | {v['iou']:.3f} | {v['iou_min']:.3f} | {v['iou_at_least_0.5']:.1%} "
+                     f"| {v['colour']:.1%} | {v['nothing']:.1%} |")  # fmt: skip
+    return lines
+
+
 def lane_lines(stage: Stage) -> list[str]:
     """Markdown list items, one per run of the stage's lanes, with its ``vidlatent train`` arguments."""
     return [f"- {lane}: `{run.command()}`" for lane, runs in stage.lanes.items() for run in runs]
@@ -95,7 +115,8 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
     dit_cfg = (PRESET_DIR / "train" / "default-dit.yaml").read_text()
     params = {
         n: sum(t.numel() for t in load_file(ship / n / "model.safetensors").values())
-        for n in ("vae", "dit", "text_encoder")
+        for n in ("vae", "dit", "text_encoder", "control")
+        if (ship / n / "model.safetensors").is_file()
     }
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
     # clips cached by each stage, counted where the latents are still kept, else the script's defaults
@@ -115,6 +136,9 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
                 "(`ShapesWorld(wide=True)`: sizes, still objects, coloured backgrounds, counted groups) cached, then "
                 "the stage-12 denoiser and text encoder carried on with both threads, the captions' new words added "
                 "to the vocabulary (`text_new_words`):",
+        "control": "Stage 16 (control), on this CPU: a silhouette control branch (VACE's layout, hints after every "
+                   "second block, its blocks starting as the denoiser's) beside the shipped denoiser, text encoder and "
+                   "VAE (all frozen), on training clips of the world with their silhouettes, with both threads:",
     }  # fmt: skip
     ran = [(head, stages[stage]) for stage, head in later.items()
            if all((out / runs[-1].name / "final").is_dir() for runs in stages[stage].lanes.values())]  # fmt: skip
@@ -136,6 +160,8 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         f"| VAE (Wan 2.1 layout, 4x8x8, 16 channels) | vae/default-arch | {params['vae'] / 1e6:.2f}M |",
         f"| denoiser (Wan 2.1 T2V layout) | dit/{dit_preset(ship / 'dit')} | {params['dit'] / 1e6:.2f}M |",
         f"| text encoder (built-in, word level) | text/default-arch | {params['text_encoder'] / 1e6:.3f}M |",
+        *([f"| control branch (VACE layout; silhouettes) | trained in stage 16 | {params['control'] / 1e6:.2f}M |"]
+          if "control" in params else []),
         "",
         f"Weights: {size / 2**20:.1f} MiB of safetensors (fp32).",
         "",
@@ -237,6 +263,7 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
                          f"| {r['colour']:.1%} | {r['shape']:.1%} | {r['motion']:.1%} | {r['all']:.1%} "
                          f"| {r['nothing']:.1%} |")  # fmt: skip
     lines += wide_lines(results.get("wide"))
+    lines += control_lines(results.get("control"))
     seeded = [(split, r) for split, r in results.items() if isinstance(r, dict) and "per_seed" in r]
     if seeded:
         lines += ["", "Rows with several seeds pool the same prompts sampled with each seed; each seed alone "
@@ -273,6 +300,10 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         lines += ["", f"`vidlatent generate \"a red circle moving right\" -o out.mp4` in a fresh process: "
                       f"{c['best_s']:.1f}-{c['worst_s']:.1f} s over {c['runs']} runs (2 CPU threads)."]  # fmt: skip
     job = results.get("job", {})
+    settings = json.loads((ship / "pipeline.json").read_text())
+    control = (f" The control job: scale {settings.get('control_scale', 1.0):g}, guidance "
+               f"{settings.get('control_guidance') or job.get('guidance'):g} (pipeline.json's `control_scale`, "
+               "`control_guidance`)." if "control" in params else "")  # fmt: skip
     lines += ["", f"Sampling: {job.get('sampler')} sampler, {job.get('steps')} steps, guidance {job.get('guidance')}, "
-                  f"shift {job.get('shift')}."]  # fmt: skip
+                  f"shift {job.get('shift')}.{control}"]  # fmt: skip
     return "\n".join(lines) + "\n"

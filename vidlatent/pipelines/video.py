@@ -116,7 +116,7 @@ def _check_fun_control_options(mask, reference, scale) -> None:
             "a Wan Fun-Control denoiser takes no mask (VACE's keep/generate mask): it follows the whole control "
             "video; drop mask (--mask)"
         )
-    if not (isinstance(scale, (int, float)) and scale == 1):
+    if scale is not None and not (isinstance(scale, (int, float)) and scale == 1):
         raise ValueError(
             "a Wan Fun-Control denoiser takes no control scale (VACE's hint weight): its control is part of its "
             f"input; drop scale (--scale); got {scale!r}"
@@ -790,7 +790,7 @@ class VideoPipeline:
         control: Media,
         mask: Media | None = None,
         reference: Media | Sequence[Media] | None = None,
-        scale: Scale = 1.0,
+        scale: Scale | None = None,
         negative_prompt: str | None = None,
         *,
         frames: int | None = None,
@@ -810,7 +810,9 @@ class VideoPipeline:
         file of the control's size; one frame applies to every frame. ``reference``: images (tensors (3, h, w)
         or (b, 3, h, w), or files; any size) the video should show, each put in front as a latent frame of its
         own and dropped from the output. ``scale``: the hints' weight, one float or one per hint (0: the
-        denoiser alone, exactly). ``frames``, ``height``, ``width``: the output's, which is the control's: a
+        denoiser alone, exactly; None: the pipeline's ``control_scale``, 1 unless its folder says otherwise).
+        Without a guidance given (keyword or ``options``) the job guides by the pipeline's ``control_guidance``
+        where it has one (the default model's control is followed best unguided: its pipeline.json says 1). ``frames``, ``height``, ``width``: the output's, which is the control's: a
         file is read to them (``selection`` says how, as for ``edit``), a tensor must have them. ``noise``: the
         start noise (b, c, references + t', h', w'). LoRAs, negative prompts, seeds and the sampler options
         apply as in every job.
@@ -830,6 +832,10 @@ class VideoPipeline:
         self._check_job("control")
         if fun:
             _check_fun_control_options(mask, reference, scale)
+        scale = self.config.control_scale if scale is None else scale
+        given = sampling.get("guidance", options.guidance if options is not None else None)
+        if given is None and self.config.control_guidance is not None:
+            sampling = {**sampling, "guidance": self.config.control_guidance}
         opts = self._options(options, sampling, "control", negative_prompt)
         source = control
         if is_file_input(control):  # read to the output's size where one is asked

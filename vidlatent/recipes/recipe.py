@@ -12,6 +12,8 @@ runs it takes before any stage with lanes has finished). Each stage is ``<stage>
                    (``vae: encoder``: the recipe's encoder run; ``world``: arguments over the recipe's world)
   lanes            then lanes at once, ``threads`` CPU threads each, each lane's runs in order
   device           where the stage's runs train and its cache encodes (unset: the trainer's choice, CPU cache)
+  ship             false: the stage's lanes are never shipped (measured and not good enough; later stages may
+                   still start from its runs)
 
 A run is a train preset (``vidlatent/configs/train/``) and ``train``, ``TrainConfig`` fields over it. ``${out}``
 is the working folder and ``${out}/<run>/final`` an earlier run's export: that is how a stage takes from the ones
@@ -31,7 +33,7 @@ from ..train.trainer import TrainConfig, load_train_config
 
 RECIPE_DIR = PRESET_DIR / "recipes"
 INDEX = "recipe.yaml"
-STAGE_KEYS = ("redraw_pipeline", "runs", "cache", "lanes", "threads", "device")
+STAGE_KEYS = ("redraw_pipeline", "runs", "cache", "lanes", "threads", "device", "ship")
 ENCODER = "encoder"  # a cache's ``vae`` naming the recipe's encoder run
 
 
@@ -83,6 +85,7 @@ class Stage:
     lanes: dict[str, tuple[Run, ...]] = field(default_factory=dict)
     threads: int = 1
     device: str | None = None
+    ship: bool = True  # whether its lanes' runs may ship
 
     def all_runs(self) -> list[Run]:
         """Every run of the stage: ``runs``, then each lane's."""
@@ -160,6 +163,7 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
         lanes={lane: _runs(runs, out) for lane, runs in (data.get("lanes") or {}).items()},
         threads=int(data.get("threads", 1)),
         device=data.get("device"),
+        ship=bool(data.get("ship", True)),
     )
 
 

@@ -22,7 +22,7 @@ import torch
 from ..pipelines.assemble import assemble_pipeline, copy_into_place, write_json
 from .recipe import ENCODER, Recipe, Run, Stage
 
-RUNS_FILE = "runs.json"  # in a shipped folder: the runs its vae and dit (with the text encoder) come from
+RUNS_FILE = "runs.json"  # in a shipped folder: the runs its vae, dit (with the text encoder) and control come from
 TIMINGS_FILE = "timings.json"
 
 
@@ -92,22 +92,25 @@ def cache_latents(
     cache_world_latents(world, vae, count, dest, batch_size=batch, vae_src=str(vae_dir), workers=workers)
 
 
-def shipped_runs(recipe: Recipe) -> tuple[str, str]:
-    """The (VAE run, denoiser run) to ship: each from the latest stage with a lane of its name whose lanes all
-    finished (the last run of that lane), else the recipe's fallback runs."""
+def shipped_runs(recipe: Recipe) -> dict[str, str]:
+    """The runs to ship, by part: ``vae`` and ``dit`` (with its text encoder) each from the latest stage with a
+    lane of its name whose lanes all finished (the last run of that lane), else the recipe's fallback runs;
+    ``control`` likewise when a stage with a control lane has finished (the shipped model has none otherwise).
+    Stages marked ``ship: false`` are passed over."""
     picked = {}
     for stage in reversed(recipe.stages.values()):
         last = {lane: runs[-1].name for lane, runs in stage.lanes.items()}
-        if last and all((recipe.out / name / "final").is_dir() for name in last.values()):
+        if stage.ship and last and all((recipe.out / name / "final").is_dir() for name in last.values()):
             for lane, name in last.items():
                 picked.setdefault(lane, name)
-    return picked.get("vae", recipe.ship_fallback["vae"]), picked.get("dit", recipe.ship_fallback["dit"])
+    runs = {part: picked.get(part, recipe.ship_fallback[part]) for part in ("vae", "dit")}
+    return {**runs, **({"control": picked["control"]} if "control" in picked else {})}
 
 
 def encoder_run(recipe: Recipe) -> str:
     """The VAE run later caches encode with: the recipe's ``encoder``, else (a working folder seeded by
     ``adopt_ship``) the latest VAE there is."""
-    return recipe.encoder if (recipe.out / recipe.encoder / "final").is_dir() else shipped_runs(recipe)[0]
+    return recipe.encoder if (recipe.out / recipe.encoder / "final").is_dir() else shipped_runs(recipe)["vae"]
 
 
 def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
@@ -119,20 +122,24 @@ def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
     return {**recipe.pipeline, "first_frame": "clean" if i2v else "noised"}
 
 
-def assemble(recipe: Recipe, folder: Path, vae_run: str, dit_run: str) -> Path:
+def assemble(recipe: Recipe, folder: Path, vae_run: str, dit_run: str, control_run: str | None = None) -> Path:
     """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
-    with its ``pipeline.json`` and a ``runs.json`` naming the two runs."""
+    and of ``control_run`` (its control branch, ``control/``) when given, with its ``pipeline.json`` and a
+    ``runs.json`` naming the runs."""
     out = recipe.out
     parts = {"vae": out / vae_run / "final" / "vae", "dit": out / dit_run / "final" / "dit",
              "text_encoder": out / dit_run / "final" / "text_encoder"}  # fmt: skip
+    runs = {"vae": vae_run, "dit": dit_run}
+    if control_run is not None:
+        parts["control"], runs["control"] = out / control_run / "final" / "control", control_run
     missing = [str(src) for src in parts.values() if not src.is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{folder}: no trained model at {', '.join(missing)}; run the earlier stages first"
         )
-    print(f"assembling {folder}: {vae_run} (vae) and {dit_run} (dit, text_encoder) from {out}", flush=True)
-    runs = {RUNS_FILE: {"vae": vae_run, "dit": dit_run}}
-    assemble_pipeline(folder, parts, pipeline_settings(recipe, dit_run), runs)
+    named = ", ".join(f"{run} ({part})" for part, run in runs.items())
+    print(f"assembling {folder}: {named} from {out}", flush=True)
+    assemble_pipeline(folder, parts, pipeline_settings(recipe, dit_run), {RUNS_FILE: runs})
     size = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
     print(f"assembled {folder}: {size / 2**20:.1f} MiB of weights")
     return Path(folder)
@@ -140,7 +147,8 @@ def assemble(recipe: Recipe, folder: Path, vae_run: str, dit_run: str) -> Path:
 
 def ship(recipe: Recipe, folder: Path) -> Path:
     """The shipped pipeline folder at ``folder``, from the runs ``shipped_runs`` picks."""
-    return assemble(recipe, folder, *shipped_runs(recipe))
+    runs = shipped_runs(recipe)
+    return assemble(recipe, folder, runs["vae"], runs["dit"], runs.get("control"))
 
 
 def adopt_ship(recipe: Recipe, folder: Path) -> None:
@@ -152,7 +160,8 @@ def adopt_ship(recipe: Recipe, folder: Path) -> None:
             f"{folder}: no {RUNS_FILE} saying which runs its parts come from; cannot adopt it"
         )
     runs = json.loads((folder / RUNS_FILE).read_text())
-    for part, run_name in (("vae", runs["vae"]), ("dit", runs["dit"]), ("text_encoder", runs["dit"])):
+    parts = [("vae", runs["vae"]), ("dit", runs["dit"]), ("text_encoder", runs["dit"])]
+    for part, run_name in [*parts, *([("control", runs["control"])] if "control" in runs else [])]:
         dest = recipe.out / run_name / "final" / part
         if not dest.is_dir():
             print(f"adopting {folder / part} as {dest}", flush=True)
