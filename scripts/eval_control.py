@@ -80,7 +80,9 @@ def main() -> None:
             "runs": runs,
         }
     print(f"\n{args.count} held-out clips x {len(args.seeds)} seed(s), 64x64, 17 frames")
-    print("| variant | clips | mean IoU | lowest IoU | clips with IoU >= 0.5 | colour right | no object | seconds |")
+    print(
+        "| variant | clips | mean IoU | lowest IoU | clips with IoU >= 0.5 | colour right | no object | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for variant, r in results.items():
         print(f"| {variant} | {r['clips']} | {r['iou']:.3f} | {r['iou_min']:.3f} | "

@@ -74,7 +74,10 @@ def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):
     """The shipped folder's parts adopted as the runs its runs.json names, then shipped again: the runs picked are
     those (the latest stages whose lanes all finished) and every file comes out the same, pipeline.json too."""
     recipe = load_recipe("default", tmp_path / "out")
-    assert shipped_runs(recipe) == {"vae": "vae-finetune", "dit": "dit"}  # nothing trained yet: the recipe's fallback
+    assert shipped_runs(recipe) == {
+        "vae": "vae-finetune",
+        "dit": "dit",
+    }  # nothing trained yet: the recipe's fallback
     adopt_ship(recipe, DEFAULT_MODEL)
     runs = json.loads((DEFAULT_MODEL / RUNS_FILE).read_text())
     assert shipped_runs(recipe) == runs  # the control branch too, when the shipped model has one

@@ -68,6 +68,12 @@ def wide_lines(r: dict | None) -> list[str]:
                                                      "motion", "all", "nothing")) + " |"]  # fmt: skip
 
 
+CONTROL_VARIANTS = {
+    "none": "the prompt alone (no control)",
+    "control": "with the control (the model's defaults)",
+}
+
+
 def control_lines(r: dict | None) -> list[str]:
     """MODEL_CARD.md lines of the control evaluation (``scripts/eval_control.py``'s results: variant -> numbers):
     the shipped control branch on held-out silhouettes, and the same prompts without it; none without them."""
@@ -79,10 +85,10 @@ def control_lines(r: dict | None) -> list[str]:
              "| | clips | mean IoU | lowest IoU | clips with IoU >= 0.5 | colour right | no object |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant, v in r.items():
-        levels = variant.split("@")[1:]
-        name = {"none": "the prompt alone (no control)", "control": "with the control (the model's defaults)"}.get(
-            variant
-        ) or f"with the control (scale {levels[0]}{f', guidance {levels[1]}' if len(levels) > 1 else ''})"
+        levels = zip(("scale", "guidance"), variant.split("@")[1:])
+        name = (
+            CONTROL_VARIANTS.get(variant) or f"with the control ({', '.join(f'{k} {x}' for k, x in levels)})"
+        )
         lines.append(f"| {name} | {v['clips']} | {v['iou']:.3f} | {v['iou_min']:.3f} | {v['iou_at_least_0.5']:.1%} "
                      f"| {v['colour']:.1%} | {v['nothing']:.1%} |")  # fmt: skip
     return lines
@@ -119,6 +125,7 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         if (ship / n / "model.safetensors").is_file()
     }
     size = sum(f.stat().st_size for f in ship.rglob("*.safetensors"))
+    control = [params["control"]] if "control" in params else []
     # clips cached by each stage, counted where the latents are still kept, else the script's defaults
     clips, joint_clips, joint2_clips, gpu_clips = (
         len(list((out / stages[name].cache.into).glob("clip-*.safetensors"))) or stages[name].cache.clips
@@ -160,8 +167,10 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         f"| VAE (Wan 2.1 layout, 4x8x8, 16 channels) | vae/default-arch | {params['vae'] / 1e6:.2f}M |",
         f"| denoiser (Wan 2.1 T2V layout) | dit/{dit_preset(ship / 'dit')} | {params['dit'] / 1e6:.2f}M |",
         f"| text encoder (built-in, word level) | text/default-arch | {params['text_encoder'] / 1e6:.3f}M |",
-        *([f"| control branch (VACE layout; silhouettes) | trained in stage 16 | {params['control'] / 1e6:.2f}M |"]
-          if "control" in params else []),
+        *[
+            f"| control branch (VACE layout; silhouettes) | trained in stage 16 | {n / 1e6:.2f}M |"
+            for n in control
+        ],
         "",
         f"Weights: {size / 2**20:.1f} MiB of safetensors (fp32).",
         "",
@@ -303,7 +312,7 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
     settings = json.loads((ship / "pipeline.json").read_text())
     control = (f" The control job: scale {settings.get('control_scale', 1.0):g}, guidance "
                f"{settings.get('control_guidance') or job.get('guidance'):g} (pipeline.json's `control_scale`, "
-               "`control_guidance`)." if "control" in params else "")  # fmt: skip
+               "`control_guidance`)." if control else "")  # fmt: skip
     lines += ["", f"Sampling: {job.get('sampler')} sampler, {job.get('steps')} steps, guidance {job.get('guidance')}, "
                   f"shift {job.get('shift')}.{control}"]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -22,7 +22,9 @@ import torch
 from ..pipelines.assemble import assemble_pipeline, copy_into_place, write_json
 from .recipe import ENCODER, Recipe, Run, Stage
 
-RUNS_FILE = "runs.json"  # in a shipped folder: the runs its vae, dit (with the text encoder) and control come from
+RUNS_FILE = (
+    "runs.json"  # in a shipped folder: the runs its vae, dit (with the text encoder) and control come from
+)
 TIMINGS_FILE = "timings.json"
 
 
@@ -122,7 +124,9 @@ def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
     return {**recipe.pipeline, "first_frame": "clean" if i2v else "noised"}
 
 
-def assemble(recipe: Recipe, folder: Path, vae_run: str, dit_run: str, control_run: str | None = None) -> Path:
+def assemble(
+    recipe: Recipe, folder: Path, vae_run: str, dit_run: str, control_run: str | None = None
+) -> Path:
     """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
     and of ``control_run`` (its control branch, ``control/``) when given, with its ``pipeline.json`` and a
     ``runs.json`` naming the runs."""
