@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vidlatent import VideoPipeline
 from vidlatent.checkpoint import atomic_write
-from vidlatent.eval.control import evaluate_control, heldout_controls
+from vidlatent.eval.control import evaluate_control, heldout_controls, tally_control
 
 
 def maker(pipe: VideoPipeline, variant: str):
@@ -68,17 +68,8 @@ def main() -> None:
             r = runs[-1]
             print(f"{variant} seed {seed}: IoU {r['iou']:.3f} (lowest {r['iou_min']:.3f}), colour "
                   f"{100 * r['colour']:.1f}%, nothing {100 * r['nothing']:.1f}%", flush=True)  # fmt: skip
-        ious = [iou for r in runs for iou in r["ious"]]
-        results[variant] = {
-            "clips": len(ious),
-            "iou": sum(ious) / len(ious),
-            "iou_min": min(ious),
-            "iou_at_least_0.5": sum(iou >= 0.5 for iou in ious) / len(ious),
-            "colour": sum(r["colour"] * r["clips"] for r in runs) / len(ious),
-            "nothing": sum(r["nothing"] * r["clips"] for r in runs) / len(ious),
-            "seconds": time.time() - start,
-            "runs": runs,
-        }
+        pooled = tally_control([row for r in runs for row in r["rows"]])
+        results[variant] = {**pooled, "seconds": time.time() - start, "runs": runs}
     print(f"\n{args.count} held-out clips x {len(args.seeds)} seed(s), 64x64, 17 frames")
     print(
         "| variant | clips | mean IoU | lowest IoU | clips with IoU >= 0.5 | colour right | no object | seconds |"

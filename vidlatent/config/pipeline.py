@@ -159,12 +159,17 @@ class SamplingOptions:
             raise TypeError(f"{job}() got an unexpected keyword argument {unknown[0]!r}")
         return dataclasses.replace(options or cls(), **keywords)
 
-    def resolve(self, config: PipelineConfig, progress: bool = True) -> SamplingOptions:
-        """Every ``None`` filled from ``config`` (``progress`` from the given default)."""
+    def resolve(
+        self, config: PipelineConfig, progress: bool = True, guidance: float | None = None
+    ) -> SamplingOptions:
+        """Every ``None`` filled from ``config`` (``progress`` from the given default; ``guidance``, when given, is
+        the job's own default guidance instead of ``config.guidance``, e.g. the control job's
+        ``config.control_guidance``)."""
+        default_guidance = config.guidance if guidance is None else guidance
         return dataclasses.replace(
             self,
             steps=config.steps if self.steps is None else self.steps,
-            guidance=config.guidance if self.guidance is None else self.guidance,
+            guidance=default_guidance if self.guidance is None else self.guidance,
             guidance_2=config.guidance_2 if self.guidance_2 is None else self.guidance_2,
             sampler=self.sampler or config.sampler,
             shift=config.shift if self.shift is None else self.shift,

@@ -137,7 +137,8 @@ def score_control(video: torch.Tensor, control: torch.Tensor, colour: str) -> di
 
 def tally_control(rows: list[dict]) -> dict:
     """The set's numbers from ``score_control``'s rows: clips, mean IoU (over clips of per-clip means), the
-    lowest clip's, the colour-right rate and the rate of clips where the oracle found nothing."""
+    lowest clip's, the share of clips with IoU >= 0.5, the colour-right rate and the rate of clips where the
+    oracle found nothing."""
     n = len(rows)
     if not n:
         raise ValueError("no rows to tally")
@@ -146,6 +147,7 @@ def tally_control(rows: list[dict]) -> dict:
         "clips": n,
         "iou": float(np.mean(ious)),
         "iou_min": float(np.min(ious)),
+        "iou_at_least_0.5": sum(iou >= 0.5 for iou in ious) / n,
         "colour": sum(row["colour"] for row in rows) / n,
         "nothing": sum(row["found"] is None for row in rows) / n,
     }
@@ -160,11 +162,12 @@ def evaluate_control(
     """Score a generator over the held-out ``cases``: ``make(captions, controls (b, 3, t, h, w), seed)``
     returns the videos (b, 3, t, h, w) in [-1, 1]; the batch from case ``start`` on is made with ``seed +
     start``. A generator that ignores the controls gives the numbers without control. Returns
-    ``tally_control``'s numbers and ``ious``, every clip's."""
+    ``tally_control``'s numbers, ``ious`` (every clip's) and ``rows`` (``score_control``'s, to pool runs with
+    ``tally_control``)."""
     rows = []
     for start in range(0, len(cases), batch):
         captions, controls, _, colours = cases.stack(start, min(start + batch, len(cases)))
         videos = make(captions, controls, seed + start)
         for video, control, colour in zip(videos, controls, colours):
             rows.append(score_control(video.cpu(), control, colour))
-    return {**tally_control(rows), "ious": [row["iou"] for row in rows]}
+    return {**tally_control(rows), "ious": [row["iou"] for row in rows], "rows": rows}

@@ -812,9 +812,10 @@ class VideoPipeline:
         own and dropped from the output. ``scale``: the hints' weight, one float or one per hint (0: the
         denoiser alone, exactly; None: the pipeline's ``control_scale``, 1 unless its folder says otherwise).
         Without a guidance given (keyword or ``options``) the job guides by the pipeline's ``control_guidance``
-        where it has one (the default model's control is followed best unguided: its pipeline.json says 1). ``frames``, ``height``, ``width``: the output's, which is the control's: a
-        file is read to them (``selection`` says how, as for ``edit``), a tensor must have them. ``noise``: the
-        start noise (b, c, references + t', h', w'). LoRAs, negative prompts, seeds and the sampler options
+        where it has one (the default model's control is followed best unguided: its pipeline.json says 1).
+        ``frames``, ``height``, ``width``: the output's, which is the control's: a file is read to them
+        (``selection`` says how, as for ``edit``), a tensor must have them. ``noise``: the start noise
+        (b, c, references + t', h', w'). LoRAs, negative prompts, seeds and the sampler options
         apply as in every job.
 
         A Wan Fun-Control denoiser (``denoiser_input == "fun_control"``) needs no branch: it reads the control
@@ -833,10 +834,7 @@ class VideoPipeline:
         if fun:
             _check_fun_control_options(mask, reference, scale)
         scale = self.config.control_scale if scale is None else scale
-        given = sampling.get("guidance", options.guidance if options is not None else None)
-        if given is None and self.config.control_guidance is not None:
-            sampling = {**sampling, "guidance": self.config.control_guidance}
-        opts = self._options(options, sampling, "control", negative_prompt)
+        opts = self._options(options, sampling, "control", negative_prompt, self.config.control_guidance)
         source = control
         if is_file_input(control):  # read to the output's size where one is asked
             if (height is None) != (width is None):
@@ -1109,12 +1107,16 @@ class VideoPipeline:
         tokens, mask = self.encode_text([neg])
         return {"negative": tokens, "negative_mask": mask}
 
-    def _options(self, options, sampling: dict, job: str, negative_prompt=None) -> SamplingOptions:
+    def _options(
+        self, options, sampling: dict, job: str, negative_prompt=None, guidance=None
+    ) -> SamplingOptions:
         """A job's sampling options, the one place they are read: ``options`` with the job's keywords (and its
-        positional ``negative_prompt``) over them, checked, every ``None`` taken from the pipeline's config."""
+        positional ``negative_prompt``) over them, checked, every ``None`` taken from the pipeline's config
+        (``guidance``: the job's own default guidance instead of the config's, where it has one)."""
         if negative_prompt is not None:
             sampling = {**sampling, "negative_prompt": negative_prompt}
-        return SamplingOptions.from_keywords(options, sampling, job).resolve(self.config, self.progress)
+        opts = SamplingOptions.from_keywords(options, sampling, job)
+        return opts.resolve(self.config, self.progress, guidance)
 
     def _noise(self, shape, seed, given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
         """Start noise drawn on a CPU generator (the same on every device), then moved to the model's device;

@@ -22,9 +22,8 @@ import torch
 from ..pipelines.assemble import assemble_pipeline, copy_into_place, write_json
 from .recipe import ENCODER, Recipe, Run, Stage
 
-RUNS_FILE = (
-    "runs.json"  # in a shipped folder: the runs its vae, dit (with the text encoder) and control come from
-)
+# in a shipped folder: the runs its vae, dit (with the text encoder) and control branch come from
+RUNS_FILE = "runs.json"
 TIMINGS_FILE = "timings.json"
 
 
@@ -106,7 +105,9 @@ def shipped_runs(recipe: Recipe) -> dict[str, str]:
             for lane, name in last.items():
                 picked.setdefault(lane, name)
     runs = {part: picked.get(part, recipe.ship_fallback[part]) for part in ("vae", "dit")}
-    return {**runs, **({"control": picked["control"]} if "control" in picked else {})}
+    if "control" in picked:
+        runs["control"] = picked["control"]
+    return runs
 
 
 def encoder_run(recipe: Recipe) -> str:
@@ -165,7 +166,9 @@ def adopt_ship(recipe: Recipe, folder: Path) -> None:
         )
     runs = json.loads((folder / RUNS_FILE).read_text())
     parts = [("vae", runs["vae"]), ("dit", runs["dit"]), ("text_encoder", runs["dit"])]
-    for part, run_name in [*parts, *([("control", runs["control"])] if "control" in runs else [])]:
+    if "control" in runs:
+        parts.append(("control", runs["control"]))
+    for part, run_name in parts:
         dest = recipe.out / run_name / "final" / part
         if not dest.is_dir():
             print(f"adopting {folder / part} as {dest}", flush=True)
