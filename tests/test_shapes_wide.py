@@ -3,6 +3,8 @@ and read back by the oracle; the narrow world is unchanged by it."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,52 @@ def test_wide_world_shows_every_addition_and_its_words():
     text = " ".join(s.caption for s in scenes)
     for phrase in ("two ", "three ", "small ", "big ", " still", " background"):
         assert phrase in text
+
+
+def test_wide_mix_and_shape_weights_change_the_shares_they_name():
+    """``wide_mix`` and ``shape_weights`` move the shares they name (measured on 600 scenes) and leave the world clip
+    for clip as it was without them; bad values are one-line errors naming what is accepted."""
+    plain, same = (
+        ShapesWorld(wide=True, seed=5),
+        ShapesWorld(wide=True, seed=5, wide_mix={}, shape_weights={}),
+    )
+    assert all(plain.scene(i).caption == same.scene(i).caption for i in range(50))
+
+    def shares(world):
+        scenes = [world.scene(i) for i in range(600)]
+        objects = [o for s in scenes for o in s.objects]
+        return {
+            "group": np.mean(
+                [len(s.objects) > 1 and len({o.colour for o in s.objects}) == 1 for s in scenes]
+            ),
+            "background": np.mean([bool(s.background.get("colour")) for s in scenes]),
+            "still": np.mean([o.motion == "still" for o in objects]),
+            "big": np.mean([o.size_class == "big" for o in objects]),
+            "square": np.mean([o.shape == "square" for o in objects]),
+        }
+
+    # one object a clip, so that no object is dropped for want of room
+    before = shares(ShapesWorld(wide=True, seed=5, max_objects=1))
+    mix = {"still": 0.4, "background": 0.6, "sizes": {"big": 0.6}}
+    after = shares(ShapesWorld(wide=True, seed=5, max_objects=1, wide_mix=mix, shape_weights={"square": 3}))
+    assert abs(before["square"] - 1 / 3) < 0.06 and abs(after["square"] - 0.6) < 0.06, (before, after)
+    assert abs(after["background"] - 0.6) < 0.06 and abs(after["still"] - 0.4) < 0.06, after
+    assert abs(after["big"] - 0.6 / 1.4) < 0.06, after
+    assert before["background"] < 0.3 and before["still"] < 0.16 and before["big"] < 0.25, before
+    small = {"sizes": {"small": 1, "medium": 0, "big": 0}}  # groups of small objects always find room
+    groups = [
+        shares(ShapesWorld(wide=True, seed=5, wide_mix={**small, "group": g}))["group"] for g in (0.25, 0.6)
+    ]
+    assert abs(groups[0] - 0.25) < 0.06 and abs(groups[1] - 0.6) < 0.06, groups
+    for bad, words in [
+        ({"wide_mix": {"groups": 0.5}}, "unknown wide_mix keys ['groups']"),
+        ({"wide_mix": {"still": 1.5}}, "wide_mix still must be a share in [0, 1]"),
+        ({"wide_mix": {"sizes": {"huge": 1}}}, "wide_mix sizes must give weights"),
+        ({"shape_weights": {"star": 2}}, "shape_weights takes weights >= 0"),
+        ({"shape_weights": {"circle": 0, "square": 0, "triangle": 0}}, "leave no shape to draw"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ShapesWorld(wide=True, **bad)
 
 
 def test_narrow_world_has_none_of_it():

@@ -435,12 +435,17 @@ class ShapesWorld:
     return a ``crop`` x ``crop`` window of each rendering, placed by the clip's seed (cheap VAE training at the
     shapes' full-size scale). ``wide`` adds the wide world's sizes, still objects, coloured backgrounds and
     counted groups of one kind ("two red circles", train and all splits); each is named by the caption.
+    ``wide_mix`` changes how often (keys of ``WIDE_MIX``: ``group``, ``still`` and ``background`` shares, ``sizes``
+    {small, medium, big} weights) and ``shape_weights`` ({shape: weight}, others 1) how often each shape is drawn,
+    e.g. to train more on what a model gets wrong; without them the world is the same clip for clip.
     """
 
-    WIDE_GROUP = 0.25  # share of wide clips showing a group of 2-3 objects of one kind (train / all splits)
-    WIDE_SIZES = {"small": 0.2, "medium": 0.6, "big": 0.2}
-    WIDE_STILL = 0.12  # share of objects (or groups) that stand still
-    WIDE_BACKGROUND = 0.25  # share of backgrounds that are coloured
+    WIDE_MIX = {
+        "group": 0.25,  # share of wide clips showing a group of 2-3 objects of one kind (train / all splits)
+        "still": 0.12,  # share of objects (or groups) that stand still
+        "background": 0.25,  # share of backgrounds that are coloured
+        "sizes": {"small": 0.2, "medium": 0.6, "big": 0.2},  # size classes' weights
+    }
 
     def __init__(
         self,
@@ -454,6 +459,8 @@ class ShapesWorld:
         length: int | None = None,
         crop: int | None = None,
         wide: bool = False,
+        wide_mix: dict | None = None,
+        shape_weights: dict | None = None,
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"unknown split {split!r}; accepted: train, heldout, all")
@@ -473,6 +480,8 @@ class ShapesWorld:
             "heldout": HELDOUT,
             "all": tuple(itertools.product(COLOURS, SHAPES, MOTIONS)),
         }[split]
+        self.mix = _wide_mix(wide_mix)
+        self.combo_p = _combo_weights(self.combos, shape_weights)
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, index, 0x5EA])
@@ -540,15 +549,16 @@ class ShapesWorld:
     def _wide_kind(self, rng: np.random.Generator, combo: tuple[str, str, str]) -> tuple[str, str, str, str]:
         """A wide world's object kind: the combination, still or not, and its size class."""
         colour, shape, motion = combo
-        if rng.random() < self.WIDE_STILL:
+        if rng.random() < self.mix["still"]:
             motion = "still"
-        size_class = str(rng.choice(list(self.WIDE_SIZES), p=list(self.WIDE_SIZES.values())))
+        sizes = self.mix["sizes"]
+        size_class = str(rng.choice(list(sizes), p=np.array(list(sizes.values())) / sum(sizes.values())))
         return colour, shape, motion, "" if size_class == "medium" else size_class
 
     def _group(self, rng: np.random.Generator, frames: int) -> list[ShapeObject]:
         """Two or three objects of one kind (wide world), kept well apart so the oracle counts them."""
         count = 2 if self.max_objects == 2 or rng.random() < 0.6 else 3
-        colour, shape, motion, size_class = self._wide_kind(rng, self.combos[rng.integers(len(self.combos))])
+        colour, shape, motion, size_class = self._wide_kind(rng, self._combo(rng))
         objects: list[ShapeObject] = []
         for _ in range(count):
             for _ in range(30):
@@ -562,7 +572,12 @@ class ShapesWorld:
         """The description of clip ``index`` (objects, background, caption)."""
         rng = self._rng(index % self.length if self.length else index)
         frames = 1 if rng.random() < self.image_fraction else self.frames
-        if self.wide and self.split != "heldout" and self.max_objects > 1 and rng.random() < self.WIDE_GROUP:
+        if (
+            self.wide
+            and self.split != "heldout"
+            and self.max_objects > 1
+            and rng.random() < self.mix["group"]
+        ):
             objects = self._group(rng, frames)
             background = self._background(rng)
             return Scene(objects, background, caption(objects, rng, background, wide=True), frames)
@@ -573,7 +588,7 @@ class ShapesWorld:
             count = 1 + int(rng.choice(self.max_objects, p=weights / weights.sum()))
         objects, used = [], set()
         while len(objects) < count:
-            colour, shape, motion = self.combos[rng.integers(len(self.combos))]
+            colour, shape, motion = self._combo(rng)
             if colour in used:  # one object per colour, so captions and the oracle are unambiguous
                 continue
             size_class = ""
@@ -590,8 +605,14 @@ class ShapesWorld:
         background = self._background(rng)
         return Scene(objects, background, caption(objects, rng, background, wide=self.wide), frames)
 
+    def _combo(self, rng: np.random.Generator) -> tuple[str, str, str]:
+        """A (colour, shape, motion) combination of the split: uniform, or by ``shape_weights``."""
+        if self.combo_p is None:
+            return self.combos[rng.integers(len(self.combos))]
+        return self.combos[rng.choice(len(self.combos), p=self.combo_p)]
+
     def _background(self, rng: np.random.Generator) -> dict:
-        if self.wide and rng.random() < self.WIDE_BACKGROUND:
+        if self.wide and rng.random() < self.mix["background"]:
             return self.make_coloured_background(rng)
         return self.make_background(rng)
 
@@ -624,6 +645,39 @@ class ShapesWorld:
 
     def __iter__(self):
         return (self.clip(i) for i in itertools.count())
+
+
+def _wide_mix(mix: dict | None) -> dict:
+    """``ShapesWorld.WIDE_MIX`` with ``mix``'s entries over it, checked."""
+    base = ShapesWorld.WIDE_MIX
+    mix = dict(mix or {})
+    unknown = sorted(set(mix) - set(base))
+    if unknown:
+        raise ValueError(f"unknown wide_mix keys {unknown}; accepted: {sorted(base)}")
+    for key in ("group", "still", "background"):
+        value = mix.get(key, base[key])
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"wide_mix {key} must be a share in [0, 1]; got {value!r}")
+    sizes = {**base["sizes"], **mix.get("sizes", {})}
+    if set(sizes) != set(base["sizes"]) or any(w < 0 for w in sizes.values()) or not sum(sizes.values()) > 0:
+        raise ValueError(
+            f"wide_mix sizes must give weights >= 0 (not all 0) to {sorted(base['sizes'])}; got {mix['sizes']!r}"
+        )
+    return {**base, **mix, "sizes": sizes}
+
+
+def _combo_weights(combos, shape_weights: dict | None) -> np.ndarray | None:
+    """Sampling probabilities of ``combos`` that draw each shape by ``shape_weights`` (others 1); None: uniform."""
+    if not shape_weights:
+        return None
+    unknown = sorted(set(shape_weights) - set(SHAPES))
+    bad = {k: v for k, v in shape_weights.items() if not isinstance(v, (int, float)) or v < 0}
+    if unknown or bad:
+        raise ValueError(f"shape_weights takes weights >= 0 for {list(SHAPES)}; got {shape_weights!r}")
+    weights = np.array([float(shape_weights.get(shape, 1.0)) for _, shape, _ in combos])
+    if not weights.sum() > 0:
+        raise ValueError(f"shape_weights leave no shape to draw: {shape_weights!r}")
+    return weights / weights.sum()
 
 
 def _clear(a: ShapeObject, b: ShapeObject, frames: int, margin: float = 1.05) -> bool:
