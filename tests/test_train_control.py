@@ -150,7 +150,10 @@ def test_a_video_folder_with_controls_trains_and_clips_without_one_are_skipped(t
 def test_bad_settings_name_what_is_accepted(tmp_path):
     with pytest.raises(ValueError, match="unknown control transform 'depth'; accepted: silhouette, edges"):
         config(tmp_path, "control_transform=depth")
-    with pytest.raises(ValueError, match="unknown control_init 'ones'; accepted: zero, copy"):
+    with pytest.raises(
+        ValueError,
+        match="unknown control_init .ones.; accepted: zero, copy or the folder of a trained branch",
+    ):
         config(tmp_path, "control_init=ones")
     with pytest.raises(ValueError, match="set pipeline=<folder>"):
         load_train_config(overrides=["task=control", "data=shapes"])
@@ -158,3 +161,18 @@ def test_bad_settings_name_what_is_accepted(tmp_path):
         config(tmp_path, "lora_rank=4")
     with pytest.raises(ValueError, match="this denoiser has 2 blocks"):
         Trainer(config(tmp_path, "control_layers=[0, 5]"))
+
+
+def test_control_init_from_a_folder_carries_a_trained_branch_on(tmp_path):
+    """``control_init: FOLDER`` starts from that branch (a pipeline folder's control/ here) bitwise, and a branch
+    whose hints sit elsewhere is refused with what differs."""
+    Trainer(config(tmp_path / "a", "steps=2", "checkpoint_every=2")).train()
+    trained = ControlBranch.from_pretrained(tmp_path / "a" / "final" / "control")
+    carried = Trainer(config(tmp_path / "b", "steps=2", f"control_init={tmp_path / 'a' / 'final'}"))
+    start = carried.branch.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in trained.state_dict().items())
+    assert any(v.abs().max() > 0 for k, v in start.items() if "proj_out" in k)  # not the zero init
+    with pytest.raises(
+        ValueError, match=r"does not fit this denoiser and control_layers: layers: \[0\] \(want \[1\]\)"
+    ):
+        Trainer(config(tmp_path / "c", "control_layers=[1]", f"control_init={tmp_path / 'a' / 'final'}"))

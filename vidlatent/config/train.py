@@ -106,4 +106,7 @@ class TrainConfig:
     control_layers: list[int] | None = None  # denoiser blocks given a hint; None = every second (as VACE)
     control_transform: str = "silhouette"  # data=shapes: the control made from each clip (silhouette | edges)
     controls: str = "controls"  # a video folder: the folder beside the clips holding their control videos
-    control_init: str = "zero"  # zero: fresh blocks | copy: block j starts as the denoiser's block j
+    control_init: str = (
+        "zero"  # zero: fresh blocks | copy: block j starts as the denoiser's block j; or a trained
+    )
+    # branch's folder (ControlBranch.save_pretrained's, a pipeline folder with control/) to carry on

@@ -72,9 +72,10 @@ class ControlTask(Task):
                 f"task=control trains on data=shapes or a folder of videos with a {cfg.controls}/ folder of "
                 f"control videos beside them; {cfg.data!r} does not exist"
             )
-        if cfg.control_init not in CONTROL_INITS:
+        if cfg.control_init not in CONTROL_INITS and not Path(str(cfg.control_init)).is_dir():
             raise ValueError(
-                f"unknown control_init {cfg.control_init!r}; accepted: {', '.join(CONTROL_INITS)}"
+                f"unknown control_init {cfg.control_init!r}; accepted: {', '.join(CONTROL_INITS)} or the folder of "
+                "a trained branch to carry on (ControlBranch.save_pretrained's, or a pipeline folder with control/)"
             )
         control_transform(cfg.control_transform)  # names the accepted transforms
         others = {
@@ -110,11 +111,27 @@ class ControlTask(Task):
         self.blank: dict = {}  # clip shape -> (inactive latents, folded mask) of a control without a mask
 
     def _build_branch(self) -> ControlBranch:
-        """A fresh branch fitting the denoiser (seeded by ``cfg.seed``), its blocks copied with ``copy``."""
+        """A fresh branch fitting the denoiser (seeded by ``cfg.seed``), its blocks copied with ``copy``; or, with
+        ``control_init`` a folder, that trained branch carried on (its hints must sit after ``control_layers``)."""
         cfg, vae = self.cfg, self.vae
         channels = 2 * vae.config.latent_channels + vae.spatial_factor**2
         config = control_config_for(self.dit.config, cfg.control_layers, in_channels=channels)
         config.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.control_init not in CONTROL_INITS:
+            folder = Path(cfg.control_init)
+            folder = folder / "control" if (folder / "control" / "config.json").is_file() else folder
+            branch = ControlBranch.from_pretrained(
+                folder, dtype=torch.float32, overrides={"gradient_checkpointing": cfg.gradient_checkpointing}
+            )
+            theirs, ours = vars(branch.config), vars(config)
+            wrong = [f"{k}: {theirs.get(k)!r} (want {v!r})" for k, v in ours.items() if theirs.get(k) != v]
+            if wrong:
+                raise ValueError(
+                    f"control_init {cfg.control_init}: the branch does not fit this denoiser and control_layers: "
+                    + "; ".join(wrong)
+                )
+            ControlledDiT(self.dit, branch)
+            return branch.to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             branch = ControlBranch(config)
