@@ -114,7 +114,10 @@ def test_diffusers_folder_loads(tmp_path, tiny_cfg, tiny_vace):
     x, sigma, context = inputs(tiny_cfg)
     with torch.no_grad():
         kw = dict(control=control_latents(x), control_scale=SCALES)
-        assert torch.equal(loaded(x, sigma, context, **kw), model(x, sigma, context, **kw))
+        # not bitwise: loaded weights sit at other memory alignments, and CPU kernels then round differently
+        torch.testing.assert_close(
+            loaded(x, sigma, context, **kw), model(x, sigma, context, **kw), rtol=0, atol=1e-5
+        )
 
 
 def test_original_vace_names_load(tmp_path, tiny_cfg, tiny_vace):
@@ -142,7 +145,10 @@ def test_original_vace_names_load(tmp_path, tiny_cfg, tiny_vace):
     x, sigma, context = inputs(tiny_cfg)
     with torch.no_grad():
         kw = dict(control=control_latents(x), control_scale=SCALES)
-        assert torch.equal(loaded(x, sigma, context, **kw), model(x, sigma, context, **kw))
+        # not bitwise: loaded weights sit at other memory alignments, and CPU kernels then round differently
+        torch.testing.assert_close(
+            loaded(x, sigma, context, **kw), model(x, sigma, context, **kw), rtol=0, atol=1e-5
+        )
 
 
 def test_hint_layers_are_read_off_the_shapes_without_a_config(tmp_path):

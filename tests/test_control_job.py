@@ -117,18 +117,24 @@ def test_the_pipeline_config_gives_the_control_job_s_scale_and_guidance(tmp_path
     kw = dict(steps=2, seed=3, output_type="latent", progress=False)
     explicit = pipe.control("a red ball", control, scale=0.5, guidance=1.0, **kw)
     assert pipe.config.control_scale == 1.0 and pipe.config.control_guidance is None
-    assert not torch.equal(pipe.control("a red ball", control, **kw), explicit)
+    assert (pipe.control("a red ball", control, **kw) - explicit).abs().max() > 1e-3
     pipe.save_pretrained(tmp_path / "p")
     settings = tmp_path / "p" / "pipeline.json"
     settings.write_text(settings.read_text().replace('"control_scale": 1.0', '"control_scale": 0.5')
                         .replace('"control_guidance": null', '"control_guidance": 1.0'))  # fmt: skip
     loaded = VideoPipeline.from_pretrained(tmp_path / "p")
     assert (loaded.config.control_scale, loaded.config.control_guidance) == (0.5, 1.0)
-    assert torch.equal(loaded.control("a red ball", control, **kw), explicit)
+    # not bitwise: loaded weights sit at other memory alignments, and CPU kernels then round differently
+    close = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(loaded.control("a red ball", control, **kw), explicit, **close)
     given = loaded.control("a red ball", control, scale=1.0, guidance=3.0, **kw)
-    assert torch.equal(given, pipe.control("a red ball", control, scale=1.0, guidance=3.0, **kw))
+    torch.testing.assert_close(
+        given, pipe.control("a red ball", control, scale=1.0, guidance=3.0, **kw), **close
+    )
     plain = dict(frames=5, height=32, width=32, **kw)
-    assert torch.equal(loaded.generate("a red ball", **plain), pipe.generate("a red ball", **plain))
+    torch.testing.assert_close(
+        loaded.generate("a red ball", **plain), pipe.generate("a red ball", **plain), **close
+    )
     with pytest.raises(ValueError, match="control_scale"):
         from vidlatent.config.pipeline import check_pipeline_config
 

@@ -183,7 +183,10 @@ def test_original_wan_keys_load_the_same_denoiser(pipe, tmp_path):
     dit = VideoDiT.from_pretrained(tmp_path / "diffusion_pytorch_model.safetensors", config=pipe.dit.config)
     other = VideoPipeline(pipe.vae, dit.eval(), pipe.text_encoder, pipe.config, pipe.image_encoder)
     start = noise(6)
-    assert torch.equal(run(other, start, reference=still()), run(pipe, start, reference=still()))
+    # not bitwise, as above: the loaded weights sit at other memory alignments
+    torch.testing.assert_close(
+        run(other, start, reference=still()), run(pipe, start, reference=still()), rtol=0, atol=1e-5
+    )
 
 
 def test_errors(pipe, tmp_path):

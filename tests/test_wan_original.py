@@ -144,7 +144,8 @@ def test_converted_original_folder_generates_what_wan_does(release):
     plain.set_progress_bar_config(disable=True)
     assert (video.clamp(-1, 1) - wan_reference(plain, noise)).abs().max() > 1e-2
     # the original folder loads directly too, and runs exactly as its conversion
-    assert torch.equal(ours(VideoPipeline.from_pretrained(folder), noise), video)
+    # (two loads of one set of weights: equal up to how CPU kernels round at other memory alignments)
+    torch.testing.assert_close(ours(VideoPipeline.from_pretrained(folder), noise), video, rtol=0, atol=1e-5)
 
 
 def test_wan_unipc_levels_are_wans():
