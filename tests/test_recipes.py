@@ -24,7 +24,8 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert len(configs) == 31 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
-    assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world == {"wide": True}
+    assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
+    assert recipe.stages["wide"].cache.world["shape_weights"] == {"square": 2}
     assert configs["dit-fine3"].batch_size == 512 and configs["dit-fine3"].device == "cuda"
     assert configs["vae-refine"].lr == 3e-4 and configs["vae-refine"].output == str(recipe.out / "vae-refine")
     assert configs["vae-redraw"].redraw_strength == [0.05, 0.4] and configs["dit-cpu"].data_in_memory is True
