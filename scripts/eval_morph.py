@@ -3,12 +3,13 @@ shape and position), morphed into each other in each mode, every middle frame re
 (vidlatent.eval.morph: what counts as an object, and the smoothness figures).
 
     python scripts/eval_morph.py [--model default] [--pairs 24] [--seeds 0 1 2] [--frames 17]
-                                 [--variants latent noise noise@0.2 bare-noise animate ...] [--json out.json]
+                                 [--variants latent noise noise@0.2 noise~0 bare-noise animate ...] [--json out.json]
 
 Variants: ``latent``; ``noise`` (the noise mode's default strength) or ``noise@S`` (inverted ``S`` of the way to
 noise), with the stills' descriptions as prompts ("a red circle"); ``bare-noise``/``bare-noise@S``, the same
 without prompts; ``animate``, the first-and-last-frame job (``animate`` with ``last_image``, A's description as
-the prompt) for comparison. Seed ``s`` takes its pairs from another held-out world (``MORPH_SEED + s``) and is
+the prompt) for comparison. A ``~X`` suffix on a morph variant sets its ``stagger`` (``latent~0.3``,
+``noise@0.2~0``; without it, the mode's default). Seed ``s`` takes its pairs from another held-out world (``MORPH_SEED + s``) and is
 ``animate``'s sampling seed; latent and noise morphs draw nothing at random.
 """
 
@@ -26,20 +27,28 @@ from vidlatent.eval.morph import morph_scores
 
 def maker(pipe: VideoPipeline, variant: str, frames: int):
     """``make(pair, seed)`` for a variant name (see the module docstring)."""
+    variant, _, spread = variant.partition("~")
     name, _, level = variant.partition("@")
+    stagger = {"stagger": float(spread)} if spread else {}
     if name == "latent":
-        return lambda p, seed: pipe.morph(p["a"][None], p["b"][None], frames)
+        return lambda p, seed: pipe.morph(p["a"][None], p["b"][None], frames, **stagger)
     if name == "animate":
+        if stagger:
+            raise SystemExit("animate is not a morph: it takes no ~stagger")
         return lambda p, seed: pipe.animate(
             p["a"][None], p["prompt_a"], frames, last_image=p["b"][None], seed=seed, progress=False
         )
     if name not in ("noise", "bare-noise"):
-        raise SystemExit(f"unknown variant {variant!r}; accepted: latent, noise[@S], bare-noise[@S], animate")
+        raise SystemExit(
+            f"unknown variant {variant!r}; accepted: latent[~X], noise[@S][~X], bare-noise[@S][~X], animate"
+        )
     strength = {"strength": float(level)} if level else {}
 
     def make(p, seed):
         prompts = (p["prompt_a"], p["prompt_b"]) if name == "noise" else (None, None)
-        return pipe.morph(p["a"][None], p["b"][None], frames, "noise", *prompts, progress=False, **strength)
+        return pipe.morph(
+            p["a"][None], p["b"][None], frames, "noise", *prompts, progress=False, **strength, **stagger
+        )
 
     return make
 
@@ -53,7 +62,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=["latent", "noise", "bare-noise", "noise@0.2", "noise@1", "bare-noise@1", "animate"],
+        default=["latent", "latent~0.3", "noise~0", "noise", "bare-noise", "noise@0.2", "noise@1", "animate"],
     )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()

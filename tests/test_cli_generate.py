@@ -109,7 +109,7 @@ def test_jobs_in_a_subprocess_write_their_videos(runs, job, name, shape):
         (["morph", "{media}/a.png", "{media}/b.png", "--frames", "3", "--mode", "noise", "--prompt-a", "red",
           "--prompt-b", "blue", "--steps", "4"], "noise.webm", (3, 3, 32, 32)),
         (["morph", "{media}/a.png", "{media}/b.png", "--frames", "4", "--mode", "noise", "--strength", "1",
-          "--steps", "2"], "deep.gif", (3, 4, 32, 32)),
+          "--steps", "2", "--stagger", "0.5"], "deep.gif", (3, 4, 32, 32)),
         (["edit", "{media}/a.png", "a blue box", "--height", "16", "--width", "16"], "edit.png", (3, 1, 16, 16)),
         (["edit", "{media}/clip.mp4", "a blue box", "--source-prompt", "a red box", "--source-guidance", "2",
           "--strength", "0.5", "steps=3"], "flow.mp4", (3, 5, 32, 48)),
@@ -186,6 +186,8 @@ def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys, monkeypatch):
          "strength applies to mode='noise' only"),
         (["morph", media / "a.png", media / "b.png", "--mode", "noise", "--strength", "0", "-o", out, *tiny],
          "strength must be in (0, 1]; got 0.0"),
+        (["morph", media / "a.png", media / "b.png", "--stagger", "1", "-o", out, *tiny],
+         "must be in [0.0, 1.0); got 1.0"),
         (["generate", "a ball", "-o", out, "-q"], "default model is not installed"),
     ]  # fmt: skip
     for argv, match in cases:

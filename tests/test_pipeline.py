@@ -10,13 +10,15 @@ from vidlatent import VideoPipeline
 from vidlatent.pipelines import (
     PipelineConfig,
     arc_length_weights,
+    content_order,
     latent_mask,
     lerp,
     morph_weights,
     slerp,
     smoothness,
+    staggered_slerp,
 )
-from vidlatent.pipelines.video import NOISE_MORPH_STRENGTH
+from vidlatent.pipelines.video import NOISE_MORPH_STAGGER, NOISE_MORPH_STRENGTH
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +305,45 @@ def test_slerp_keeps_norms_where_lerp_loses_them():
     torch.testing.assert_close(angles, angles.mean().expand(8), rtol=1e-3, atol=0)
 
 
+def test_staggered_slerp_moves_each_position_in_its_own_window():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 1, 2, 3, generator=g), 2 * torch.randn(4, 1, 2, 3, generator=g)
+    order = torch.tensor([[[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0]]])  # (t, h, w): column 0 first, column 2 last
+    t = morph_weights(9)
+    assert torch.equal(staggered_slerp(a, b, t, order, 0.0), slerp(a, b, t))  # 0: the plain slerp
+    s = staggered_slerp(a, b, t, order, 0.5)
+    assert torch.equal(s[0], a) and torch.equal(s[-1], b)
+    # every frame keeps slerp's norm (linear from |a| to |b|)
+    torch.testing.assert_close(
+        s.flatten(1).norm(dim=1), torch.lerp(a.norm(), b.norm(), t.float()), rtol=1e-5, atol=0
+    )
+    # stagger 0.5: order -1 moves over t in [0, 0.5], order 1 over [0.5, 1]; half-way the first column is
+    # all b's direction and the last all a's (b / |b| and a / |a| times the frame's one scale), the middle one
+    # a blend
+    mid = s[4]
+    ratio_b, ratio_a = mid[..., 0] / b[..., 0], mid[..., 2] / a[..., 2]
+    torch.testing.assert_close(ratio_b, ratio_b.flatten()[0].expand_as(ratio_b), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ratio_a * a.norm(), ratio_b * b.norm(), rtol=1e-5, atol=0)
+    assert not torch.allclose(mid[..., 1] / a[..., 1], ratio_a, rtol=1e-2)
+    assert not torch.allclose(mid[..., 1] / b[..., 1], ratio_b, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"stagger must be in \[0, 1\); got 1"):
+        staggered_slerp(a, b, t, order, 1.0)
+
+
+def test_content_order_puts_what_only_b_holds_first():
+    background = torch.zeros(4, 1, 6, 6)
+    a, b = background.clone(), background.clone()
+    a[:, 0, 1, 1] = 3.0  # a's object at (1, 1), b's at (4, 4)
+    b[:, 0, 4, 4] = -2.0
+    order = content_order(a, b)
+    assert order.shape == (1, 6, 6)
+    assert order[0, 1, 1] == 1 and order[0, 4, 4] == -1  # a's own goes last, b's own first
+    expected = torch.linspace(-1, 1, 36, dtype=torch.float64)
+    torch.testing.assert_close(order.flatten().sort().values, expected, rtol=0, atol=1e-12)  # spread evenly
+    with pytest.raises(ValueError, match="two latents"):
+        content_order(a, b[:, :, :3])
+
+
 def test_smoothness_sees_even_change_and_flags_a_cut():
     ramp = torch.linspace(-1, 1, 9).reshape(1, 1, 9, 1, 1).expand(1, 3, 9, 8, 8)
     even = smoothness(ramp)
@@ -379,6 +420,40 @@ def test_noise_morph_strength_sets_how_far_the_stills_are_inverted(pipe):
         pipe.morph(a, b, 5, "noise", strength=0)
     with pytest.raises(ValueError, match="strength applies to mode='noise' only"):
         pipe.morph(a, b, 5, strength=0.5)
+
+
+def test_morph_stagger_defaults_and_checks(pipe):
+    a, b = pattern(frames=1), pattern(frames=1, phase=2.5)
+    plain = pipe.morph(a, b, 5, output_type="latent")
+    assert torch.equal(pipe.morph(a, b, 5, stagger=0, output_type="latent"), plain)  # latent: 0 by default
+    staggered = pipe.morph(a, b, 5, stagger=0.4, output_type="latent")
+    assert torch.equal(staggered[0], plain[0]) and torch.equal(staggered[-1], plain[-1])
+    assert (staggered[2] - plain[2]).norm() > 0.1 * (plain[0] - plain[-1]).norm()  # measured 0.23
+    noise = pipe.morph(a, b, 5, "noise", steps=10, output_type="latent")
+    assert torch.equal(
+        noise, pipe.morph(a, b, 5, "noise", steps=10, stagger=NOISE_MORPH_STAGGER, output_type="latent")
+    )
+    assert not torch.equal(noise, pipe.morph(a, b, 5, "noise", steps=10, stagger=0, output_type="latent"))
+    with pytest.raises(ValueError, match=r"stagger must be in \[0.0, 1.0\); got 1"):
+        pipe.morph(a, b, 5, stagger=1)
+
+
+def test_staggered_noise_morph_keeps_the_object_a_plain_one_loses(default_pipe):
+    """A green triangle and a purple square of held-out stills (the shapes world, seed 32): with the plain
+    slerp (stagger 0) the middle frame fades both half-way and the colours blend to grey, no object; the
+    staggered default brings the square in before the triangle goes."""
+    from vidlatent.eval.morph import MORPH_SEED, morph_pairs, morph_report
+
+    pair = morph_pairs(3, MORPH_SEED + 1)[2]
+    assert (pair["prompt_a"], pair["prompt_b"]) == ("a green triangle", "a purple square")
+
+    def blank_frames(stagger):
+        video = default_pipe.morph(pair["a"][None], pair["b"][None], 17, "noise", pair["prompt_a"], pair["prompt_b"],
+                                   stagger=stagger, progress=False)  # fmt: skip
+        return morph_report([video[0]])["blank"][0]
+
+    assert blank_frames(0) != []  # measured: frames 8 and 9
+    assert blank_frames(None) == []
 
 
 def test_noise_morph_respacing_evens_out_the_steps(pipe):

@@ -357,6 +357,7 @@ def cmd_morph(args: argparse.Namespace) -> int:
         args.prompt_b,
         easing=args.easing,
         strength=args.strength,
+        stagger=args.stagger,
         refine=args.refine,
         respace=args.respace,
         **kwargs,
@@ -381,6 +382,13 @@ def add_morph(sub) -> None:
         default=None,
         help="noise mode: how far A and B are inverted towards noise (1: all the way; default: the "
         "pipeline's NOISE_MORPH_STRENGTH)",
+    )
+    p.add_argument(
+        "--stagger",
+        type=option_type("stagger"),
+        default=None,
+        help="in [0, 1): each position switches from A to B at its own time, B's content coming in before A's "
+        "goes (0: all at once, a plain slerp; default 0 for latent, the pipeline's NOISE_MORPH_STAGGER for noise)",
     )
     p.add_argument(
         "--refine",

@@ -3,7 +3,16 @@
 from ..data.latents import load_latents
 from .batch import decode_latents, encode_clips, latent_stats, reconstruct
 from .encode import psnr, ssim  # ssim: the float form of vidlatent.metrics.ssim
-from .interpolate import arc_length_weights, ease, lerp, morph_weights, slerp, smoothness
+from .interpolate import (
+    arc_length_weights,
+    content_order,
+    ease,
+    lerp,
+    morph_weights,
+    slerp,
+    smoothness,
+    staggered_slerp,
+)
 from .video import PipelineConfig, PipelinePreset, VideoPipeline, latent_mask
 
 __all__ = [
@@ -24,4 +33,6 @@ __all__ = [
     "morph_weights",
     "slerp",
     "smoothness",
+    "staggered_slerp",
+    "content_order",
 ]

@@ -63,7 +63,7 @@ from . import loading
 from .control import fun_control_inputs, sample_control
 from .denoisers import CleanFrames, ExpertPlacement, check_experts, denoiser_input
 from .inputs import Media, as_mask, as_video, is_file_input, one_channel, read_clip, read_mask
-from .interpolate import arc_length_weights, lerp, morph_weights, slerp
+from .interpolate import arc_length_weights, content_order, lerp, morph_weights, staggered_slerp
 from .loading import PIPELINE_FILES
 from .wan import (
     SCHEDULER_SAMPLERS,
@@ -84,10 +84,14 @@ JOBS_BY_INPUT = {"image": ("animate",), "fun_control": ("control",)}
 # how far a noise morph inverts its stills by default; deeper, its middle frames lose the object (default model,
 # 72 pairs of stills: 99.7% of the middle frames hold one at 0.1, 97.0% at 0.2, 75.3% at 1; scripts/eval_morph.py)
 NOISE_MORPH_STRENGTH = 0.1
+# how much a noise morph staggers its positions' switch from A to B (``staggered_slerp``); with 0 (a plain slerp)
+# two complementary colours in one place fade to grey half way (default model, 72 pairs: 99.7% of the middle
+# frames hold an object, 2 morphs lose it; 0.3: 100%, every morph keeps one; scripts/eval_morph.py)
+NOISE_MORPH_STAGGER = 0.3
 SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.5-4 on the default model)
 
 __all__ = [  # the names this module has always offered (the configs and Wan's conventions live next door now)
-    "FIRST_FRAME", "MORPH_MODES", "NOISE_MORPH_STRENGTH", "OUTPUT_TYPES", "PIPELINE_FILES", "SCHEDULER_SAMPLERS", "SOURCE_GUIDANCE",
+    "FIRST_FRAME", "MORPH_MODES", "NOISE_MORPH_STAGGER", "NOISE_MORPH_STRENGTH", "OUTPUT_TYPES", "PIPELINE_FILES", "SCHEDULER_SAMPLERS", "SOURCE_GUIDANCE",
     "TEXT_ATTENTION", "WAN_DEFAULTS", "WAN_DIT_FILE", "WAN_NEGATIVE_PROMPT", "WAN_PIPELINES",
     "WAN_RELEASE_DEFAULTS", "WAN_VAE_FILE", "DEFAULT_MODEL", "FrameSelection", "Media", "PipelineConfig",
     "PipelinePreset", "SamplingOptions", "VideoPipeline", "check_pipeline_config", "default_model_folder",
@@ -937,6 +941,7 @@ class VideoPipeline:
         *,
         easing: str = "linear",
         strength: float | None = None,
+        stagger: float | None = None,
         refine: int = 2,
         respace: bool = False,
         batch_size: int = 8,
@@ -958,7 +963,13 @@ class VideoPipeline:
         ~10x). A deeper inversion leaves more of each frame to the denoiser, and on the default model loses
         the object in the middle of the path: 75.3% of the middle frames of 72 morphs hold one at strength 1,
         97.0% at 0.2, 99.7% at 0.1 (the latent morph: 99.9%; its frames are ~38 dB from those at 0.1);
-        ``scripts/eval_morph.py`` measures it, docs/pipelines.md has the table.
+        ``scripts/eval_morph.py`` measures it, docs/pipelines.md and README.md have the figures.
+        ``stagger`` in [0, 1) (either mode; default 0 for ``latent``, ``NOISE_MORPH_STAGGER`` for ``noise``):
+        each latent position switches from A to B at its own time (``staggered_slerp`` ordered by
+        ``content_order`` of the two latents): what only B holds comes in before what only A holds goes, so
+        the middle frames show both objects instead of two half-faded ones (which blend to grey where their
+        colours are complementary). 0 is the plain slerp. With 0.3 every middle frame of the 72 noise morphs
+        holds an object (100%, against 99.7% with 0); the price is a less even change (largest step larger).
         ``guidance`` 1 by default (the round trip is exact only without guidance). The denoiser may answer
         unevenly along the path (two prompts: fast near one end); ``respace=True`` measures the latent steps
         and regenerates once more at weights that make them equal (``arc_length_weights``; twice the cost).
@@ -987,23 +998,46 @@ class VideoPipeline:
         strength = NOISE_MORPH_STRENGTH if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        stagger = (0.0 if mode == "latent" else NOISE_MORPH_STAGGER) if stagger is None else stagger
+        check_option("stagger", stagger)
         weights = morph_weights(self.config.frames if frames is None else frames, easing)
         z = self.encode(torch.cat([a, b]))
+        order = content_order(z[0], z[1]) if stagger else None
         if mode == "latent":
-            latents = slerp(z[0], z[1], weights)
+            latents = staggered_slerp(z[0], z[1], weights, order, stagger)
         else:
             latents = self._noise_morph(
-                z, weights, prompt_a or "", prompt_b or "", opts, strength, refine, respace, batch_size
+                z,
+                weights,
+                prompt_a or "",
+                prompt_b or "",
+                opts,
+                strength,
+                (order, stagger),
+                refine,
+                respace,
+                batch_size,
             )
         if opts.output_type == "latent":
             return latents
         return restore_size(self.decode_images(latents, batch_size), fit)
 
     def _noise_morph(
-        self, z, weights, prompt_a, prompt_b, opts: SamplingOptions, strength, refine, respace, batch_size
+        self,
+        z,
+        weights,
+        prompt_a,
+        prompt_b,
+        opts: SamplingOptions,
+        strength,
+        staggering,
+        refine,
+        respace,
+        batch_size,
     ):
-        """Invert both images to noise (``strength`` of the way), slerp noises, lerp prompt tokens, regenerate
-        with Euler; with ``respace``, regenerate once more at the weights that make the latent steps equal."""
+        """Invert both images to noise (``strength`` of the way), slerp noises (``staggering``: the order map
+        and the stagger of ``staggered_slerp``), lerp prompt tokens, regenerate with Euler; with ``respace``,
+        regenerate once more at the weights that make the latent steps equal."""
         self._check_job()
         self._check_one_expert("a noise morph")
         self._uncached("a noise morph")  # its inversion is a fixed-point walk: skipped steps would bend it
@@ -1015,7 +1049,10 @@ class VideoPipeline:
         noise = invert(self.dit, z, tokens, mask, refine=refine, strength=strength, **negative, **kw)
 
         def regenerate(w: torch.Tensor) -> torch.Tensor:
-            noises, contexts = slerp(noise[0], noise[1], w), lerp(tokens[0], tokens[1], w)
+            noises, contexts = (
+                staggered_slerp(noise[0], noise[1], w, *staggering),
+                lerp(tokens[0], tokens[1], w),
+            )
             masks = None if mask is None else mask[:1].expand(len(w), -1)
             parts = [slice(i, i + batch_size) for i in range(0, len(w), batch_size)]
             return torch.cat([denoise(self.dit, noises[p], contexts[p], None if masks is None else masks[p],
