@@ -82,11 +82,13 @@ MORPH_MODES = ("latent", "noise")
 # the jobs a denoiser that takes more than text runs (``denoiser_input``); a text-to-video one runs every job
 JOBS_BY_INPUT = {"image": ("animate",), "fun_control": ("control",)}
 # how far a noise morph inverts its stills by default; deeper, its middle frames lose the object (default model,
-# 72 pairs of stills: 99.7% of the middle frames hold one at 0.1, 97.0% at 0.2, 75.3% at 1; scripts/eval_morph.py)
+# 72 pairs of stills, stagger 0.3: 100% of the middle frames hold one at 0.1, 99.4% at 0.2, 81.9% at 1;
+# scripts/eval_morph.py)
 NOISE_MORPH_STRENGTH = 0.1
 # how much a noise morph staggers its positions' switch from A to B (``staggered_slerp``); with 0 (a plain slerp)
-# two complementary colours in one place fade to grey half way (default model, 72 pairs: 99.7% of the middle
-# frames hold an object, 2 morphs lose it; 0.3: 100%, every morph keeps one; scripts/eval_morph.py)
+# two nearby objects of complementary colours fade to grey half way (default model, 72 pairs: 99.7% of the
+# middle frames hold an object, 2 morphs lose it; 0.3: 100%, every morph keeps one; on 288 further pairs 99.0%
+# and 99.9%; scripts/eval_morph.py)
 NOISE_MORPH_STAGGER = 0.3
 SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.5-4 on the default model)
 
@@ -961,15 +963,16 @@ class VideoPipeline:
         regenerate every frame from there deterministically with the Euler sampler; the endpoints reconstruct
         A and B up to the inversion error (first order in 1/steps with ``refine=0``; each refinement shrinks it
         ~10x). A deeper inversion leaves more of each frame to the denoiser, and on the default model loses
-        the object in the middle of the path: 75.3% of the middle frames of 72 morphs hold one at strength 1,
-        97.0% at 0.2, 99.7% at 0.1 (the latent morph: 99.9%; its frames are ~38 dB from those at 0.1);
+        the object in the middle of the path: of the middle frames of 72 morphs (stagger 0.3), 81.9% hold one
+        at strength 1, 99.4% at 0.2, 100% at 0.1 (the latent morph: 99.9%);
         ``scripts/eval_morph.py`` measures it, docs/pipelines.md and README.md have the figures.
         ``stagger`` in [0, 1) (either mode; default 0 for ``latent``, ``NOISE_MORPH_STAGGER`` for ``noise``):
         each latent position switches from A to B at its own time (``staggered_slerp`` ordered by
         ``content_order`` of the two latents): what only B holds comes in before what only A holds goes, so
         the middle frames show both objects instead of two half-faded ones (which blend to grey where their
         colours are complementary). 0 is the plain slerp. With 0.3 every middle frame of the 72 noise morphs
-        holds an object (100%, against 99.7% with 0); the price is a less even change (largest step larger).
+        holds an object (100%, against 99.7% with 0; on 288 more pairs 99.9% against 99.0%); the price is a
+        less even change (the largest step ~20% larger).
         ``guidance`` 1 by default (the round trip is exact only without guidance). The denoiser may answer
         unevenly along the path (two prompts: fast near one end); ``respace=True`` measures the latent steps
         and regenerates once more at weights that make them equal (``arc_length_weights``; twice the cost).
