@@ -85,6 +85,9 @@ def test_morph_tab_passes_noise_options_only_in_noise_mode():
         "--mode", "noise", "--easing", "linear", "--prompt-a", "a red ball", "--prompt-b", "a blue box",
         "--strength", "0.25",
     ]  # fmt: skip
+    assert _morph_mode_argv("latent", "linear", "", "", None, 0.4) == [
+        "--mode", "latent", "--easing", "linear", "--stagger", "0.4",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow  # importing gradio: ~8 s on 2 busy cores

@@ -108,10 +108,12 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength) -> list[str]:
+def _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength, stagger=None) -> list[str]:
     """The morph tab's mode options as CLI arguments; the prompts and strength are the noise mode's (the latent
-    mode takes none, and the CLI refuses a strength there), empty fields leave the defaults."""
+    mode takes none, and the CLI refuses a strength there), the stagger either mode's; empty fields leave the
+    defaults."""
     argv = ["--mode", mode, "--easing", easing]
+    argv += ["--stagger", f"{float(stagger):g}"] if stagger not in (None, "") else []
     if mode == "noise":
         argv += ["--prompt-a", prompt_a] if prompt_a else []
         argv += ["--prompt-b", prompt_b] if prompt_b else []
@@ -340,6 +342,8 @@ def build_app(runner: JobRunner):
                 m_prompt_b = gr.Textbox(label="noise mode: prompt for B", elem_id="morph-prompt-b")
                 m_strength = gr.Number(label="noise mode: strength (how far A and B are inverted; empty: the "
                                        "model's default)", value=None, elem_id="morph-strength")  # fmt: skip
+                m_stagger = gr.Number(label="stagger in [0, 1) (B's content comes in before A's goes; empty: 0 "
+                                      "for latent, 0.3 for noise)", value=None, elem_id="morph-stagger")  # fmt: skip
             m_run = gr.Button("morph", variant="primary", elem_id="morph-run")
             m_out = outputs("morph")
 
@@ -352,6 +356,7 @@ def build_app(runner: JobRunner):
             prompt_a,
             prompt_b,
             strength,
+            stagger,
             steps,
             guidance,
             seed,
@@ -361,13 +366,13 @@ def build_app(runner: JobRunner):
         ):
             out = runner.folder() / "out.mp4"
             argv = ["morph", _need(a, "image A"), _need(b, "image B"), "-o", str(out), *_size_argv(frames)]
-            argv += _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength)
+            argv += _morph_mode_argv(mode, easing, prompt_a, prompt_b, strength, stagger)
             # morph takes steps, guidance and shift (noise mode); no seed or sampler: it is deterministic
             argv += _sampling_argv(steps, guidance, None, None, shift, None, *rest[1:])
             return finish(out, runner.run(argv))
 
         events.append(m_run.click(job(morph), [m_a, m_b, m_frames, m_mode, m_easing, m_prompt_a, m_prompt_b,
-                                               m_strength, *panel], [*m_out, status]))  # fmt: skip
+                                               m_strength, m_stagger, *panel], [*m_out, status]))  # fmt: skip
 
         with gr.Tab("control", elem_id="tab-control"):
             c_input = gr.File(label="control video (pose, edges, silhouettes)", elem_id="control-input")
