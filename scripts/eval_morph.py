@@ -3,14 +3,15 @@ shape and position), morphed into each other in each mode, every middle frame re
 (vidlatent.eval.morph: what counts as an object, and the smoothness figures).
 
     python scripts/eval_morph.py [--model default] [--pairs 24] [--seeds 0 1 2] [--frames 17]
-                                 [--variants latent noise noise@0.2 noise~0 bare-noise animate ...] [--json out.json]
+                                 [--variants latent noise noise@0.2 noise~0 bare-noise animate ...]
+                                 [--json out.json]
 
 Variants: ``latent``; ``noise`` (the noise mode's default strength) or ``noise@S`` (inverted ``S`` of the way to
 noise), with the stills' descriptions as prompts ("a red circle"); ``bare-noise``/``bare-noise@S``, the same
 without prompts; ``animate``, the first-and-last-frame job (``animate`` with ``last_image``, A's description as
 the prompt) for comparison. A ``~X`` suffix on a morph variant sets its ``stagger`` (``latent~0.3``,
-``noise@0.2~0``; without it, the mode's default). Seed ``s`` takes its pairs from another held-out world (``MORPH_SEED + s``) and is
-``animate``'s sampling seed; latent and noise morphs draw nothing at random.
+``noise@0.2~0``; without it, the mode's default). Seed ``s`` takes its pairs from another held-out world
+(``MORPH_SEED + s``) and is ``animate``'s sampling seed; latent and noise morphs draw nothing at random.
 """
 
 from __future__ import annotations

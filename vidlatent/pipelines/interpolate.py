@@ -53,23 +53,37 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) 
     ``t = 0`` and ``t = 1`` return ``a`` and ``b`` exactly; nearly parallel vectors fall back to a straight
     line between the directions. Computed in float64, returned in ``a``'s dtype.
     """
+    t = _frame_weights(t, a)
+    return _spherical(a, b, t, t, eps)
+
+
+def _frame_weights(t, a: torch.Tensor) -> torch.Tensor:
+    """Weights ``t`` (n,) as float64 (n, 1, ..., 1), ready to broadcast against ``(n, *a.shape)``."""
+    return torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, *([1] * a.ndim))
+
+
+def _spherical(
+    a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, m: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The slerp path of ``slerp`` and ``staggered_slerp``: each element at its own weight ``m`` (broadcastable
+    to ``(n, *a.shape)``) along slerp's formula at the whole tensors' angle, each frame's direction made unit
+    and scaled to ``lerp(|a|, |b|, t)``; ``t`` (n, 1, ..., 1) the frames' weights, whose 0 and 1 give ``a``
+    and ``b`` exactly."""
     if a.shape != b.shape:
         raise ValueError(f"slerp needs tensors of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-    t = torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, 1)
-    va, vb = a.double().reshape(1, -1), b.double().reshape(1, -1)
+    va, vb = a.double(), b.double()
     na, nb = va.norm(), vb.norm()
     if na == 0 or nb == 0:
         return lerp(a, b, t.reshape(-1))
     ua, ub = va / na, vb / nb
     theta = torch.arccos((ua * ub).sum().clamp(-1, 1))
     if theta < eps:
-        direction = torch.lerp(ua, ub, t)
-        direction = direction / direction.norm(dim=1, keepdim=True)
+        direction = torch.lerp(ua, ub, m)
     else:
-        direction = (torch.sin((1 - t) * theta) * ua + torch.sin(t * theta) * ub) / torch.sin(theta)
+        direction = (torch.sin((1 - m) * theta) * ua + torch.sin(m * theta) * ub) / torch.sin(theta)
+    direction = direction / direction.reshape(len(t), -1).norm(dim=1).clamp_min(eps).reshape(t.shape)
     out = direction * torch.lerp(na, nb, t)
-    out = torch.where(t == 0, va, torch.where(t == 1, vb, out))
-    return out.reshape(-1, *a.shape).to(a.dtype)
+    return torch.where(t == 0, va, torch.where(t == 1, vb, out)).to(a.dtype)
 
 
 def content_order(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -119,25 +133,10 @@ def staggered_slerp(
         raise ValueError(f"stagger must be in [0, 1); got {stagger}")
     if stagger == 0:
         return slerp(a, b, t, eps)
-    if a.shape != b.shape:
-        raise ValueError(f"slerp needs tensors of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-    t = torch.as_tensor(t, dtype=torch.float64, device=a.device).reshape(-1, *([1] * a.ndim))
-    va, vb = a.double(), b.double()
-    na, nb = va.norm(), vb.norm()
-    if na == 0 or nb == 0:
-        return lerp(a, b, t.reshape(-1))
-    ua, ub = va / na, vb / nb
+    t = _frame_weights(t, a)
     centre = 0.5 + order.to(device=a.device, dtype=torch.float64).clamp(-1, 1) * stagger / 2
     m = ((t - centre) / (1 - stagger) + 0.5).clamp(0, 1)  # (n, *a.shape): each element's own weight
-    theta = torch.arccos((ua * ub).sum().clamp(-1, 1))
-    if theta < eps:
-        direction = torch.lerp(ua, ub, m)
-    else:
-        direction = (torch.sin((1 - m) * theta) * ua + torch.sin(m * theta) * ub) / torch.sin(theta)
-    scale = torch.lerp(na, nb, t) / direction.flatten(1).norm(dim=1).clamp_min(eps).reshape(t.shape)
-    out = direction * scale
-    out = torch.where(t == 0, va, torch.where(t == 1, vb, out))
-    return out.to(a.dtype)
+    return _spherical(a, b, t, m, eps)
 
 
 def arc_length_weights(weights: torch.Tensor, path: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -1006,20 +1007,12 @@ class VideoPipeline:
         weights = morph_weights(self.config.frames if frames is None else frames, easing)
         z = self.encode(torch.cat([a, b]))
         order = content_order(z[0], z[1]) if stagger else None
+        path = partial(staggered_slerp, order=order, stagger=stagger)  # path(x, y, weights)
         if mode == "latent":
-            latents = staggered_slerp(z[0], z[1], weights, order, stagger)
+            latents = path(z[0], z[1], weights)
         else:
             latents = self._noise_morph(
-                z,
-                weights,
-                prompt_a or "",
-                prompt_b or "",
-                opts,
-                strength,
-                (order, stagger),
-                refine,
-                respace,
-                batch_size,
+                z, weights, prompt_a or "", prompt_b or "", opts, strength, path, refine, respace, batch_size
             )
         if opts.output_type == "latent":
             return latents
@@ -1033,14 +1026,14 @@ class VideoPipeline:
         prompt_b,
         opts: SamplingOptions,
         strength,
-        staggering,
+        path,
         refine,
         respace,
         batch_size,
     ):
-        """Invert both images to noise (``strength`` of the way), slerp noises (``staggering``: the order map
-        and the stagger of ``staggered_slerp``), lerp prompt tokens, regenerate with Euler; with ``respace``,
-        regenerate once more at the weights that make the latent steps equal."""
+        """Invert both images to noise (``strength`` of the way), interpolate the noises along ``path(x, y, w)``
+        (the morph's slerp), lerp prompt tokens, regenerate with Euler; with ``respace``, regenerate once more
+        at the weights that make the latent steps equal."""
         self._check_job()
         self._check_one_expert("a noise morph")
         self._uncached("a noise morph")  # its inversion is a fixed-point walk: skipped steps would bend it
@@ -1052,10 +1045,7 @@ class VideoPipeline:
         noise = invert(self.dit, z, tokens, mask, refine=refine, strength=strength, **negative, **kw)
 
         def regenerate(w: torch.Tensor) -> torch.Tensor:
-            noises, contexts = (
-                staggered_slerp(noise[0], noise[1], w, *staggering),
-                lerp(tokens[0], tokens[1], w),
-            )
+            noises, contexts = path(noise[0], noise[1], w), lerp(tokens[0], tokens[1], w)
             masks = None if mask is None else mask[:1].expand(len(w), -1)
             parts = [slice(i, i + batch_size) for i in range(0, len(w), batch_size)]
             return torch.cat([denoise(self.dit, noises[p], contexts[p], None if masks is None else masks[p],
