@@ -98,6 +98,21 @@ def test_pipeline_fp8_and_offload_compose():
     assert torch.equal(placed.generate("a red circle", seed=0, **JOB), got)  # fp8 buffers stream too
 
 
+def test_saving_fp8_weights_fails_before_writing_anything(tmp_path):
+    """A checkpoint of fp8 blocks would hold weight_fp8 / weight_scale in place of weight, which no loader reads:
+    saving says so and writes nothing; the same pipeline without fp8 saves and loads back."""
+    pipe = VideoPipeline.from_pretrained("tiny", weights_dtype="fp8")
+    with pytest.raises(
+        ValueError, match=r"stored as fp8 \(\d+ linear layers, e.g. blocks\.0\..*without weights_dtype"
+    ):
+        pipe.save_pretrained(tmp_path / "fp8")
+    assert not (tmp_path / "fp8").exists()
+    with pytest.raises(ValueError, match="stored as fp8"):
+        pipe.dit.save_pretrained(tmp_path / "dit")
+    VideoPipeline.from_pretrained("tiny").save_pretrained(tmp_path / "plain")
+    assert VideoPipeline.from_pretrained(tmp_path / "plain").dit.check_saveable() is None
+
+
 def test_unknown_weights_dtype_is_one_line():
     with pytest.raises(ValueError, match="accepted: None") as err:
         VideoPipeline.from_pretrained("tiny", weights_dtype="int4")

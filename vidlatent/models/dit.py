@@ -501,8 +501,24 @@ class VideoDiT(nn.Module):
         return model.to(device)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write a vidlatent folder (config.json + model.safetensors) that ``from_pretrained`` reads back."""
+        """Write a vidlatent folder (config.json + model.safetensors) that ``from_pretrained`` reads back.
+        ValueError (before writing) when the blocks hold fp8 weights: see ``check_saveable``."""
+        self.check_saveable()
         save_folder(folder, self.state_dict(), config_to_dict(self.config), kind="dit")
+
+    def check_saveable(self) -> None:
+        """ValueError when the blocks' linear weights are stored as fp8 (``weights_dtype="fp8"``,
+        ``runtime.fp8.quantize``): their state holds ``weight_fp8`` / ``weight_scale`` in place of ``weight``, a
+        checkpoint no loader reads, and the full-precision weights are gone."""
+        quantized = [
+            n.removesuffix(".weight_fp8") for n, _ in self.named_buffers() if n.endswith(".weight_fp8")
+        ]
+        if quantized:
+            raise ValueError(
+                f"this denoiser's weights are stored as fp8 ({len(quantized)} linear layers, e.g. {quantized[0]}): "
+                "a checkpoint of them would not load. Save from the model loaded without weights_dtype='fp8' "
+                "(fp8 is applied when loading, so the saved weights keep their precision)"
+            )
 
 
 # Wan2.1-Fun V1.1 parts beside the Wan transformer (VideoX-Fun's wan_transformer3d.py): Control's reference-image

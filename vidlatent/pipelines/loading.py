@@ -203,6 +203,9 @@ def save_pipeline(pipe, folder: str | os.PathLike, copy_text_encoder: bool = Tru
     folder = Path(folder)
     if not copy_text_encoder and not isinstance(pipe.text_encoder, HFTextEncoder):
         raise ValueError("copy_text_encoder=False applies to Hugging Face text encoders only")
+    for dit in (pipe.dit, pipe.dit_2):  # before any file is written: no half-saved folder
+        if dit is not None:
+            dit.check_saveable()
     pipe.vae.save_pretrained(folder / "vae")
     pipe.dit.save_pretrained(folder / "dit")
     if pipe.dit_2 is not None:
