@@ -363,37 +363,61 @@ def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
     assert all(r["tflop_s"] > 0 for r in rows)
 
 
+def _micro_step(trainer, bump: float, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-step whose prediction of latent frame ``frame`` is moved by ``bump``; (loss, x0, model input).
+    The trainer's generator is put back, so every call sees the same batch, sigmas and noise."""
+    seen, forward = {}, trainer.forward_module
+
+    def spy(x_sigma, sigma, captions, extra=None):
+        seen["x"] = x_sigma
+        pred, text_tokens = forward(x_sigma, sigma, captions, extra)
+        pred = pred.clone()
+        pred[:, :, frame] += bump
+        return pred, text_tokens
+
+    state, position = trainer.generator.get_state(), copy.copy(trainer.position)
+    batch = trainer.task.next_batch(position, trainer.generator)
+    x0 = batch.x
+    loss = trainer.task.loss(batch, spy, trainer.step).value
+    trainer.generator.set_state(state)
+    return loss, x0, seen["x"]
+
+
 def test_first_frame_conditioning_gives_clean_first_frame_outside_the_loss(latents, tmp_path):
-    def micro_step(trainer, bump: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One micro-step whose prediction of latent frame 0 is moved by ``bump``; (loss, x0, model input)."""
-        seen, forward = {}, trainer.forward_module
-
-        def spy(x_sigma, sigma, captions, extra=None):
-            seen["x"] = x_sigma
-            pred, text_tokens = forward(x_sigma, sigma, captions, extra)
-            pred = pred.clone()
-            pred[:, :, 0] += bump
-            return pred, text_tokens
-
-        state, position = trainer.generator.get_state(), copy.copy(trainer.position)
-        batch = trainer.task.next_batch(position, trainer.generator)
-        x0 = batch.x
-        loss = trainer.task.loss(batch, spy, trainer.step).value
-        trainer.generator.set_state(state)
-        return loss, x0, seen["x"]
-
     given = Trainer(config(latents["one"], tmp_path / "a", "first_frame_dropout=0"))
-    loss, x0, x_in = micro_step(given, 0.0)
+    loss, x0, x_in = _micro_step(given, 0.0)
     assert x0.shape[2] > 1 and torch.equal(x_in[:, :, 0], x0[:, :, 0])
     assert not torch.allclose(x_in[:, :, 1:], x0[:, :, 1:])
-    assert micro_step(given, 100.0)[0].item() == pytest.approx(loss.item(), abs=1e-6)  # frame 0 not learned
+    assert _micro_step(given, 100.0)[0].item() == pytest.approx(loss.item(), abs=1e-6)  # frame 0 not learned
 
     never = Trainer(config(latents["one"], tmp_path / "b", "first_frame_dropout=1"))
-    loss, x0, x_in = micro_step(never, 0.0)
+    loss, x0, x_in = _micro_step(never, 0.0)
     assert not torch.allclose(x_in[:, :, 0], x0[:, :, 0])
-    assert micro_step(never, 100.0)[0].item() > loss.item() + 100
+    assert _micro_step(never, 100.0)[0].item() > loss.item() + 100
     losses = Trainer(config(latents["mixed"], tmp_path / "c", "first_frame_dropout=0.5", "steps=3")).train()
     assert all(math.isfinite(x) for x in losses)  # the image clip (one latent frame) is never conditioned
+
+
+def test_first_frame_weight_weighs_the_first_latent_frame(latents, tmp_path):
+    """A bump of the prediction of latent frame 0 costs first_frame_weight times what the same bump of frame 1
+    costs (the mean of a bump up and down: its square alone); with the clean first frame given, nothing."""
+
+    def costs(trainer) -> tuple[float, float]:
+        base = _micro_step(trainer, 0.0)[0].item()
+        return tuple(
+            sum(_micro_step(trainer, bump, frame)[0].item() for bump in (10.0, -10.0)) / 2 - base
+            for frame in (0, 1)
+        )
+
+    first, second = costs(Trainer(config(latents["one"], tmp_path / "a", "first_frame_weight=3")))
+    assert first == pytest.approx(3 * second, rel=1e-2)
+    first, second = costs(Trainer(config(latents["one"], tmp_path / "b")))
+    assert first == pytest.approx(second, rel=1e-2)
+    given = Trainer(config(latents["one"], tmp_path / "c", "first_frame_weight=3", "first_frame_dropout=0"))
+    first, second = costs(given)
+    assert abs(first) < 1e-3 and second > 10
+    with pytest.raises(ValueError, match="first_frame_weight must be > 0"):
+        config(latents["one"], tmp_path / "d", "first_frame_weight=0")
 
 
 def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):

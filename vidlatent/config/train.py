@@ -89,6 +89,9 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 per DiT block, then the root), under torchrun
     first_frame_dropout: float = 1.0  # image to video: P(the clean first latent frame is NOT given); 1 = off
     image_fraction: float = 0.0  # denoiser: P(a micro-batch keeps its first latent frame only); 0 = off
+    # denoiser: weight of the first latent frame's error against each later frame's in a clip's loss (a causal
+    # VAE's first latent frame is the one frame encoded alone); 1 = every frame alike
+    first_frame_weight: float = 1.0
     text_cache: bool = False  # frozen text encoder (train_text_encoder=false): encode each caption once
     sample_every: int = 0  # steps between <output>/samples/step-XXXXXXX.gif (0 = none); EMA weights if kept
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle moves right"])  # denoiser

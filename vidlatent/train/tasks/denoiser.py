@@ -5,7 +5,8 @@ whole global batch from the run's generator (``Draws``), so N ranks compute what
 ``lora_rank > 0`` trains LoRA adapters on the blocks (the export writes ``lora.safetensors``);
 ``first_frame_dropout < 1`` trains image-to-video conditioning (the clean first latent frame is given and
 left out of the loss); ``image_fraction > 0`` trains that share of micro-batches on their first latent
-frame alone (one-frame generation); ``text_cache`` encodes each caption once with a frozen encoder;
+frame alone (one-frame generation); ``first_frame_weight`` weighs a clip's first latent frame in its loss;
+``text_cache`` encodes each caption once with a frozen encoder;
 ``text_new_words`` gives the trained built-in encoder the captions' words outside its vocabulary.
 
 Letters: b batch, c channels, t latent frames, h height, w width, n text tokens, d width.
@@ -327,7 +328,8 @@ class DenoiserTask(Task):
     def _noised(
         self, batch: LatentBatch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
-        """(x_sigma, sigma, velocity target, captions after dropout, loss weights (b 1 t 1 1) or None)."""
+        """(x_sigma, sigma, velocity target, captions after dropout, per-frame loss weights (b or 1, 1, t, 1, 1)
+        or None)."""
         cfg, x0, draws = self.cfg, batch.x, batch.draws
         sigma = draws(lambda n, generator: sample_sigmas(
             n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
@@ -346,6 +348,10 @@ class DenoiserTask(Task):
             keep = given.view(-1, 1, 1, 1, 1) & first  # the clean first frame (sigma 0 there), not learned
             x_sigma = torch.where(keep, x0, x_sigma)
             weight = (~keep).float()
+        if cfg.first_frame_weight != 1 and x0.shape[2] > 1:  # a one-frame image has no later frame to weigh
+            frames = torch.ones(1, 1, x0.shape[2], 1, 1, device=self.device)
+            frames[:, :, 0] = cfg.first_frame_weight
+            weight = frames if weight is None else weight * frames
         return x_sigma, sigma, velocity_target(x0, noise), captions, weight
 
     def loss(self, batch: LatentBatch, forward: Callable, step: int) -> Loss:
@@ -365,7 +371,7 @@ class DenoiserTask(Task):
         sq = (pred.float() - target.float()).square()
         if weight is None:
             per_sample = sq.flatten(1).mean(dim=1)
-        else:  # the mean over the frames in the loss
+        else:  # the weighted mean over the frames in the loss
             per_sample = (sq * weight).flatten(1).sum(1) / weight.expand_as(sq).flatten(1).sum(1)
         if self.dist.enabled:  # this rank's part of the global mean
             value = (per_sample * batch.weight.to(per_sample.device)).sum()
