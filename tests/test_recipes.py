@@ -21,7 +21,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 31 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 32 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -29,6 +29,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert configs["dit-fine3"].batch_size == 512 and configs["dit-fine3"].device == "cuda"
     assert configs["vae-refine"].lr == 3e-4 and configs["vae-refine"].output == str(recipe.out / "vae-refine")
     assert configs["vae-redraw"].redraw_strength == [0.05, 0.4] and configs["dit-cpu"].data_in_memory is True
+    assert configs["dit-first"].first_frame_weight == 4 and recipe.stages["first"].ship is False
 
 
 def test_each_stage_takes_only_from_runs_before_it(recipe):
@@ -69,6 +70,27 @@ def test_train_command_is_the_preset_the_overrides_then_extra(recipe):
     assert cmd[-5:] == ["default-vae-finetune", f"vae={recipe.out}/vae/final/vae", f"output={recipe.out}/vae-finetune",
                         "resume=auto", "steps=2"]  # fmt: skip
     assert run.config("steps=2").steps == 2
+
+
+def test_override_values_read_back_as_written_and_the_command_line_quotes_a_mapping(recipe):
+    """Each value of a recipe's train section goes through ``key=value`` and comes back the same (a mapping as a
+    YAML flow mapping, not Python's repr); the printed command keeps a mapping in one shell word."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from vidlatent.recipes.recipe import dotlist_value
+
+    values = {"mapping": {"height": 64, "split": "train", "sizes": {"small": 0.3}, "lr": 3e-4, "on": True},
+              "list": [0, 2.5, "a", "no", "a: b", ""], "none": None, "small": 3e-4, "flag": False, "word": "copy",
+              "yes": "off"}  # fmt: skip
+    for key, value in values.items():
+        assert OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={dotlist_value(value)}"]))[key] == value
+    control = recipe.run("control")
+    words = shlex.split(control.command())
+    assert control.config().data_options == {"height": 64, "width": 64, "frames": 17, "split": "train",
+                                              "seed": 1, "length": 6000}  # fmt: skip
+    assert "data_options={height: 64, width: 64, frames: 17, split: train, seed: 1, length: 6000}" in words
 
 
 def test_shipping_the_adopted_runs_writes_the_shipped_folder(tmp_path):

@@ -22,7 +22,9 @@ before. Every run writes to ``<out>/<run>`` and resumes where an interrupted one
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +57,10 @@ class Run:
         ]
 
     def command(self) -> str:
-        """``vidlatent train PRESET key=value ...`` as a person reads it (without output and resume)."""
-        return " ".join(["vidlatent train", self.preset, *self.overrides()[:-2]])
+        """``vidlatent train PRESET key=value ...`` as a person reads it and a shell takes it (without output and
+        resume; an override with spaces, a mapping's, in quotes)."""
+        args = (shlex.quote(a) if any(c.isspace() for c in a) else a for a in self.overrides()[:-2])
+        return " ".join(["vidlatent train", self.preset, *args])
 
     def config(self, *extra: str) -> TrainConfig:
         """The run's ``TrainConfig`` (``extra``: further ``key=value`` overrides, as the runner passes them)."""
@@ -118,17 +122,35 @@ class Recipe:
         }
 
 
-def dotlist_value(value) -> str:
-    """``value`` as the right side of a ``key=value`` override that omegaconf reads back as the same value."""
+# words YAML 1.1 (and so omegaconf) reads as booleans or null, and what a plain string in a flow list or mapping
+# cannot hold: such strings are written quoted
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+_FLOW_SPECIAL = set(":,[]{}#&*!|>'\"%@`")
+
+
+def dotlist_value(value, nested: bool = False) -> str:
+    """``value`` as the right side of a ``key=value`` override that omegaconf reads back as the same value: lists
+    and mappings in YAML's flow style, a string quoted where YAML would read it otherwise (``nested``: inside one
+    of those)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(dotlist_value(v) for v in value) + "]"
+        return "[" + ",".join(dotlist_value(v, True) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ", ".join(f"{dotlist_value(k, True)}: {dotlist_value(v, True)}" for k, v in value.items())
+            + "}"
+        )
     if value is None:
         return "null"
     if isinstance(value, float) and value and abs(value) < 1e-3:  # 3e-4, as a person writes it
         mantissa, exponent = f"{value:.12e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if isinstance(value, str) and (
+        value.lower() in _YAML_WORDS or (nested and (not value.strip() or _FLOW_SPECIAL & set(value)))
+    ):
+        return json.dumps(value)
     return str(value)
 
 
