@@ -3,6 +3,8 @@ one line, Cancel stops a sampling loop at its next step, a drawn mask becomes a 
 
 import threading
 
+import imageio.v2 as imageio
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,31 @@ def test_runner_runs_the_cli_command_and_reports_the_seed(tmp_path):
                           "--width", "32", *_sampling_argv(2, None, 3, "euler", None, None, None, 1)])  # fmt: skip
     assert out.exists()
     assert "5 frames, 32x32, seed 3" in printed, printed
+
+
+def test_jobs_that_load_alike_reuse_the_pipeline_and_start_from_its_config(tmp_path, monkeypatch):
+    """The second job reads no weights, and gives what a fresh load gives: the first job's override (steps=1)
+    does not stay behind. A job that loads otherwise (fp8) reads the model again."""
+    from vidlatent.pipelines import VideoPipeline
+
+    reads = []
+    read = VideoPipeline.from_pretrained.__func__
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: reads.append(a) or read(cls, *a, **k)))  # fmt: skip
+    size = ["--frames", "5", "--height", "32", "--width", "32", "--seed", "3", "--sampler", "euler"]
+
+    def frames(runner, name, *extra, overrides=()):
+        out = runner.folder() / name
+        runner.run(["generate", "a ball", *overrides, "-o", str(out), *size, *extra])
+        return np.stack(imageio.mimread(out))
+
+    runner = JobRunner("tiny", "cpu", str(tmp_path))
+    frames(runner, "a.gif", overrides=["steps=1"])
+    again = frames(runner, "b.gif")
+    assert len(reads) == 1
+    fresh = frames(JobRunner("tiny", "cpu", str(tmp_path)), "c.gif")
+    assert len(reads) == 2 and np.array_equal(again, fresh)
+    frames(runner, "d.gif", "--weights-dtype", "fp8")
+    assert len(reads) == 3 and runner.reuse.key[3] == "fp8"
 
 
 def test_a_bad_upload_is_one_line(tmp_path):

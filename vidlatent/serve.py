@@ -29,7 +29,8 @@ class Cancelled(Exception):
 
 
 class JobRunner:
-    """Runs ``vidlatent`` commands for the page, one at a time, each writing into a fresh folder.
+    """Runs ``vidlatent`` commands for the page, one at a time, each writing into a fresh folder; a job that
+    loads the model as the last one did reuses its pipeline (``cli.jobs.PipelineReuse``).
 
     model: the ``--model`` every job uses; device: ``--device`` (None: the CLI's default); workdir: where the
     request folders go (a temporary folder by default)."""
@@ -40,6 +41,9 @@ class JobRunner:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        from .cli.jobs import PipelineReuse
+
+        self.reuse = PipelineReuse()  # the last job's pipeline, for the next job that loads it the same way
 
     def folder(self) -> Path:
         """A new folder for one request's outputs."""
@@ -63,6 +67,7 @@ class JobRunner:
             args = build_parser().parse_args(argv)
         except UsageError as err:
             raise ValueError(f"{err.prog}: {err}") from None
+        args.reuse = self.reuse
         out = io.StringIO()
         with self._lock:
             self._stop.clear()

@@ -93,17 +93,33 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
     add_common(p)
 
 
-def _load_pipeline(args: argparse.Namespace):
-    """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides."""
-    import warnings
+class PipelineReuse:
+    """The last pipeline a job loaded, kept for the next job of the same process (the web page's ``JobRunner``):
+    a job whose loading options (model, device, offload, fp8, compile, attention, step cache, LoRAs, control
+    branch) are the last one's reuses its weights instead of reading them again; its config starts from the
+    loaded one, then takes the job's ``--config`` files and overrides. One pipeline is kept, so memory stays
+    that of one job. A model folder changed on disk since is not read again: start a new process."""
 
-    import torch
+    def __init__(self):
+        self.key, self.pipe, self.config = None, None, None
+
+    def get(self, key: tuple, load):
+        """The kept pipeline when ``key`` is the last one's, else ``load()``'s (kept in its place)."""
+        if key != self.key:
+            self.key, self.pipe, self.config = None, None, None  # the old weights go before the new ones load
+            pipe = load()
+            self.key, self.pipe, self.config = key, pipe, pipe.config
+        self.pipe.config = self.config
+        return self.pipe
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline of ``--model`` on ``--device``, its config merged with ``--config`` files and overrides
+    (``args.reuse``, a ``PipelineReuse``: the last job's pipeline when it loaded the same way)."""
     from omegaconf import OmegaConf
 
-    from .. import runtime
     from ..config import load_yaml, merge_config
     from ..diffusion.sampling import SAMPLERS
-    from ..pipelines import VideoPipeline
     from ..pipelines.video import check_pipeline_config
     from ..runtime import parallel
 
@@ -116,18 +132,41 @@ def _load_pipeline(args: argparse.Namespace):
     loras = [(*parse_lora_spec(spec), 1) for spec in getattr(args, "lora", [])]
     loras += [(*parse_lora_spec(spec), 2) for spec in getattr(args, "lora_2", [])]
     _check_inputs(*(path for path, _, _ in loras))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if parallel.launched():  # torchrun: this rank's device; every denoiser call is spread over the ranks
-        device = str(parallel.join(args.device))
     if args.quiet:
         _silence_progress()
-    offload = getattr(args, "offload", "none")
-    load_on = runtime.load_device(offload, device)  # offloaded weights are read to the host
-    pipe = VideoPipeline.from_pretrained(args.model, device=load_on, check_finite=_is_folder(args.model))
+    reuse = getattr(args, "reuse", None)
+    if reuse is None or parallel.launched():
+        pipe = _read_pipeline(args, loras)
+    else:
+        key = (args.model, args.device, *(getattr(args, k, None) for k in LOAD_OPTIONS), tuple(loras))
+        pipe = reuse.get(key, lambda: _read_pipeline(args, loras))
     parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
+    return pipe
+
+
+# the job flags that change how a pipeline loads (beside --model and --device): a reused pipeline needs the same
+LOAD_OPTIONS = ("offload", "weights_dtype", "compile", "attention", "cache", "control_branch")
+
+
+def _read_pipeline(args: argparse.Namespace, loras: list):
+    """``--model`` read and set up as the job's loading flags say (LoRAs fused, runtime options, control branch)."""
+    import warnings
+
+    import torch
+
+    from .. import runtime
+    from ..pipelines import VideoPipeline
+    from ..runtime import parallel
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel.launched():  # torchrun: this rank's device; every denoiser call is spread over the ranks
+        device = str(parallel.join(args.device))
+    offload = getattr(args, "offload", "none")
+    load_on = runtime.load_device(offload, device)  # offloaded weights are read to the host
+    pipe = VideoPipeline.from_pretrained(args.model, device=load_on, check_finite=_is_folder(args.model))
     for path, scale, expert in loras:
         pipe.load_lora(path, scale, expert=expert)
     if loras:  # folded into the weights for good: the same result without the adapters' cost at every step
@@ -139,6 +178,8 @@ def _load_pipeline(args: argparse.Namespace):
                                            getattr(args, "compile", False), getattr(args, "attention", None),
                                            device=device, cache=getattr(args, "cache", None))  # fmt: skip
     _notes(*(str(w.message) for w in caught))
+    if getattr(args, "control_branch", None):
+        pipe.load_control(args.control_branch)
     if parallel.launched():
         parallel.context_parallel(pipe, cfg=getattr(args, "cfg_parallel", False))
     return pipe
@@ -442,9 +483,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     _check_inputs(args.control, *([args.mask] if args.mask else []), *args.reference)
     _check_inputs(*([args.control_branch] if args.control_branch else []))
     _check_output(args.output)
-    pipe = _load_pipeline(args)
-    if args.control_branch:
-        pipe.load_control(args.control_branch)
+    pipe = _load_pipeline(args)  # with --control-branch's branch
     seed = _seed(args, pipe)
     video, info, note = _read_clip(pipe, args.control, args)
     _check_output(args.output, video.shape[1])
