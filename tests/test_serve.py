@@ -4,7 +4,6 @@ one line, Cancel stops a sampling loop at its next step, a drawn mask becomes a 
 import threading
 
 import imageio.v2 as imageio
-
 import numpy as np
 import pytest
 import torch

@@ -70,7 +70,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{name} must be in [0, 1]; got {getattr(cfg, name)}")
     if not cfg.first_frame_weight > 0:
-        raise ValueError(f"first_frame_weight must be > 0 (1 = every frame alike); got {cfg.first_frame_weight}")
+        raise ValueError(
+            f"first_frame_weight must be > 0 (1 = every frame alike); got {cfg.first_frame_weight}"
+        )
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
     if cfg.text_cache and cfg.train_text_encoder:
