@@ -104,6 +104,23 @@ def files(folder: Path, skip: Callable[[Path], bool] = lambda p: False) -> dict:
             if p.is_file() and not skip(p.relative_to(folder))}  # fmt: skip
 
 
+def describe(got: dict, want: dict, differ: list[str]) -> str:
+    """Which files differ between a resumed run and the reference, and for safetensors which tensors (a
+    short message: the whole contents would bury it)."""
+    lines = []
+    for name in differ:
+        a, b = got.get(name), want.get(name)
+        if a is None or b is None:
+            lines.append(f"{name}: only in the {'reference' if a is None else 'resumed run'}")
+        elif isinstance(a, tuple):
+            tensors = sorted(k for k in a[1].keys() | b[1].keys() if a[1].get(k) != b[1].get(k))
+            meta = "metadata differs; " if a[0] != b[0] else ""
+            lines.append(f"{name}: {meta}{len(tensors)} tensors differ: {tensors[:8]}")
+        else:
+            lines.append(f"{name}: {len(a)} vs {len(b)} bytes")
+    return "; ".join(lines)
+
+
 def temporaries(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob(".*") if re.search(r"\.(tmp|old)", p.name)]
 
@@ -127,9 +144,9 @@ def kill_and_resume(cmd_for: Callable[[Path], list[str]], reference: Path | subp
         if isinstance(reference, subprocess.Popen):
             finish(reference)
             reference = tmp_path / "reference"
-        assert files(out, skip) == files(reference, skip), (
-            f"point {seed} ({at} outputs + {extra:.2f} s) differs"
-        )
+        got, want = files(out, skip), files(reference, skip)
+        differ = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+        assert not differ, f"point {seed} ({at} outputs + {extra:.2f} s): {describe(got, want, differ)}"
         assert not temporaries(out), temporaries(out)
     return statuses
 
@@ -184,6 +201,39 @@ def test_kill_at_five_seeded_points_then_resume(job, clips, tmp_path):
         finish(start(cmd_for(reference)))
     statuses = kill_and_resume(cmd_for, reference, tmp_path, [1, 2, 3, 4, 5], progress, total, skip)
     assert statuses.count(-signal.SIGKILL) >= 4, statuses  # (a kill may come after a short job ended)
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_the_next_write_keeps(tmp_path):
+    """safetensors (0.5+) writes through a ``.tmpXXXXXX`` file of its own beside the path it is given; a run
+    killed then used to leave that file among the outputs for good (the slow train kill test caught one in
+    ``final/dit/``). A writer that does the same and is killed leaves only atomic_write's own temporary
+    folder, which the next write of the same file removes."""
+    target = tmp_path / "out" / "model.safetensors"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from pathlib import Path
+from vidlatent.checkpoint import atomic_write
+
+def write(p):
+    Path(p).with_name(".tmpAbC123").write_bytes(b"half")  # the writer's own temporary, beside its file
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write({str(target)!r}, write)
+"""], env=environment(), capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not target.exists() and [p.name for p in target.parent.iterdir()] == temporaries_names(
+        target.parent
+    )
+    from safetensors.torch import save_file
+
+    from vidlatent.checkpoint import atomic_write
+
+    atomic_write(target, lambda p: save_file({"w": torch.ones(3)}, p))
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def temporaries_names(folder: Path) -> list[str]:
+    return [Path(p).name for p in temporaries(folder) if Path(p).parent == folder]
 
 
 # ------------------------------------------------------------------------------------------- a full disk

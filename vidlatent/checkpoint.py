@@ -207,25 +207,30 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file.
 
-    Temporaries of ``path`` that a killed run left are removed first. A full disk (or quota) raises
-    ``OSError(ENOSPC, ..., path)`` naming ``path``, whichever library did the writing."""
+    ``tmp_path`` has ``path``'s name, inside a temporary folder beside ``path`` (named after ``path`` and this
+    process) that is removed afterwards; so whatever the writer itself puts beside its file (safetensors
+    writes through a ``.tmpXXXXXX`` of its own) goes with it, and a killed run's leftovers are one folder
+    that the next write of ``path`` removes. A full disk (or quota) raises ``OSError(ENOSPC, ..., path)``
+    naming ``path``, whichever library did the writing."""
+    import shutil
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=temporary_prefix(path.name), suffix=".tmp" + path.suffix, dir=path.parent
+    folder = Path(
+        tempfile.mkdtemp(prefix=temporary_prefix(path.name), suffix=".tmp" + path.suffix, dir=path.parent)
     )
-    os.close(fd)
+    tmp = folder / path.name
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # as an ordinary new file (some writers make 0600)
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         if isinstance(err, Exception) and is_disk_full(err):
             raise OSError(errno.ENOSPC, "no space left on device (nothing was written)", str(path)) from err
         raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_folder(folder: str | Path, state_dict: Mapping[str, torch.Tensor], config: dict, kind: str) -> None:

@@ -160,7 +160,8 @@ def write_latents(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 
 
 def stale_temporaries(folder: str | os.PathLike, names: set[str]) -> list[Path]:
-    """Temporary files that ``atomic_write`` left behind for latent files named in ``names`` (a killed run)."""
+    """Temporaries (folders; files from older versions) that ``atomic_write`` left behind for latent files
+    named in ``names`` (a killed run)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

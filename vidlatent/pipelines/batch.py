@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -292,7 +293,10 @@ def encode_clips(
             raise ValueError(f"{p} and {clashes[name]} map to the same output name {name}")
         clashes[name] = p
     for tmp in stale_temporaries(out_dir, set(names.values())):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():  # atomic_write's temporary folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a temporary file of an older vidlatent
+            tmp.unlink(missing_ok=True)
     todo, done_before = [], set()
     for p in sources:
         out = out_dir / names[p]
