@@ -54,6 +54,49 @@ def test_jobs_that_load_alike_reuse_the_pipeline_and_start_from_its_config(tmp_p
     assert len(reads) == 3 and runner.reuse.key[3] == "fp8"
 
 
+def test_a_model_folder_changed_on_disk_is_read_again(tmp_path, monkeypatch):
+    """A kept pipeline serves the folder as it was read: a job after its weights were replaced on disk (another
+    training export written over it) loads them and gives their frames; an unchanged folder is not read."""
+    from vidlatent.pipelines import VideoPipeline
+
+    reads = []
+    read = VideoPipeline.from_pretrained.__func__
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: reads.append(a) or read(cls, *a, **k)))  # fmt: skip
+    folder = tmp_path / "model"
+    pipe = VideoPipeline.from_pretrained("tiny")
+    pipe.save_pretrained(folder)
+    size = [
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "3",
+        "--sampler",
+        "euler",
+        "--steps",
+        "2",
+    ]
+
+    def frames(runner, name):
+        out = runner.folder() / name
+        runner.run(["generate", "a ball", "-o", str(out), *size])
+        return np.stack(imageio.mimread(out))
+
+    runner = JobRunner(str(folder), "cpu", str(tmp_path))
+    before = frames(runner, "a.gif")
+    assert len(reads) == 2 and np.array_equal(frames(runner, "b.gif"), before) and len(reads) == 2
+    with torch.no_grad():
+        for p in pipe.dit.parameters():
+            p.mul_(1.5)
+    pipe.dit.save_pretrained(folder / "dit")
+    after = frames(runner, "c.gif")
+    assert len(reads) == 3 and not np.array_equal(after, before)
+    assert np.array_equal(after, frames(JobRunner(str(folder), "cpu", str(tmp_path)), "d.gif"))
+
+
 def test_a_bad_upload_is_one_line(tmp_path):
     fake = tmp_path / "clip.mp4"
     fake.write_text("not a video\n")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..checks import option_type
 from .common import (
@@ -98,7 +99,8 @@ class PipelineReuse:
     a job whose loading options (model, device, offload, fp8, compile, attention, step cache, LoRAs, control
     branch) are the last one's reuses its weights instead of reading them again; its config starts from the
     loaded one, then takes the job's ``--config`` files and overrides. One pipeline is kept, so memory stays
-    that of one job. A model folder changed on disk since is not read again: start a new process."""
+    that of one job. A model folder, LoRA file or control branch changed on disk since (a file's size or
+    modification time, a file added or removed) is read again (``disk_stamp``)."""
 
     def __init__(self):
         self.key, self.pipe, self.config = None, None, None
@@ -139,12 +141,33 @@ def _load_pipeline(args: argparse.Namespace):
         pipe = _read_pipeline(args, loras)
     else:
         key = (args.model, args.device, *(getattr(args, k, None) for k in LOAD_OPTIONS), tuple(loras))
+        key += tuple(disk_stamp(path) for path in (args.model, getattr(args, "control_branch", None), *(p for p, _, _ in loras)))  # fmt: skip
         pipe = reuse.get(key, lambda: _read_pipeline(args, loras))
     parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
     return pipe
+
+
+def disk_stamp(path) -> tuple:
+    """What a kept pipeline's source looks like on disk: each file under ``path`` (a folder or one file) with
+    its size and modification time; () for a name that is not a path (a preset such as "default", None)."""
+    if not path or not os.path.exists(path):
+        return ()
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((os.path.basename(path), st.st_size, st.st_mtime_ns),)
+    stamp = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except FileNotFoundError:  # removed while we looked
+                continue
+            stamp.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 # the job flags that change how a pipeline loads (beside --model and --device): a reused pipeline needs the same
