@@ -83,7 +83,8 @@ def test_override_values_read_back_as_written_and_the_command_line_quotes_a_mapp
 
     values = {"mapping": {"height": 64, "split": "train", "sizes": {"small": 0.3}, "lr": 3e-4, "on": True},
               "list": [0, 2.5, "a", "no", "a: b", ""], "none": None, "small": 3e-4, "flag": False, "word": "copy",
-              "yes": "off"}  # fmt: skip
+              "yes": "off", "colon": "a: b", "brackets": "[x]", "dash": "- a", "hash": "#c", "empty": "",
+              "star": "*x", "path": "/runs/a b/c"}  # fmt: skip
     for key, value in values.items():
         assert OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={dotlist_value(value)}"]))[key] == value
     control = recipe.run("control")

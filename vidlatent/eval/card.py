@@ -15,6 +15,9 @@ from ..config import PRESET_DIR, DiTConfig, list_presets, load_config
 from ..recipes.recipe import Recipe, Stage, load_recipe
 from .frames import MAX_GROWTH, MIN_IOU
 
+# the working folder the card's train commands name: scripts/train_default.py's default --out
+CARD_OUT = "runs/default"
+
 SPLIT_NAMES = {
     "heldout": "held-out prompts",
     "train": "prompts seen in training",
@@ -113,7 +116,8 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
     """MODEL_CARD.md of the default model shipped at ``ship``: its parts, the default recipe's stages as they run
     (with the wall times in ``<out>/timings.json`` and ``<out>/HISTORY.md``, written by hand, where there), and
     ``results`` (``evaluate``'s)."""
-    out, stages = recipe.out, load_recipe(recipe.folder, "{out}").stages  # runs shown with {out}
+    # runs shown in train_default.py's working folder (runs/default), as a person runs them from the repository
+    out, stages = recipe.out, load_recipe(recipe.folder, CARD_OUT).stages
     gpu_name = recipe.notes["gpu_name"]
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     vae_cfg = (PRESET_DIR / "train" / "default-vae.yaml").read_text()
@@ -232,7 +236,7 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
         *lane_lines(stages["gpu"]),
         "",
         "Stage 10 (redraw), the decoder alone (one CPU thread), with half of its clips re-drawn first by the stage-9",
-        f"denoiser (the stage-7 VAE with it, assembled at `{{out}}/{stages['redraw'].redraw_pipeline['folder']}`):",
+        f"denoiser (the stage-7 VAE with it, assembled at `{CARD_OUT}/{stages['redraw'].redraw_pipeline['folder']}`):",
         "",
         *lane_lines(stages["redraw"]),
         "",

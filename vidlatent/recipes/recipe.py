@@ -58,8 +58,8 @@ class Run:
 
     def command(self) -> str:
         """``vidlatent train PRESET key=value ...`` as a person reads it and a shell takes it (without output and
-        resume; an override with spaces, a mapping's, in quotes)."""
-        args = (shlex.quote(a) if any(c.isspace() for c in a) else a for a in self.overrides()[:-2])
+        resume; an override the shell would change, a mapping's, in quotes)."""
+        args = (shlex.quote(a) for a in self.overrides()[:-2])
         return " ".join(["vidlatent train", self.preset, *args])
 
     def config(self, *extra: str) -> TrainConfig:
@@ -148,10 +148,24 @@ def dotlist_value(value, nested: bool = False) -> str:
         mantissa, exponent = f"{value:.12e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     if isinstance(value, str) and (
-        value.lower() in _YAML_WORDS or (nested and (not value.strip() or _FLOW_SPECIAL & set(value)))
+        value.lower() in _YAML_WORDS
+        or (nested and (not value.strip() or _FLOW_SPECIAL & set(value)))
+        or (not nested and _reads_as_no_string(value))
     ):
         return json.dumps(value)
     return str(value)
+
+
+def _reads_as_no_string(value: str) -> bool:
+    """Whether omegaconf reads ``key=value`` as a mapping, a list or nothing ("a: b", "[x]", "- a", "#c", "") or
+    fails on it ("*x", "!x"); a number stays as written (the config's field converts it)."""
+    from omegaconf import OmegaConf
+
+    try:
+        read = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+    except Exception:  # noqa: BLE001 - whatever omegaconf's YAML reader rejects
+        return True
+    return read is None or isinstance(read, (dict, list))
 
 
 def _runs(data, out: Path) -> tuple[Run, ...]:
@@ -191,7 +205,7 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
 
 def load_recipe(src: str | os.PathLike = "default", out: str | os.PathLike = "runs/default") -> Recipe:
     """A recipe from a shipped name (``vidlatent/configs/recipes/<name>``) or a folder, for working folder
-    ``out`` (``"{out}"`` keeps the placeholder, as the model card shows the runs)."""
+    ``out``."""
     folder = Path(src) if Path(src).is_dir() else RECIPE_DIR / str(src)
     if not (folder / INDEX).is_file():
         shipped = sorted(p.name for p in RECIPE_DIR.iterdir() if (p / INDEX).is_file())
