@@ -100,7 +100,7 @@ class PipelineReuse:
     branch) are the last one's reuses its weights instead of reading them again; its config starts from the
     loaded one, then takes the job's ``--config`` files and overrides. One pipeline is kept, so memory stays
     that of one job. A model folder, LoRA file or control branch changed on disk since (a file's size or
-    modification time, a file added or removed) is read again (``disk_stamp``)."""
+    first or last MiB, a file added or removed) is read again (``checkpoint.files_fingerprint``)."""
 
     def __init__(self):
         self.key, self.pipe, self.config = None, None, None
@@ -120,6 +120,7 @@ def _load_pipeline(args: argparse.Namespace):
     (``args.reuse``, a ``PipelineReuse``: the last job's pipeline when it loaded the same way)."""
     from omegaconf import OmegaConf
 
+    from ..checkpoint import files_fingerprint
     from ..config import load_yaml, merge_config
     from ..diffusion.sampling import SAMPLERS
     from ..pipelines.video import check_pipeline_config
@@ -141,33 +142,16 @@ def _load_pipeline(args: argparse.Namespace):
         pipe = _read_pipeline(args, loras)
     else:
         key = (args.model, args.device, *(getattr(args, k, None) for k in LOAD_OPTIONS), tuple(loras))
-        key += tuple(disk_stamp(path) for path in (args.model, getattr(args, "control_branch", None), *(p for p, _, _ in loras)))  # fmt: skip
+        sources = (args.model, getattr(args, "control_branch", None), *(path for path, _, _ in loras))
+        key += (
+            files_fingerprint(*(p for p in sources if p and os.path.exists(p))),
+        )  # weights changed on disk
         pipe = reuse.get(key, lambda: _read_pipeline(args, loras))
     parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
     check_pipeline_config(pipe.config)
     pipe.progress = not args.quiet
     return pipe
-
-
-def disk_stamp(path) -> tuple:
-    """What a kept pipeline's source looks like on disk: each file under ``path`` (a folder or one file) with
-    its size and modification time; () for a name that is not a path (a preset such as "default", None)."""
-    if not path or not os.path.exists(path):
-        return ()
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return ((os.path.basename(path), st.st_size, st.st_mtime_ns),)
-    stamp = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        for name in sorted(names):
-            try:
-                st = os.stat(os.path.join(root, name))
-            except FileNotFoundError:  # removed while we looked
-                continue
-            stamp.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
 
 
 # the job flags that change how a pipeline loads (beside --model and --device): a reused pipeline needs the same

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write, read_json
+from ..checkpoint import files_fingerprint as folder_fingerprint
 from ..config import load_config
 from ..config.pipeline import PipelineConfig, check_pipeline_config
 from ..config.train import TrainConfig
@@ -128,24 +129,6 @@ class PipelineParts:
     def masked(self) -> bool:
         """Whether the denoiser reads the text with its mask (ours) or every padded token (Wan)."""
         return self.config.text_attention == "masked"
-
-
-def folder_fingerprint(*folders: Path) -> str:
-    """16 hex digits identifying the files under ``folders`` without loading them: each file's relative name,
-    size and first and last MiB (safetensors headers and the first weights), so another model, or the same
-    one retrained, differs. Cheap for a 11 GB encoder."""
-    h = hashlib.sha256()
-    for folder in folders:
-        files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and not f.name.startswith("."))
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(folder)}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def is_clip_folder(data: str | os.PathLike) -> bool:
