@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from worker_exit import leave_and_exit
 
 from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines import VideoPipeline
@@ -74,7 +74,7 @@ def main(folder: str, out: str) -> None:
         pipe._noise = lambda *args: drawn.append(draw(*args)) or drawn[-1]
         video = pipe.generate(PROMPT, seed=None, **JOB)
         torch.save((video, drawn[0][0]), out / f"unseeded-{info.world_size}-{info.rank}.pt")
-    dist.destroy_process_group()
+    leave_and_exit(info.rank)
 
 
 if __name__ == "__main__":

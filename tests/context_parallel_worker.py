@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from worker_exit import leave_and_exit
 
 from vidlatent.pipelines import VideoPipeline
 from vidlatent.runtime import parallel
@@ -35,7 +36,7 @@ def main(folder: str, out: str) -> None:
         assert torch.equal(first, video), f"rank {info.rank} holds another video than rank 0 ({split})"
         if parallel.is_main():
             torch.save(video, Path(out) / f"{split}-{info.world_size}.pt")
-    dist.destroy_process_group()
+    leave_and_exit(info.rank)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import types
 from pathlib import Path
 
 import torch
+from worker_exit import leave_and_exit
 
 from vidlatent.train import Trainer, distributed, load_train_config, loop
 from vidlatent.train.tasks.base import Draws
@@ -107,7 +108,7 @@ def main() -> None:
     result = {"broken": broken, "budget": budget}[scenario](out, overrides)
     rank = distributed.setup("cpu")[0].rank
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
-    distributed.barrier()
+    leave_and_exit(rank)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ dropout) for the whole global batch come from the shared generator, so losses an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from media import pattern
 from safetensors.torch import load_file
 
+from vidlatent.cli import run as run_command
 from vidlatent.data.io import write_video
 from vidlatent.pipelines.encode import encode_clips
 from vidlatent.train import Trainer, load_train_config
@@ -80,6 +83,25 @@ def test_share_splits_like_tensor_split():
         for world in (1, 2, 3):
             parts = [list(share(n, r, world)) for r in range(world)]
             assert parts == [t.tolist() for t in torch.arange(n).tensor_split(world)]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_leaves_the_process_group_it_joined(tmp_path, fails):
+    """A rank's process group is left by the CLI once the command is over, whether it finished or failed (a
+    group left for the interpreter's exit to tear down can abort the process). One rank: no barrier."""
+
+    def command(args) -> int:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if fails:
+            raise ValueError("no such thing")
+        return 0
+
+    try:
+        assert run_command(argparse.Namespace(command="test", func=command, debug=False)) == (2 if fails else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_ddp_two_ranks_match_one_process(data, tmp_path):

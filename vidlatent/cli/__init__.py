@@ -115,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import debug_wanted, user_error
 
     debug = debug_wanted(getattr(args, "debug", False))
+    finished = False
     try:
         with contextlib.nullcontext() if debug else warning_lines(args.command):
-            return args.func(args)
+            status = args.func(args)
+        finished = True
+        return status
     except KeyboardInterrupt:
         if debug:
             raise
@@ -129,6 +132,17 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"vidlatent {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group(wait=finished)
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under torchrun: leave the process group the command joined (``runtime.parallel.leave``); a command that
+    finished waits for the other ranks first, one that failed leaves at once."""
+    if "torch.distributed" in sys.modules:  # nothing imported torch.distributed: no group to leave
+        from ..runtime import parallel
+
+        parallel.leave(wait)
 
 
 if __name__ == "__main__":

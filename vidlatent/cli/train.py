@@ -17,16 +17,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.device = args.device
     if cfg.output:
         check_writable(cfg.output, folder=True)
-    try:
+    try:  # under torchrun, cli.run leaves the process group the trainer joined
         trainer = train(cfg)
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # every rank stops at the same step (the loss is all-reduced)
         print(f"vidlatent train: stopped: {err}", file=sys.stderr)
         return 1
-    finally:  # under torchrun: leave the process group the trainer joined
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     if trainer.dist.main:
         print(f"trained {trainer.step} steps; last checkpoint {trainer.last_checkpoint}")
     return 0

@@ -71,6 +71,20 @@ def join(device=None) -> torch.device:
     return setup(device)[1]
 
 
+def leave(wait: bool = True) -> None:
+    """Leave the default process group, if this process is in one (nothing otherwise).
+
+    ``wait``: first wait at a barrier for every rank, so that no rank closes its connections while another still
+    sends on them; a rank stopping on an error passes ``wait=False`` and leaves at once (its peers may never
+    reach the barrier; torchrun stops them). Leaving explicitly matters: a gloo group left for the interpreter's
+    exit to tear down can abort the process ("terminate called without an active exception")."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def is_main() -> bool:
     """Whether this process writes outputs: rank 0, or the only process."""
     return _world()[0] == 0
