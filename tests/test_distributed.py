@@ -97,7 +97,9 @@ def test_a_command_leaves_the_process_group_it_joined(tmp_path, fails):
         return 0
 
     try:
-        assert run_command(argparse.Namespace(command="test", func=command, debug=False)) == (2 if fails else 0)
+        assert run_command(argparse.Namespace(command="test", func=command, debug=False)) == (
+            2 if fails else 0
+        )
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
