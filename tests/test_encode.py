@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,12 +177,23 @@ def test_resume_skips_done_redoes_missing_and_cleans_temporaries(tmp_path, encod
     stale.write_bytes(b"partial")
     foreign = out / ".someone-else.safetensors.a1b2c3.tmp.safetensors"  # not one of our outputs: kept
     foreign.write_bytes(b"partial")
+    # atomic_write's temporary folders beside a done output: a killed writer's goes, a live one's stays
+    done_out = out / latent_name(media["a"])
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    killed = out / f".{done_out.name}.{int(gone.stdout)}-x1y2z3.tmp.safetensors"
+    live = out / f".{done_out.name}.{os.getppid()}-x1y2z3.tmp.safetensors"  # pytest's parent: running
+    for d in (killed, live):
+        d.mkdir()
+        (d / done_out.name).write_bytes(b"partial")
     before = mtimes(out)
     redo = encode_clips(clips, out, vae, progress=False)
     assert [src for src, _ in redo.done] == [str(media["img"])] and len(redo.skipped) == 3
     assert img_out.is_file() and not stale.exists() and foreign.exists()
+    assert not killed.exists() and (live / done_out.name).is_file()
     after = mtimes(out)
-    assert all(after[n] == t for n, t in before.items() if n not in (stale.name, img_out.name))
+    assert all(after[n] == t for n, t in before.items() if n not in (stale.name, img_out.name, killed.name))
 
     # other settings into the same folder: refused, nothing touched; overwrite re-encodes
     changed = encode_clips([media["img"]], out, vae, normalized=False, progress=False)

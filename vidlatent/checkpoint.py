@@ -155,7 +155,9 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this one does; another user's counts as running): a temporary named
+    after a live writer is in use."""
     if pid == os.getpid():
         return True
     try:
@@ -191,7 +193,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         match = pattern.match(entry.name, len(prefix))
-        if match is None or _alive(int(match["pid"])):
+        if match is None or process_alive(int(match["pid"])):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):

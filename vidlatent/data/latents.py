@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, process_alive
 from ..config import config_to_dict
 from ..errors import error_reason
 
@@ -161,14 +161,16 @@ def write_latents(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 
 def stale_temporaries(folder: str | os.PathLike, names: set[str]) -> list[Path]:
     """Temporaries (folders; files from older versions) that ``atomic_write`` left behind for latent files
-    named in ``names`` (a killed run)."""
+    named in ``names``: those whose writer's process is gone (a killed run). A live writer's (another encode
+    into the same folder) are in use and left alone. One pass over the folder, however many names."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     out = []
     for entry in os.scandir(folder):
         if entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX):
-            target = entry.name[1 : -len(_TMP_SUFFIX)].rsplit(".", 1)[0]
-            if target in names:
+            target, _, writer = entry.name[1 : -len(_TMP_SUFFIX)].rpartition(".")
+            pid = writer.partition("-")[0]
+            if target in names and not (pid.isdigit() and process_alive(int(pid))):
                 out.append(Path(entry.path))
     return out
