@@ -95,7 +95,9 @@ def content_order(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.
     per-channel median over all positions (its most typical value: the background, for a still of objects
     on a plain or textured ground). Positions are ranked by ``(presence_a - presence_b) / (presence_a +
     presence_b)`` and the ranks mapped linearly onto [-1, 1], so the map always spans the whole range
-    however faint either image's content is. ``staggered_slerp`` orders a morph by it.
+    however faint either image's content is. ``staggered_slerp`` orders a morph by it. A textured ground (a
+    checkerboard, stripes) is as far from the median as an object is, so on one the order cannot tell the
+    object from the ground (docs/pipelines.md: what that costs on the default model's morphs).
     """
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(
