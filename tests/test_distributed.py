@@ -87,8 +87,9 @@ def test_share_splits_like_tensor_split():
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_command_leaves_the_process_group_it_joined(tmp_path, fails):
-    """A rank's process group is left by the CLI once the command is over, whether it finished or failed (a
-    group left for the interpreter's exit to tear down can abort the process). One rank: no barrier."""
+    """A rank's process group is left by the CLI once the command that joined it is over, whether it finished
+    or failed (a group left for the interpreter's exit to tear down can abort the process); a group joined
+    before the command is left alone. One rank: no barrier."""
 
     def command(args) -> int:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -101,6 +102,10 @@ def test_a_command_leaves_the_process_group_it_joined(tmp_path, fails):
             2 if fails else 0
         )
         assert not dist.is_initialized()
+        # a group the caller had joined before the command is the caller's: kept
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        assert run_command(argparse.Namespace(command="test", func=lambda args: 0, debug=False)) == 0
+        assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

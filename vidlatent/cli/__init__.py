@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import debug_wanted, user_error
 
     debug = debug_wanted(getattr(args, "debug", False))
-    finished = False
+    finished, grouped = False, _in_process_group()
     try:
         with contextlib.nullcontext() if debug else warning_lines(args.command):
             status = args.func(args)
@@ -133,16 +133,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"vidlatent {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group(wait=finished)
+        if not grouped and _in_process_group():  # under torchrun: the group the command joined
+            from ..runtime import parallel
+
+            parallel.leave(wait=finished)  # a finished command waits for the other ranks, a failed one not
 
 
-def _leave_process_group(wait: bool) -> None:
-    """Under torchrun: leave the process group the command joined (``runtime.parallel.leave``); a command that
-    finished waits for the other ranks first, one that failed leaves at once."""
-    if "torch.distributed" in sys.modules:  # nothing imported torch.distributed: no group to leave
-        from ..runtime import parallel
-
-        parallel.leave(wait)
+def _in_process_group() -> bool:
+    """Whether this process is in a torch.distributed process group (without importing torch for it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":
