@@ -232,6 +232,17 @@ atomic_write({str(target)!r}, write)
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
+def test_a_temporary_with_an_impossible_process_id_counts_as_stale(tmp_path):
+    """A pid no process can have (too large for the OS) is a dead writer's, not an error."""
+    from vidlatent.checkpoint import process_alive, remove_stale_temporaries
+
+    target = tmp_path / "model.safetensors"
+    odd = tmp_path / f".{target.name}.{10**20}-abc.tmp.safetensors"
+    odd.write_bytes(b"half")
+    assert process_alive(os.getpid()) and not process_alive(10**20)
+    assert remove_stale_temporaries(target) == [odd] and not odd.exists()
+
+
 def temporaries_names(folder: Path) -> list[str]:
     return [Path(p).name for p in temporaries(folder) if Path(p).parent == folder]
 

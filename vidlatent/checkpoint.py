@@ -162,7 +162,7 @@ def process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process has
         return False
     except OSError:  # another user's process: alive
         return True
