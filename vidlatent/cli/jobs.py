@@ -141,11 +141,11 @@ def _load_pipeline(args: argparse.Namespace):
     if reuse is None or parallel.launched():
         pipe = _read_pipeline(args, loras)
     else:
-        key = (args.model, args.device, *(getattr(args, k, None) for k in LOAD_OPTIONS), tuple(loras))
-        sources = (args.model, getattr(args, "control_branch", None), *(path for path, _, _ in loras))
-        key += (
-            files_fingerprint(*(p for p in sources if p and os.path.exists(p))),
-        )  # weights changed on disk
+        files = (args.model, getattr(args, "control_branch", None), *(path for path, _, _ in loras))
+        # weights changed on disk since (a retrained folder, a rewritten LoRA) are read again
+        on_disk = files_fingerprint(*(p for p in files if p and os.path.exists(p)))
+        options = (getattr(args, k, None) for k in LOAD_OPTIONS)
+        key = (args.model, args.device, *options, tuple(loras), on_disk)
         pipe = reuse.get(key, lambda: _read_pipeline(args, loras))
     parts = [load_yaml(f) for f in args.config]
     pipe.config = merge_config(pipe.config, *parts, OmegaConf.from_dotlist(list(args.overrides)))
