@@ -7,8 +7,9 @@ import functools
 import inspect
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,35 +176,53 @@ def temporary_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}-"
 
 
+# a temporary of target NAME: ".NAME.<pid>-<random>.tmp<suffix>" (atomic_write), ".NAME.<pid>-<random>.old"
+# (a folder moved aside), or ".NAME.<random>.tmp<suffix>" (an older vidlatent, before the writer's pid was in it)
+_TEMPORARY = re.compile(
+    r"\.(?P<target>.+)\.(?:(?P<pid>\d+)-[A-Za-z0-9_]+\.(?:tmp|old)|[A-Za-z0-9_]+\.tmp)(?:\.[^.]*)?"
+)
+
+
+def stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files and folders in ``folder`` that writers of the targets named in ``names`` left when
+    they were killed: their process is gone (a name without a process id is an older vidlatent's, so stale
+    too). Temporaries of live processes (a run writing there now) are left out. One pass over ``folder``."""
+    names = set(names)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and match["target"] in names and not (match["pid"] and process_alive(int(match["pid"]))):
+            out.append(Path(entry.path))
+    return out
+
+
+def remove_temporaries(paths: Iterable[Path]) -> list[Path]:
+    """Remove temporary files and folders (``stale_temporaries``'); returns those removed. One already gone,
+    or that cannot be removed, is left: a hidden leftover nobody reads, which must not stop a write."""
+    import shutil
+
+    removed = []
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
     """Remove the temporary files and folders that writers of ``path`` left when they were killed (their
     process is gone); returns what was removed. Temporaries of live processes are left alone."""
-    import re
-    import shutil
-
     path = Path(path)
-    pattern = re.compile(r"\.(?P<pid>\d+)-[A-Za-z0-9_]+\.(tmp|old)")
-    removed = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return removed
-    prefix = f".{path.name}"
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        match = pattern.match(entry.name, len(prefix))
-        if match is None or process_alive(int(match["pid"])):
-            continue
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except FileNotFoundError:
-            pass
-    return removed
+    return remove_temporaries(stale_temporaries(path.parent, [path.name]))
 
 
 def files_fingerprint(*paths: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write, process_alive
+from ..checkpoint import atomic_write
 from ..config import config_to_dict
 from ..errors import error_reason
 
@@ -48,7 +48,6 @@ __all__ = [
     "latent_name",
     "load_latents",
     "read_latent_metadata",
-    "stale_temporaries",
     "vae_fingerprint",
     "write_latents",
 ]
@@ -58,7 +57,6 @@ FORMAT_VERSION = "1"
 LATENT_SUFFIX = ".safetensors"
 # settings added after files were written: what a file without them was made with
 LATER_SETTINGS = {"size_policy": "crop"}
-_TMP_SUFFIX = ".tmp" + LATENT_SUFFIX  # what checkpoint.atomic_write appends to its temporary names
 _RUNTIME_FIELDS = ("chunk_size", "tile_size", "tile_overlap", "auto_tile_above")  # not part of identity
 _JSON_FIELDS = ("source_info", "latents_mean", "latents_std", "vae", "settings")
 
@@ -157,20 +155,3 @@ def write_latents(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=strings))
-
-
-def stale_temporaries(folder: str | os.PathLike, names: set[str]) -> list[Path]:
-    """Temporaries (folders; files from older versions) that ``atomic_write`` left behind for latent files
-    named in ``names``: those whose writer's process is gone (a killed run). A live writer's (another encode
-    into the same folder) are in use and left alone. One pass over the folder, however many names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    out = []
-    for entry in os.scandir(folder):
-        if entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX):
-            target, _, writer = entry.name[1 : -len(_TMP_SUFFIX)].rpartition(".")
-            pid = writer.partition("-")[0]
-            if target in names and not (pid.isdigit() and process_alive(int(pid))):
-                out.append(Path(entry.path))
-    return out

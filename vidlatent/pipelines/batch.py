@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, is_disk_full
+from ..checkpoint import atomic_write, is_disk_full, remove_temporaries, stale_temporaries
 from ..checks import check_finite, check_weights_finite, model_cause
 from ..config import list_presets, load_config
 from ..data.io import fit_to_multiple, read_video, restore_size, write_video
@@ -37,7 +36,6 @@ from ..data.latents import (
     latent_name,
     load_latents,
     read_latent_metadata,
-    stale_temporaries,
     vae_fingerprint,
     write_latents,
 )
@@ -292,11 +290,7 @@ def encode_clips(
         if name in clashes:  # distinct real paths with the same 48-bit digest and stem
             raise ValueError(f"{p} and {clashes[name]} map to the same output name {name}")
         clashes[name] = p
-    for tmp in stale_temporaries(out_dir, set(names.values())):
-        if tmp.is_dir():  # atomic_write's temporary folder
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:  # a temporary file of an older vidlatent
-            tmp.unlink(missing_ok=True)
+    remove_temporaries(stale_temporaries(out_dir, names.values()))  # what killed runs left, of any clip
     todo, done_before = [], set()
     for p in sources:
         out = out_dir / names[p]
