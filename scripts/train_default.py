@@ -48,8 +48,9 @@ def main() -> None:
     ap.add_argument("--joint-clips", type=int, help="training clips cached again in stages 4 and 6")
     ap.add_argument("--gpu-clips", type=int, help="training clips cached for stage 9 (gpu)")
     ap.add_argument("--gpu2-clips", type=int, help="training clips cached for stage 13 (gpu2)")
+    ap.add_argument("--wide-gpu-clips", type=int, help="training clips cached for stage 18 (wide-gpu)")
     ap.add_argument(
-        "--device", help="where stages gpu and gpu2 run (default: cuda; cpu only to try them out)"
+        "--device", help="where stages gpu, gpu2 and wide-gpu run (default: cuda; cpu only to try them out)"
     )
     ap.add_argument("--adopt-ship", action="store_true", help="start from the shipped model: copy the --ship "
                     "folder's parts to the runs its runs.json names, where the working folder lacks them")  # fmt: skip
@@ -62,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     recipe = load_recipe("default", args.out)
     clips = {"cache": args.clips, "joint": args.joint_clips, "joint2": args.joint_clips, "gpu": args.gpu_clips,
-             "gpu2": args.gpu2_clips}  # fmt: skip
+             "gpu2": args.gpu2_clips, "wide-gpu": args.wide_gpu_clips}  # fmt: skip
     out, folder = Path(args.out), Path(args.ship)
     out.mkdir(parents=True, exist_ok=True)
     if args.adopt_ship:

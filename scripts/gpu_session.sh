@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One lent GPU session, as one command: every ours-vs-diffusers benchmark at its GPU size, then (given a stage) a
+# training stage of the default model's recipe with the time that is left. Logs and the stage's export go to
+# $OUT (default ./gpu-out): bench.log, train.log, nvidia-smi.txt and final.tar split into pieces under 12 MiB
+# (cat final.tar.* | tar -x).
+#
+#   bash scripts/gpu_session.sh                  # benchmarks only
+#   BUDGET=570 bash scripts/gpu_session.sh wide-gpu   # benchmarks, then stage wide-gpu in the seconds left
+#
+# BUDGET: seconds the whole script may take (default 570); the stage's max_minutes is what is left after the
+# benchmarks, less the time to cache its clips and export (clipped to 2.5-5 minutes). SMOKE=1 runs every part at
+# a tiny size on any device (to try the script on a CPU first).
+set -u
+start=$(date +%s)
+budget=${BUDGET:-570}
+out=${OUT:-gpu-out}
+stage=${1:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+left() { echo $((budget - ($(date +%s) - start))); }
+
+# run NAME SECONDS CMD...: CMD under a time limit; its output appended to $out/bench.log and shown
+run() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(left) s of the budget left): $*" | tee -a "$out/bench.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/bench.log"
+    echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$out/bench.log"
+}
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$out/nvidia-smi.txt"
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+ 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$out/bench.log"
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    run dit 120 python3 scripts/bench_dit.py --latent 1 4 4 --text-len 8 --repeats 1
+    run vae 120 python3 scripts/bench_vae.py --preset tiny --frames 1 --size 32 32 --repeats 1
+    run train_step 120 python3 scripts/bench_train_step.py --vs-diffusers --tiny
+    run pipeline 180 python3 scripts/bench_pipeline.py --tiny
+    clips=(--wide-gpu-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)
+else
+    run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full
+    run vae 75 python3 scripts/bench_vae.py --device cuda --dtype bf16 --frames 81 --size 480 832 \
+        --cudnn-benchmark --repeats 2
+    run train_step 65 python3 scripts/bench_train_step.py --vs-diffusers --device cuda --precision bf16 \
+        --latent 5 30 52 --steps 3
+    run pipeline 85 python3 scripts/bench_pipeline.py --device cuda --frames 17 --steps 10
+    clips=() minutes="" more=()
+fi
+
+[ -z "$stage" ] && exit 0
+if [ -z "$minutes" ]; then  # the budget left, less ~95 s for caching the clips, loading and exporting
+    minutes=$(python3 -c "print(round(min(5.0, max(2.5, ($(left) - 95) / 60)), 2))")
+fi
+echo "=== stage $stage: max_minutes=$minutes ($(left) s of the budget left)" | tee -a "$out/train.log"
+work=runs/gpu-session
+python3 scripts/train_default.py --out "$work" --adopt-ship --stages "$stage" "${clips[@]}" \
+    --refine-args "max_minutes=$minutes" "${more[@]}" 2>&1 |
+    tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$out/train.log"
+echo "=== stage $stage: exit ${PIPESTATUS[0]} ($(left) s of the budget left)" | tee -a "$out/train.log"
+cat "$work"/*.log "$work"/timings.json 2>/dev/null | tr '\r' '\n' | grep -v "it/s\]$" >>"$out/train.log"
+for final in "$work"/*/final; do
+    [ -d "$final/dit" ] || continue
+    run_name=$(basename "$(dirname "$final")")
+    [ "$run_name" = dit-cpu ] && continue  # the adopted shipped model
+    tar -C "$work" -cf - "$run_name/final/dit" "$run_name/final/text_encoder" "$run_name/final/pipeline.json" |
+        split -b 12M - "$out/final.tar."
+done
+ls -la "$out"
