@@ -225,6 +225,32 @@ def test_world_latent_cache(tmp_path):
     assert z.shape[-1] == 2 and torch.allclose(z, expect, atol=1e-5)
 
 
+def test_world_latent_cache_cleans_a_killed_run_once_not_per_file(tmp_path, monkeypatch):
+    """A killed run's half-written temporaries are removed at the start (a live writer's are kept), and the folder
+    is scanned for them once per run, not once per file written (that made 24000 clips take minutes)."""
+    import os
+
+    from vidlatent import checkpoint
+
+    vae = CausalVAE.from_pretrained("tiny").eval()
+    world = ShapesWorld(height=32, width=32, frames=5, seed=1)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    dead = folder / f".clip-0000003.safetensors.{10**20}-abc.tmp.safetensors"
+    live = folder / f".clip-0000004.safetensors.{os.getpid()}-abc.tmp.safetensors"
+    other = folder / f".notes.txt.{10**20}-abc.tmp.txt"  # not a file of this cache: left alone
+    for p in (dead, live, other):
+        p.write_bytes(b"half")
+    scans = []
+    scandir = os.scandir
+    monkeypatch.setattr(checkpoint.os, "scandir", lambda p=".": scans.append(str(p)) or scandir(p))
+    cache_world_latents(world, vae, 7, folder, batch_size=2, progress=False)
+    assert scans.count(str(folder)) <= 2, scans  # the start's, and the caption table's own write
+    monkeypatch.undo()
+    assert not dead.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in folder.glob("clip-*")) == [f"clip-{i:07d}.safetensors" for i in range(7)]
+
+
 PERCEPTUAL = """
 import torch
 from safetensors.torch import load_file
@@ -237,6 +263,7 @@ class Features(torch.nn.Module):
 
     def forward(self, recon, target):
         return (self.conv(recon) - self.conv(target)).abs().mean()
+
 
 
 def build():

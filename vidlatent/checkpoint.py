@@ -250,19 +250,24 @@ def files_fingerprint(*paths: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_write(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write, clean_stale: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: an interrupted write never leaves a partial file.
 
     ``tmp_path`` has ``path``'s name, inside a temporary folder beside ``path`` (named after ``path`` and this
     process) that is removed afterwards; so whatever the writer itself puts beside its file (safetensors
     writes through a ``.tmpXXXXXX`` of its own) goes with it, and a killed run's leftovers are one folder
     that the next write of ``path`` removes. A full disk (or quota) raises ``OSError(ENOSPC, ..., path)``
-    naming ``path``, whichever library did the writing."""
+    naming ``path``, whichever library did the writing.
+
+    Finding those leftovers scans ``path``'s folder. A writer of many files into one folder (a latent cache)
+    removes every leftover once (``remove_temporaries(stale_temporaries(folder, names))``) and then writes with
+    ``clean_stale=False``: a scan per file would make filling a folder of n files cost n^2."""
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    if clean_stale:
+        remove_stale_temporaries(path)
     folder = Path(
         tempfile.mkdtemp(prefix=temporary_prefix(path.name), suffix=".tmp" + path.suffix, dir=path.parent)
     )

@@ -149,9 +149,12 @@ def latent_file_metadata(vae: CausalVAE, vae_src: str, normalized: bool, setting
     }
 
 
-def write_latents(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+def write_latents(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict, clean_stale: bool = True
+) -> None:
     """Write one latent file atomically: ``tensors`` (``latents``, optionally ``logvar``) and ``metadata``
-    (``latent_file_metadata`` plus the clip's ``source`` and ``source_info``; non-strings stored as JSON)."""
+    (``latent_file_metadata`` plus the clip's ``source`` and ``source_info``; non-strings stored as JSON).
+    ``clean_stale``: as ``atomic_write``'s (False where the caller cleaned the folder once before)."""
     strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=strings))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=strings), clean_stale)

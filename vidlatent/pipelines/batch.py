@@ -347,7 +347,7 @@ def encode_clips(
         if save_logvar:
             tensors["logvar"] = post.logvar[0].to(save_dtype)
         meta = {**common_meta, "source": str(p.resolve()), "source_info": info}
-        write_latents(out_dir / names[p], tensors, meta)
+        write_latents(out_dir / names[p], tensors, meta, clean_stale=False)  # cleaned once at the start
         report.done.append((str(p), str(out_dir / names[p])))
 
     def encode(items: list) -> tuple[list, torch.Tensor, torch.Tensor]:

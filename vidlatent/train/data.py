@@ -212,15 +212,18 @@ def cache_world_latents(
 
     Writes ``clip-XXXXXXX.safetensors`` (normalized posterior mode, the format of ``vidlatent encode``) and a
     ``metadata.jsonl`` of captions (pass it as ``captions``). Files already there are kept, so an interrupted
-    run resumes; the caption table is rewritten atomically at the end. Returns the caption file's path.
+    run resumes (what a killed run left half-written is removed once, at the start); the caption table is
+    rewritten atomically at the end. Returns the caption file's path.
     ``workers`` > 0 renders the clips in that many processes (a GPU encodes faster than one CPU core draws).
     """
     from tqdm.auto import tqdm
 
-    from ..checkpoint import atomic_write
+    from ..checkpoint import atomic_write, remove_temporaries, stale_temporaries
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    indices = range(start, start + count)
+    remove_temporaries(stale_temporaries(folder, [*map(_clip_name, indices), "metadata.jsonl"]))
     settings = {
         "source": "shapes",
         "world": {"height": world.height, "width": world.width, "frames": world.frames},
@@ -232,13 +235,12 @@ def cache_world_latents(
     meta = latent_file_metadata(vae, vae_src, True, settings)
     if workers and world.crop:
         raise ValueError("workers render whole frames; a world with crop caches with workers=0")
-    indices = range(start, start + count)
     items, pool = _render(world, folder, indices, workers)
     bar = tqdm(total=count, desc="cache", unit="clip", disable=not progress)
     rows, batch = [], []
     try:
         for i, (caption, frames) in zip(indices, items):
-            rows.append(json.dumps({"path": f"clip-{i:07d}.safetensors", "caption": caption}))
+            rows.append(json.dumps({"path": _clip_name(i), "caption": caption}))
             if frames is None:  # cached by an earlier run
                 bar.update(1)
                 continue
@@ -275,11 +277,13 @@ def _encode_batch(vae, batch: list[tuple[int, object]], folder: Path, meta: dict
     video = torch.stack(clips).to(vae.device, vae.dtype)
     with torch.inference_mode():
         z = vae.normalize(vae.encode(video).mode()).float().cpu()
-    for (i, _), zi in zip(batch, z):
-        write_latents(
-            folder / f"clip-{i:07d}.safetensors", {"latents": zi}, {**meta, "source": f"shapes:{i}"}
-        )
+    for (i, _), zi in zip(batch, z):  # the folder's leftovers were removed once, before the first batch
+        write_latents(folder / _clip_name(i), {"latents": zi}, {**meta, "source": f"shapes:{i}"}, False)
     return len(batch)
+
+
+def _clip_name(index: int) -> str:
+    return f"clip-{index:07d}.safetensors"
 
 
 _JOB: tuple = ()  # (world, folder) of a cache worker process
@@ -298,6 +302,6 @@ def _item(world, folder: Path, index: int):
     """(caption, uint8 (f, h, w, 3) frames) of clip ``index``; frames None when its file is already there, and
     the clip itself (``ShapesWorld.clip``: cropped) for a world with ``crop``."""
     scene = world.scene(index)
-    if (folder / f"clip-{index:07d}.safetensors").is_file():
+    if (folder / _clip_name(index)).is_file():
         return scene.caption, None
     return scene.caption, world.clip(index)[0] if world.crop else world.render(scene)
