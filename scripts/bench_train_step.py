@@ -128,17 +128,20 @@ def compare_with_diffusers(args) -> None:
     context = torch.randn(1, n_text, cfg.text_dim, generator=g).to(device)
     target = torch.randn(x.shape, generator=g).to(device)
     torch.manual_seed(0)
-    weights = {k: v.clone() for k, v in VideoDiT(cfg).state_dict().items()}  # random init, kept on the CPU
+    with device:  # every model is initialised where it runs (the 1.3B's random init takes long on a CPU)
+        weights = {k: v.cpu() for k, v in VideoDiT(cfg).state_dict().items()}  # random init, kept on the CPU
 
     def ours():
-        dit = VideoDiT(cfg)
+        with device:
+            dit = VideoDiT(cfg)
         dit.load_state_dict(weights)
         dit.gradient_checkpointing = args.checkpointing
         add_lora(dit.to(device), args.rank)
         return (lambda *a: dit(*a)), [p for p in dit.parameters() if p.requires_grad]
 
     def theirs():
-        model = WanTransformer3DModel(**to_diffusers_config(cfg))
+        with device:
+            model = WanTransformer3DModel(**to_diffusers_config(cfg))
         model.load_state_dict(to_diffusers_state_dict(weights))
         if args.checkpointing:
             model.enable_gradient_checkpointing()
@@ -156,6 +159,7 @@ def compare_with_diffusers(args) -> None:
     rows = []
     for name, build in (("vidlatent", ours), ("diffusers+peft", theirs)):
         rows.append(timed(name, build, (x, sigma, context), target, args, device))
+        print(f"  {name}: {rows[-1]['seconds'] * 1e3:.1f} ms/step", flush=True)
         gc.collect()
     print(f"LoRA rank {args.rank} step, {cfg.num_layers} layers x dim {cfg.dim}, latents {(t, h, w)} "
           f"({tokens} tokens), {n_text} text tokens, {device}, precision {args.precision}, "

@@ -42,7 +42,7 @@ else
     run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full
     run vae 75 python3 scripts/bench_vae.py --device cuda --dtype bf16 --frames 81 --size 480 832 \
         --cudnn-benchmark --repeats 2
-    run train_step 65 python3 scripts/bench_train_step.py --vs-diffusers --device cuda --precision bf16 \
+    run train_step 90 python3 scripts/bench_train_step.py --vs-diffusers --device cuda --precision bf16 \
         --latent 5 30 52 --steps 3
     run pipeline 85 python3 scripts/bench_pipeline.py --device cuda --frames 17 --steps 10
     clips=() minutes="" more=()
