@@ -278,7 +278,9 @@ def _encode_batch(vae, batch: list[tuple[int, object]], folder: Path, meta: dict
     with torch.inference_mode():
         z = vae.normalize(vae.encode(video).mode()).float().cpu()
     for (i, _), zi in zip(batch, z):  # the folder's leftovers were removed once, before the first batch
-        write_latents(folder / _clip_name(i), {"latents": zi}, {**meta, "source": f"shapes:{i}"}, False)
+        write_latents(
+            folder / _clip_name(i), {"latents": zi}, {**meta, "source": f"shapes:{i}"}, clean_stale=False
+        )
     return len(batch)
 
 
