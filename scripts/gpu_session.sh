@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU session, as one command: every ours-vs-diffusers benchmark at its GPU size, then (given a stage) a
 # training stage of the default model's recipe with the time that is left. Logs and the stage's export go to
-# $OUT (default ./gpu-out): bench.log, train.log, nvidia-smi.txt and final.tar split into pieces under 12 MiB
-# (cat final.tar.* | tar -x).
+# $OUT (default ./gpu-out): bench.log, train.log, nvidia-smi.txt and each trained run's export as RUN.tar split
+# into pieces under 12 MiB (cat RUN.tar.* | tar -x).
 #
 #   bash scripts/gpu_session.sh                  # benchmarks only
 #   BUDGET=570 bash scripts/gpu_session.sh wide-gpu   # benchmarks, then stage wide-gpu in the seconds left
@@ -37,7 +37,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     run vae 120 python3 scripts/bench_vae.py --preset tiny --frames 1 --size 32 32 --repeats 1
     run train_step 120 python3 scripts/bench_train_step.py --vs-diffusers --tiny
     run pipeline 180 python3 scripts/bench_pipeline.py --tiny
-    clips=(--wide-gpu-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)
+    clips=(--"$stage"-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)  # --gpu-clips, --wide-gpu-clips, ...
 else
     run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full
     run vae 75 python3 scripts/bench_vae.py --device cuda --dtype bf16 --frames 81 --size 480 832 \
@@ -56,14 +56,16 @@ echo "=== stage $stage: max_minutes=$minutes ($(left) s of the budget left)" | t
 work=runs/gpu-session
 python3 scripts/train_default.py --out "$work" --adopt-ship --stages "$stage" "${clips[@]}" \
     --refine-args "max_minutes=$minutes" "${more[@]}" 2>&1 |
-    tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$out/train.log"
+    tr '\r' '\n' | grep -v -E "^(train|cache): +[0-9]+%" | tee -a "$out/train.log"
 echo "=== stage $stage: exit ${PIPESTATUS[0]} ($(left) s of the budget left)" | tee -a "$out/train.log"
-cat "$work"/*.log "$work"/timings.json 2>/dev/null | tr '\r' '\n' | grep -v "it/s\]$" >>"$out/train.log"
+for f in "$work"/*.log "$work"/timings.json; do  # each run's log: its last progress lines (steps, loss, speed)
+    [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' <"$f" | tail -n 40; } >>"$out/train.log"
+done
 for final in "$work"/*/final; do
     [ -d "$final/dit" ] || continue
     run_name=$(basename "$(dirname "$final")")
     [ "$run_name" = dit-cpu ] && continue  # the adopted shipped model
     tar -C "$work" -cf - "$run_name/final/dit" "$run_name/final/text_encoder" "$run_name/final/pipeline.json" |
-        split -b 12M - "$out/final.tar."
+        split -b 12M - "$out/$run_name.tar."
 done
 ls -la "$out"
