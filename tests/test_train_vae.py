@@ -265,7 +265,6 @@ class Features(torch.nn.Module):
         return (self.conv(recon) - self.conv(target)).abs().mean()
 
 
-
 def build():
     return Features()
 """
