@@ -8,10 +8,13 @@ under 3 minutes on 2 CPU cores; a test that takes more than about 5 s there is m
 and runs in CI's second step (``python -m pytest -q -m slow``, see .ci/run).
 """
 
+from dataclasses import replace
+
 import pytest
+import torch
 from test_dit import inputs, pair
 
-from vidlatent import VideoPipeline
+from vidlatent import CausalVAE, VideoPipeline
 from vidlatent.config import DiTConfig, load_config
 from vidlatent.pipelines.encode import load_vae
 
@@ -36,6 +39,25 @@ def default_pipe() -> VideoPipeline:
 def tiny_vae():
     """The tiny random VAE as the batch jobs load it (``load_vae("tiny")``), in eval mode."""
     return load_vae("tiny")[0]
+
+
+@pytest.fixture(scope="session")
+def first_stats_vae():
+    """A maker: ``make(vae, seed=3)`` is ``vae`` (same weights) with random first-frame statistics of its own."""
+
+    def make(vae: CausalVAE, seed: int = 3) -> CausalVAE:
+        c = vae.config.latent_channels
+        g = torch.Generator().manual_seed(seed)
+        cfg = replace(
+            vae.config,
+            first_latents_mean=torch.randn(c, generator=g).tolist(),
+            first_latents_std=(torch.rand(c, generator=g) + 0.2).tolist(),
+        )
+        out = CausalVAE(cfg).eval()
+        out.load_state_dict(vae.state_dict())
+        return out
+
+    return make
 
 
 # ------------------------------------------------ the tiny DiT and its diffusers twin (the LoRA tests)

@@ -19,6 +19,7 @@ from vidlatent import CausalVAE, VideoDiT
 from vidlatent.cli import main
 from vidlatent.config import DiTConfig, load_config
 from vidlatent.data.io import read_video, write_video
+from vidlatent.data.latents import load_latents
 from vidlatent.models.dit import to_diffusers_config
 from vidlatent.models.vae import vae_config_to_diffusers
 from vidlatent.pipelines.batch import latent_stats, load_vae, reconstruct
@@ -67,7 +68,7 @@ def test_encode_stats_decode_reconstruct(tmp_path, clips, capsys):
     vae.save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline folder: --model uses its vae/
     lat, stats_file, out = tmp_path / "lat", tmp_path / "stats.json", tmp_path / "recon.mp4"
     encoding = cli("encode", clips, "batch_size=2", "-o", lat, "--model", tmp_path / "pipe", "--stats",
-                   "--stats-out", stats_file, "--device", "cpu")  # fmt: skip
+                   "--first-frame-stats", "--stats-out", stats_file, "--device", "cpu")  # fmt: skip
     reconstructing = cli("reconstruct", clips / "a.mp4", "-o", out, "--model", "tiny", "--frames", "5")
     run = finish(encoding)
     assert run.returncode == 1, run.stderr  # one clip is bad: reported, the others encoded
@@ -80,8 +81,17 @@ def test_encode_stats_decode_reconstruct(tmp_path, clips, capsys):
     written = json.loads(stats_file.read_text())
     np.testing.assert_allclose(written["latents_mean"], mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(written["latents_std"], std.numpy(), atol=1e-6)
-    printed = re.search(r"latents_std: \[(.*)\]", run.stdout).group(1)
+    printed = re.search(r"^latents_std: \[(.*)\]", run.stdout, re.M).group(1)
     np.testing.assert_allclose([float(v) for v in printed.split(",")], std.numpy(), atol=1e-6)
+    # the first latent frame's own: over frame 0 of each file alone
+    first = torch.cat([load_latents(f)[0][:, 0].flatten(1) for f in files], dim=1).double()
+    np.testing.assert_allclose(written["first_latents_mean"], first.mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(written["first_latents_std"], first.std(1, correction=0).numpy(), atol=1e-5)
+    assert not np.allclose(written["first_latents_std"], written["latents_std"], atol=1e-3)
+    printed = re.search(r"^first_latents_std: \[(.*)\]", run.stdout, re.M).group(1)
+    np.testing.assert_allclose(
+        [float(v) for v in printed.split(",")], written["first_latents_std"], atol=1e-5
+    )
 
     # decode in this process (subprocess startup is slow): the seeded preset gives the weights the other
     # process saved, so no VAE mismatch note

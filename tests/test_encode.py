@@ -136,6 +136,24 @@ def test_raw_files_and_the_normalized_flag_round_trip(tmp_path, encoded, media, 
     torch.testing.assert_close(load_latents(norm_file, raw=False)[0], vae.normalize(raw[None])[0])
 
 
+def test_files_of_a_vae_with_first_frame_statistics_round_trip(tmp_path, media, vae, first_stats_vae):
+    from vidlatent.train import LatentDataset
+
+    own = first_stats_vae(vae)
+    raw_file = encode_clips([media["img"]], tmp_path / "raw", own, normalized=False, progress=False).done[0][
+        1
+    ]
+    norm_file = encode_clips([media["img"]], tmp_path / "norm", own, progress=False).done[0][1]
+    raw, meta = load_latents(raw_file, raw=False)
+    assert meta["first_latents_std"] == own.config.first_latents_std
+    expected = own.normalize(raw[None])[0]
+    assert not torch.allclose(expected, vae.normalize(raw[None])[0])  # the first frame's own statistics count
+    torch.testing.assert_close(load_latents(norm_file, raw=False)[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load_latents(norm_file, raw=True)[0], raw, atol=1e-5, rtol=1e-5)
+    for folder in ("raw", "norm"):  # a denoiser's dataset sees the same normalized latents from either file
+        torch.testing.assert_close(LatentDataset(tmp_path / folder)[0][0], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sampled_latents_are_seeded_per_clip_not_per_batch(tmp_path, media, vae):
     both = encode_clips([media["a"], media["a2"]], tmp_path / "b2", vae, sample=True, seed=3, progress=False)
     one = encode_clips(

@@ -195,6 +195,20 @@ def test_calibrated_latents_are_unit_scale(tmp_path):
     assert z.mean().abs() < 1e-3 and abs(z.std().item() - 1) < 0.05
 
 
+def test_calibration_gives_the_first_frame_its_own_statistics_when_the_vae_has_them(tmp_path):
+    trainer = Trainer(vae_config(tmp_path))
+    c = trainer.vae.config.latent_channels
+    trainer.vae.config.first_latents_mean, trainer.vae.config.first_latents_std = [0.0] * c, [1.0] * c
+    trainer.calibrate_latents(clips=8)
+    world = ShapesWorld(height=32, width=32, frames=5, seed=20_000)
+    z = torch.cat(
+        [trainer.vae.normalize(trainer.vae.encode(world.clip(i)[0][None]).mode()) for i in range(8)]
+    )
+    for frames in (z[:, :, :1], z[:, :, 1:]):  # frame 0 alone, and the rest, each unit scale per channel
+        assert frames.mean((0, 2, 3, 4)).abs().max() < 1e-3
+        assert (frames.std((0, 2, 3, 4)) - 1).abs().max() < 0.1, frames.std((0, 2, 3, 4))
+
+
 def test_world_latent_cache(tmp_path):
     vae = CausalVAE.from_pretrained("tiny").eval()
     world = ShapesWorld(height=32, width=32, frames=5, seed=1)

@@ -1,6 +1,7 @@
 """CausalVAE: parity with diffusers' AutoencoderKLWan, checkpoint layouts, causality, streaming, tiling, errors."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -275,6 +276,34 @@ def test_normalize_round_trip(tiny_pair):
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     assert torch.allclose(n, (z - mean) / std)
     assert torch.allclose(vae.denormalize(n), z, atol=1e-6)
+
+
+def test_first_frame_statistics_normalize_frame_zero_alone(tiny_pair, first_stats_vae):
+    vae = first_stats_vae(tiny_pair[0])
+    cfg = vae.config
+    z = torch.randn(2, cfg.latent_channels, 3, 2, 2) * 3
+    n = vae.normalize(z)
+    view = (1, -1, 1, 1)
+    first = (z[:, :, 0] - torch.tensor(cfg.first_latents_mean).view(view)) / torch.tensor(
+        cfg.first_latents_std
+    ).view(view)
+    later = (z[:, :, 1:] - torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)) / torch.tensor(
+        cfg.latents_std
+    ).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(n[:, :, 0], first)
+    torch.testing.assert_close(n[:, :, 1:], later)
+    torch.testing.assert_close(vae.denormalize(n), z, atol=1e-5, rtol=1e-5)
+    # an image (one latent frame) is normalized exactly like a clip's first frame
+    torch.testing.assert_close(vae.normalize(z[:, :, :1]), n[:, :, :1])
+
+
+def test_first_frame_statistics_are_checked(tiny_pair):
+    cfg = tiny_pair[0].config
+    c = cfg.latent_channels
+    with pytest.raises(ValueError, match="set together"):
+        CausalVAE(replace(cfg, first_latents_mean=[0.0] * c))
+    with pytest.raises(ValueError, match=f"first_latents_std needs {c} values, got 2"):
+        CausalVAE(replace(cfg, first_latents_mean=[0.0] * c, first_latents_std=[1.0, 1.0]))
 
 
 def test_posterior_sampling_is_seeded(tiny_pair):

@@ -139,8 +139,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     clips = expand_paths(paths)
     if not clips:
         raise ValueError(f"no video or image files in {', '.join(paths)}")
-    if args.stats_out and not args.stats:
-        raise ValueError("--stats-out needs --stats")
+    if (args.stats_out or args.first_frame_stats) and not args.stats:
+        raise ValueError(f"{'--stats-out' if args.stats_out else '--first-frame-stats'} needs --stats")
     check_writable(args.output, folder=True)
     if args.stats_out:
         check_writable(args.stats_out)
@@ -151,11 +151,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     print(report.summary())
     if args.stats:
         mean, std = latent_stats(report.outputs, all_ranks=True)
+        first = (
+            latent_stats(report.outputs, first_frame=True, all_ranks=True) if args.first_frame_stats else None
+        )
         if int(os.environ.get("RANK", 0)) == 0:
-            print("latents_mean: [" + ", ".join(f"{v:.6f}" for v in mean) + "]")
-            print("latents_std: [" + ", ".join(f"{v:.6f}" for v in std) + "]")
+            named = {"latents_mean": mean, "latents_std": std}
+            if first is not None:
+                named.update(first_latents_mean=first[0], first_latents_std=first[1])
+            for name, values in named.items():
+                print(f"{name}: [" + ", ".join(f"{v:.6f}" for v in values) + "]")
             if args.stats_out:
-                print(f"wrote {write_stats(args.stats_out, mean, std)}")
+                print(f"wrote {write_stats(args.stats_out, mean, std, first)}")
     return 1 if report.failed else 0
 
 
@@ -182,6 +188,11 @@ def add_encode(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="threads decoding clips ahead (2)")
     p.add_argument("--stats", action="store_true", help="print per-channel mean/std of the raw latents")
     p.add_argument("--stats-out", default=None, help="write them to this .yaml/.json (VAE config fields)")
+    p.add_argument(
+        "--first-frame-stats",
+        action="store_true",
+        help="with --stats: also those of each clip's first latent frame alone (first_latents_mean / _std)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_encode)
 

@@ -71,6 +71,12 @@ class VAEConfig:
     dropout: float = 0.0
     latents_mean: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
     latents_std: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+    # the first latent frame's own per-channel statistics, or None (Wan): latents_mean / latents_std for every
+    # frame. The causal VAE encodes frame 0 alone, and a small VAE's frame-0 latents can carry much less
+    # contrast than the later frames' (the default model's: a quarter of their spatial variance), which leaves
+    # a denoiser's error on that frame, relative to its content, several times larger
+    first_latents_mean: list[float] | None = None
+    first_latents_std: list[float] | None = None
     # p x p pixel patches folded into channels before the encoder and unfolded after the decoder (Wan 2.2: 2);
     # the spatial factor is then 2^stages x p
     patch_size: int = 1

@@ -58,7 +58,9 @@ LATENT_SUFFIX = ".safetensors"
 # settings added after files were written: what a file without them was made with
 LATER_SETTINGS = {"size_policy": "crop"}
 _RUNTIME_FIELDS = ("chunk_size", "tile_size", "tile_overlap", "auto_tile_above")  # not part of identity
-_JSON_FIELDS = ("source_info", "latents_mean", "latents_std", "vae", "settings")
+_JSON_FIELDS = (
+    "source_info", "latents_mean", "latents_std", "first_latents_mean", "first_latents_std", "vae", "settings"
+)  # fmt: skip
 
 
 def _version() -> str:
@@ -122,11 +124,20 @@ def load_latents(path: str | os.PathLike, raw: bool = True) -> tuple[torch.Tenso
     except Exception as err:
         raise ValueError(f"cannot read the latents in {path} ({error_reason(err)})") from err
     if raw and meta["normalized"]:
-        shape = (-1,) + (1,) * (z.dim() - 1)
-        mean = torch.tensor(meta["latents_mean"], dtype=torch.float64).view(shape)
-        std = torch.tensor(meta["latents_std"], dtype=torch.float64).view(shape)
+        mean, std = file_statistics(z.double(), meta)
         z = (z.double() * std + mean).float()
     return z, meta
+
+
+def file_statistics(z: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalization statistics a latent file's metadata stores, shaped for its latents ``z`` (c, t, h, w):
+    ``latents_mean`` / ``latents_std`` per channel, and the first frame's own when the VAE had them."""
+    from ..models.vae import latent_statistics
+
+    return latent_statistics(
+        z, meta["latents_mean"], meta["latents_std"], meta.get("first_latents_mean"), meta.get("first_latents_std"),
+        channel_dim=0,
+    )  # fmt: skip
 
 
 def latent_file_metadata(vae: CausalVAE, vae_src: str, normalized: bool, settings: dict) -> dict:
@@ -139,6 +150,14 @@ def latent_file_metadata(vae: CausalVAE, vae_src: str, normalized: bool, setting
         "normalized": "true" if normalized else "false",
         "latents_mean": list(cfg.latents_mean),
         "latents_std": list(cfg.latents_std),
+        **(
+            {
+                "first_latents_mean": list(cfg.first_latents_mean),
+                "first_latents_std": list(cfg.first_latents_std),
+            }
+            if cfg.first_latents_mean is not None
+            else {}
+        ),
         "latent": settings.get("latent", "mode"),
         "vae": {
             "fingerprint": vae_fingerprint(vae),

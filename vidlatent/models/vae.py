@@ -487,6 +487,28 @@ def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> t
 # --------------------------------------------------------------------------------------------- the VAE
 
 
+def latent_statistics(
+    z: torch.Tensor, mean, std, first_mean=None, first_std=None, channel_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``mean`` / ``std`` shaped to broadcast over latents ``z`` whose channels are ``channel_dim``
+    and frames the dimension after it; with ``first_mean`` / ``first_std`` the first latent frame gets its own
+    (``z`` then starts at a clip's first frame). Same dtype and device as ``z``."""
+    shape = [1] * z.dim()
+    shape[channel_dim] = -1
+
+    def per_channel(values) -> torch.Tensor:
+        return torch.as_tensor(values, device=z.device, dtype=z.dtype).view(shape)
+
+    m, s = per_channel(mean), per_channel(std)
+    time = channel_dim + 1
+    if first_mean is None or z.dim() <= time:
+        return m, s
+    later = [max(z.shape[time] - 1, 0) if d == time else 1 for d in range(z.dim())]
+    m = torch.cat([per_channel(first_mean), m.repeat(later)], dim=time)
+    s = torch.cat([per_channel(first_std), s.repeat(later)], dim=time)
+    return m, s
+
+
 class CausalVAE(nn.Module):
     """Video VAE: (b,3,1+4k,h,w) in [-1,1] <-> raw latents (b,c,1+k,h/s,w/s); images are one-frame clips.
 
@@ -505,9 +527,12 @@ class CausalVAE(nn.Module):
                 f"temporal_downsample needs one entry per downsampling stage ({n_down}), got "
                 f"{list(cfg.temporal_downsample)}"
             )
-        for name in ("latents_mean", "latents_std"):
-            if len(getattr(cfg, name)) != cfg.latent_channels:
-                raise ValueError(f"{name} needs {cfg.latent_channels} values, got {len(getattr(cfg, name))}")
+        for name in ("latents_mean", "latents_std", "first_latents_mean", "first_latents_std"):
+            values = getattr(cfg, name)
+            if values is not None and len(values) != cfg.latent_channels:
+                raise ValueError(f"{name} needs {cfg.latent_channels} values, got {len(values)}")
+        if (cfg.first_latents_mean is None) != (cfg.first_latents_std is None):
+            raise ValueError("first_latents_mean and first_latents_std are set together or not at all")
         if cfg.stage_shortcut not in VAE_STAGE_SHORTCUTS:
             raise ValueError(
                 f"stage_shortcut must be one of {', '.join(VAE_STAGE_SHORTCUTS)}, got {cfg.stage_shortcut!r}"
@@ -704,18 +729,19 @@ class CausalVAE(nn.Module):
     def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.dim() == 5:
             self._check_latent_channels(z.shape[1])
-        shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(self.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
-        std = torch.tensor(self.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
-        return mean, std
+        cfg = self.config
+        return latent_statistics(
+            z, cfg.latents_mean, cfg.latents_std, cfg.first_latents_mean, cfg.first_latents_std
+        )
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> unit-scale latents: (z - latents_mean) / latents_std per channel."""
+        """Raw latents (b, c, t, h, w) of whole clips -> unit-scale latents: (z - latents_mean) / latents_std per
+        channel (frame 0 by ``first_latents_mean`` / ``first_latents_std`` when the config has them)."""
         mean, std = self._stats(z)
         return (z - mean) / std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Unit-scale latents -> raw latents: z * latents_std + latents_mean per channel."""
+        """Unit-scale latents of whole clips -> raw latents: the inverse of ``normalize``."""
         mean, std = self._stats(z)
         return z * std + mean
 

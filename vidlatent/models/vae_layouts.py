@@ -61,7 +61,13 @@ def vae_config_from_diffusers(raw: dict) -> dict:
 
 
 def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
-    """``VAEConfig`` -> diffusers ``AutoencoderKLWan`` constructor arguments."""
+    """``VAEConfig`` -> diffusers ``AutoencoderKLWan`` constructor arguments. ValueError for a VAE whose first
+    latent frame has statistics of its own (``first_latents_mean``): diffusers' config has no place for them."""
+    if cfg.first_latents_mean is not None:
+        raise ValueError(
+            "this VAE normalizes its first latent frame by statistics of its own (first_latents_mean / "
+            "first_latents_std), which diffusers' AutoencoderKLWan config cannot hold"
+        )
     p = cfg.patch_size
     return {
         "base_dim": cfg.base_channels,

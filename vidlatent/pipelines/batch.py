@@ -553,13 +553,15 @@ def _all_ranks(stats: ChannelStats) -> ChannelStats:
 def latent_stats(
     latent_files: Iterable[str | os.PathLike] | str | os.PathLike,
     *,
+    first_frame: bool = False,
     all_ranks: bool = False,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of the RAW latents in a set of latent files or folders.
 
     Normalized files are denormalized first, so the result is what ``latents_mean`` / ``latents_std`` of a
-    VAE config should hold for that VAE on such data. Values accumulate in float64 (``ChannelStats``).
+    VAE config should hold for that VAE on such data; ``first_frame=True``: of each clip's first latent frame
+    alone (``first_latents_mean`` / ``first_latents_std``). Values accumulate in float64 (``ChannelStats``).
     ``all_ranks=True`` (under torchrun) merges every rank's files and returns the same result on each.
     Returns float64 tensors (c,). Raises ValueError on an unreadable file or when there are no files.
     """
@@ -569,7 +571,7 @@ def latent_stats(
     files = expand_paths(latent_files, (LATENT_SUFFIX,))
     for f in tqdm(files, desc="stats", unit="clip", disable=not progress, dynamic_ncols=True):
         z, _ = load_latents(f, raw=True)
-        stats.update(z)
+        stats.update(z[:, :1] if first_frame else z)
     if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         stats = _all_ranks(stats)
     if not stats.count:
@@ -577,14 +579,23 @@ def latent_stats(
     return stats.mean, stats.std
 
 
-def write_stats(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor) -> Path:
-    """Write ``latents_mean`` / ``latents_std`` as .yaml/.yml or .json (atomically), in the form of the
-    VAE config fields, ready to merge into a VAE's config. Returns the path."""
+def write_stats(
+    path: str | os.PathLike,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``latents_mean`` / ``latents_std`` (and ``first_latents_mean`` / ``first_latents_std`` from
+    ``first``) as .yaml/.yml or .json (atomically), in the form of the VAE config fields, ready to merge into a
+    VAE's config. Returns the path."""
     path = Path(path)
     data = {
         "latents_mean": [round(float(v), 6) for v in mean],
         "latents_std": [round(float(v), 6) for v in std],
     }
+    if first is not None:
+        data["first_latents_mean"] = [round(float(v), 6) for v in first[0]]
+        data["first_latents_std"] = [round(float(v), 6) for v in first[1]]
     suffix = path.suffix.lower()
     if suffix == ".json":
         text = json.dumps(data, indent=2) + "\n"

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.latents import latent_file_metadata, load_latents, read_latent_metadata, write_latents
+from ..data.latents import (
+    file_statistics,
+    latent_file_metadata,
+    load_latents,
+    read_latent_metadata,
+    write_latents,
+)
 from ..data.paths import expand_paths
 from ..data.shapes import to_tensor
 
@@ -133,9 +139,7 @@ class LatentDataset:
     def _read(item: LatentItem) -> torch.Tensor:
         z, meta = load_latents(item.path, raw=False)
         if not meta["normalized"]:
-            shape = (-1,) + (1,) * (z.ndim - 1)
-            mean = torch.tensor(meta["latents_mean"], dtype=torch.float64).view(shape)
-            std = torch.tensor(meta["latents_std"], dtype=torch.float64).view(shape)
+            mean, std = file_statistics(z.double(), meta)
             z = ((z.double() - mean) / std).float()
         if tuple(z.shape) != item.shape:
             raise ValueError(f"{item.path}: latents changed shape since the scan")

@@ -341,17 +341,25 @@ class VAETask(Task):
         self, clips: int = 64, vae: CausalVAE | None = None
     ) -> tuple[list[float], list[float]]:
         """Set the VAE's (or ``vae``'s) ``latents_mean``/``latents_std`` to the per-channel statistics of the
-        posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them."""
+        posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them.
+        A VAE whose config has ``first_latents_mean`` / ``first_latents_std`` gets those of frame 0 alone, and
+        ``latents_mean`` / ``latents_std`` of the later frames (of every frame when no clip has a later one)."""
         vae = self.vae if vae is None else vae
         vae.eval()
-        z = torch.cat(
-            [
-                vae.encode(video[None].to(self.device)).mode()[0].flatten(1).double()
-                for video in self._eval_clips(clips, None, 20_000)
-            ],
-            dim=1,
-        )
-        mean, std = z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+        latents = [
+            vae.encode(video[None].to(self.device)).mode()[0].double()
+            for video in self._eval_clips(clips, None, 20_000)
+        ]
+
+        def stats(parts: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+            z = torch.cat([x.flatten(1) for x in parts], dim=1)
+            return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+
+        later = []
+        if vae.config.first_latents_mean is not None:
+            vae.config.first_latents_mean, vae.config.first_latents_std = stats([x[:, :1] for x in latents])
+            later = [x[:, 1:] for x in latents if x.shape[1] > 1]
+        mean, std = stats(later or latents)
         vae.config.latents_mean, vae.config.latents_std = mean, std
         return mean, std
 
