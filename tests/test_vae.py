@@ -293,8 +293,9 @@ def test_first_frame_statistics_normalize_frame_zero_alone(tiny_pair, first_stat
     torch.testing.assert_close(n[:, :, 0], first)
     torch.testing.assert_close(n[:, :, 1:], later)
     torch.testing.assert_close(vae.denormalize(n), z, atol=1e-5, rtol=1e-5)
-    # an image (one latent frame) is normalized exactly like a clip's first frame
+    # an image (one latent frame) is normalized exactly like a clip's first frame; one clip (c, t, h, w) alike
     torch.testing.assert_close(vae.normalize(z[:, :, :1]), n[:, :, :1])
+    torch.testing.assert_close(vae.normalize(z[1]).reshape(n[1].shape), n[1])
 
 
 def test_first_frame_statistics_are_checked(tiny_pair):

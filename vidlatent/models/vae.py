@@ -730,8 +730,11 @@ class CausalVAE(nn.Module):
         if z.dim() == 5:
             self._check_latent_channels(z.shape[1])
         cfg = self.config
+        padded = (
+            z.reshape((1,) * (5 - z.dim()) + tuple(z.shape)) if z.dim() < 5 else z
+        )  # (c, t, h, w): one clip
         return latent_statistics(
-            z, cfg.latents_mean, cfg.latents_std, cfg.first_latents_mean, cfg.first_latents_std
+            padded, cfg.latents_mean, cfg.latents_std, cfg.first_latents_mean, cfg.first_latents_std
         )
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
