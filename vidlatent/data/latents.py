@@ -124,8 +124,9 @@ def load_latents(path: str | os.PathLike, raw: bool = True) -> tuple[torch.Tenso
     except Exception as err:
         raise ValueError(f"cannot read the latents in {path} ({error_reason(err)})") from err
     if raw and meta["normalized"]:
-        mean, std = file_statistics(z.double(), meta)
-        z = (z.double() * std + mean).float()
+        z = z.double()
+        mean, std = file_statistics(z, meta)
+        z = (z * std + mean).float()
     return z, meta
 
 

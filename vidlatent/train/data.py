@@ -139,8 +139,9 @@ class LatentDataset:
     def _read(item: LatentItem) -> torch.Tensor:
         z, meta = load_latents(item.path, raw=False)
         if not meta["normalized"]:
-            mean, std = file_statistics(z.double(), meta)
-            z = ((z.double() - mean) / std).float()
+            z = z.double()
+            mean, std = file_statistics(z, meta)
+            z = ((z - mean) / std).float()
         if tuple(z.shape) != item.shape:
             raise ValueError(f"{item.path}: latents changed shape since the scan")
         return z.float()
