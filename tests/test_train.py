@@ -24,6 +24,8 @@ from vidlatent.models.text import UnknownWordsWarning, load_text_encoder
 from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
+from vidlatent.train.tasks.base import Draws, drop_captions
+from vidlatent.train.tasks.denoiser import DenoiserTask
 
 
 @pytest.fixture(scope="module")
@@ -574,3 +576,62 @@ def test_unknown_or_mistyped_option_is_a_clear_error():
         load_train_config("tiny", overrides=["steps=abc"])
     with pytest.raises(ValueError, match=r"bad option betas\[1\]: Value 'a'"):
         load_train_config("tiny", overrides=["betas=[0.9,a]"])
+
+
+def _draws(seed: int, n: int, rows=None) -> Draws:
+    generator = torch.Generator().manual_seed(seed)
+    return Draws(generator, list(range(n)) if rows is None else rows, n, sliced=rows is not None)
+
+
+def test_caption_word_dropout_leaves_words_out_in_order_and_keeps_one():
+    captions = ["a blue box hops up and down", "", "a red circle", "square"] * 8
+    # off: exactly the captions (and draws) of whole-caption dropout alone
+    plain = drop_captions(captions, _draws(0, 32), 0.3)
+    assert plain == drop_captions(captions, _draws(0, 32), 0.3, 0.0)
+    g = torch.Generator().manual_seed(0)
+    whole = (torch.rand(32, generator=g) < 0.3).tolist()
+    assert plain == ["" if d else c for c, d in zip(captions, whole)]
+    # on: the same captions dropped whole, and each kept one a non-empty in-order subset of its words
+    out = drop_captions(captions, _draws(0, 32), 0.3, 0.5)
+    assert out == drop_captions(captions, _draws(0, 32), 0.3, 0.5)  # the generator decides
+    assert [o == "" for o in out] == [p == "" for p in plain]
+    left, total = 0, 0
+    for original, got in zip(plain, out):
+        words, kept = original.split(), got.split()
+        assert bool(kept) == bool(words)
+        it = iter(words)
+        assert all(w in it for w in kept), (original, got)  # an in-order subsequence
+        left, total = left + len(words) - len(kept), total + len(words)
+    assert 0.25 < left / total < 0.6, left / total  # about half left out (one word always kept)
+    assert drop_captions(captions, _draws(0, 32), 0.0, 1.0) == captions  # every word drawn out: kept whole
+
+
+def test_caption_word_dropout_draws_like_one_process_on_every_rank():
+    captions = [f"a red circle moving left number {i}" for i in range(6)]
+    whole = drop_captions(captions, _draws(3, 6), 0.2, 0.4)
+    halves = [
+        drop_captions([captions[i] for i in r], _draws(3, 6, r), 0.2, 0.4) for r in ([0, 1, 2], [3, 4, 5])
+    ]
+    assert halves[0] + halves[1] == whole
+
+
+def test_denoiser_trains_on_captions_with_words_left_out(latents, tmp_path, monkeypatch):
+    seen = []
+    original = DenoiserTask.encode_text
+
+    def record(self, captions):
+        seen.extend(captions)
+        return original(self, captions)
+
+    monkeypatch.setattr(DenoiserTask, "encode_text", record)
+    cfg = config(latents["one"], tmp_path, "steps=6", "caption_dropout=0", "caption_word_dropout=0.5",
+                 "checkpoint_every=100", "ema_decay=0")  # fmt: skip
+    Trainer(cfg).train()
+    caption = LatentDataset(latents["one"]).items[0].caption
+    assert len(caption.split()) > 2 and seen
+    assert all(s and set(s.split()) <= set(caption.split()) for s in seen)
+    assert any(s != caption for s in seen)
+    with pytest.raises(ValueError, match=r"caption_word_dropout must be in \[0, 1\]"):
+        config(latents["one"], tmp_path, "caption_word_dropout=1.5")
+    with pytest.raises(ValueError, match="disk cache, which holds the whole captions only"):
+        config(latents["one"], tmp_path, "caption_word_dropout=0.2", f"pipeline={tmp_path}")

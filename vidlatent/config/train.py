@@ -72,6 +72,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw (fused where torch has it) | adamw8bit (bitsandbytes' 8-bit states)
     ema_decay: float = 0.999  # 0 = no EMA
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (for classifier-free guidance)
+    caption_word_dropout: float = 0.0  # probability each word of a kept caption is left out (0 = off)
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0

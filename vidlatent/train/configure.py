@@ -66,7 +66,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be >= 1; got {getattr(cfg, name)}")
     if cfg.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA); got {cfg.lora_rank}")
-    for name in ("first_frame_dropout", "image_fraction", "caption_dropout"):
+    for name in ("first_frame_dropout", "image_fraction", "caption_dropout", "caption_word_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{name} must be in [0, 1]; got {getattr(cfg, name)}")
     if not cfg.first_frame_weight > 0:
@@ -75,6 +75,11 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
+    if cfg.caption_word_dropout and cfg.pipeline:
+        raise ValueError(
+            "caption_word_dropout leaves words out of captions, and a pipeline= fine-tune reads each caption's "
+            "embeddings from its disk cache, which holds the whole captions only: set caption_word_dropout=0"
+        )
     if cfg.text_cache and cfg.train_text_encoder:
         raise ValueError("text_cache=true needs a frozen text encoder (train_text_encoder=false)")
     if cfg.text_new_words and (cfg.task != "denoiser" or cfg.pipeline or not cfg.train_text_encoder):

@@ -21,7 +21,11 @@ import torch
 from ...config.train import TrainConfig
 from ..distributed import Dist
 
-__all__ = ["Batch", "Draws", "Loss", "Position", "Task"]
+__all__ = ["Batch", "Draws", "Loss", "Position", "Task", "drop_captions"]
+
+# word draws per caption for ``caption_word_dropout``: a fixed width, so every rank draws the same global
+# tensor whatever its own captions' lengths (words past it are always kept)
+WORD_DRAWS = 64
 
 
 @dataclass
@@ -50,6 +54,23 @@ class Draws:
             return fn(tuple(shape) if len(shape) else len(self.rows), generator=self.generator)
         full = fn((self.n, *tuple(shape)[1:]) if len(shape) else self.n, generator=self.generator)
         return full[self.rows] if self.sliced else full
+
+
+def drop_captions(captions: list[str], draws: Draws, dropout: float, word_dropout: float = 0.0) -> list[str]:
+    """The captions a training step conditions on: each replaced by "" with probability ``dropout`` (for
+    classifier-free guidance) and, with ``word_dropout`` > 0, each word of a kept caption (split at whitespace)
+    left out with that probability, at least one word kept (so each word's effect is learnt apart from the
+    others'). The word draws are only made when ``word_dropout`` > 0, so runs without it keep their draws."""
+    drop = (draws(torch.rand) < dropout).tolist()
+    out = ["" if d else c for c, d in zip(captions, drop)]
+    if word_dropout <= 0:
+        return out
+    keep = (draws(torch.rand, (len(out), WORD_DRAWS)) >= word_dropout).tolist()
+    for i, (caption, row) in enumerate(zip(out, keep)):
+        words = caption.split()
+        kept = [w for j, w in enumerate(words) if j >= WORD_DRAWS or row[j]]
+        out[i] = " ".join(kept) if kept else caption
+    return out
 
 
 @dataclass

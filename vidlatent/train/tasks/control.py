@@ -39,7 +39,7 @@ from ...pipelines.control import check_control_video, encode, fold_mask
 from ..control_data import FolderControls, WorldControls
 from ..distributed import Dist, all_reduce_, share
 from . import register
-from .base import Batch, Draws, Loss, Position, Task
+from .base import Batch, Draws, Loss, Position, Task, drop_captions
 from .denoiser import TextCache, dit_flops
 
 __all__ = ["CONTROL_INITS", "ControlBatch", "ControlTask"]
@@ -219,8 +219,7 @@ class ControlTask(Task):
         ))  # fmt: skip
         sigma = (shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma).to(self.device)
         noise = draws(torch.randn, x0.shape).to(self.device)
-        drop = (draws(torch.rand) < cfg.caption_dropout).tolist()
-        captions = ["" if d else c for c, d in zip(batch.captions, drop)]
+        captions = drop_captions(batch.captions, draws, cfg.caption_dropout, cfg.caption_word_dropout)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
             pred, text_tokens = forward(add_noise(x0, noise, sigma), sigma, captions, batch.control)
         value = flow_loss(pred, velocity_target(x0, noise))

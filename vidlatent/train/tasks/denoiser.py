@@ -37,7 +37,7 @@ from ..cache import PipelineParts, prepare_cache
 from ..data import BucketSampler, LatentDataset
 from ..distributed import Dist, all_reduce_, share
 from . import register
-from .base import Batch, Draws, Loss, Position, Task
+from .base import Batch, Draws, Loss, Position, Task, drop_captions
 
 __all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops", "save_diffusers_dit"]
 
@@ -336,8 +336,7 @@ class DenoiserTask(Task):
         ))  # fmt: skip
         sigma = shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma
         noise = draws(torch.randn, x0.shape).to(self.device)
-        drop = (draws(torch.rand) < cfg.caption_dropout).tolist()
-        captions = ["" if d else c for c, d in zip(batch.captions, drop)]
+        captions = drop_captions(batch.captions, draws, cfg.caption_dropout, cfg.caption_word_dropout)
         sigma = sigma.to(self.device)
         x_sigma, weight = add_noise(x0, noise, sigma), None
         if cfg.first_frame_dropout < 1:  # drawn only when on, so runs without it keep their draws
