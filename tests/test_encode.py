@@ -28,6 +28,7 @@ from vidlatent.pipelines.batch import (
     ChannelStats,
     decode_latents,
     encode_clips,
+    first_frame_stats,
     latent_stats,
     load_vae,
     reconstruct,
@@ -291,6 +292,37 @@ def test_latent_stats_over_files_match_torch_on_the_concatenation(tmp_path, enco
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no latent files"):
         latent_stats(tmp_path / "empty")
+
+
+def test_latent_stats_of_first_and_later_frames(tmp_path, encoded):
+    _, out = encoded
+    files = sorted(out.iterdir())
+    raws = [load_latents(f)[0] for f in files]
+    assert any(z.shape[1] == 1 for z in raws) and any(z.shape[1] > 1 for z in raws)  # the image and clips
+    for frames, part in (("first", slice(0, 1)), ("later", slice(1, None))):
+        flat = torch.cat([z[:, part].double().flatten(1) for z in raws], 1)
+        mean, std = latent_stats(out, frames=frames)
+        torch.testing.assert_close(mean, flat.mean(1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(std, flat.std(1, correction=0), rtol=0, atol=1e-12)
+    # both in one pass, as a VAE with first-frame statistics holds them
+    (first_mean, first_std), (mean, std) = first_frame_stats(out)
+    assert torch.equal(first_mean, latent_stats(out, frames="first")[0])
+    assert torch.equal(first_std, latent_stats(out, frames="first")[1])
+    assert torch.equal(mean, latent_stats(out, frames="later")[0])
+    assert torch.equal(std, latent_stats(out, frames="later")[1])
+    assert not torch.allclose(mean, latent_stats(out)[0], atol=1e-4)
+    # images only: no later frame; first_frame_stats then gives frame 0's for both, as VAE calibration does
+    images = tmp_path / "images"
+    images.mkdir()
+    for f, z in zip(files, raws):
+        if z.shape[1] == 1:
+            shutil.copy(f, images / f.name)
+    with pytest.raises(ValueError, match="no latent file has a frame after the first"):
+        latent_stats(images, frames="later")
+    first, later = first_frame_stats(images)
+    assert all(torch.equal(a, b) for a, b in zip(first, later))
+    with pytest.raises(ValueError, match="frames must be one of all, first, later; got 'middle'"):
+        latent_stats(out, frames="middle")
 
 
 # --------------------------------------------------------------------------------------------- decode

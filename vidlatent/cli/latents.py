@@ -112,7 +112,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from ..checkpoint import check_writable
     from ..data.paths import expand_paths
-    from ..pipelines.batch import encode_clips, latent_stats, write_stats
+    from ..pipelines.batch import encode_clips, first_frame_stats, latent_stats, write_stats
 
     paths, args.overrides = _split_overrides(args.clips + args.overrides)
     defaults = {
@@ -150,10 +150,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     report = encode_clips(clips, args.output, vae, size=tuple(size) if size else None, vae_src=src, **options)
     print(report.summary())
     if args.stats:
-        mean, std = latent_stats(report.outputs, all_ranks=True)
-        first = (
-            latent_stats(report.outputs, first_frame=True, all_ranks=True) if args.first_frame_stats else None
-        )
+        if args.first_frame_stats:  # the later frames' then, as VAE export calibrates such a VAE
+            first, (mean, std) = first_frame_stats(report.outputs, all_ranks=True)
+        else:
+            first, (mean, std) = None, latent_stats(report.outputs, all_ranks=True)
         if int(os.environ.get("RANK", 0)) == 0:
             named = {"latents_mean": mean, "latents_std": std}
             if first is not None:
@@ -191,7 +191,8 @@ def add_encode(sub) -> None:
     p.add_argument(
         "--first-frame-stats",
         action="store_true",
-        help="with --stats: also those of each clip's first latent frame alone (first_latents_mean / _std)",
+        help="with --stats: also those of each clip's first latent frame alone (first_latents_mean / _std); "
+        "latents_mean / _std are then the later frames' (as VAE export calibrates such a VAE)",
     )
     add_common(p)
     p.set_defaults(func=cmd_encode)

@@ -51,6 +51,7 @@ __all__ = [
     "decode_latents",
     "encode_clips",
     "latent_stats",
+    "first_frame_stats",
     "load_vae",
     "reconstruct",
     "write_stats",
@@ -550,33 +551,67 @@ def _all_ranks(stats: ChannelStats) -> ChannelStats:
     return total
 
 
+FRAME_PARTS = ("all", "first", "later")  # which latent frames of each clip ``latent_stats`` reads
+
+
+def _frame_stats(files, parts: tuple[str, ...], all_ranks: bool, progress: bool) -> dict[str, ChannelStats]:
+    """One pass over the latent files: the raw latents' ``ChannelStats`` of each of ``parts`` (FRAME_PARTS)."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    stats = {part: ChannelStats() for part in parts}
+    for f in tqdm(expand_paths(files, (LATENT_SUFFIX,)), desc="stats", unit="clip", disable=not progress,
+                  dynamic_ncols=True):  # fmt: skip
+        z, _ = load_latents(f, raw=True)
+        for part, acc in stats.items():
+            acc.update(z if part == "all" else z[:, :1] if part == "first" else z[:, 1:])
+    if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        stats = {part: _all_ranks(acc) for part, acc in stats.items()}
+    return stats
+
+
 def latent_stats(
     latent_files: Iterable[str | os.PathLike] | str | os.PathLike,
     *,
-    first_frame: bool = False,
+    frames: str = "all",
     all_ranks: bool = False,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of the RAW latents in a set of latent files or folders.
 
     Normalized files are denormalized first, so the result is what ``latents_mean`` / ``latents_std`` of a
-    VAE config should hold for that VAE on such data; ``first_frame=True``: of each clip's first latent frame
-    alone (``first_latents_mean`` / ``first_latents_std``). Values accumulate in float64 (``ChannelStats``).
-    ``all_ranks=True`` (under torchrun) merges every rank's files and returns the same result on each.
-    Returns float64 tensors (c,). Raises ValueError on an unreadable file or when there are no files.
+    VAE config should hold for that VAE on such data. ``frames``: every latent frame of each clip (``"all"``),
+    the first alone (``"first"``: ``first_latents_mean`` / ``first_latents_std``) or the ones after it
+    (``"later"``); ``first_frame_stats`` gives a VAE with first-frame statistics both in one pass. Values
+    accumulate in float64 (``ChannelStats``). ``all_ranks=True`` (under torchrun) merges every rank's files
+    and returns the same result on each. Returns float64 tensors (c,). Raises ValueError on an unreadable file,
+    an unknown ``frames``, or when there are no such frames.
     """
-    if isinstance(latent_files, (str, os.PathLike)):
-        latent_files = [latent_files]
-    stats = ChannelStats()
-    files = expand_paths(latent_files, (LATENT_SUFFIX,))
-    for f in tqdm(files, desc="stats", unit="clip", disable=not progress, dynamic_ncols=True):
-        z, _ = load_latents(f, raw=True)
-        stats.update(z[:, :1] if first_frame else z)
-    if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        stats = _all_ranks(stats)
+    if frames not in FRAME_PARTS:
+        raise ValueError(f"frames must be one of {', '.join(FRAME_PARTS)}; got {frames!r}")
+    stats = _frame_stats(latent_files, (frames,), all_ranks, progress)[frames]
     if not stats.count:
+        if frames == "later":
+            raise ValueError("no latent file has a frame after the first (one-frame images only)")
         raise ValueError("no latent files to compute statistics over")
     return stats.mean, stats.std
+
+
+def first_frame_stats(
+    latent_files: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    all_ranks: bool = False,
+    progress: bool = False,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The statistics of a VAE that normalizes frame 0 on its own, read in one pass over the latent files, as
+    VAE export calibrates them: ``((first_latents_mean, first_latents_std), (latents_mean, latents_std))``,
+    the second of the later frames (of every frame when no clip has a frame after the first). Options and
+    errors as ``latent_stats``'."""
+    stats = _frame_stats(latent_files, ("first", "later"), all_ranks, progress)
+    first, later = stats["first"], stats["later"]
+    if not first.count:
+        raise ValueError("no latent files to compute statistics over")
+    later = later if later.count else first  # images only: every frame is a first frame
+    return (first.mean, first.std), (later.mean, later.std)
 
 
 def write_stats(
