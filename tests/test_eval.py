@@ -2,6 +2,7 @@
 what a pipeline's videos show (a stand-in pipeline that hands back the true clips, so no sampling is needed)."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from vidlatent import VideoPipeline
 from vidlatent.data.shapes import SHAPES, ShapesWorld
 from vidlatent.eval import LABELS, last_frame_scores, pool, read_back, score_split, split_items, tally
-from vidlatent.eval.shapes import ANIMATE_SEED, edit_target
+from vidlatent.eval.card import breakdown_table
+from vidlatent.eval.shapes import ANIMATE_SEED, VAE_SEED, edit_target, score_vae
 
 KEYS = ("colour", "shape", "motion")
 
@@ -82,3 +84,32 @@ def test_last_frame_scores_every_candidate_on_a_tiny_pipeline():
     scores = last_frame_scores(pipe, clips=1, log=lines.append)
     assert list(scores) == list(LABELS) and all(len(v) == 1 and v[0] > 0 for v in scores.values())
     assert len(lines) == 1
+
+
+class IdentityVAE:
+    """A stand-in VAE that gives each clip back as it is (``blank``: a clip of zeros, mid-gray, no object)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, blank: bool = False):
+        self.blank = blank
+
+    def encode(self, x):
+        return types.SimpleNamespace(mode=lambda: x)
+
+    def decode(self, z):
+        return torch.zeros_like(z) if self.blank else z
+
+
+def test_score_vae_reads_true_clips_back_by_colour_shape_and_pair():
+    r = score_vae(IdentityVAE(), 12)
+    assert r["clips"] == 12 and r["oracle_colour"] == r["oracle_shape"] == r["oracle_motion"] == 1.0
+    assert sum(g["n"] for g in r["by_pair"].values()) == sum(g["n"] for g in r["by_colour"].values()) == 12
+    assert all(g["shape"] == 1.0 for g in r["by_pair"].values())
+    world = ShapesWorld(64, 64, 17, split="heldout", seed=VAE_SEED)
+    first = world.scene(0).objects[0]
+    assert r["by_pair"][f"{first.colour} {first.shape}"]["n"] >= 1
+    table = "\n".join(breakdown_table(r))  # the model card's table of it
+    assert f"| {first.colour} |" in table and "| shape read right |" in table
+    lost = score_vae(IdentityVAE(blank=True), 4)
+    assert lost["oracle_shape"] == 0.0 and all(g["shape"] == 0.0 for g in lost["by_shape"].values())

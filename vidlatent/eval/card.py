@@ -308,6 +308,8 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
                       f"{v['psnr_min']:.2f} dB worst. The oracle reads the clip's object right through the VAE "
                       f"(reconstruction of the true clip): colour {v['oracle_colour']:.1%}, shape "
                       f"{v['oracle_shape']:.1%}, motion {v['oracle_motion']:.1%}."]  # fmt: skip
+        if "by_colour" in v:
+            lines += ["", "Read through the VAE, by the clip's object:", "", *breakdown_table(v)]
     if "cli" in results:
         c = results["cli"]
         lines += ["", f"`vidlatent generate \"a red circle moving right\" -o out.mp4` in a fresh process: "

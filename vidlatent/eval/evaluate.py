@@ -95,6 +95,8 @@ def evaluate(
         v = results["vae"] = score_vae(pipe.vae, vae_clips)
         log(f"vae: PSNR {v['psnr_mean']:.2f} dB (min {v['psnr_min']:.2f}); oracle through it: colour "
             f"{v['oracle_colour']:.1%} shape {v['oracle_shape']:.1%} motion {v['oracle_motion']:.1%}")  # fmt: skip
+        for line in breakdown_lines(v):
+            log(line)
     if cli_runs:
         c = results["cli"] = cli_time(model, cli_runs)
         log(f"cli generate: {c['best_s']:.1f}-{c['worst_s']:.1f} s")
