@@ -129,7 +129,9 @@ def compare_with_diffusers(args) -> None:
     target = torch.randn(x.shape, generator=g).to(device)
     torch.manual_seed(0)
     with device:  # every model is initialised where it runs (the 1.3B's random init takes long on a CPU)
-        weights = {k: v.cpu() for k, v in VideoDiT(cfg).state_dict().items()}  # random init, kept on the CPU
+        weights = {
+            k: v.to("cpu", copy=True) for k, v in VideoDiT(cfg).state_dict().items()
+        }  # random init, a CPU copy
 
     def ours():
         with device:
