@@ -129,9 +129,8 @@ def compare_with_diffusers(args) -> None:
     target = torch.randn(x.shape, generator=g).to(device)
     torch.manual_seed(0)
     with device:  # every model is initialised where it runs (the 1.3B's random init takes long on a CPU)
-        weights = {
-            k: v.to("cpu", copy=True) for k, v in VideoDiT(cfg).state_dict().items()
-        }  # random init, a CPU copy
+        # the random init, copied to the CPU (on a CPU, .cpu() would alias the init model's tensors)
+        weights = {k: v.to("cpu", copy=True) for k, v in VideoDiT(cfg).state_dict().items()}
 
     def ours():
         with device:

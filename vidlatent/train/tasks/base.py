@@ -58,9 +58,10 @@ class Draws:
 
 def drop_captions(captions: list[str], draws: Draws, dropout: float, word_dropout: float = 0.0) -> list[str]:
     """The captions a training step conditions on: each replaced by "" with probability ``dropout`` (for
-    classifier-free guidance) and, with ``word_dropout`` > 0, each word of a kept caption (split at whitespace)
-    left out with that probability, at least one word kept (so each word's effect is learnt apart from the
-    others'). The word draws are only made when ``word_dropout`` > 0, so runs without it keep their draws."""
+    classifier-free guidance) and, with ``word_dropout`` > 0, each word of a kept caption (split at whitespace;
+    words past the ``WORD_DRAWS``-th always stay) left out with that probability, so each word's effect is learnt
+    apart from the others'; a caption that would lose every word stays whole. The word draws are only made when
+    ``word_dropout`` > 0, so runs without it keep their draws."""
     drop = (draws(torch.rand) < dropout).tolist()
     out = ["" if d else c for c, d in zip(captions, drop)]
     if word_dropout <= 0:
