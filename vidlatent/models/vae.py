@@ -730,9 +730,7 @@ class CausalVAE(nn.Module):
         if z.dim() == 5:
             self._check_latent_channels(z.shape[1])
         cfg = self.config
-        padded = (
-            z.reshape((1,) * (5 - z.dim()) + tuple(z.shape)) if z.dim() < 5 else z
-        )  # (c, t, h, w): one clip
+        padded = z[(None,) * (5 - z.dim())]  # an unbatched clip (c, t, h, w) as a batch of one
         return latent_statistics(
             padded, cfg.latents_mean, cfg.latents_std, cfg.first_latents_mean, cfg.first_latents_std
         )

@@ -530,8 +530,9 @@ class ChannelStats:
         return (self.m2 / self.count).sqrt()
 
 
-def _all_ranks(stats: ChannelStats) -> ChannelStats:
-    """Merge every rank's statistics under torchrun (gloo process group made for it if there is none)."""
+def _all_ranks(stats: dict[str, ChannelStats]) -> dict[str, ChannelStats]:
+    """Merge every rank's statistics (each entry of ``stats``) under torchrun, in one gather (a gloo process
+    group made for it if there is none)."""
     import torch.distributed as dist
 
     own = not dist.is_initialized()
@@ -539,15 +540,15 @@ def _all_ranks(stats: ChannelStats) -> ChannelStats:
         dist.init_process_group("gloo")
     try:
         parts = [None] * dist.get_world_size()
-        state = (stats.count, stats.mean, stats.m2)
-        dist.all_gather_object(parts, state)
+        dist.all_gather_object(parts, {name: (s.count, s.mean, s.m2) for name, s in stats.items()})
     finally:
         if own:
             dist.destroy_process_group()
-    total = ChannelStats()
-    for count, mean, m2 in parts:
-        if count:
-            total.merge_moments(count, mean, m2)
+    total = {name: ChannelStats() for name in stats}
+    for rank in parts:
+        for name, (count, mean, m2) in rank.items():
+            if count:
+                total[name].merge_moments(count, mean, m2)
     return total
 
 
@@ -565,7 +566,7 @@ def _frame_stats(files, parts: tuple[str, ...], all_ranks: bool, progress: bool)
         for part, acc in stats.items():
             acc.update(z if part == "all" else z[:, :1] if part == "first" else z[:, 1:])
     if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        stats = {part: _all_ranks(acc) for part, acc in stats.items()}
+        stats = _all_ranks(stats)
     return stats
 
 
