@@ -29,6 +29,7 @@ from ...config.train import TrainConfig
 from ...data.shapes import ShapesWorld
 from ...metrics import psnr
 from ...models.vae import CausalVAE, StreamCache
+from ...pipelines.batch import ChannelStats
 from .. import distributed
 from ..distributed import Dist, share
 from ..losses import PatchDiscriminator, hinge_d_loss, vae_loss
@@ -343,23 +344,25 @@ class VAETask(Task):
         """Set the VAE's (or ``vae``'s) ``latents_mean``/``latents_std`` to the per-channel statistics of the
         posterior mode over ``clips`` training-split clips, so a denoiser sees unit-scale latents; returns them.
         A VAE whose config has ``first_latents_mean`` / ``first_latents_std`` gets those of frame 0 alone, and
-        ``latents_mean`` / ``latents_std`` of the later frames (of every frame when no clip has a later one)."""
+        ``latents_mean`` / ``latents_std`` of the later frames (of every frame when no clip has a later one).
+        Accumulated clip by clip in float64 with the population standard deviation, as ``latent_stats``."""
         vae = self.vae if vae is None else vae
         vae.eval()
-        latents = [
-            vae.encode(video[None].to(self.device)).mode()[0].double()
-            for video in self._eval_clips(clips, None, 20_000)
-        ]
+        first_apart = vae.config.first_latents_mean is not None
+        every, first, later = ChannelStats(), ChannelStats(), ChannelStats()
+        for video in self._eval_clips(clips, None, 20_000):
+            z = vae.encode(video[None].to(self.device)).mode()[0]
+            every.update(z)
+            if first_apart:
+                first.update(z[:, :1])
+                later.update(z[:, 1:])
 
-        def stats(parts: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-            z = torch.cat([x.flatten(1) for x in parts], dim=1)
-            return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+        def listed(stats: ChannelStats) -> tuple[list[float], list[float]]:
+            return stats.mean.tolist(), stats.std.clamp_min(1e-6).tolist()
 
-        later = []
-        if vae.config.first_latents_mean is not None:
-            vae.config.first_latents_mean, vae.config.first_latents_std = stats([x[:, :1] for x in latents])
-            later = [x[:, 1:] for x in latents if x.shape[1] > 1]
-        mean, std = stats(later or latents)
+        if first_apart:
+            vae.config.first_latents_mean, vae.config.first_latents_std = listed(first)
+        mean, std = listed(later if later.count else every)
         vae.config.latents_mean, vae.config.latents_std = mean, std
         return mean, std
 
