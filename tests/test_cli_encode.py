@@ -22,7 +22,7 @@ from vidlatent.data.io import read_video, write_video
 from vidlatent.data.latents import load_latents
 from vidlatent.models.dit import to_diffusers_config
 from vidlatent.models.vae import vae_config_to_diffusers
-from vidlatent.pipelines.batch import latent_stats, load_vae, reconstruct
+from vidlatent.pipelines.batch import first_frame_stats, latent_stats, load_vae, reconstruct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,14 +188,18 @@ def test_convert_diffusers_pipeline_root_and_vae_folder(tmp_path, capsys):
     )
 
 
+def torchrun_encode(folder, lat, stats_file, *flags) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vidlatent.cli", "encode", folder, "-o", lat, "--model", "tiny", "--stats", "--stats-out",
+           stats_file, "--device", "cpu", *flags]  # fmt: skip
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
+
+
 @pytest.mark.slow
 def test_torchrun_shards_clips_and_merges_stats_across_ranks(tmp_path, clips):
     lat, stats_file = tmp_path / "lat", tmp_path / "stats.json"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vidlatent.cli", "encode", clips, "-o", lat, "--model", "tiny", "--stats", "--stats-out",
-           stats_file, "--device", "cpu"]  # fmt: skip
-    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
+    run = torchrun_encode(clips, lat, stats_file)
     assert run.returncode != 0  # bad.mp4 fails on its rank, which exits 1
     # sorted clips a.mp4, bad.mp4, still.png: rank 0 encodes two, rank 1 has only the bad one (and no
     # statistics of its own to contribute, which the merge must survive)
@@ -206,3 +210,23 @@ def test_torchrun_shards_clips_and_merges_stats_across_ranks(tmp_path, clips):
     mean, std = latent_stats(lat)
     np.testing.assert_allclose(written["latents_mean"], mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(written["latents_std"], std.numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_merges_first_frame_stats_from_every_rank(tmp_path):
+    # a.mp4 and c.mp4 on rank 0, b.mp4 and still.png on rank 1: both ranks hold first and later frames
+    folder, lat, stats_file = tmp_path / "clips", tmp_path / "lat", tmp_path / "stats.json"
+    folder.mkdir()
+    write_video(folder / "a.mp4", pattern(9, 16, 32), fps=8)
+    write_video(folder / "b.mp4", -pattern(5, 16, 16), fps=8)
+    write_video(folder / "c.mp4", pattern(13, 16, 16).flip(-1), fps=8)
+    write_video(folder / "still.png", pattern(1, 16, 16))
+    run = torchrun_encode(folder, lat, stats_file, "--first-frame-stats")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "encode (rank 0 of 2): 2 done" in run.stdout and "encode (rank 1 of 2): 2 done" in run.stdout
+    written = json.loads(stats_file.read_text())
+    (first_mean, first_std), (mean, std) = first_frame_stats(lat)  # one process over all four files
+    for key, want in [("first_latents_mean", first_mean), ("first_latents_std", first_std),
+                      ("latents_mean", mean), ("latents_std", std)]:  # fmt: skip
+        np.testing.assert_allclose(written[key], want.numpy(), atol=1e-6, err_msg=key)
+    assert not np.allclose(written["first_latents_mean"], written["latents_mean"], atol=1e-3)
