@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ..config import PRESET_DIR, DiTConfig, list_presets, load_config
 from ..recipes.recipe import Recipe, Stage, load_recipe
 from .frames import MAX_GROWTH, MIN_IOU
+from .shapes import breakdown_rows
 
 # the working folder the card's train commands name: scripts/train_default.py's default --out
 CARD_OUT = "runs/default"
@@ -29,22 +30,23 @@ def breakdown_table(r: dict) -> list[str]:
     """Markdown lines of one split's results (``evaluate``'s, pooled over seeds) broken down by what was asked: a
     table of the rates by asked colour, then by asked shape (items, colour, shape, motion, all), and a table of
     the shape rate by asked (colour, shape) pair, a row per colour ("-": no such item); [] without them."""
-    if "by_colour" not in r:
-        return []
-    keys = [k for k in ("colour", "shape", "motion", "all") if k in next(iter(r["by_colour"].values()))]
     seeds = len(r.get("seeds", [0]))
+    t = breakdown_rows(r, seeds)
+    if t is None:
+        return []
+    keys = t["keys"]
     n = f"n (x {seeds} seeds)" if seeds > 1 else "n"
     lines = [f"| asked | {n} | " + " | ".join("all three" if k == "all" and "motion" in keys else k for k in keys)
              + " |", "|---" * (len(keys) + 2) + "|"]  # fmt: skip
-    for by in ("by_colour", "by_shape"):
-        for name, g in r[by].items():
-            lines.append(f"| {name} | {g['n'] // seeds} | " + " | ".join(f"{g[k]:.1%}" for k in keys) + " |")
-    shapes = list(r["by_shape"])
+    lines += [
+        f"| {name} | {n} | " + " | ".join(f"{v:.1%}" for v in rates) + " |" for name, n, rates in t["rows"]
+    ]
+    shapes = t["shapes"]
     lines += ["", "| shape read right | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
-    for colour in r["by_colour"]:
-        pairs = [r["by_pair"].get(f"{colour} {shape}") for shape in shapes]
-        cells = [f"{g['shape']:.1%} ({g['n'] // seeds})" if g else "-" for g in pairs]
-        lines.append(f"| {colour} | " + " | ".join(cells) + " |")
+    for colour, cells in t["pairs"]:
+        lines.append(
+            f"| {colour} | " + " | ".join(f"{c[0]:.1%} ({c[1]})" if c else "-" for c in cells) + " |"
+        )
     return lines
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import time
 
 from .frames import MAX_GROWTH, MIN_IOU
-from .shapes import SPLITS, pool, score_split, score_vae
+from .shapes import SPLITS, breakdown_rows, pool, score_split, score_vae
 from .speed import cli_time
 from .wide import ATTRIBUTES, score_wide
 
@@ -15,21 +15,16 @@ from .wide import ATTRIBUTES, score_wide
 def breakdown_lines(r: dict) -> list[str]:
     """One split's rates by asked colour and by asked shape (a row each: items, colour, shape, motion, all) and
     its shape rate by asked (colour, shape) pair (a row per colour), as plain-text tables; none without them."""
-    if "by_colour" not in r:
+    t = breakdown_rows(r)
+    if t is None:
         return []
-    keys = [k for k in ("colour", "shape", "motion", "all") if k in next(iter(r["by_colour"].values()))]
-    lines = ["  {:<9} {:>4} ".format("asked", "n") + " ".join(f"{k:>7}" for k in keys)]
-    for by in ("by_colour", "by_shape"):
-        for name, g in r[by].items():
-            lines.append(f"  {name:<9} {g['n']:>4} " + " ".join(f"{g[k]:>7.1%}" for k in keys))
-    shapes = list(r["by_shape"])
-    lines.append("  {:<9} ".format("shape by") + " ".join(f"{s:>14}" for s in shapes))
-    for colour in r["by_colour"]:
-        cells = []
-        for shape in shapes:
-            g = r["by_pair"].get(f"{colour} {shape}")
-            cells.append(f"{g['shape']:>7.1%} ({g['n']:>3})" if g else f"{'-':>14}")
-        lines.append(f"  {colour:<9} " + " ".join(cells))
+    lines = ["  {:<9} {:>4} ".format("asked", "n") + " ".join(f"{k:>7}" for k in t["keys"])]
+    lines += [f"  {name:<9} {n:>4} " + " ".join(f"{v:>7.1%}" for v in rates) for name, n, rates in t["rows"]]
+    lines.append("  {:<9} ".format("shape by") + " ".join(f"{s:>14}" for s in t["shapes"]))
+    for colour, cells in t["pairs"]:
+        lines.append(
+            f"  {colour:<9} " + " ".join(f"{c[0]:>7.1%} ({c[1]:>3})" if c else f"{'-':>14}" for c in cells)
+        )
     return lines
 
 

@@ -95,6 +95,23 @@ def breakdown(asked: list[tuple[str, str, str]], rows: list[dict], keys: tuple[s
     return out
 
 
+def breakdown_rows(r: dict, seeds: int = 1) -> dict | None:
+    """The cells of a split's breakdown (``breakdown``'s, in ``r``) for a table, None without one: ``keys`` (the
+    rates it has, of colour / shape / motion / all), ``rows`` [(asked colour or shape, items, [rate per key])],
+    colours first, ``shapes`` (the pair table's columns) and ``pairs`` [(colour, [(shape rate, items) or None per
+    shape])]. Item counts are divided by ``seeds`` (a pooled run's per-seed count)."""
+    if "by_colour" not in r:
+        return None
+    keys = [k for k in ("colour", "shape", "motion", "all") if k in next(iter(r["by_colour"].values()))]
+    rows = [(name, g["n"] // seeds, [g[k] for k in keys]) for by in BY[:2] for name, g in r[by].items()]
+    shapes = list(r["by_shape"])
+    pairs = []
+    for colour in r["by_colour"]:
+        groups = [r["by_pair"].get(f"{colour} {shape}") for shape in shapes]
+        pairs.append((colour, [(g["shape"], g["n"] // seeds) if g else None for g in groups]))
+    return {"keys": keys, "rows": rows, "shapes": shapes, "pairs": pairs}
+
+
 def pool_breakdown(parts: list[dict]) -> dict:
     """``breakdown``s of several runs merged: each group's rates weighted by its items."""
     out = {}
