@@ -24,7 +24,7 @@ from vidlatent.models.text import UnknownWordsWarning, load_text_encoder
 from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
-from vidlatent.train.tasks.base import Draws, drop_captions
+from vidlatent.train.tasks.base import Draws, draw_sigmas, drop_captions
 from vidlatent.train.tasks.denoiser import DenoiserTask
 
 
@@ -635,3 +635,29 @@ def test_denoiser_trains_on_captions_with_words_left_out(latents, tmp_path, monk
         config(latents["one"], tmp_path, "caption_word_dropout=1.5")
     with pytest.raises(ValueError, match="disk cache, which holds the whole captions only"):
         config(latents["one"], tmp_path, "caption_word_dropout=0.2", f"pipeline={tmp_path}")
+
+
+def test_sigma_range_maps_the_drawn_noise_levels_into_the_band(latents, tmp_path, monkeypatch):
+    base = config(latents["one"], tmp_path, "timestep_sampling=uniform", "shift=3")
+    band = config(latents["one"], tmp_path, "timestep_sampling=uniform", "shift=3", "sigma_range=[0.1,0.4]")
+    plain, mapped = draw_sigmas(base, _draws(5, 4096)), draw_sigmas(band, _draws(5, 4096))
+    torch.testing.assert_close(mapped, 0.1 + 0.3 * plain)  # the same draws (and shift), mapped linearly
+    assert 0.1 <= mapped.min() and mapped.max() <= 0.4
+    # a training run sees only noise levels in the band
+    seen = []
+    original = DenoiserTask.forward
+
+    def record(self, x_sigma, sigma, captions, extra=None):
+        seen.append(sigma.detach().clone())
+        return original(self, x_sigma, sigma, captions, extra)
+
+    monkeypatch.setattr(DenoiserTask, "forward", record)
+    cfg = config(latents["one"], tmp_path, "steps=8", "sigma_range=[0.2,0.3]", "checkpoint_every=100")
+    Trainer(cfg).train()
+    sigmas = torch.cat(seen)
+    assert len(sigmas) >= 8 and 0.2 <= sigmas.min() and sigmas.max() <= 0.3 and sigmas.std() > 0
+    for bad in ("[0.5,0.2]", "[0,1.5]", "[0.3]"):
+        with pytest.raises(ValueError, match=r"sigma_range must be \[lo, hi\] with 0 <= lo < hi <= 1"):
+            config(latents["one"], tmp_path, f"sigma_range={bad}")
+    with pytest.raises(ValueError, match="task=vae draws none"):
+        config("shapes", tmp_path, "task=vae", "vae=tiny", "sigma_range=[0,0.5]")

@@ -77,6 +77,9 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0  # sigma shift applied to the sampled sigmas
+    # [lo, hi]: the drawn sigmas (after shift) mapped linearly into this band, so a denoiser learns only those
+    # noise levels (one expert of a two-expert model; a carry-on that leaves the others as they are); None = (0, 1)
+    sigma_range: list[float] | None = None
     mixed_precision: str = "no"  # no | bf16 (autocast)
     gradient_checkpointing: bool = False
     # denoiser: torch.compile each DiT block (fewer kernel launches; compiles on the first step)

@@ -73,6 +73,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"first_frame_weight must be > 0 (1 = every frame alike); got {cfg.first_frame_weight}"
         )
+    if cfg.sigma_range is not None:
+        band = list(cfg.sigma_range)
+        if (
+            len(band) != 2
+            or not all(isinstance(v, (int, float)) for v in band)
+            or not 0 <= band[0] < band[1] <= 1
+        ):
+            raise ValueError(f"sigma_range must be [lo, hi] with 0 <= lo < hi <= 1; got {cfg.sigma_range!r}")
+        if cfg.task == "vae":
+            raise ValueError("sigma_range is the noise levels a denoiser learns: task=vae draws none")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
     if cfg.caption_word_dropout and cfg.pipeline:

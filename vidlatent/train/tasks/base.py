@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ...config.train import TrainConfig
+from ...diffusion.flow import sample_sigmas, shift_sigmas
 from ..distributed import Dist
 
 __all__ = ["Batch", "Draws", "Loss", "Position", "Task", "drop_captions"]
@@ -54,6 +55,20 @@ class Draws:
             return fn(tuple(shape) if len(shape) else len(self.rows), generator=self.generator)
         full = fn((self.n, *tuple(shape)[1:]) if len(shape) else self.n, generator=self.generator)
         return full[self.rows] if self.sliced else full
+
+
+def draw_sigmas(cfg: TrainConfig, draws: Draws) -> torch.Tensor:
+    """A training step's noise levels: ``timestep_sampling``'s draws (one per clip of the global batch), then
+    ``shift``, then mapped linearly into ``sigma_range`` when it is set (no further draws, so runs without it keep
+    theirs)."""
+    sigma = draws(lambda n, generator: sample_sigmas(
+        n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
+    ))  # fmt: skip
+    sigma = shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma
+    if cfg.sigma_range is not None:
+        lo, hi = cfg.sigma_range
+        sigma = lo + (hi - lo) * sigma
+    return sigma
 
 
 def drop_captions(captions: list[str], draws: Draws, dropout: float, word_dropout: float = 0.0) -> list[str]:

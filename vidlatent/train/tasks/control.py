@@ -33,13 +33,13 @@ import torch
 from ...config.control import control_config_for
 from ...config.train import TrainConfig
 from ...data.controls import control_transform
-from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas, velocity_target
+from ...diffusion.flow import add_noise, flow_loss, velocity_target
 from ...models.control import ControlBranch, ControlledDiT
 from ...pipelines.control import check_control_video, encode, fold_mask
 from ..control_data import FolderControls, WorldControls
 from ..distributed import Dist, all_reduce_, share
 from . import register
-from .base import Batch, Draws, Loss, Position, Task, drop_captions
+from .base import Batch, Draws, Loss, Position, Task, draw_sigmas, drop_captions
 from .denoiser import TextCache, dit_flops
 
 __all__ = ["CONTROL_INITS", "ControlBatch", "ControlTask"]
@@ -214,10 +214,7 @@ class ControlTask(Task):
     def loss(self, batch: ControlBatch, forward: Callable, step: int) -> Loss:
         """Flow matching of the controlled velocity: this rank's part of the global batch's mean."""
         cfg, x0, draws = self.cfg, batch.x, batch.draws
-        sigma = draws(lambda n, generator: sample_sigmas(
-            n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
-        ))  # fmt: skip
-        sigma = (shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma).to(self.device)
+        sigma = draw_sigmas(cfg, draws).to(self.device)
         noise = draws(torch.randn, x0.shape).to(self.device)
         captions = drop_captions(batch.captions, draws, cfg.caption_dropout, cfg.caption_word_dropout)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):

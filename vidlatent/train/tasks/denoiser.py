@@ -29,7 +29,7 @@ from ...checkpoint import atomic_write
 from ...config import DiTConfig, config_to_dict, list_presets, load_config
 from ...config.pipeline import PipelineConfig
 from ...config.train import TrainConfig
-from ...diffusion.flow import add_noise, flow_loss, sample_sigmas, shift_sigmas, velocity_target
+from ...diffusion.flow import add_noise, flow_loss, velocity_target
 from ...models.dit import VideoDiT
 from ...models.text import BuiltinTextEncoder, TextEncoder, load_text_encoder
 from ...models.vae import CausalVAE
@@ -37,7 +37,7 @@ from ..cache import PipelineParts, prepare_cache
 from ..data import BucketSampler, LatentDataset
 from ..distributed import Dist, all_reduce_, share
 from . import register
-from .base import Batch, Draws, Loss, Position, Task, drop_captions
+from .base import Batch, Draws, Loss, Position, Task, draw_sigmas, drop_captions
 
 __all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops", "save_diffusers_dit"]
 
@@ -331,10 +331,7 @@ class DenoiserTask(Task):
         """(x_sigma, sigma, velocity target, captions after dropout, per-frame loss weights (b or 1, 1, t, 1, 1)
         or None)."""
         cfg, x0, draws = self.cfg, batch.x, batch.draws
-        sigma = draws(lambda n, generator: sample_sigmas(
-            n, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator=generator
-        ))  # fmt: skip
-        sigma = shift_sigmas(sigma, cfg.shift) if cfg.shift != 1.0 else sigma
+        sigma = draw_sigmas(cfg, draws)
         noise = draws(torch.randn, x0.shape).to(self.device)
         captions = drop_captions(batch.captions, draws, cfg.caption_dropout, cfg.caption_word_dropout)
         sigma = sigma.to(self.device)
