@@ -22,7 +22,7 @@ from ...config.train import TrainConfig
 from ...diffusion.flow import sample_sigmas, shift_sigmas
 from ..distributed import Dist
 
-__all__ = ["Batch", "Draws", "Loss", "Position", "Task", "drop_captions"]
+__all__ = ["Batch", "Draws", "Loss", "Position", "Task", "draw_sigmas", "drop_captions"]
 
 # word draws per caption for ``caption_word_dropout``: a fixed width, so every rank draws the same global
 # tensor whatever its own captions' lengths (words past it are always kept)
