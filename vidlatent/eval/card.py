@@ -39,7 +39,8 @@ def breakdown_table(r: dict) -> list[str]:
     lines = [f"| asked | {n} | " + " | ".join("all three" if k == "all" and "motion" in keys else k for k in keys)
              + " |", "|---" * (len(keys) + 2) + "|"]  # fmt: skip
     lines += [
-        f"| {name} | {n} | " + " | ".join(f"{v:.1%}" for v in rates) + " |" for name, n, rates in t["rows"]
+        f"| {name} | {count} | " + " | ".join(f"{v:.1%}" for v in rates) + " |"
+        for name, count, rates in t["rows"]
     ]
     shapes = t["shapes"]
     lines += ["", "| shape read right | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
