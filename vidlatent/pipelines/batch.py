@@ -555,6 +555,22 @@ def _all_ranks(stats: dict[str, ChannelStats]) -> dict[str, ChannelStats]:
 FRAME_PARTS = ("all", "first", "later")  # which latent frames of each clip ``latent_stats`` reads
 
 
+def add_clip(stats: dict[str, ChannelStats], z: torch.Tensor) -> None:
+    """Add one clip's raw latents (c, t, h, w) to each part's statistics (``stats`` keyed by FRAME_PARTS)."""
+    for part, acc in stats.items():
+        acc.update(z if part == "all" else z[:, :1] if part == "first" else z[:, 1:])
+
+
+def first_and_later(stats: dict[str, ChannelStats]) -> tuple[ChannelStats, ChannelStats]:
+    """The "first" and "later" parts of ``stats`` as a VAE with first-frame statistics is calibrated: the later
+    frames' are the first frames' when no clip has a frame after the first (images only). ValueError when
+    nothing was accumulated."""
+    first, later = stats["first"], stats["later"]
+    if not first.count:
+        raise ValueError("no latent files to compute statistics over")
+    return first, later if later.count else first
+
+
 def _frame_stats(files, parts: tuple[str, ...], all_ranks: bool, progress: bool) -> dict[str, ChannelStats]:
     """One pass over the latent files: the raw latents' ``ChannelStats`` of each of ``parts`` (FRAME_PARTS)."""
     if isinstance(files, (str, os.PathLike)):
@@ -562,9 +578,7 @@ def _frame_stats(files, parts: tuple[str, ...], all_ranks: bool, progress: bool)
     stats = {part: ChannelStats() for part in parts}
     for f in tqdm(expand_paths(files, (LATENT_SUFFIX,)), desc="stats", unit="clip", disable=not progress,
                   dynamic_ncols=True):  # fmt: skip
-        z, _ = load_latents(f, raw=True)
-        for part, acc in stats.items():
-            acc.update(z if part == "all" else z[:, :1] if part == "first" else z[:, 1:])
+        add_clip(stats, load_latents(f, raw=True)[0])
     if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         stats = _all_ranks(stats)
     return stats
@@ -607,11 +621,7 @@ def first_frame_stats(
     VAE export calibrates them: ``((first_latents_mean, first_latents_std), (latents_mean, latents_std))``,
     the second of the later frames (of every frame when no clip has a frame after the first). Options and
     errors as ``latent_stats``'."""
-    stats = _frame_stats(latent_files, ("first", "later"), all_ranks, progress)
-    first, later = stats["first"], stats["later"]
-    if not first.count:
-        raise ValueError("no latent files to compute statistics over")
-    later = later if later.count else first  # images only: every frame is a first frame
+    first, later = first_and_later(_frame_stats(latent_files, ("first", "later"), all_ranks, progress))
     return (first.mean, first.std), (later.mean, later.std)
 
 

@@ -29,7 +29,7 @@ from ...config.train import TrainConfig
 from ...data.shapes import ShapesWorld
 from ...metrics import psnr
 from ...models.vae import CausalVAE, StreamCache
-from ...pipelines.batch import ChannelStats
+from ...pipelines.batch import ChannelStats, add_clip, first_and_later
 from .. import distributed
 from ..distributed import Dist, share
 from ..losses import PatchDiscriminator, hinge_d_loss, vae_loss
@@ -348,21 +348,20 @@ class VAETask(Task):
         Accumulated clip by clip in float64 with the population standard deviation, as ``latent_stats``."""
         vae = self.vae if vae is None else vae
         vae.eval()
-        first_apart = vae.config.first_latents_mean is not None
-        every, first, later = ChannelStats(), ChannelStats(), ChannelStats()
+        parts = ("first", "later") if vae.config.first_latents_mean is not None else ("all",)
+        stats = {part: ChannelStats() for part in parts}
         for video in self._eval_clips(clips, None, 20_000):
-            z = vae.encode(video[None].to(self.device)).mode()[0]
-            every.update(z)
-            if first_apart:
-                first.update(z[:, :1])
-                later.update(z[:, 1:])
+            add_clip(stats, vae.encode(video[None].to(self.device)).mode()[0])
 
-        def listed(stats: ChannelStats) -> tuple[list[float], list[float]]:
-            return stats.mean.tolist(), stats.std.clamp_min(1e-6).tolist()
+        def listed(acc: ChannelStats) -> tuple[list[float], list[float]]:
+            return acc.mean.tolist(), acc.std.clamp_min(1e-6).tolist()
 
-        if first_apart:
+        if "first" in stats:
+            first, later = first_and_later(stats)
             vae.config.first_latents_mean, vae.config.first_latents_std = listed(first)
-        mean, std = listed(later if later.count else every)
+        else:
+            later = stats["all"]
+        mean, std = listed(later)
         vae.config.latents_mean, vae.config.latents_std = mean, std
         return mean, std
 
