@@ -10,6 +10,11 @@ each measured in a fresh subprocess.
     python scripts/bench_vae.py --memory-table --frames 17 81 321 --size 64 64
     python scripts/bench_vae.py --preset wan2.2 --size 128 128             # the Wan 2.2 VAE (4x16x16)
     python scripts/bench_vae.py --wan22-720p                              # issue 23's GPU row (below)
+    python scripts/bench_vae.py --trace --dtype bf16 --frames 81 --size 480 832   # peak tensor memory, meta
+
+``--trace`` sizes ours and diffusers' encode and decode on the ``meta`` device (no data, no compute: seconds on
+a CPU at any size) with ``vidlatent.runtime.memory.PeakMemory`` and lists what ours holds at its peak. A GPU's
+allocator peak is higher by kernels' own scratch space (cuDNN workspaces), for both.
 
 ``--wan22-720p`` is the Wan 2.2 VAE decode of 121x704x1280 (5 s at 720p) on CUDA in bf16, ours against
 diffusers: time and peak memory, and whether it meets the target (>= 1.5x faster at <= 0.7x diffusers' peak).
@@ -119,6 +124,42 @@ def speed(args) -> None:
                       f"peak -> {verdict}")  # fmt: skip
 
 
+def trace(args) -> None:
+    """Peak tensor memory of ours and diffusers on the meta device, and what ours holds at its peak."""
+    from vidlatent.runtime.memory import PeakMemory
+
+    dtype = DTYPES[args.dtype]
+    ours, ref = build(args.preset, "cpu", torch.float32)
+    ours, ref = ours.to("meta", dtype), ref.to("meta", dtype)
+    h, w = args.size
+    mib = 2**20
+    print(f"peak tensor memory (meta device: sizes only), preset={args.preset} dtype={args.dtype} "
+          f"chunk_size={args.chunk_size}, inputs and weights not counted")  # fmt: skip
+    for t in args.frames:
+        sf, tf = ours.spatial_factor, ours.temporal_factor
+        x = torch.zeros(1, 3, t, h, w, device="meta", dtype=dtype)
+        z = torch.zeros(
+            1, ours.config.latent_channels, 1 + (t - 1) // tf, h // sf, w // sf, device="meta", dtype=dtype
+        )
+        jobs = {
+            "encode": (lambda: ours.encode(x, chunk_size=args.chunk_size, tile=False).mean,
+                       lambda: ref.encode(x).latent_dist.mean),
+            "decode": (lambda: ours.decode(z, chunk_size=args.chunk_size, tile=False),
+                       lambda: ref.decode(z).sample),
+        }  # fmt: skip
+        for op in args.ops:
+            peaks = []
+            for fn in jobs[op]:
+                with torch.no_grad(), PeakMemory() as memory:
+                    fn()
+                peaks.append(memory)
+            ours_m, ref_m = peaks
+            print(f"{op} {t}x{h}x{w}: ours {ours_m.peak / mib:.0f} MiB, diffusers {ref_m.peak / mib:.0f} MiB, "
+                  f"ratio {ours_m.peak / ref_m.peak:.2f}x")  # fmt: skip
+            for held in ours_m.at_peak[: args.top]:
+                print(f"    {held.bytes / mib:9.1f} MiB  {held.op:<32} {held.shape}")
+
+
 def memory_child(args) -> None:
     """One measurement in a fresh process: peak memory of one encode or decode (CUDA: allocator; CPU: RSS)."""
     dtype = DTYPES[args.dtype]
@@ -185,6 +226,8 @@ def main() -> None:
         help="Wan 2.2 VAE decode of 121x704x1280 on CUDA, bf16, ours vs diffusers, against the issue's target",
     )
     parser.add_argument("--memory-table", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="peak tensor memory on the meta device")
+    parser.add_argument("--top", type=int, default=6, help="--trace: how many of ours' largest held tensors")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", default="encode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,6 +239,8 @@ def main() -> None:
         memory_child(args)
     elif args.memory_table:
         memory_table(args)
+    elif args.trace:
+        trace(args)
     else:
         speed(args)
 
