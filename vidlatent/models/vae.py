@@ -153,8 +153,8 @@ class CausalConv3d(nn.Conv3d):
         if past is None:
             past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
         x = torch.cat([past, x], dim=2)
-        if cache is not None:
-            cache.past[self] = x[:, :, -self.time_pad :]
+        if cache is not None:  # a copy: a view would keep the whole concatenation alive until the next chunk
+            cache.past[self] = x[:, :, -self.time_pad :].clone()
         return conv3d(x, self.weight, self.bias, self.stride, self.padding)
 
 
@@ -174,7 +174,7 @@ class ResBlock(nn.Module):
         inplace = not torch.is_grad_enabled()  # reuse buffers at inference; autograd needs the originals
         skip = x if self.skip is None else self.skip(x)
         x = self.conv1(F.silu(self.norm1(x), inplace=inplace), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x), inplace=inplace)), cache)
+        x = self.conv2(self.dropout(F.silu(self.norm2(x, inplace=inplace), inplace=inplace)), cache)
         return x.add_(skip) if inplace else x + skip
 
 
@@ -232,7 +232,7 @@ class TimeDownsample(nn.Conv3d):
             )
         x = torch.cat([past, x], dim=2)
         if cache is not None:
-            cache.past[self] = x[:, :, -1:]
+            cache.past[self] = x[:, :, -1:].clone()
         out = conv3d(x, self.weight, self.bias, self.stride) if x.shape[2] > 1 else x[:, :, :0]
         return out if first is None else torch.cat([first, out], dim=2)
 
@@ -397,7 +397,8 @@ class Encoder(nn.Module):
         for stage in self.stages:
             x = stage(x, cache)
         x = self.mid(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        inplace = not torch.is_grad_enabled()  # x is not needed after its norm
+        return self.conv_out(F.silu(self.norm_out(x, inplace=inplace), inplace=inplace), cache)
 
 
 class Decoder(nn.Module):
@@ -431,7 +432,9 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z, cache), cache)
         for stage in self.stages:
             x = stage(x, cache)
-        return unpatchify(self.conv_out(F.silu(self.norm_out(x)), cache), self.patch_size)
+        inplace = not torch.is_grad_enabled()  # x is not needed after its norm
+        x = F.silu(self.norm_out(x, inplace=inplace), inplace=inplace)
+        return unpatchify(self.conv_out(x, cache), self.patch_size)
 
 
 # --------------------------------------------------------------------------------------------- tiling

@@ -1,0 +1,88 @@
+"""Peak tensor memory: the counter itself, and the VAE's peak against diffusers' on the meta device."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from vidlatent import CausalVAE, StreamCache
+from vidlatent.config import VAEConfig, load_config
+from vidlatent.models.layers import RMSNorm
+from vidlatent.models.vae import vae_config_to_diffusers
+from vidlatent.runtime.memory import PeakMemory
+
+MB = 4 * 1000 * 1000  # a 1000 x 1000 fp32 tensor
+
+
+def test_counts_what_is_made_and_frees_what_dies():
+    outside = torch.ones(1000, 1000)
+    with PeakMemory() as memory:
+        view = outside[:10]  # a view of a storage from before: nothing new
+        outside.mul_(2)  # in place on it: nothing new
+        y = outside * 2  # one new tensor
+        part = y[:5].clone()  # 5 rows: 20 KB
+        also_y = y.view(-1)  # a view of y: the same storage, counted once
+        del y, also_y
+        z = torch.empty(1000, 1000)  # y is gone, so the peak stays at one tensor and the clone
+    assert memory.peak == MB + 20_000
+    assert memory.current == 20_000 + MB
+    assert [held.op for held in memory.at_peak] == ["aten.mul.Tensor", "aten.clone.default"]
+    assert memory.at_peak[0].shape == (1000, 1000)
+    del view, part, z
+
+
+def _meta_pair(dtype):
+    cfg = load_config(VAEConfig, "vae", "wan2.1")
+    with torch.device("meta"):
+        ours, ref = CausalVAE(cfg), AutoencoderKLWan(**vae_config_to_diffusers(cfg))
+    return ours.to(dtype).eval(), ref.to(dtype).eval()
+
+
+def _peak(fn) -> int:
+    with torch.no_grad(), PeakMemory() as memory:
+        fn()
+    return memory.peak
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_vae_peak_memory_not_above_diffusers(dtype):
+    """Sized on the meta device (no data): the Wan 2.1 VAE at 17 x 128 x 224. Ours held 1.8x diffusers' peak
+    while its stream caches kept views of whole concatenations and its norms made fp32 copies of bf16 inputs."""
+    ours, ref = _meta_pair(dtype)
+    x = torch.zeros(1, 3, 17, 128, 224, device="meta", dtype=dtype)
+    z = torch.zeros(1, 16, 5, 16, 28, device="meta", dtype=dtype)
+    encode = _peak(lambda: ours.encode(x, tile=False).mean), _peak(lambda: ref.encode(x).latent_dist.mean)
+    decode = _peak(lambda: ours.decode(z, tile=False)), _peak(lambda: ref.decode(z).sample)
+    assert encode[0] <= 1.1 * encode[1], encode
+    assert decode[0] <= 1.0 * decode[1], decode
+
+
+def test_stream_cache_holds_only_the_frames_it_needs():
+    """A cache entry owns its few past frames; a view would keep the chunk's whole concatenation alive."""
+    vae = CausalVAE.from_pretrained("tiny").eval()
+    cache = StreamCache()
+    with torch.no_grad():
+        for a, b in [(0, 1), (1, 5), (5, 9)]:
+            vae.encode_step(torch.zeros(1, 3, 9, 32, 32)[:, :, a:b], cache)
+    assert cache.past
+    for past in cache.past.values():
+        assert past.untyped_storage().nbytes() == past.numel() * past.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_norm_low_precision(dtype):
+    """Sums and factors in fp32, each product rounded once: within a few units of the last place of the fp32
+    result, in range for fp16 inputs whose squares overflow, and the same whether written in place or not."""
+    norm = RMSNorm(384, channels_first=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 3.0, 384).view(-1, 1, 1, 1))
+        x = torch.randn(1, 384, 2, 6, 6, generator=torch.Generator().manual_seed(0)) * 3000
+        x[:, :, :, 0] = 0.0  # a zero pixel: its norm is clamped, its output 0
+        want = norm(x)
+        low = x.to(dtype)
+        got = norm.to(dtype)(low)
+        in_place = norm(low.clone(), inplace=True)
+    assert low.dtype == got.dtype == dtype and got.isfinite().all()
+    assert torch.equal(got, in_place)
+    eps = torch.finfo(dtype).eps
+    assert ((got.float() - want).abs() <= 4 * eps * want.abs() + 1e-6).all()
+    assert (got[:, :, :, 0] == 0).all()
