@@ -142,10 +142,10 @@ def trace(args) -> None:
             1, ours.config.latent_channels, 1 + (t - 1) // tf, h // sf, w // sf, device="meta", dtype=dtype
         )
         jobs = {
-            "encode": (lambda: ours.encode(x, chunk_size=args.chunk_size, tile=False).mean,
-                       lambda: ref.encode(x).latent_dist.mean),
-            "decode": (lambda: ours.decode(z, chunk_size=args.chunk_size, tile=False),
-                       lambda: ref.decode(z).sample),
+            "encode": (lambda x=x: ours.encode(x, chunk_size=args.chunk_size, tile=False).mean,
+                       lambda x=x: ref.encode(x).latent_dist.mean),
+            "decode": (lambda z=z: ours.decode(z, chunk_size=args.chunk_size, tile=False),
+                       lambda z=z: ref.decode(z).sample),
         }  # fmt: skip
         for op in args.ops:
             peaks = []
