@@ -80,7 +80,8 @@ def test_channel_norm_low_precision(dtype):
         want = norm(x)
         low = x.to(dtype)
         got = norm.to(dtype)(low)
-        in_place = norm(low.clone(), inplace=True)
+        copy = low.clone()
+        in_place = norm(copy, out=copy)
     assert low.dtype == got.dtype == dtype and got.isfinite().all()
     assert torch.equal(got, in_place)
     eps = torch.finfo(dtype).eps

@@ -65,16 +65,18 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(shape))
         self.scale = dim**0.5
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``inplace`` (channels-first layout, outside autograd only): write the result into ``x`` (which
-        the caller no longer needs) instead of a new tensor, one activation less at the VAE's peak."""
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out`` (channels-first layout, outside autograd only): a tensor shaped like ``x`` to write the result
+        into (``x`` itself, or a slice of a convolution's input) instead of a new one."""
         if self.channels_first:
-            return self._over_channels(x, inplace and not torch.is_grad_enabled())
+            return self._over_channels(x, out)
+        if out is not None:
+            raise ValueError("RMSNorm takes out= in the channels-first layout only")
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
-    def _over_channels(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def _over_channels(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         # x / max(||x||, 1e-12) over channels, as F.normalize. The norm and the factors are at least fp32 (fp16
         # squares overflow), and no full-size copy of x is made at inference: at the decoder's full resolution an
         # fp32 copy of a bf16 x was most of the VAE's peak memory. A low-precision tensor times an fp32 one would
@@ -82,11 +84,13 @@ class RMSNorm(torch.nn.Module):
         # and round once into x's dtype; x over its norm comes first, so fp16 products stay in range.
         compute = torch.promote_types(x.dtype, torch.float32)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=compute)
-        inv_norm = norm.clamp_min_(1e-12).reciprocal_()
+        inv_norm = norm.clamp_min(1e-12).reciprocal()  # one channel: out of place costs nothing
         scale = self.scale * self.weight.view(-1, *([1] * (x.dim() - 2))).to(compute)
         if torch.is_grad_enabled():
+            if out is not None:
+                raise ValueError("RMSNorm's out= is for inference (autograd needs its input kept)")
             return (x.to(compute) * inv_norm * scale).to(x.dtype)
-        out = torch.mul(x, inv_norm, out=x if inplace else torch.empty_like(x))
+        out = torch.mul(x, inv_norm, out=torch.empty_like(x) if out is None else out)
         return out.mul_(scale)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -134,7 +135,9 @@ def _as_conv3d_weight(weight: torch.Tensor) -> torch.Tensor:
 class CausalConv3d(nn.Conv3d):
     """3D convolution, zero-padded only on the past side in time; spatial padding is symmetric.
 
-    With a cache, the past frames come from the previous chunk instead of zeros.
+    With a cache, the past frames come from the previous chunk instead of zeros. ``pre`` (the norm and
+    activation before the convolution, called as ``pre(x)`` or ``pre(x, out=...)``) is applied to ``x`` first;
+    at inference it writes straight into the time-padded input, so no separate activation is held beside it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]):
@@ -142,20 +145,40 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
         self.time_pad = kernel[0] - 1
 
-    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None, pre=None) -> torch.Tensor:
         if self.time_pad == 0:
-            return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+            return conv3d(x if pre is None else pre(x), self.weight, self.bias, self.stride, self.padding)
         past = cache.past.get(self) if cache is not None else None
         if past is None and x.shape[2] == 1 and cache is not None:
             # A clip's first frame alone: its past is all zeros, so only the last time tap contributes.
+            x = x if pre is None else pre(x)
             cache.past[self] = F.pad(x, (0, 0, 0, 0, self.time_pad - 1, 0))
             return conv3d(x, self.weight[:, :, -1:], self.bias, self.stride, self.padding)
-        if past is None:
-            past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
-        x = torch.cat([past, x], dim=2)
-        if cache is not None:  # a copy: a view would keep the whole concatenation alive until the next chunk
+        if pre is not None and not torch.is_grad_enabled():
+            x = self._padded(x, past, pre)
+        else:
+            x = x if pre is None else pre(x)
+            if past is None:
+                past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+        if cache is not None:  # a copy: a view would keep the whole padded input alive until the next chunk
             cache.past[self] = x[:, :, -self.time_pad :].clone()
         return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def _padded(self, x: torch.Tensor, past: torch.Tensor | None, pre) -> torch.Tensor:
+        """``past`` (zeros when None) and ``pre(x)`` in one new tensor, ``pre`` writing into it."""
+        padded = x.new_empty(x.shape[0], x.shape[1], self.time_pad + x.shape[2], *x.shape[3:])
+        head, tail = padded[:, :, : self.time_pad], padded[:, :, self.time_pad :]
+        head.zero_() if past is None else head.copy_(past)
+        made = pre(x, out=tail)
+        if made.data_ptr() != tail.data_ptr():  # a ``pre`` that made a new tensor after all
+            tail.copy_(made)
+        return padded
+
+
+def norm_silu(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU of ``norm(x)``: the ``pre`` of the VAE's convolutions (in place on its result at inference)."""
+    return F.silu(norm(x, out=out), inplace=not torch.is_grad_enabled())
 
 
 class ResBlock(nn.Module):
@@ -173,9 +196,12 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()  # reuse buffers at inference; autograd needs the originals
         skip = x if self.skip is None else self.skip(x)
-        x = self.conv1(F.silu(self.norm1(x), inplace=inplace), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x, inplace=inplace), inplace=inplace)), cache)
+        x = self.conv1(x, cache, pre=partial(norm_silu, self.norm1))
+        x = self.conv2(x, cache, pre=self._pre2)
         return x.add_(skip) if inplace else x + skip
+
+    def _pre2(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dropout(norm_silu(self.norm2, x, out))
 
 
 class FrameAttention(nn.Module):
@@ -397,8 +423,7 @@ class Encoder(nn.Module):
         for stage in self.stages:
             x = stage(x, cache)
         x = self.mid(x, cache)
-        inplace = not torch.is_grad_enabled()  # x is not needed after its norm
-        return self.conv_out(F.silu(self.norm_out(x, inplace=inplace), inplace=inplace), cache)
+        return self.conv_out(x, cache, pre=partial(norm_silu, self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -432,9 +457,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z, cache), cache)
         for stage in self.stages:
             x = stage(x, cache)
-        inplace = not torch.is_grad_enabled()  # x is not needed after its norm
-        x = F.silu(self.norm_out(x, inplace=inplace), inplace=inplace)
-        return unpatchify(self.conv_out(x, cache), self.patch_size)
+        return unpatchify(self.conv_out(x, cache, pre=partial(norm_silu, self.norm_out)), self.patch_size)
 
 
 # --------------------------------------------------------------------------------------------- tiling
