@@ -238,6 +238,68 @@ def test_inpaint_masks_of_every_form_and_bad_masks(pipe, tmp_path):
         pipe.inpaint(video, torch.zeros(3, 32, 32), "a ball")
 
 
+def test_a_video_mask_file_follows_the_inputs_frame_selection(pipe, tmp_path):
+    """A per-frame mask file is read at the input's frames: start, stride, and padding by the frame policy."""
+    from vidlatent.config.pipeline import FrameSelection
+    from vidlatent.data.io import write_video
+
+    source, mask_file = tmp_path / "in.mp4", tmp_path / "mask.mp4"
+    frames = pattern(frames=9)[0]
+    write_video(source, frames)
+    late = torch.full((3, 9, 32, 32), -1.0)
+    late[:, 4:] = 1.0  # black for frames 0-3, white from frame 4
+    write_video(mask_file, late)
+    kw = dict(seed=0, steps=2, output_type="latent")
+    selection = FrameSelection(start=4, frames=5)
+    whole = torch.ones(32, 32)  # frames 4-8 are all white in the mask: everything is regenerated
+    torch.testing.assert_close(
+        pipe.inpaint(str(source), str(mask_file), "a ball", selection=selection, **kw),
+        pipe.inpaint(str(source), whole, "a ball", selection=selection, **kw),
+    )
+    # 6 frames padded to 9 (1 + 4k) for the input: the 6-frame mask is padded alike, not refused
+    write_video(source, frames[:, :6])
+    write_video(mask_file, late[:, :6])
+    padded = FrameSelection(frame_policy="pad")
+    per_frame = torch.cat([torch.zeros(4, 32, 32), torch.ones(5, 32, 32)])  # frames 6-8 repeat frame 5
+    torch.testing.assert_close(
+        pipe.inpaint(str(source), str(mask_file), "a ball", selection=padded, **kw),
+        pipe.inpaint(str(source), per_frame, "a ball", selection=padded, **kw),
+    )
+
+
+def test_mask_files_in_colour_or_with_transparency_are_refused_and_an_empty_mask_warns(pipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    video = pattern()
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[:16, :16] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(ValueError, match="must be one channel .*red.png has colour"):
+        pipe.inpaint(video, str(tmp_path / "red.png"), "a ball", steps=1)
+    drawn = np.zeros((32, 32, 4), np.uint8)  # an editor's mask: black, the shape only in the alpha
+    drawn[:16, :16, 3] = 255
+    Image.fromarray(drawn, "RGBA").save(tmp_path / "alpha.png")
+    with pytest.raises(ValueError, match="alpha.png has transparent pixels"):
+        pipe.inpaint(video, str(tmp_path / "alpha.png"), "a ball", steps=1)
+    opaque = np.full((32, 32, 4), 255, np.uint8)  # RGBA but opaque: read from its grey level
+    opaque[:16, :16, :3] = 0
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    pipe.inpaint(video, str(tmp_path / "opaque.png"), "a ball", steps=1)
+    with pytest.warns(UserWarning, match="mask selects nothing"):
+        pipe.inpaint(video, torch.zeros(32, 32), "a ball", steps=1)
+
+
+def test_float_pixels_outside_minus_one_to_one_are_refused(pipe):
+    video = (pattern() + 1) * 127.5  # 0-255 as floats
+    for job in (lambda: pipe.edit(video, "a ball", strength=0.5, steps=1), lambda: pipe.encode(video)):
+        with pytest.raises(ValueError, match="values span 0 to 255 .*x / 127.5 - 1"):
+            job()
+    with pytest.raises(ValueError, match="as a float tensor in \\[-1, 1\\]; got str"):
+        pipe.encode("clip.mp4")
+    pipe.edit(pattern().clamp(-1, 1) * 1.2, "a ball", strength=0.5, steps=1)  # a little overshoot is fine
+
+
 # ------------------------------------------------------------------------------------------------ animate
 
 

@@ -485,7 +485,7 @@ def _scales(text: str) -> float | list[float]:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from ..pipelines.inputs import one_channel, read_mask
+    from ..pipelines.inputs import read_mask
 
     _check_inputs(args.control, *([args.mask] if args.mask else []), *args.reference)
     _check_inputs(*([args.control_branch] if args.control_branch else []))
@@ -499,7 +499,6 @@ def cmd_control(args: argparse.Namespace) -> int:
         mask = read_mask(
             args.mask, frame_selection(args), pipe.size_multiple, video.shape[1], info["source_size"]
         )
-        mask = one_channel(mask, args.mask)
     _notes(note)
     out = pipe.control(
         args.prompt,

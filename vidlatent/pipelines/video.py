@@ -63,7 +63,7 @@ from ..runtime import parallel
 from . import loading
 from .control import fun_control_inputs, sample_control
 from .denoisers import CleanFrames, ExpertPlacement, check_experts, denoiser_input
-from .inputs import Media, as_mask, as_video, is_file_input, one_channel, read_clip, read_mask
+from .inputs import Media, as_mask, as_video, check_pixels, is_file_input, read_clip, read_mask
 from .interpolate import arc_length_weights, content_order, lerp, morph_weights, staggered_slerp
 from .loading import PIPELINE_FILES
 from .wan import (
@@ -466,7 +466,9 @@ class VideoPipeline:
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video (b, 3, t, h, w) in [-1, 1] -> normalized latents (fp32): the posterior mean, normalized.
 
-        NonFiniteError when the input or the latents hold NaN/inf (the error says which and why)."""
+        ValueError for anything but a float tensor in [-1, 1] (``inputs.check_pixels``); NonFiniteError when the
+        input or the latents hold NaN/inf (the error says which and why)."""
+        check_pixels(video)
         check_finite(video, "the input video", "the frames given hold NaN/inf values")
         z = self.vae.normalize(self.vae.encode(video).mode().float())
         return check_finite(z, "VAE encoding", lambda: model_cause("VAE", self.vae))
@@ -644,8 +646,10 @@ class VideoPipeline:
 
         mask: white / True / > 0.5 = regenerate; values in [0, 1] (a file's pixels are mapped there). A
         one-frame mask, (h, w), (1, h, w), (c, 1, h, w) or an image file, applies to every frame; a per-frame
-        mask, (t, h, w), (c, t, h, w) or a video file, has the input's frame count. Colour channels c are
-        averaged. Its height and width must be the input's. It is taken to latent resolution by ``latent_mask`` (a latent is regenerated if any of
+        mask, (t, h, w), (c, t, h, w) or a video file (its frames selected as the input's), has the input's
+        frame count. A tensor's colour channels c are averaged; a file must be black and white and opaque
+        (``inputs.read_mask``). Its height and width must be the input's. A mask that selects nothing warns:
+        the output is then the input's reconstruction. It is taken to latent resolution by ``latent_mask`` (a latent is regenerated if any of
         its pixels is); the kept latents are pasted at every step (see the module docstring), so the kept
         region of the output latents equals the input's latents exactly, and decoded pixels away from the
         mask equal the input's VAE reconstruction up to the decoder's reach. strength < 1 starts the
@@ -660,7 +664,13 @@ class VideoPipeline:
         if is_file_input(mask):  # fitted as the input was; a file input's own size must be the mask's
             size = fit["source_size"] if is_file_input(source) else None
             mask = read_mask(mask, selection, self.size_multiple, t, size)
-        keep = ~latent_mask(as_mask(mask, t, h, w), self.vae.temporal_factor, self.vae.spatial_factor)
+        regenerate = as_mask(mask, t, h, w)
+        if not regenerate.any():
+            warnings.warn(
+                "the inpainting mask selects nothing (no pixel above 0.5): the output is the input's reconstruction",
+                stacklevel=2,
+            )
+        keep = ~latent_mask(regenerate, self.vae.temporal_factor, self.vae.spatial_factor)
         z0 = self.encode(video)
         noise, generator = self._noise(z0.shape, opts.seed, noise)
         hook = self._keep_hook(z0, keep.to(z0.device), noise)
@@ -896,7 +906,7 @@ class VideoPipeline:
             return None
         b, _, t, h, w = video.shape
         if is_file_input(mask):
-            mask = one_channel(read_mask(mask, selection, self.size_multiple, t, source_size), str(mask))
+            mask = read_mask(mask, selection, self.size_multiple, t, source_size)
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a tensor or an image/video file; got {type(mask).__name__}")
         m = mask.float()
