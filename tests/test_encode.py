@@ -449,3 +449,26 @@ def test_load_vae_sources(tmp_path, vae, monkeypatch):
         load_vae("default")
     with pytest.raises(FileNotFoundError, match="no model at 'nope'"):
         load_vae("nope")
+
+
+def test_a_resumed_job_encodes_a_changed_source_again(tmp_path, vae):
+    """A clip re-rendered since its latents were written is encoded again (with a note); the rest are skipped."""
+    kept, changed = tmp_path / "kept.png", tmp_path / "changed.png"
+    write_video(kept, pattern(1, 16, 16))
+    write_video(changed, pattern(1, 16, 16))
+    out = tmp_path / "latents"
+    first = encode_clips([kept, changed], out, vae, progress=False)
+    assert len(first.done) == 2
+    old = load_latents(output_of(first, changed))[0]
+    write_video(changed, -pattern(1, 16, 16))  # the user replaces the clip
+    os.utime(changed, ns=(1, 1))  # whatever its new time: a different stamp
+    again = encode_clips([kept, changed], out, vae, progress=False)
+    assert [src for src, _ in again.done] == [str(changed)]
+    assert [src for src, _ in again.skipped] == [str(kept)]
+    assert any("changed since" in note for note in again.notes)
+    fresh = load_latents(output_of(again, changed))[0]
+    assert not torch.allclose(fresh, old)
+    alone = encode_clips([changed], tmp_path / "alone", vae, progress=False)
+    torch.testing.assert_close(fresh, load_latents(alone.done[0][1])[0])
+    third = encode_clips([kept, changed], out, vae, progress=False)  # now both are up to date
+    assert third.done == [] and len(third.skipped) == 2

@@ -6,6 +6,7 @@ A latent file is one safetensors file per clip, named ``<stem>-<12 hex of the so
 * tensors: ``latents`` (c t h w), float32 unless asked otherwise; ``logvar`` (raw, same shape) on request;
 * metadata (safetensors string metadata; structured values are JSON):
   ``format`` = "vidlatent.latents", ``format_version``, ``vidlatent_version``, ``source`` (absolute path),
+  ``source_stamp`` (its size and modification time when encoded: a resumed job encodes a changed source again),
   ``source_info`` (what ``read_video`` did: ``frame_indices``, ``fps``, ``size``, ``crop``, ``frame_policy``,
   ``frames_trimmed``, ``frames_padded``, source frame count / fps / size, backend), ``normalized``
   ("true": ``(raw - latents_mean) / latents_std``; "false": raw), ``latents_mean`` / ``latents_std`` (the

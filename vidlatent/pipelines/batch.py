@@ -163,6 +163,16 @@ class JobReport:
         }
 
 
+def source_stamp(path: Path) -> str:
+    """Size and modification time of a source file (of every file of a folder of frames): a clip re-rendered or
+    replaced since its latents were written has another stamp, so a resumed job encodes it again."""
+    files = [path] if not path.is_dir() else sorted(f for f in path.iterdir() if f.is_file())
+    try:
+        return ";".join(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    except OSError:  # unreadable: the reader reports it
+        return ""
+
+
 def _settings_diff(old: dict, new: dict) -> str:
     keys = sorted(set(old) | set(new))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
@@ -247,8 +257,9 @@ def encode_clips(
             are encoded together. (Windows do not depend on what is done, so a resumed run gives the same bits.)
         save_dtype: dtype of the stored tensors (float32, bfloat16 or float16).
         save_logvar: also store the posterior's raw ``logvar``.
-        overwrite: re-encode clips whose output exists; without it a matching output is skipped and one made
-            with other settings (or from another source) is reported as failed.
+        overwrite: re-encode clips whose output exists; without it a matching output is skipped (encoded again,
+            with a note, when its source's size or modification time changed since) and one made with other
+            settings (or from another source) is reported as failed.
         num_workers: threads decoding clips ahead of the VAE (0: decode in the calling thread).
         vae_src: source string recorded in the files when ``vae`` is a model (default: "unknown").
         rank, world_size: this process's share (default: ``RANK`` / ``WORLD_SIZE`` from the environment).
@@ -293,6 +304,7 @@ def encode_clips(
         clashes[name] = p
     remove_temporaries(stale_temporaries(out_dir, names.values()))  # what killed runs left, of any clip
     todo, done_before = [], set()
+    stamps = {p: source_stamp(p) for p in sources}
     for p in sources:
         out = out_dir / names[p]
         if out.exists() and not overwrite:
@@ -310,6 +322,10 @@ def encode_clips(
                     report.failed.append(
                         (str(p), f"{out} was made with other settings ({diff}); pass overwrite")
                     )
+                    continue
+                if old.get("source_stamp", stamps[p]) != stamps[p]:  # files from before stamps: taken as done
+                    report.notes.append(f"{p} changed since {out} was written: encoded again")
+                    todo.append(p)
                     continue
                 report.skipped.append((str(p), str(out)))
                 done_before.add(p)
@@ -347,7 +363,7 @@ def encode_clips(
         tensors = {"latents": z.to(save_dtype)}
         if save_logvar:
             tensors["logvar"] = post.logvar[0].to(save_dtype)
-        meta = {**common_meta, "source": str(p.resolve()), "source_info": info}
+        meta = {**common_meta, "source": str(p.resolve()), "source_stamp": stamps[p], "source_info": info}
         write_latents(out_dir / names[p], tensors, meta, clean_stale=False)  # cleaned once at the start
         report.done.append((str(p), str(out_dir / names[p])))
 
