@@ -192,3 +192,11 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr("vidlatent.cli.cmd_info", boom)
     with pytest.raises(KeyError):
         main(["info"])
+
+
+def test_python_dash_m_vidlatent_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vidlatent", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: vidlatent")

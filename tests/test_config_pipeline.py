@@ -40,6 +40,11 @@ def test_the_default_models_pipeline_json_loads():
         ({"sampler": "ddim"}, "unknown sampler 'ddim'; accepted: euler"),
         ({"output_type": "gif"}, "unknown output_type 'gif'"),
         ({"seed": 1.5}, "seed must be an integer"),
+        (
+            {"seed": 2**64},
+            "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1; got 18446744073709551616",
+        ),
+        ({"seed": -(2**63) - 1}, "seed must be an integer from"),
     ],
 )
 def test_sampling_options_refuse_bad_values(kwargs, match):

@@ -399,13 +399,18 @@ def test_pipeline_methods(tmp_path):
     assert pipe.loras == {} and max_rel_diff(pipe.generate("a ball", **kw), base) <= 1e-4
 
 
-def test_lora_spec():
+def test_lora_spec(tmp_path):
     assert parse_lora_spec("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_lora_spec("style.safetensors:0.5") == ("style.safetensors", 0.5)
     assert parse_lora_spec("a/b.safetensors:-1e-1") == ("a/b.safetensors", -0.1)
     assert parse_lora_spec(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
     assert parse_lora_spec(r"C:\loras\x.safetensors:2") == (r"C:\loras\x.safetensors", 2.0)
     assert parse_lora_spec("x.safetensors:nan") == ("x.safetensors:nan", 1.0)
+    style = tmp_path / "style.safetensors"
+    style.write_bytes(b"")
+    for tail in ("abc", "nan", "inf"):  # the file exists: what follows it was meant as a scale
+        with pytest.raises(ValueError, match=f"style.safetensors:{tail}: '{tail}' is not a scale"):
+            parse_lora_spec(f"{style}:{tail}")
 
 
 def test_cli_lora_on_tiny(tmp_path, capsys):

@@ -62,7 +62,8 @@ def _silence_progress() -> None:
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``--lora PATH[:SCALE]`` -> (path, scale). The scale follows the last ':' when that part is a finite
-    number, so ``C:\\loras\\a.safetensors`` stays a path; an existing file named ``spec`` is a path too."""
+    number, so ``C:\\loras\\a.safetensors`` stays a path; an existing file named ``spec`` is a path too.
+    ValueError when the part before the last ':' is a file and the rest is no finite number ("a.safetensors:abc")."""
     import math
     import os
 
@@ -74,6 +75,8 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
             scale = None
         if scale is not None and math.isfinite(scale):
             return path, scale
+        if os.path.isfile(path):  # the file exists: what follows it was meant as a scale
+            raise ValueError(f"--lora {spec}: {tail!r} is not a scale; give a finite number, e.g. {path}:0.8")
     return spec, 1.0
 
 

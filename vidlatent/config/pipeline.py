@@ -110,6 +110,19 @@ class PipelinePreset:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> None:
+    """ValueError unless ``seed`` is None or an integer ``torch.Generator`` takes (``SEED_RANGE``)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer; got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1; got {seed}")
+
+
 def _check_choice(name: str, value, accepted) -> None:
     if value not in accepted:
         raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
@@ -146,8 +159,7 @@ class SamplingOptions:
         if self.sampler is not None:
             _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("output_type", self.output_type, OUTPUT_TYPES)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+        check_seed(self.seed)
 
     @classmethod
     def from_keywords(cls, options: SamplingOptions | None, keywords: dict, job: str) -> SamplingOptions:
