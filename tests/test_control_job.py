@@ -100,6 +100,8 @@ def test_scale_zero_and_a_fresh_branch_are_generate():
             p.add_(0.1 * torch.randn_like(p))
     assert not torch.equal(pipe.control("a red ball", control, **kw), plain)
     assert torch.equal(pipe.control("a red ball", control, scale=0.0, **kw), plain)
+    with pytest.raises(ValueError, match="the control scale must be finite"):
+        pipe.control("a red ball", control, scale=float("nan"), **kw)
 
 
 def test_the_pipeline_config_gives_the_control_job_s_scale_and_guidance(tmp_path):

@@ -340,6 +340,17 @@ def test_bad_files_fail_listing_keys_and_change_nothing(cfg, twins, batch, tmp_p
 
     with pytest.raises(ValueError, match="already loaded"):
         load_lora(dit, good, name="kohya")
+    damaged = kohya_keys(factors(ours, block_modules(cfg), seed=10))
+    damaged["diffusion_model.blocks.0.self_attn.q.lora_up.weight"][0, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match="holds NaN/inf values in diffusion_model.blocks.0.self_attn.q.lora_up"
+    ):
+        load_lora(dit, damaged)
+    for scale in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="a LoRA's scale must be a finite number"):
+            load_lora(dit, good, scale=scale, name="other")
+        with pytest.raises(ValueError, match="a LoRA's scale must be a finite number"):
+            set_lora_scale(dit, "kohya", scale)
     with pytest.raises(KeyError, match="loaded: kohya"):
         unload_lora(dit, "nope")
     assert lora_scales(dit) == {"kohya": 0.5}  # nothing half-applied: the first LoRA alone, as before

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ..checkpoint import CheckpointMismatchError, load_state_dict
+from ..checks import nonfinite_names
 from .dit import to_diffusers_state_dict, to_wan_state_dict
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -495,7 +496,15 @@ def load_lora(
             name, i = f"{stem}-{i}", i + 1
     elif name in taken:
         raise ValueError(f"a LoRA named {name!r} is already loaded; unload it or choose another name")
+    _check_scale(scale)
     tensors, metadata = read_lora(src)
+    bad = nonfinite_names(tensors.items())
+    if bad:
+        where = "the state dict given" if isinstance(src, Mapping) else str(src)
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"LoRA {where} holds NaN/inf values in {', '.join(bad[:5])}{more}: the file is damaged"
+        )
     deltas = parse_lora(dit, tensors, metadata)
     targets = _targets(dit)
     moved = {}
@@ -543,11 +552,17 @@ def lora_scales(dit: nn.Module) -> dict[str, float]:
     return {} if state is None else {n: lora.scale for n, lora in state.loras.items()}
 
 
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"a LoRA's scale must be a finite number; got {scale!r}")
+
+
 def set_lora_scale(dit: nn.Module, name: str, scale: float) -> None:
     """Change one loaded LoRA's scale (0 turns it off; negative values subtract it)."""
     state = _state(dit)
     _loaded(state, name)
     _check_not_fused(state, "change a LoRA's scale")
+    _check_scale(scale)
     state.loras[name].scale = float(scale)
     _repatch(dit, state, [n for n in state.loras[name].deltas if n in state.originals])
 

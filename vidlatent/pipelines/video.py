@@ -851,6 +851,10 @@ class VideoPipeline:
         if fun:
             _check_fun_control_options(mask, reference, scale)
         scale = self.config.control_scale if scale is None else scale
+        if not torch.isfinite(torch.as_tensor(scale, dtype=torch.float32)).all():
+            raise ValueError(
+                f"the control scale must be finite (one number, one per hint or (b, hints)); got {scale}"
+            )
         opts = self._options(options, sampling, "control", negative_prompt, self.config.control_guidance)
         source = control
         if is_file_input(control):  # read to the output's size where one is asked
