@@ -10,10 +10,12 @@ import os
 import subprocess
 
 import imageio_ffmpeg
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from vidlatent.data import VideoReadError, read_image, read_video, write_video
+from vidlatent.data import VideoReadError, probe, read_image, read_video, write_video
 from vidlatent.data import io as vio
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -264,6 +266,109 @@ def test_read_image(media):
     assert video.shape[1] == 5 and info["fps"] is None and info["backend"] == "pillow"
 
 
+def as_read(image: np.ndarray) -> torch.Tensor:
+    """(h w 3) uint8 -> (c t h w) with t = 1 in [-1, 1], as ``read_video`` returns an image."""
+    return torch.from_numpy(image).permute(2, 0, 1)[:, None].float() / 127.5 - 1
+
+
+def mode_of(path) -> str:
+    """The pillow mode a file opens in."""
+    with Image.open(path) as image:
+        return image.mode
+
+
+def test_16bit_greyscale_is_scaled_to_8_bits_not_clipped(media, tmp_path):
+    # pillow's own conversion of 16-bit grey to RGB clips every value above 255: 50% grey came out white
+    grey = np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+    grey[0, :4] = [32768, 257 * 200, 128, 65535]
+    expected = as_read(np.repeat(np.round(grey / 257).astype(np.uint8)[..., None], 3, axis=-1))
+    Image.fromarray(np.round(grey / 257).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert torch.equal(read_image(tmp_path / "g8.png"), expected)  # the same picture in 8 bits
+
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    Image.fromarray(grey).save(tmp_path / "g16.tif")
+    Image.frombytes("I;16B", (64, 48), grey.astype(">u2").tobytes()).save(tmp_path / "g16b.tif")
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(grey).save(tmp_path / "frames" / "00000.png")
+    for name, mode in {"g16.png": "I;16", "g16.tif": "I;16", "g16b.tif": "I;16B"}.items():
+        assert mode_of(tmp_path / name) == mode  # the modes this covers
+        assert torch.equal(read_image(tmp_path / name), expected), name
+    wide = grey.astype(np.int32)  # mode I: 32-bit integers, taken as 16-bit values, clipped to 0..65535
+    wide[1, :2] = [100_000, -5]
+    Image.fromarray(wide).save(tmp_path / "i32.tif")
+    assert mode_of(tmp_path / "i32.tif") == "I"
+    clipped = expected.clone()
+    clipped[:, 0, 1, :2] = torch.tensor([1.0, -1.0])
+    assert torch.equal(read_image(tmp_path / "i32.tif"), clipped)
+    assert torch.equal(read_image(tmp_path / "frames"), expected)  # a folder of 16-bit frames too
+    middle = read_image(tmp_path / "g16.png")[0, 0, 0, 0].item()
+    assert middle == pytest.approx(1 / 255, abs=1e-6)  # 32768, 50% grey: 128, not white
+
+    with Image.open(media["image.png"]) as image:  # 16-bit RGB still works: the same picture, each v * 257
+        rgb = np.asarray(image.convert("RGB")).astype(np.uint16) * 257
+    (tmp_path / "rgb48.raw").write_bytes(rgb.astype(">u2").tobytes())
+    raw = ["-f", "rawvideo", "-pix_fmt", "rgb48be", "-s", "64x48", "-i", tmp_path / "rgb48.raw"]
+    ffmpeg(*raw, tmp_path / "rgb48.png")
+    assert torch.equal(read_image(tmp_path / "rgb48.png"), read_image(media["image.png"]))
+
+    Image.fromarray(grey.astype(np.float32) / 65535).save(tmp_path / "float.tif")  # mode F: no fixed range
+    with pytest.raises(
+        VideoReadError, match=r"float\.tif holds 32-bit floating point pixels \(pillow mode F\)"
+    ):
+        read_image(tmp_path / "float.tif")
+
+
+def move_exif_after_pixels(png: bytes) -> bytes:
+    """A png with its eXIf chunk moved after the pixel data (IDAT), where the format allows it too."""
+    chunks, pos = [], 8
+    while pos < len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        chunks.append(png[pos : pos + 12 + length])
+        pos += 12 + length
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    return png[:8] + b"".join(rest[:-1] + exif + rest[-1:])  # ... IDAT, eXIf, IEND
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif", ".jpg"])
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path, suffix):
+    stored = (((smooth_clip(1)[:, 0] + 1) * 127.5).round().byte().permute(1, 2, 0)).numpy()  # 48 x 64
+    shown = {  # what each EXIF orientation shows of the stored (h w c) pixels
+        1: stored,
+        2: stored[:, ::-1],
+        3: stored[::-1, ::-1],
+        4: stored[::-1],
+        5: stored.transpose(1, 0, 2),
+        6: np.rot90(stored, -1),  # a phone held upright: stored 64 wide, shown 48 wide x 64 high
+        7: np.rot90(stored, 2).transpose(1, 0, 2),
+        8: np.rot90(stored, 1),
+    }
+    for orientation, expected in shown.items():
+        path = tmp_path / f"o{orientation}{suffix}"
+        image = Image.fromarray(stored)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(path, exif=exif.tobytes(), **({"lossless": True} if suffix == ".webp" else {}))
+        h, w = expected.shape[:2]
+        assert probe(path)["size"] == (h, w), orientation
+        video, info = read_video(path)
+        assert info["source_size"] == (h, w) and video.shape == (3, 1, h, w), orientation
+        if suffix == ".jpg":
+            assert psnr(video, as_read(np.ascontiguousarray(expected))) > 30, orientation
+        else:
+            assert torch.equal(video, as_read(np.ascontiguousarray(expected))), orientation
+    if suffix != ".png":
+        return
+    (tmp_path / "frames").mkdir()  # a folder of frames, probed from its first
+    (tmp_path / "frames" / "00000.png").write_bytes((tmp_path / "o6.png").read_bytes())
+    assert probe(tmp_path / "frames")["size"] == (64, 48)
+    assert torch.equal(read_image(tmp_path / "frames"), as_read(np.ascontiguousarray(shown[6])))
+    late = tmp_path / "late.png"  # EXIF after the pixels: probed and decoded alike
+    late.write_bytes(move_exif_after_pixels((tmp_path / "o6.png").read_bytes()))
+    assert probe(late)["size"] == (64, 48)
+    assert torch.equal(read_image(late), as_read(np.ascontiguousarray(shown[6])))
+
+
 # ------------------------------------------------------------------------------------------------ writing
 # PSNR bounds (dB on 0..255), measured here with the bundled ffmpeg's x264 and libvpx, bounds ~3.5 dB
 # lower for other builds. At these tiny sizes 4:2:0 chroma subsampling, not the codec, sets the ceiling:
@@ -344,8 +449,41 @@ def test_roundtrip_frames_folder(tmp_path):
     write_video(out, clip[:, :1])  # replacing an earlier frames folder
     assert os.listdir(out) == ["00000.png"] and no_temp_files(tmp_path)
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="files other than png frames"):
+    with pytest.raises(FileExistsError, match=r"not frames written by vidlatent \(notes\.txt\)"):
         write_video(out, clip)
+
+
+def test_frames_folder_replaces_only_its_own_frames(tmp_path):
+    clip = smooth_clip(5)
+    out = tmp_path / "empty"
+    out.mkdir()
+    write_video(out, clip)  # an empty folder is written into
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(5)]
+    write_video(out, clip[:, :2])  # a rerun replaces its own frames
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png"] and no_temp_files(tmp_path)
+
+    mine = tmp_path / "od2"  # nothing but png files, none of them named as frames: the user's
+    mine.mkdir()
+    (mine / "mine.png").write_bytes(b"a picture of mine")
+    with pytest.raises(
+        FileExistsError,
+        match=r"od2 holds files that are not frames written by vidlatent \(mine\.png\); not replacing it: "
+        r"write to another folder, or empty this one",
+    ):
+        write_video(mine, clip)
+    assert os.listdir(mine) == ["mine.png"] and (mine / "mine.png").read_bytes() == b"a picture of mine"
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for name in ["0001.png", "00002.PNG", ".DS_Store"]:  # our frames, with strangers among them
+        (out / name).write_bytes(b"x")
+    (out / "sub").mkdir()
+    with pytest.raises(FileExistsError, match=r"\(\.DS_Store, 00002\.PNG, 0001\.png, \.\.\. \(4 in all\)\)"):
+        write_video(out, clip)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        **before,
+        **{name: b"x" for name in ["0001.png", "00002.PNG", ".DS_Store"]},
+    }
+    assert (out / "sub").is_dir() and no_temp_files(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes

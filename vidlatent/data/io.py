@@ -9,8 +9,10 @@ else through PyAV, which decodes sequentially up to the last selected frame. A f
 decord cannot decode is retried with pyav before a ``VideoReadError`` is raised. Both backends choose the
 same frames (selection is computed from the container's frame count and rate, probed once with PyAV) and
 convert YUV to RGB the same way (ffmpeg's swscale), so they return the same pixels. Images (png, jpg,
-webp, ...), gifs and folders of numbered frames are read with imageio's pillow plugin; an image is a
-one-frame clip, an animated gif or webp a clip with the frame rate of its frame durations.
+webp, ...), gifs and folders of numbered frames are read with pillow; an image is a one-frame clip, an
+animated gif or webp a clip with the frame rate of its frame durations. Images are turned as their EXIF
+orientation says (as viewers show them, and as videos follow their rotate tag), in their probed size too;
+16-bit greyscale is scaled to 8 bits (value / 257), not clipped at 255; 32-bit float images are refused.
 
 Frame selection: ``start`` (a source frame index), then every ``stride``-th frame, or the frame nearest in
 time to each tick of a target ``fps`` (frames repeat when ``fps`` exceeds the source rate); at most
@@ -26,7 +28,9 @@ column's colours). gif goes through ffmpeg with one palette built from all frame
 paletteuse, ordered dithering), because pillow merges identical consecutive frames and the frame count
 would change; gif delays are whole centiseconds, so rates above 50 fps do not play as written.
 A path ending in .png or .jpg holds one frame; a path with no suffix is a folder of numbered frames
-``00000.png, 00001.png, ...`` (read back by ``read_video`` on the folder, which has no frame rate).
+``00000.png, 00001.png, ...`` (read back by ``read_video`` on the folder, which has no frame rate). An
+existing folder is replaced only when it is empty or holds nothing but such frames (an earlier write's);
+a folder with any other file in it is refused, never deleted.
 Every write goes to a temporary name in the target's folder first and is renamed into place.
 """
 
@@ -92,6 +96,9 @@ _WEBM_CRF = 30
 _COLOR_TAGS = ["-colorspace", "smpte170m", "-color_range", "tv"]  # what swscale's default rgb->yuv uses
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Error: )?")
 _GIF_FILTER = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=bayer:bayer_scale=5"
+_ORIENTATION = 0x0112  # the EXIF tag: 1 as stored; 2-8 flipped and / or turned; 5-8 swap width and height
+# the names ``_write_frames_dir`` gives frames (00000.png, ...): a folder holding only these is an earlier write's
+_FRAME_NAME = re.compile(r"[0-9]{5,}\.png")
 
 
 class VideoReadError(ValueError):
@@ -172,15 +179,76 @@ def _check_pixels(path, size: tuple[int, int], what: str = "image") -> None:
         )
 
 
+def _png_metadata_after_pixels(filename) -> bool:
+    """Whether a png holds EXIF (an eXIf chunk, or ImageMagick's "Raw profile type exif" text) or XMP after
+    its pixel data, where pillow finds them only by decoding the image. Reads chunk headers, not pixels;
+    True when unsure (a truncated or unreadable file)."""
+    try:
+        with open(filename, "rb") as fp:
+            fp.seek(8)  # the signature
+            pixels_seen = False
+            while len(head := fp.read(8)) == 8:  # each chunk: length, type, data, CRC
+                length, kind, data = int.from_bytes(head[:4], "big"), head[4:], fp.tell()
+                if kind == b"IEND":
+                    return False
+                if kind in (b"IDAT", b"fdAT"):
+                    pixels_seen = True
+                elif pixels_seen and kind == b"eXIf":
+                    return True
+                elif pixels_seen and kind in (b"tEXt", b"zTXt", b"iTXt"):
+                    keyword = fp.read(min(length, 80)).split(b"\0", 1)[0]
+                    if keyword in (b"Raw profile type exif", b"XML:com.adobe.xmp"):
+                        return True
+                fp.seek(data + length + 4)
+    except OSError:
+        pass
+    return True
+
+
+def _orientation(image) -> int:
+    """The EXIF orientation (1-8; 1 when there is none or it cannot be read) of a pillow image, from EXIF, a
+    tiff's own tag or XMP, as ``ImageOps.exif_transpose`` reads it. Pillow's png ``getexif`` decodes the
+    pixels to look for EXIF after them; here they are decoded only when such metadata is there."""
+    from PIL import Image
+
+    try:
+        if (
+            image.format == "PNG"
+            and "exif" not in image.info
+            and getattr(image, "filename", None)
+            and not _png_metadata_after_pixels(image.filename)
+        ):
+            exif = Image.Image.getexif(image)  # the header's metadata is all there is
+        else:
+            exif = image.getexif()
+        return int(exif.get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: show the image as stored
+        return 1
+
+
+def _shown_size(image) -> tuple[int, int]:
+    """(h, w) of a pillow image as viewers show it (and ``_rgb`` returns it): the EXIF orientation turns
+    it by a quarter for values 5-8. A size ``_check_pixels`` refuses anyway is returned as stored. A tiff's
+    stored size is read from its tags: newer pillows give ``size`` already turned (and turn it on load)."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and 256 in tags and 257 in tags:  # ImageWidth, ImageLength
+        w, h = int(tags[256]), int(tags[257])
+    else:
+        w, h = int(image.size[0]), int(image.size[1])
+    if h * w <= MAX_PIXELS and _orientation(image) in (5, 6, 7, 8):
+        return w, h
+    return h, w
+
+
 def _image_header(path: Path) -> tuple[int, int]:
-    """(h, w) of an image from its header, without decoding it. Pillow's own guard against huge images
-    (DecompressionBombError, which imageio reports as "unknown error ... initializing plugin pillow") is
-    bypassed here only to read the size, which ``_check_pixels`` then judges."""
+    """(h, w) of an image from its header, as shown (EXIF orientation applied, see ``_shown_size``), without
+    decoding it. Pillow's own guard against huge images (DecompressionBombError) is bypassed here only to
+    read the size, which ``_check_pixels`` then judges."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return int(im.size[1]), int(im.size[0])
+            return _shown_size(im)
     except Image.DecompressionBombError:
         pass
     Image.init()
@@ -195,7 +263,7 @@ def _image_header(path: Path) -> tuple[int, int]:
                 im = factory(fp, str(path))
             except Exception:
                 continue
-            return int(im.size[1]), int(im.size[0])
+            return _shown_size(im)
     raise VideoReadError(f"cannot read {path}: pillow cannot identify the image")
 
 
@@ -441,27 +509,59 @@ def _decode_pyav(path: Path, indices: list[int], count: int):
     raise _truncated(count, index)
 
 
+def _rgb(frame, path: Path) -> np.ndarray:
+    """A pillow image (the frame it is seeked to) as (h w 3) uint8 RGB, turned as its EXIF orientation
+    says (``ImageOps.exif_transpose``). 16-bit greyscale (modes I;16, I;16L, I;16B, I;16N) and 32-bit
+    integer greyscale (mode I: pngs of 16 bits, tiffs of 32, taken as 16-bit values and clipped to
+    0..65535) are scaled to 8 bits, value / 257 rounded, as pillow's own conversion to RGB would clip
+    them at 255 (50% grey coming out white). Floating point (mode F) has no fixed range: refused."""
+    from PIL import ImageOps
+
+    frame.load()  # first: newer pillows turn a tiff on loading it (and drop its orientation tag)
+    if _orientation(frame) != 1:
+        frame = ImageOps.exif_transpose(frame)
+    if frame.mode == "I" or frame.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(frame), 0, 65535).astype(np.uint32)  # any byte order, int32 for "I"
+        grey = ((grey + 128) // 257).astype(np.uint8)  # 65535 / 255 = 257: round(value / 257)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if frame.mode == "F":
+        raise _DecodeFailure(
+            f"{path.name} holds 32-bit floating point pixels (pillow mode F), which have no fixed range; "
+            "accepted: 8- or 16-bit images (save it as an 8- or 16-bit png or tiff)"
+        )
+    return np.asarray(frame.convert("RGB"))
+
+
 def _decode_pillow(path: Path, indices: list[int]):
-    with iio.imopen(str(path), "r", plugin="pillow") as reader:
+    from PIL import GifImagePlugin, Image
+
+    with Image.open(path) as image:
+        if image.format == "GIF":  # what imageio's pillow plugin, which read gifs before, sets (process-wide)
+            GifImagePlugin.LOADING_STRATEGY = GifImagePlugin.LoadingStrategy.RGB_AFTER_DIFFERENT_PALETTE_ONLY
         for i in range(0, len(indices), _CHUNK):
-            yield np.stack([reader.read(index=index, mode="RGB") for index in indices[i : i + _CHUNK]])
+            chunk = []
+            for index in indices[i : i + _CHUNK]:
+                image.seek(index)
+                chunk.append(_rgb(image, path))
+            yield np.stack(chunk)
 
 
 def _decode_files(files: list[Path], indices: list[int]):
+    from PIL import Image
+
     for i in range(0, len(indices), _CHUNK):
-        yield np.stack(
-            [
-                iio.imread(files[index], index=0, plugin="pillow", mode="RGB")
-                for index in indices[i : i + _CHUNK]
-            ]
-        )
+        chunk = []
+        for index in indices[i : i + _CHUNK]:
+            with Image.open(files[index]) as image:
+                chunk.append(_rgb(image, files[index]))
+        yield np.stack(chunk)
 
 
 def _pillow_source(path: Path) -> dict:
-    _check_pixels(path, _image_header(path))
+    size = _image_header(path)  # as shown: EXIF orientation applied, as _rgb decodes it
+    _check_pixels(path, size)
     with iio.imopen(str(path), "r", plugin="pillow") as reader:
-        props = reader.properties(index=...)
-        count, size = props.shape[0], (int(props.shape[1]), int(props.shape[2]))
+        count = reader.properties(index=...).shape[0]
         durations = [reader.metadata(index=i).get("duration") for i in range(count)] if count > 1 else []
     durations = [d for d in durations if d]
     fps = 1000.0 * len(durations) / sum(durations) if durations else None
@@ -766,14 +866,26 @@ def _encode_ffmpeg(
 
 
 def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
-    """Numbered pngs into a temporary sibling folder, then renamed into place."""
+    """Numbered pngs (``00000.png, 00001.png, ...``) into a temporary sibling folder, then renamed into
+    place. An existing folder is replaced only when it is empty or every entry in it is a file named as
+    this writes them (``_FRAME_NAME``: an earlier write's frames); anything else in it (``mine.png``,
+    ``notes.txt``, a subfolder, a hidden file) refuses the write with FileExistsError, deleting nothing."""
     if folder.exists():
         if not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder; cannot write frames there")
-        strangers = [p.name for p in folder.iterdir() if p.suffix.lower() != ".png"]
+        strangers = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in folder.iterdir()
+            if not (_FRAME_NAME.fullmatch(p.name) and p.is_file())
+        )
         if strangers:
+            shown = ", ".join(strangers[:3]) + (
+                f", ... ({len(strangers)} in all)" if len(strangers) > 3 else ""
+            )
             raise FileExistsError(
-                f"{folder} holds files other than png frames ({strangers[0]}, ...); not replacing it"
+                f"{folder} holds files that are not frames written by vidlatent ({shown}); not replacing it: "
+                "write to another folder, or empty this one (a folder is replaced only when it holds nothing "
+                "but numbered frames 00000.png, 00001.png, ...)"
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)  # what a killed run left
@@ -809,12 +921,14 @@ def write_video(
 
     The format follows the path: ``.mp4`` H.264 / yuv420p (``crf`` default 18); ``.webm`` VP9 (``crf``
     default 30; needs libvpx-vp9 in the bundled ffmpeg); ``.gif``; ``.png`` / ``.jpg`` for one frame;
-    no suffix for a folder of numbered pngs (an existing folder is replaced only if it holds nothing
-    but png files). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
+    no suffix for a folder of numbered pngs ``00000.png, 00001.png, ...`` (an existing folder is replaced
+    only if it is empty or holds nothing but frames so named, an earlier write's; any other file in it
+    raises FileExistsError). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
     Returns the path written.
 
     Raises:
         ValueError: unsupported suffix, wrong shape, several frames for a single-image format.
+        FileExistsError: a folder target is a file, or a folder holding anything but earlier frames.
         VideoWriteError: the ffmpeg encoder is missing or fails (an OSError; so is a full disk).
     """
     path = Path(path)
