@@ -96,7 +96,8 @@ def test_jobs_in_a_subprocess_write_their_videos(runs, job, name, shape):
     # no temporary file of this job left behind (the other jobs may still be writing theirs beside it)
     assert not any(p.name.startswith(f".{name}.") for p in out.iterdir())
     if job == "inpaint":  # the input's crop is reported, once
-        assert done.stderr.count("is 56x40; centre-cropped to 48x32") == 1
+        assert done.stderr.count("read at 56x40, was centre-cropped to 48x32") == 1
+        assert done.stderr.count("7 frames selected, the last 2 dropped to make 1+4k") == 1
 
 
 @pytest.mark.parametrize(

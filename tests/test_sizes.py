@@ -138,12 +138,13 @@ def test_reconstruct_returns_the_input_size_with_pad(media, tmp_path, capsys, ti
     captured = capsys.readouterr()
     assert "(1 frames, 97x61, wrote" in captured.out
     assert (
-        f"note: {media / 'odd.png'} is 97x61; padded (the output is cropped back) to 104x64" in captured.err
+        f"note: {media / 'odd.png'}, read at 97x61, was padded (the output is cropped back) to 104x64"
+        in captured.err
     )
     assert tuple(read_video(out)[0].shape[-2:]) == (61, 97)
     assert main(["reconstruct", str(media / "odd.png"), "-o", str(out), "--model", "tiny"]) == 0
     captured = capsys.readouterr()
-    assert "96x56, wrote" in captured.out and "is 97x61; centre-cropped to 96x56" in captured.err
+    assert "96x56, wrote" in captured.out and "read at 97x61, was centre-cropped to 96x56" in captured.err
 
 
 def test_pipeline_jobs_share_the_policy(media, tmp_path, capsys):
@@ -154,14 +155,17 @@ def test_pipeline_jobs_share_the_policy(media, tmp_path, capsys):
     assert tuple(read_video(out)[0].shape[-2:]) == (61, 97)
     assert main([*argv, "--size-policy", "resize", "--seed", "0"]) == 0
     captured = capsys.readouterr()
-    assert "(1 frame, 96x64, seed 0)" in captured.out and "is 97x61; resized to 96x64" in captured.err
+    assert (
+        "(1 frame, 96x64, seed 0)" in captured.out and "read at 97x61, was resized to 96x64" in captured.err
+    )
     assert main([*argv, "--seed", "0"]) == 0  # crop: the default
     assert "(1 frame, 96x48, seed 0)" in capsys.readouterr().out
 
 
 def test_help_texts_say_the_real_multiple(capsys):
-    for job, text in (("encode", "multiples of the model's (8, the VAE's)"), ("edit", "(16: VAE 8 x patch 2)"),
-                      ("generate", "a multiple of 16 (VAE 8 x patch 2)")):  # fmt: skip
+    for job, text in (("encode", "multiples of the model's (8, the VAE's)"),
+                      ("edit", "(VAE 8 x patch: 8 for the default model, 16 for Wan)"),
+                      ("generate", "a multiple of the model's (VAE 8 x patch: 8 for the default model, 16 for Wan)")):  # fmt: skip
         with pytest.raises(SystemExit):
             main([job, "--help"])
         assert text in re.sub(r"\s+", " ", capsys.readouterr().out)

@@ -48,6 +48,9 @@ JOB_EXAMPLES = {
 }
 
 
+MULTIPLE_HELP = "VAE 8 x patch: 8 for the default model, 16 for Wan"
+
+
 def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(
         name, help=help, epilog=JOB_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,10 +64,16 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
     )
     if size:
         p.add_argument(
-            "--height", type=int, default=None, help="output height: a multiple of 16 (VAE 8 x patch 2)"
+            "--height",
+            type=int,
+            default=None,
+            help="output height: a multiple of the model's (VAE 8 x patch: 8 for the default model, 16 for Wan)",
         )
         p.add_argument(
-            "--width", type=int, default=None, help="output width: a multiple of 16 (VAE 8 x patch 2)"
+            "--width",
+            type=int,
+            default=None,
+            help="output width: a multiple of the model's (VAE 8 x patch: 8 for the default model, 16 for Wan)",
         )
     if sampling:
         add_sampling_flags(p)
@@ -210,13 +219,14 @@ def _read_clip(pipe, path: str, args: argparse.Namespace, image: bool = False):
 
     Returns (video, info, note): ``info["fit"]`` is the fit's plan (``_write`` undoes a pad); ``note`` says what
     fitting did ("" if nothing): print it once all checks have passed, so that an error stays the only line."""
-    from ..data.io import size_note
+    from ..data.io import frames_note, size_note
     from ..pipelines.inputs import read_clip
 
     video, info = read_clip(
         path, frame_selection(args, image), pipe.size_multiple, pipe.vae.temporal_factor, image
     )
-    return video, info, size_note(path, info["fit"])
+    notes = (frames_note(path, info), size_note(path, info["fit"]))
+    return video, info, "\n".join(n for n in notes if n)
 
 
 def _write(
@@ -300,7 +310,7 @@ def add_edit(sub) -> None:
         help="FlowEdit: the source prompt's guidance (4)",
     )
     _job_flags(p)
-    add_frame_flags(p, "16: VAE 8 x patch 2")
+    add_frame_flags(p, MULTIPLE_HELP)
     p.set_defaults(func=cmd_edit)
 
 
@@ -332,7 +342,7 @@ def add_inpaint(sub) -> None:
         help="below 1 starts the masked region from the input",
     )
     _job_flags(p)
-    add_frame_flags(p, "16: VAE 8 x patch 2")
+    add_frame_flags(p, MULTIPLE_HELP)
     p.set_defaults(func=cmd_inpaint)
 
 
@@ -469,7 +479,7 @@ def _size_policy_flag(p: argparse.ArgumentParser) -> None:
         "--size-policy",
         choices=SIZE_POLICIES,
         default=None,
-        help=SIZE_POLICY_HELP.format("16: VAE 8 x patch 2"),
+        help=SIZE_POLICY_HELP.format(MULTIPLE_HELP),
     )
 
 
@@ -527,7 +537,7 @@ def add_control(sub) -> None:
     p.add_argument("--control-branch", default=None, metavar="FOLDER",
                    help="a control branch folder (ControlBranch.save_pretrained) for --model's denoiser")  # fmt: skip
     _job_flags(p)
-    add_frame_flags(p, "16: VAE 8 x patch 2")
+    add_frame_flags(p, MULTIPLE_HELP)
     p.set_defaults(func=cmd_control)
 
 

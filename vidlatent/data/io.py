@@ -324,13 +324,29 @@ def restore_size(video: torch.Tensor, plan: dict | None) -> torch.Tensor:
     return video[..., top : h - bottom, left : w - right]
 
 
+def frames_note(name, info: dict) -> str:
+    """What the frame policy did to a clip ``read_video`` read (its ``info``), as a note ("" when nothing)."""
+    selected, trimmed, padded = (
+        info.get("frames_selected"),
+        info.get("frames_trimmed"),
+        info.get("frames_padded"),
+    )
+    if trimmed:
+        return f"note: {name}: {selected} frames selected, the last {trimmed} dropped to make 1+4k"
+    if padded:
+        return f"note: {name}: {selected} frames selected, the last repeated {padded} times to make 1+4k"
+    return ""
+
+
 def size_note(name, plan: dict | None) -> str:
     """What fitting did, as a note for the user ("" when nothing): sizes as width x height."""
     if not plan or plan["input_size"] == plan["size"]:
         return ""
     (h, w), (nh, nw) = plan["input_size"], plan["size"]
     done = {"crop": "centre-cropped", "pad": "padded (the output is cropped back)", "resize": "resized"}
-    return f"note: {name} is {w}x{h}; {done[plan['size_policy']]} to {nw}x{nh}"
+    return (
+        f"note: {name}, read at {w}x{h}, was {done[plan['size_policy']]} to {nw}x{nh} (the model's multiple)"
+    )
 
 
 def _select(

@@ -519,7 +519,8 @@ class VideoPipeline:
         """Text to video: (b, 3, frames, height, width) in [-1, 1], one video per prompt; ``frames=1`` is
         text-to-image. ``output_type="latent"`` returns the normalized latents instead.
 
-        frames must be 1 + 4k and height, width multiples of 16 (VAE 8 x patch 2): ValueError otherwise.
+        frames must be 1 + 4k and height, width multiples of ``size_multiple`` (VAE 8 x the denoiser's patch: 8
+        for the default model, 16 for Wan): ValueError otherwise.
         ``noise``: the start noise (b, c, t', h', w') instead of one drawn from ``seed`` (the sizes left unset
         follow its shape); every job that samples takes it, shaped like its latents.
         """
