@@ -200,3 +200,11 @@ def test_python_dash_m_vidlatent_is_the_command():
 
     out = subprocess.run([sys.executable, "-m", "vidlatent", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("usage: vidlatent")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_device_this_torch_cannot_use_is_named():
+    with pytest.raises(ValueError, match="device 'cuda': this torch cannot use CUDA"):
+        VideoPipeline.from_pretrained("tiny", device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'; accepted: cpu, cuda"):
+        VideoPipeline.from_pretrained("tiny", device="gpu")

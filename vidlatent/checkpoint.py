@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,17 @@ def names_source(what: str) -> Callable:
     return wrap
 
 
+def _torch_load(path: Path):
+    """``torch.load`` of tensors only (``weights_only``), memory-mapped; a file in torch's legacy (pre-zip)
+    format cannot be mapped and is read whole."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors, or from .pt/.pth/.bin with ``torch.load(weights_only=True)``.
 
@@ -86,8 +98,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from err
     if name.endswith((".pt", ".pth", ".bin", ".ckpt")):
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # RuntimeError (not a zip), UnpicklingError (not weights only), EOFError
+            sd = _torch_load(path)
+        except pickle.UnpicklingError as err:  # weights_only refused what the pickle would build
+            raise ModelLoadError(
+                f"cannot read {path}: it holds Python objects besides tensors, which are never loaded (loading "
+                f"weights runs no code); save a plain state dict or safetensors ({_reason(err)})"
+            ) from err
+        except Exception as err:  # RuntimeError (not a zip), EOFError (truncated)
             raise ModelLoadError(
                 f"cannot read {path}: truncated or not a torch checkpoint ({_reason(err)})"
             ) from err

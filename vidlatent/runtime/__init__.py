@@ -23,7 +23,7 @@ WEIGHTS_DTYPES = (None, "fp8")
 
 __all__ = [
     "OFFLOAD_MODES", "WEIGHTS_DTYPES", "CacheState", "Cached", "Float8Linear", "Placement", "StepCache",
-    "accelerator", "cache_settings", "check_attention", "check_runtime", "compile_blocks", "configure", "installed_packages", "load_device", "parameter_bytes",
+    "accelerator", "cache_settings", "check_attention", "check_device", "check_runtime", "compile_blocks", "configure", "installed_packages", "load_device", "parameter_bytes",
     "pipeline_placement", "quantize", "working_backends",
 ]  # fmt: skip
 
@@ -49,8 +49,26 @@ def check_runtime(offload: str = "none", weights_dtype: str | None = None) -> No
         )
 
 
+def check_device(device) -> None:
+    """ValueError naming ``device`` when it is no device name or this torch cannot run on it (a CUDA device on a
+    CPU-only build or with none visible), instead of an error from deep inside the first weight moved."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N, mps") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {device!r}: this torch cannot use CUDA ({why}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+
+
 def load_device(offload: str, device=None):
-    """Where a pipeline's weights are read to: the host when they will be offloaded, else ``device``."""
+    """Where a pipeline's weights are read to: the host when they will be offloaded, else ``device``
+    (checked: ``check_device``)."""
+    check_device(device)
     check_runtime(offload)
     return "cpu" if offload != "none" and accelerator(device) is not None else device
 
