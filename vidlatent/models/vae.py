@@ -195,10 +195,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()  # reuse buffers at inference; autograd needs the originals
-        skip = x if self.skip is None else self.skip(x)
-        x = self.conv1(x, cache, pre=partial(norm_silu, self.norm1))
-        x = self.conv2(x, cache, pre=self._pre2)
-        return x.add_(skip) if inplace else x + skip
+        h = self.conv1(x, cache, pre=partial(norm_silu, self.norm1))
+        h = self.conv2(h, cache, pre=self._pre2)
+        skip = x if self.skip is None else self.skip(x)  # last: its output is not held beside the convs'
+        return h.add_(skip) if inplace else h + skip
 
     def _pre2(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.dropout(norm_silu(self.norm2, x, out))
