@@ -88,3 +88,16 @@ def test_one_resolver_tells_presets_from_paths(tmp_path):
     assert resolve_source(tmp_path, "pipeline").kind == "diffusers"
     with pytest.raises(FileNotFoundError, match="no VAE at 'nope'"):
         resolve_source("nope", "vae")
+
+
+def test_a_json_file_that_is_not_json_is_reported_in_json_s_words(tmp_path):
+    from vidlatent.config import PipelineConfig, load_config
+
+    path = tmp_path / "pipeline.json"
+    path.write_text('{"steps": 20,\n "guidance": 5.0,, }')
+    with pytest.raises(
+        ValueError, match="pipeline.json: not valid JSON \\(Expecting property name .*, line 2\\)"
+    ):
+        load_config(PipelineConfig, "pipeline", None, path)
+    path.write_text('{"steps": 12}')
+    assert load_config(PipelineConfig, "pipeline", None, path).steps == 12
