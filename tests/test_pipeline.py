@@ -591,3 +591,21 @@ def test_mismatched_parts_are_refused(pipe):
         ValueError, match="denoiser takes 16 and returns 16 latent channels, but the VAE makes 4"
     ):
         VideoPipeline(pipe.vae, dit, pipe.text_encoder, PipelineConfig())
+
+
+def test_api_type_slips_get_errors_naming_the_argument(pipe, tmp_path):
+    from vidlatent.data.io import write_video
+
+    kw = dict(steps=1, progress=False)
+    for call, match in [
+        (lambda: pipe.generate(None, **kw), "prompt must be a str or a list of str; got NoneType"),
+        (lambda: pipe.generate(["a", 3], **kw), "prompt must be a str or a list of str; got list"),
+        (lambda: pipe.generate("a", frames=5.0, **kw), "frames must be an integer; got 5.0"),
+        (lambda: pipe.generate("a", height="32", width=32, **kw), "height must be an integer; got '32'"),
+        (lambda: pipe.generate("a", negative_prompt=["x"], **kw), "negative_prompt must be one str"),
+        (lambda: pipe.morph(pattern(1), pattern(1), batch_size=0), "batch_size must be"),
+        (lambda: pipe.morph(pattern(1), pattern(1), mode="noise", refine=-1), "refine must be"),
+        (lambda: write_video(pattern(1)[0], tmp_path / "x.png"), "takes the path first"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()

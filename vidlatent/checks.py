@@ -26,6 +26,7 @@ OPTION_RANGES: dict[str, tuple] = {
     "steps": (1, 10_000, True, True, True),
     "refine": (0, 100, True, True, True),
     "stagger": (0.0, 1.0, True, False, False),  # a morph's spread of switch times (staggered_slerp)
+    "batch_size": (1, 1_000_000, True, True, True),
 }
 
 

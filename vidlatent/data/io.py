@@ -947,6 +947,10 @@ def write_video(
         FileExistsError: a folder target is a file, or a folder holding anything but earlier frames.
         VideoWriteError: the ffmpeg encoder is missing or fails (an OSError; so is a full disk).
     """
+    if isinstance(path, torch.Tensor):
+        raise ValueError(
+            "write_video(path, video) takes the path first, then the clip; got a tensor as the path"
+        )
     path = Path(path)
     frames = _to_uint8(video)
     check_option("fps", fps)

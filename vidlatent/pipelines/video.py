@@ -115,6 +115,17 @@ def default_model_folder() -> Path:
     return DEFAULT_MODEL
 
 
+def _as_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A prompt or a sequence of them -> a list; ValueError naming ``name`` for anything else."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+        raise ValueError(
+            f"{name} must be a str or a list of str; got {type(prompt).__name__}: {prompt!r:.80}"
+        )
+    return list(prompt)
+
+
 def _check_fun_control_options(mask, reference, scale) -> None:
     """ValueError for control options a Wan Fun-Control denoiser has no use for (VACE's mask and hint scale, a
     second reference image)."""
@@ -526,7 +537,7 @@ class VideoPipeline:
         """
         opts = self._options(options, sampling, "generate", negative_prompt)
         cfg = self.config
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _as_prompts(prompt)
         if noise is not None:  # the given start noise sets the size the user left out
             frames, height, width = self._pixel_size(noise, frames, height, width)
         frames = cfg.frames if frames is None else frames
@@ -1018,7 +1029,8 @@ class VideoPipeline:
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength}")
         stagger = (0.0 if mode == "latent" else NOISE_MORPH_STAGGER) if stagger is None else stagger
-        check_option("stagger", stagger)
+        for name, value in (("stagger", stagger), ("refine", refine), ("batch_size", batch_size)):
+            check_option(name, value)
         weights = morph_weights(self.config.frames if frames is None else frames, easing)
         z = self.encode(torch.cat([a, b]))
         order = content_order(z[0], z[1]) if stagger else None
@@ -1223,7 +1235,7 @@ class VideoPipeline:
         raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
 
     def _prompts(self, prompt: str | Sequence[str], b: int, name: str = "prompt") -> list[str]:
-        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] * b if isinstance(prompt, str) else _as_prompts(prompt, name)
         if len(prompts) != b:
             raise ValueError(f"{name}: {len(prompts)} prompts for a batch of {b} inputs")
         return prompts
@@ -1233,6 +1245,9 @@ class VideoPipeline:
         return (b, self.vae.config.latent_channels, 1 + (frames - 1) // tf, height // sf, width // sf)
 
     def _check_size(self, frames: int, height: int, width: int) -> None:
+        for name, value in (("frames", frames), ("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer; got {value!r}")
         tf = self.vae.temporal_factor
         pt, ph, pw = self.dit.config.patch_size
         if frames < 1 or (frames - 1) % tf or (1 + (frames - 1) // tf) % pt:
