@@ -153,6 +153,10 @@ def test_pipeline_jobs_share_the_policy(media, tmp_path, capsys):
     assert main([*argv, "--size-policy", "pad", "--seed", "0"]) == 0
     assert "(1 frame, 97x61, seed 0)" in capsys.readouterr().out
     assert tuple(read_video(out)[0].shape[-2:]) == (61, 97)
+    mp4 = tmp_path / "e.mp4"  # even sides only: the file is one row and column larger, and says so
+    assert main([*argv[:4], str(mp4), *argv[5:], "--size-policy", "pad", "--seed", "0"]) == 0
+    assert "(1 frame, 97x61, seed 0; stored 98x62: mp4 and webm need even sides" in capsys.readouterr().out
+    assert tuple(read_video(mp4)[0].shape[-2:]) == (62, 98)
     assert main([*argv, "--size-policy", "resize", "--seed", "0"]) == 0
     captured = capsys.readouterr()
     assert (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..checks import option_type
 from .common import (
@@ -242,6 +243,10 @@ def _write(
     paths = pipe.save(video, path, fps=fps)
     b, _, t, h, w = video.shape
     extra = f", seed {seed}" if seed is not None else ""
+    if (h % 2 or w % 2) and any(Path(p).suffix.lower() in (".mp4", ".webm") for p in paths):
+        extra += (
+            f"; stored {w + w % 2}x{h + h % 2}: mp4 and webm need even sides, the last row / column repeated"
+        )
     print(f"wrote {', '.join(map(str, paths))} ({t} frame{'s' * (t > 1)}, {w}x{h}{extra})")
     return 0
 
