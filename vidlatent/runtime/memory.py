@@ -10,7 +10,10 @@ device (tensors with shapes and no data) it sizes a run that would need a large 
     print(memory.peak / 2**30, memory.at_peak[:5])
 
 What it does not see: tensors made before it starts (weights, inputs), and scratch space a kernel allocates
-inside itself (a cuDNN workspace): a CUDA allocator's peak is that much higher.
+inside itself (a cuDNN workspace): a CUDA allocator's peak is that much higher. What it sees differently: on
+``meta`` (and on a CPU) attention runs SDPA's math path, which makes the whole (tokens x tokens) attention
+matrix that a GPU's fused kernels never hold; size a transformer's attention on the device itself. (The VAE's
+attention, over one frame at its lowest resolution, is small either way.)
 """
 
 from __future__ import annotations
