@@ -10,6 +10,7 @@ library jobs and the CLI build the same two dataclasses, so they check and mean 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,7 @@ def check_seed(seed) -> None:
     """ValueError unless ``seed`` is None or an integer ``torch.Generator`` takes (``SEED_RANGE``)."""
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy integers too
         raise ValueError(f"seed must be an integer; got {seed!r}")
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1; got {seed}")
