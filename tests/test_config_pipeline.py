@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from vidlatent.checkpoint import resolve_source
 from vidlatent.config import (
@@ -28,6 +29,14 @@ def test_every_shipped_pipeline_preset_loads(name):
 def test_the_default_models_pipeline_json_loads():
     cfg = load_config(PipelineConfig, "pipeline", None, DEFAULT_MODEL / "pipeline.json")
     assert check_pipeline_config(cfg).frames == 17
+
+
+def test_a_numpy_seed_is_taken_as_an_int():
+    import numpy as np
+
+    seed = SamplingOptions(seed=np.int64(7)).seed
+    assert type(seed) is int and seed == 7
+    torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize(

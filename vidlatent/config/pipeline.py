@@ -161,6 +161,8 @@ class SamplingOptions:
             _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("output_type", self.output_type, OUTPUT_TYPES)
         check_seed(self.seed)
+        if self.seed is not None:
+            self.seed = int(self.seed)  # a numpy integer as torch.Generator takes it
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(
                 f"negative_prompt must be one str (for the whole batch); got {type(self.negative_prompt).__name__}"
