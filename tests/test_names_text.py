@@ -96,6 +96,23 @@ def test_unknown_words_are_named_once(encoder):
     assert enc.unknown_words("a green square moving up") == []
 
 
+def test_symbols_left_out_are_named_once_and_punctuation_is_not():
+    enc = load_text_encoder("default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc.encode(["a red circle, moving right — “slowly”…"])  # punctuation only separates
+        assert [str(w.message) for w in caught] == ["the text encoder has never seen 'slowly' (in the prompt "
+                                                    "'a red circle, moving right — “slowly”…'): "
+                                                    "it is read from the letters alone and may mean nothing to "
+                                                    "the model; it knows 52 words"]  # fmt: skip
+        enc.encode(["🔴 ➡️"])  # an emoji-only prompt: the model reads an empty one
+        enc.encode(["a 🔴 ball"])  # named already
+    assert len(caught) == 2 and caught[1].category is UnknownWordsWarning
+    assert str(caught[1].message) == (
+        "the text encoder reads words only and leaves out '🔴', '➡' (in the prompt '🔴 ➡️')"
+    )
+
+
 def test_the_cli_prints_one_line_per_prompt(tmp_path, capsys):
     prompt, unknown = "A crimson pyramid, moving right.", "'crimson', 'pyramid'"
     out = tmp_path / "out.png"

@@ -75,6 +75,13 @@ _MAX_TRIGRAMS = 16  # trigrams kept per word (a word of 14+ characters keeps its
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
+def dropped_symbols(text: str) -> list[str]:
+    """The symbols of ``text`` that ``split_words`` leaves out and that may have been meant (Unicode category S:
+    emoji, arrows, math, currency), in order, once each; punctuation is not among them: it only separates."""
+    normal = unicodedata.normalize("NFKC", text)
+    return list(dict.fromkeys(c for c in normal if unicodedata.category(c).startswith("S")))
+
+
 def split_words(text: str) -> list[str]:
     """Lowercase (after NFKC), then split into words; punctuation only separates them: "Red, ball!" -> red ball.
     So case and punctuation never change a prompt's tokens ("a red circle, moving right." is "a red circle
@@ -263,17 +270,26 @@ class BuiltinTextEncoder(TextEncoder):
 
     def warn_unknown(self, prompts: Sequence[str] | str) -> None:
         """One ``UnknownWordsWarning`` line per prompt that holds unknown words not named before by this encoder
-        (so a training loop or a sampler calling ``encode`` again names each word once)."""
+        (so a training loop or a sampler calling ``encode`` again names each word once), and one for symbols it
+        leaves out (``dropped_symbols``: an emoji-only prompt would otherwise be an empty one, silently)."""
         for prompt in check_prompts(prompts):
+            shown = prompt if len(prompt) <= 80 else f"{prompt[:60]}... ({len(prompt)} characters)"
             new = [w for w in self.unknown_words(prompt) if w not in self.reported]
             if new:
                 self.reported.update(new)
-                words = ", ".join(repr(w) for w in new)
-                shown = prompt if len(prompt) <= 80 else f"{prompt[:60]}... ({len(prompt)} characters)"
                 warnings.warn(
-                    f"the text encoder has never seen {words} (in the prompt {shown!r}): "
+                    f"the text encoder has never seen {', '.join(map(repr, new))} (in the prompt {shown!r}): "
                     f"{'it is' if len(new) == 1 else 'they are'} read from the letters alone and may mean "
                     f"nothing to the model; it knows {len(self.config.vocab) - len(SPECIAL_TOKENS)} words",
+                    UnknownWordsWarning,
+                    stacklevel=3,
+                )
+            symbols = [c for c in dropped_symbols(prompt) if c not in self.reported]
+            if symbols:
+                self.reported.update(symbols)
+                warnings.warn(
+                    f"the text encoder reads words only and leaves out {', '.join(map(repr, symbols))} (in the "
+                    f"prompt {shown!r})",
                     UnknownWordsWarning,
                     stacklevel=3,
                 )
