@@ -68,13 +68,13 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
             "--height",
             type=int,
             default=None,
-            help="output height: a multiple of the model's (VAE 8 x patch: 8 for the default model, 16 for Wan)",
+            help=f"output height: a multiple of the model's ({MULTIPLE_HELP})",
         )
         p.add_argument(
             "--width",
             type=int,
             default=None,
-            help="output width: a multiple of the model's (VAE 8 x patch: 8 for the default model, 16 for Wan)",
+            help=f"output width: a multiple of the model's ({MULTIPLE_HELP})",
         )
     if sampling:
         add_sampling_flags(p)

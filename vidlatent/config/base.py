@@ -8,7 +8,6 @@ a preset, further yaml files and ``key=value`` dotlist overrides into the datacl
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,12 +37,9 @@ def load_yaml(path: str | Path) -> Any:
     """A yaml (or JSON) file as an OmegaConf node; ValueError naming the file when it cannot be parsed (a .json
     file in JSON's words: its line and what JSON expected there)."""
     if str(path).lower().endswith(".json"):
-        try:
-            return OmegaConf.create(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot read {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"cannot read {path}: not a text file") from None
+        from ..checkpoint import read_json  # its errors are ValueErrors (ModelLoadError)
+
+        return OmegaConf.create(read_json(path))
     try:
         return OmegaConf.load(path)
     except (FileNotFoundError, IsADirectoryError):

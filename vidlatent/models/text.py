@@ -119,13 +119,16 @@ def _check_text(text) -> str:
     return text
 
 
-def check_prompts(prompts: Sequence[str] | str) -> list[str]:
-    """``prompts`` as a non-empty list of str; anything else raises ValueError."""
+def check_prompts(prompts: Sequence[str] | str, name: str = "prompts") -> list[str]:
+    """``prompts`` as a non-empty list of str; anything else raises ValueError naming the argument ``name``."""
     if isinstance(prompts, str):
         return [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
-    return [_check_text(p) for p in prompts]
+    if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+        empty = " (an empty list)" if isinstance(prompts, Sequence) and not prompts else ""
+        raise ValueError(
+            f"{name} must be a str or a list of str; got {type(prompts).__name__}: {prompts!r:.80}{empty}"
+        )
+    return list(prompts)
 
 
 def wan_clean(text: str) -> str:

@@ -168,7 +168,8 @@ def source_stamp(path: Path) -> str:
     replaced since its latents were written has another stamp, so a resumed job encodes it again."""
     files = [path] if not path.is_dir() else sorted(f for f in path.iterdir() if f.is_file())
     try:
-        return ";".join(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        stats = [f.stat() for f in files]
+        return ";".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats)
     except OSError:  # unreadable: the reader reports it
         return ""
 

@@ -57,7 +57,7 @@ from ..models import lora
 from ..models.control import ControlBranch, ControlledDiT, Scale, check_fits
 from ..models.dit import VideoDiT
 from ..models.image import ENCODER_DIR, ImageEncoder
-from ..models.text import TextEncoder
+from ..models.text import TextEncoder, check_prompts
 from ..models.vae import CausalVAE
 from ..runtime import parallel
 from . import loading
@@ -113,17 +113,6 @@ def default_model_folder() -> Path:
             "a pipeline folder (vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights)"
         )
     return DEFAULT_MODEL
-
-
-def _as_prompts(prompt, name: str = "prompt") -> list[str]:
-    """A prompt or a sequence of them -> a list; ValueError naming ``name`` for anything else."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
-        raise ValueError(
-            f"{name} must be a str or a list of str; got {type(prompt).__name__}: {prompt!r:.80}"
-        )
-    return list(prompt)
 
 
 def _check_fun_control_options(mask, reference, scale) -> None:
@@ -537,7 +526,7 @@ class VideoPipeline:
         """
         opts = self._options(options, sampling, "generate", negative_prompt)
         cfg = self.config
-        prompts = _as_prompts(prompt)
+        prompts = check_prompts(prompt, "prompt")
         if noise is not None:  # the given start noise sets the size the user left out
             frames, height, width = self._pixel_size(noise, frames, height, width)
         frames = cfg.frames if frames is None else frames
@@ -1235,7 +1224,7 @@ class VideoPipeline:
         raise ValueError(f"unknown output_type {output_type!r}; accepted: {', '.join(OUTPUT_TYPES)}")
 
     def _prompts(self, prompt: str | Sequence[str], b: int, name: str = "prompt") -> list[str]:
-        prompts = [prompt] * b if isinstance(prompt, str) else _as_prompts(prompt, name)
+        prompts = [prompt] * b if isinstance(prompt, str) else check_prompts(prompt, name)
         if len(prompts) != b:
             raise ValueError(f"{name}: {len(prompts)} prompts for a batch of {b} inputs")
         return prompts
