@@ -205,15 +205,17 @@ def _png_metadata_after_pixels(filename) -> bool:
     return True
 
 
-def _orientation(image) -> int:
+def _orientation(image, loaded: bool = False) -> int:
     """The EXIF orientation (1-8; 1 when there is none or it cannot be read) of a pillow image, from EXIF, a
     tiff's own tag or XMP, as ``ImageOps.exif_transpose`` reads it. Pillow's png ``getexif`` decodes the
-    pixels to look for EXIF after them; here they are decoded only when such metadata is there."""
+    pixels to look for EXIF after them; here, unless the image is ``loaded`` already (its pixels decoded, all
+    its metadata read), they are decoded only when such metadata is there."""
     from PIL import Image
 
     try:
         if (
-            image.format == "PNG"
+            not loaded
+            and image.format == "PNG"
             and "exif" not in image.info
             and getattr(image, "filename", None)
             and not _png_metadata_after_pixels(image.filename)
@@ -534,7 +536,7 @@ def _rgb(frame, path: Path) -> np.ndarray:
     from PIL import ImageOps
 
     frame.load()  # first: newer pillows turn a tiff on loading it (and drop its orientation tag)
-    if _orientation(frame) != 1:
+    if _orientation(frame, loaded=True) != 1:  # loaded: no second pass over the file for a png's chunks
         frame = ImageOps.exif_transpose(frame)
     if frame.mode == "I" or frame.mode.startswith("I;16"):
         grey = np.clip(np.asarray(frame), 0, 65535).astype(np.uint32)  # any byte order, int32 for "I"
