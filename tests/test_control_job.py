@@ -100,8 +100,12 @@ def test_scale_zero_and_a_fresh_branch_are_generate():
             p.add_(0.1 * torch.randn_like(p))
     assert not torch.equal(pipe.control("a red ball", control, **kw), plain)
     assert torch.equal(pipe.control("a red ball", control, scale=0.0, **kw), plain)
-    with pytest.raises(ValueError, match="the control scale must be finite"):
+    with pytest.raises(ValueError, match="control_scale must be a finite number"):
         pipe.control("a red ball", control, scale=float("nan"), **kw)
+    with pytest.raises(ValueError, match=r"control_scale must be in \[0.0, 100.0\]; got -0.5"):
+        pipe.control("a red ball", control, scale=[1.0, -0.5], **kw)  # per hint: each checked
+    with pytest.raises(ValueError, match="one number, one per hint"):
+        pipe.control("a red ball", control, scale="strong", **kw)
 
 
 def test_the_pipeline_config_gives_the_control_job_s_scale_and_guidance(tmp_path):

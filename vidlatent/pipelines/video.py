@@ -115,6 +115,19 @@ def default_model_folder() -> Path:
     return DEFAULT_MODEL
 
 
+def _check_control_scale(scale: Scale) -> None:
+    """ValueError unless every hint weight (one number, one per hint or (b, hints)) is a finite number in the range
+    a pipeline.json's ``control_scale`` accepts (``checks.OPTION_RANGES``)."""
+    try:
+        values = torch.as_tensor(scale, dtype=torch.float32).flatten().tolist()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(  # noqa: B904 (the value says it)
+            f"the control scale must be one number, one per hint or a (b, hints) tensor; got {scale!r}"
+        )
+    for value in values:
+        check_option("control_scale", value)
+
+
 def _check_fun_control_options(mask, reference, scale) -> None:
     """ValueError for control options a Wan Fun-Control denoiser has no use for (VACE's mask and hint scale, a
     second reference image)."""
@@ -852,10 +865,7 @@ class VideoPipeline:
         if fun:
             _check_fun_control_options(mask, reference, scale)
         scale = self.config.control_scale if scale is None else scale
-        if not torch.isfinite(torch.as_tensor(scale, dtype=torch.float32)).all():
-            raise ValueError(
-                f"the control scale must be finite (one number, one per hint or (b, hints)); got {scale}"
-            )
+        _check_control_scale(scale)
         opts = self._options(options, sampling, "control", negative_prompt, self.config.control_guidance)
         source = control
         if is_file_input(control):  # read to the output's size where one is asked
