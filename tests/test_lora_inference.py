@@ -4,6 +4,7 @@ diffs; clear errors that leave the model untouched; the pipeline methods and ``-
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -382,6 +383,23 @@ def test_parse_reads_prefixes_and_peft_folders(cfg, twins, batch, tmp_path):
         assert diff <= 1e-4
     deltas = parse_lora(ours, bare)
     assert deltas["blocks.0.self_attn.out"].alpha is None and deltas["head.proj"].rank == RANK
+
+
+def test_a_zero_kohya_alpha_is_the_rank_with_a_warning(twins):
+    """kohya's sd-scripts reads an alpha of 0 as alpha = rank; such a file changes the model as one without
+    alphas does, and a warning names the tensors (a LoRA that silently did nothing was the old result)."""
+    ours, _ = twins
+    sd = kohya_keys(factors(ours, ["blocks.0.self_attn.q", "blocks.1.mlp.fc1"], seed=12))
+    alphas = sorted(k for k in sd if k.endswith(".alpha"))
+    assert len(alphas) == 2
+    zeros = {**sd, **{k: torch.tensor(0.0) for k in alphas}}
+    with pytest.warns(UserWarning, match=r"2 LoRA alpha tensor\(s\) are 0 \(diffusion_model\.blocks\.0\."):
+        deltas = parse_lora(ours, zeros)
+    assert [d.lora_scale for d in deltas.values()] == [1.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a non-zero alpha: no warning, alpha / rank as before
+        one_two = {**sd, alphas[0]: torch.tensor(4.0), alphas[1]: torch.tensor(2.0)}
+        assert sorted(d.lora_scale for d in parse_lora(ours, one_two).values()) == [0.5, 1.0]
 
 
 # ----------------------------------------------------------------------------------- pipeline and CLI

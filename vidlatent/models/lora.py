@@ -11,7 +11,7 @@ Layouts read. ``<module>`` is a layer in vidlatent, diffusers or original Wan na
   ``lora_B.bias`` is a bias delta scaled like the adapter (peft's ``lora_bias``).
 - Kohya / ComfyUI / musubi-tuner: ``<module>.lora_down.weight``, ``lora_up.weight`` and a scalar ``alpha``, and
   the same with the module flattened as ``lora_unet_blocks_0_self_attn_q`` (musubi-tuner, Kohya; VideoX-Fun's
-  ``lora_unet__...`` too). Conv-shaped ``(r, in, 1, 1, 1)`` factors are flattened.
+  ``lora_unet__...`` too). An alpha of 0 means alpha = rank (kohya's reading; a warning says so). Conv-shaped ``(r, in, 1, 1, 1)`` factors are flattened.
 - Full-rank differences, as step-distillation LoRAs ship them (lightx2v, CausVid): ``<module>.diff`` (a delta
   of the weight, on linears, norms or the patch embedding), ``<module>.diff_b`` (of its bias), and deltas of
   the modulation tables: ``blocks.0.modulation.diff``, ``head.modulation.diff`` or lightx2v's
@@ -38,6 +38,7 @@ import json
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,7 +289,7 @@ def parse_lora(
         entry["keys"].append(key)
         alias_of.setdefault(name, module)
 
-    incomplete, shapes, out = [], [], {}
+    incomplete, shapes, out, zero_alphas = [], [], {}, []
     for name, entry in found.items():
         target, keys, key_of = targets[name], entry["keys"], entry["key_of"]
         has_pair = "down" in entry or "up" in entry
@@ -324,6 +325,9 @@ def parse_lora(
             else:
                 delta.down, delta.up = a2, b2
                 delta.alpha = _alpha(entry, name, alias_of[name], default_alpha, alpha_patterns, shapes)
+                if delta.alpha == 0 and "alpha" in entry:  # kohya's "no alpha": the rank (scale 1)
+                    zero_alphas.append(key_of["alpha"])
+                    delta.alpha = None
         if "diff" in entry:
             diff = entry["diff"]
             if _same_shape(diff.shape, weight.shape, loose=target.bare):
@@ -354,6 +358,13 @@ def parse_lora(
          "wrong shape": shapes},
         what or describe(dit),
     )  # fmt: skip
+    if zero_alphas:
+        warnings.warn(
+            f"{len(zero_alphas)} LoRA alpha tensor(s) are 0 ({zero_alphas[0]}{', ...' if len(zero_alphas) > 1 else ''}"
+            "): read as alpha = rank (scale 1), as kohya's sd-scripts reads a 0 alpha; diffusers and ComfyUI "
+            "would apply nothing. Give a load scale to weaken it",
+            stacklevel=3,
+        )
     return out
 
 
