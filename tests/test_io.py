@@ -553,6 +553,15 @@ def test_corrupt_files_raise_video_read_error(media, name, reason, backend):
     assert str(media[name]) in str(caught.value) and isinstance(caught.value, ValueError)
 
 
+@pytest.mark.skipif(not HAS_DECORD, reason="decord is not installed")
+def test_a_damaged_file_prints_nothing_but_the_error(media, capfd):
+    """decord's bundled FFmpeg printed ``[mov,mp4,...] partial file`` to the process's stderr beside our error."""
+    capfd.readouterr()
+    with pytest.raises(VideoReadError, match="decord: "):
+        read_video(media["cut_data.mp4"], backend="auto")
+    assert capfd.readouterr().err == ""
+
+
 def test_batch_loop_survives_bad_files(media):
     names = ["h264.mp4", "garbage.mp4", "cut_data.mp4", "mjpeg.avi", "cut.avi", "image.png"]
     good, bad = [], []

@@ -119,11 +119,17 @@ class _DecodeFailure(Exception):
 
 @functools.cache
 def _decord():
-    """The decord module, or None where it has no wheel or fails to load."""
+    """The decord module, or None where it has no wheel or fails to load. Its FFmpeg's log lines are silenced
+    (a damaged file printed ``[mov,mp4,...] partial file`` to stderr): a failure reaches the caller as an error
+    naming both backends' reasons."""
     try:
         import decord
     except Exception:  # ImportError, or OSError from a broken shared library
         return None
+    try:
+        decord.logging.set_level(decord.logging.QUIET)
+    except AttributeError:  # a decord without its logging module
+        pass
     return decord
 
 
