@@ -473,15 +473,20 @@ def test_frames_folder_replaces_only_its_own_frames(tmp_path):
         write_video(mine, clip)
     assert os.listdir(mine) == ["mine.png"] and (mine / "mine.png").read_bytes() == b"a picture of mine"
 
+    for name in [".DS_Store", "Thumbs.db"]:  # the folder was shown in Finder / Explorer: still ours
+        (out / name).write_bytes(b"x")
+    write_video(out, clip[:, :3])
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"] and no_temp_files(tmp_path)
+
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    for name in ["0001.png", "00002.PNG", ".DS_Store"]:  # our frames, with strangers among them
+    for name in ["0001.png", "00002.PNG", ".hidden", ".DS_Store"]:  # our frames, with strangers among them
         (out / name).write_bytes(b"x")
     (out / "sub").mkdir()
-    with pytest.raises(FileExistsError, match=r"\(\.DS_Store, 00002\.PNG, 0001\.png, \.\.\. \(4 in all\)\)"):
+    with pytest.raises(FileExistsError, match=r"\(\.hidden, 00002\.PNG, 0001\.png, \.\.\. \(4 in all\)\)"):
         write_video(out, clip)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
         **before,
-        **{name: b"x" for name in ["0001.png", "00002.PNG", ".DS_Store"]},
+        **{name: b"x" for name in ["0001.png", "00002.PNG", ".hidden", ".DS_Store"]},
     }
     assert (out / "sub").is_dir() and no_temp_files(tmp_path)
 

@@ -82,6 +82,8 @@ __all__ = [
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 # read with pillow; gif, webp and png may hold several frames
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# what a file manager leaves in a folder it showed (macOS Finder, Windows Explorer): not a user's file
+_FILE_MANAGER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 _FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files in a frames folder
 WRITE_EXTENSIONS = (".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg")
 FRAME_POLICIES = ("trim", "pad", "none")
@@ -892,15 +894,16 @@ def _encode_ffmpeg(
 def _write_frames_dir(folder: Path, frames: np.ndarray) -> None:
     """Numbered pngs (``00000.png, 00001.png, ...``) into a temporary sibling folder, then renamed into
     place. An existing folder is replaced only when it is empty or every entry in it is a file named as
-    this writes them (``_FRAME_NAME``: an earlier write's frames); anything else in it (``mine.png``,
-    ``notes.txt``, a subfolder, a hidden file) refuses the write with FileExistsError, deleting nothing."""
+    this writes them (``_FRAME_NAME``: an earlier write's frames) or a file manager's own (``.DS_Store``,
+    ``Thumbs.db``, ``desktop.ini``: the folder was looked at); anything else in it (``mine.png``, ``notes.txt``,
+    a subfolder, another hidden file) refuses the write with FileExistsError, deleting nothing."""
     if folder.exists():
         if not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder; cannot write frames there")
         strangers = sorted(
             p.name + ("/" if p.is_dir() else "")
             for p in folder.iterdir()
-            if not (_FRAME_NAME.fullmatch(p.name) and p.is_file())
+            if not ((_FRAME_NAME.fullmatch(p.name) or p.name in _FILE_MANAGER_FILES) and p.is_file())
         )
         if strangers:
             shown = ", ".join(strangers[:3]) + (
@@ -946,8 +949,8 @@ def write_video(
     The format follows the path: ``.mp4`` H.264 / yuv420p (``crf`` default 18); ``.webm`` VP9 (``crf``
     default 30; needs libvpx-vp9 in the bundled ffmpeg); ``.gif``; ``.png`` / ``.jpg`` for one frame;
     no suffix for a folder of numbered pngs ``00000.png, 00001.png, ...`` (an existing folder is replaced
-    only if it is empty or holds nothing but frames so named, an earlier write's; any other file in it
-    raises FileExistsError). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
+    only if it is empty or holds nothing but frames so named, an earlier write's, and a file manager's
+    ``.DS_Store`` / ``Thumbs.db``; any other file in it raises FileExistsError). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
     Returns the path written.
 
     Raises:
