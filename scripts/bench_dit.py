@@ -7,6 +7,13 @@ torch.utils.flop_counter (matmuls and attention).
     python scripts/bench_dit.py                                    # CPU, fp32, reduced 2-layer 1.3B-width model
     python scripts/bench_dit.py --device cuda --dtype bf16 --full  # Wan 2.1 1.3B, 21x60x104 latents, 512 text
     python scripts/bench_dit.py --device cuda --dtype bf16 --full --train --latent 5 30 52
+    python scripts/bench_dit.py --trace --full --latent 21 60 104          # peak tensor memory, meta device
+    python scripts/bench_dit.py --trace --full --model wan2.2-ti2v-5b --latent 31 44 80 --per-token
+
+``--trace`` sizes one forward of ours and diffusers' (bf16, inference) on the ``meta`` device with
+``vidlatent.runtime.memory.PeakMemory`` (attention held as a flash kernel holds it): seconds on a CPU for a
+model of any size; weights and inputs are not counted. ``--per-token`` gives one noise level per video token
+(Wan 2.2 TI2V's timesteps: (b, tokens) modulation tables instead of (b, 1)).
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     )
 
 
+# --trace sizes (the released models' transformer configs; Wan 2.2 TI2V 5B reads Wan 2.2's 48-channel latents)
+MODELS = {
+    "wan2.1-t2v-1.3b": {},
+    "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.2-ti2v-5b": dict(
+        dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48
+    ),
+}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -54,6 +71,14 @@ def parse_args():
         "--attention", default="sdpa", help="our attention kernel: sdpa (torch picks), cudnn, flash, ..."
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--trace", action="store_true", help="peak tensor memory of one forward on the meta device"
+    )
+    p.add_argument("--model", default="wan2.1-t2v-1.3b", choices=sorted(MODELS), help="--trace: which sizes")
+    p.add_argument(
+        "--per-token", action="store_true", help="--trace: one noise level per token (Wan 2.2 TI2V)"
+    )
+    p.add_argument("--top", type=int, default=6, help="--trace: how many of ours' largest held tensors")
     return p.parse_args()
 
 
@@ -70,6 +95,9 @@ def build(cfg: DiTConfig, device, dtype, with_diffusers: bool):
     if with_diffusers:
         with torch.device(device):  # initialize where it will run (the 1.3B takes long on a CPU)
             ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype)
+        for name, module in ref.named_modules():  # as from_pretrained(torch_dtype=...) keeps them
+            if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
+                module.float()
         with torch.no_grad():  # unit-gain random weights, so every part of the network carries signal
             for name, p in ref.named_parameters():
                 if "norm" in name:
@@ -108,8 +136,61 @@ def time_one(fn, device, target=None) -> float:
     return time.perf_counter() - start
 
 
+def trace(args) -> None:
+    """Peak tensor memory of one bf16 forward of ours and diffusers' on the meta device, and what ours holds."""
+    from diffusers import WanTransformer3DModel
+
+    from vidlatent.config import merge_config
+    from vidlatent.runtime.memory import PeakMemory
+
+    cfg = merge_config(load_config(DiTConfig, "dit", "wan2.1-t2v-1.3b"), MODELS[args.model])
+    if not args.full:
+        cfg.num_layers = args.layers
+    dtype, mib = torch.bfloat16, 2**20
+    with torch.device("meta"):
+        ours = _cast(VideoDiT(cfg), dtype)
+        ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype)
+        for name, module in ref.named_modules():  # as from_pretrained(torch_dtype=...) keeps them
+            if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
+                module.float()
+    if args.per_token:  # torch.unique has no meta kernel: embed two levels (TI2V's clean frame and the rest)
+        embed_levels = ours._time
+
+        def per_token_time(sigma):
+            where = torch.zeros(sigma.shape, dtype=torch.long, device=sigma.device)
+            time_emb, time_mod = embed_levels(sigma.new_empty(2))
+            return time_emb[where], time_mod[where]
+
+        ours._time = per_token_time
+    t, h, w = args.latent or [21, 60, 104]
+    text_len = args.text_len or 512
+    tokens = t * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    print(f"peak tensor memory (meta device: sizes only), {args.model}, {cfg.num_layers} layers, bf16, latents "
+          f"{t}x{h}x{w} ({tokens} tokens), {text_len} text tokens, noise level per "
+          f"{'token' if args.per_token else 'video'}; weights and inputs not counted")  # fmt: skip
+    for batch in args.batch or [1]:
+        x = torch.empty(batch, cfg.in_channels, t, h, w, device="meta", dtype=dtype)
+        ctx = torch.empty(batch, text_len, cfg.text_dim, device="meta", dtype=dtype)
+        sigma = torch.empty(batch, *([tokens] if args.per_token else []), device="meta")
+        runs = {"ours": functools.partial(ours, x, sigma, ctx),
+                "diffusers": functools.partial(ref, x, 1000 * sigma, ctx, return_dict=False)}  # fmt: skip
+        peaks = {}
+        for name, fn in runs.items():
+            with torch.inference_mode(), PeakMemory() as memory:
+                fn()
+            peaks[name] = memory
+        print(f"batch {batch}: ours {peaks['ours'].peak / mib:.0f} MiB, diffusers {peaks['diffusers'].peak / mib:.0f} "
+              f"MiB, ratio {peaks['ours'].peak / peaks['diffusers'].peak:.2f}x")  # fmt: skip
+        for name, memory in peaks.items():
+            print(f"  {name} holds at its peak:")
+            for held in memory.at_peak[: args.top]:
+                print(f"    {held.bytes / mib:9.1f} MiB  {held.op:<40} {held.shape}")
+
+
 def main():
     args = parse_args()
+    if args.trace:
+        return trace(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.device(args.device).type == "cuda"

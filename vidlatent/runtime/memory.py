@@ -10,10 +10,13 @@ device (tensors with shapes and no data) it sizes a run that would need a large 
     print(memory.peak / 2**30, memory.at_peak[:5])
 
 What it does not see: tensors made before it starts (weights, inputs), and scratch space a kernel allocates
-inside itself (a cuDNN workspace): a CUDA allocator's peak is that much higher. What it sees differently: on
-``meta`` (and on a CPU) attention runs SDPA's math path, which makes the whole (tokens x tokens) attention
-matrix that a GPU's fused kernels never hold; size a transformer's attention on the device itself. (The VAE's
-attention, over one frame at its lowest resolution, is small either way.)
+inside itself (a cuDNN workspace): a CUDA allocator's peak is that much higher. Attention: on ``meta``, SDPA
+would run its math path and make the whole (tokens x tokens) attention matrix that a GPU's fused kernels never
+hold, so while it is active ``torch.nn.functional.scaled_dot_product_attention`` on meta tensors runs as a
+flash kernel does (PyTorch's CPU flash attention's meta shapes: the output and its log-sum-exp), as CUDA's
+flash and cuDNN kernels hold it; a CPU runs that flash kernel itself. A model that binds the function at import
+(``from torch.nn.functional import scaled_dot_product_attention``) is not redirected: vidlatent's and
+diffusers' attention look it up when they call it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -49,6 +53,15 @@ class PeakMemory(TorchDispatchMode):
         self._live: dict[int, Held] = {}  # storage -> what it holds
         self._tensors: dict[int, int] = {}  # storage -> tensors alive on it
         self._before: set[int] = set()  # storages made before it started (inputs, weights)
+
+    def __enter__(self):
+        self._sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _flash_on_meta(self._sdpa)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._sdpa
+        return super().__exit__(*exc)
 
     def _release(self, key: int) -> None:
         self._tensors[key] -= 1
@@ -84,3 +97,18 @@ class PeakMemory(TorchDispatchMode):
             self.peak = self.current
             self.at_peak = sorted(self._live.values(), key=lambda held: -held.bytes)
         return out
+
+
+def _flash_on_meta(sdpa):
+    """``sdpa`` for tensors with data; on meta tensors the flash kernel's shapes (no attention matrix)."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or kwargs.get("enable_gqa") or query.shape[:-2] != key.shape[:-2]:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)  # fmt: skip
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+        return out
+
+    return attention
