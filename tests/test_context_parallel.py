@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from context_parallel_worker import JOB, PROMPT
+from context_parallel_worker import JOB, PROMPT, control_video
 
 from vidlatent.config import DiTConfig, load_config
+from vidlatent.config.control import control_config_for
 from vidlatent.data.io import read_image
+from vidlatent.models.control import ControlBranch
 from vidlatent.models.dit import VideoDiT
 from vidlatent.pipelines import VideoPipeline
 from vidlatent.runtime import parallel
@@ -39,7 +41,7 @@ def torchrun(script: str, *args, nproc: int) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """The tiny pipeline with a 4-head denoiser (4 ranks split 4 heads), saved once."""
+    """The tiny pipeline with a 4-head denoiser (4 ranks split 4 heads) and a control branch, saved once."""
     pipe = VideoPipeline.from_pretrained("tiny")
     c = pipe.vae.config.latent_channels
     cfg = load_config(DiTConfig, "dit", "tiny", overrides=[f"in_channels={c}", f"out_channels={c}",
@@ -50,25 +52,36 @@ def folder(tmp_path_factory) -> Path:
         for p in dit.parameters():
             p.add_(0.1 * torch.randn_like(p))  # a zero-init head would make every video the same
     out = tmp_path_factory.mktemp("cp") / "pipe"
-    VideoPipeline(pipe.vae, dit, pipe.text_encoder, pipe.config).save_pretrained(out)
+    pipe = VideoPipeline(pipe.vae, dit, pipe.text_encoder, pipe.config)
+    c, sf = pipe.vae.config.latent_channels, pipe.vae.spatial_factor
+    branch = ControlBranch(control_config_for(cfg, in_channels=2 * c + sf * sf)).eval()
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # zero-init hint projections would add nothing
+    pipe.load_control(branch)
+    pipe.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def single(folder) -> torch.Tensor:
-    return VideoPipeline.from_pretrained(folder).generate(PROMPT, **JOB)
+def single(folder) -> dict[str, torch.Tensor]:
+    pipe = VideoPipeline.from_pretrained(folder)
+    return {"": pipe.generate(PROMPT, **JOB), "control-": pipe.control(PROMPT, control_video(), **JOB)}
 
 
 @pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ranks_give_the_single_process_video(folder, single, tmp_path, nproc):
     torchrun(os.path.join(ROOT, "tests", "context_parallel_worker.py"), folder, tmp_path, nproc=nproc)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"cfg-{nproc}.pt", f"sequence-{nproc}.pt"]
-    assert single.abs().max() > 0.05  # a video that differs from place to place, not a flat one
-    for split in ("sequence", "cfg"):
-        video = torch.load(tmp_path / f"{split}-{nproc}.pt")
-        assert video.shape == single.shape
-        err = (video - single).abs().max().item()
-        assert err < 1e-5, (split, nproc, err)
+    names = [f"{job}{split}-{nproc}.pt" for job in single for split in ("cfg", "sequence")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert single[""].abs().max() > 0.05  # a video that differs from place to place, not a flat one
+    assert (single["control-"] - single[""]).abs().max() > 0.05  # the control steers it
+    for job, expected in single.items():
+        for split in ("sequence", "cfg"):
+            video = torch.load(tmp_path / f"{job}{split}-{nproc}.pt")
+            assert video.shape == expected.shape
+            err = (video - expected).abs().max().item()
+            assert err < 1e-5, (job, split, nproc, err)
 
 
 def test_one_process_is_refused():

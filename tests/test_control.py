@@ -177,3 +177,27 @@ def test_bad_inputs_name_both_shapes(tiny_cfg, tiny_vace):
         ControlledDiT(model.dit, ControlBranch(wide))
     with pytest.raises(ValueError, match=r"after blocks \[0, 5\]; this denoiser has 3 blocks"):
         ControlledDiT(model.dit, ControlBranch(control_config_for(tiny_cfg, layers=[0, 5])))
+
+
+def test_residuals_are_drawn_when_their_block_is_reached():
+    """``VideoDiT``'s residuals from an iterator: each drawn at its block (none ahead of need past the next one),
+    transformed as taken; a dict is read as given; a residual for a block already run is an error."""
+    from vidlatent.models.dit import Residuals
+
+    drawn = []
+
+    def pairs():
+        for layer in (0, 2, 3):
+            drawn.append(layer)
+            yield layer, torch.full((1,), float(layer))
+
+    residuals = Residuals(pairs())
+    residuals.transform = lambda v: v + 10
+    assert drawn == [] and residuals.take(0).item() == 10 and drawn == [0]
+    assert residuals.take(1) is None and drawn == [0, 2]  # the next one is drawn, kept for block 2
+    assert residuals.take(2).item() == 12 and drawn == [0, 2]
+    assert residuals.take(3).item() == 13 and residuals.take(4) is None
+    assert Residuals({1: torch.ones(1)}).take(1).item() == 1 and Residuals({}).take(0) is None
+    late = Residuals(iter([(1, torch.ones(1))]))
+    with pytest.raises(RuntimeError, match="the residual for block 1 was drawn after block 2 ran"):
+        late.take(2)

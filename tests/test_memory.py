@@ -100,6 +100,36 @@ def test_dit_peak_memory_not_above_diffusers(per_token, monkeypatch):
     assert peaks[0] <= peaks[1], peaks
 
 
+def test_control_hints_are_held_one_at_a_time():
+    """VACE with a hint after each of 8 blocks, 1.3B wide, 5 x 30 x 52 latents, bf16, on meta: ours computes each
+    hint when its block is reached (it computed all first and held them through the forward, as diffusers does)."""
+    from diffusers import WanVACETransformer3DModel
+
+    from vidlatent.config.control import control_config_for
+    from vidlatent.models.control import ControlBranch, ControlledDiT
+
+    cfg = merge_config(load_config(DiTConfig, "dit", "wan2.1-t2v-1.3b"), {"num_layers": 8})
+    control_cfg = control_config_for(cfg, layers=list(range(8)))
+    with torch.device("meta"):
+        ours = ControlledDiT(
+            _cast(VideoDiT(cfg), torch.bfloat16), _cast(ControlBranch(control_cfg), torch.bfloat16)
+        )
+        ref = WanVACETransformer3DModel(**to_diffusers_config(cfg), vace_layers=control_cfg.layers,
+                                        vace_in_channels=control_cfg.in_channels).to(torch.bfloat16)  # fmt: skip
+    for name, module in ref.named_modules():
+        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
+            module.float()
+    x = torch.empty(1, 16, 5, 30, 52, device="meta", dtype=torch.bfloat16)
+    control = torch.empty(1, control_cfg.in_channels, 5, 30, 52, device="meta", dtype=torch.bfloat16)
+    ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
+    sigma = torch.empty(1, device="meta")
+    with torch.inference_mode():
+        peaks = (_peak(lambda: ours(x, sigma, ctx, control=control)),
+                 _peak(lambda: ref(x, 1000 * sigma, ctx, control_hidden_states=control, return_dict=False)))  # fmt: skip
+    hint = 5 * 15 * 26 * 1536 * 2  # (tokens, dim) bf16
+    assert peaks[0] <= peaks[1] - 6 * hint, (peaks, hint)  # of 8 hints at most 2 held, less their share
+
+
 def test_stream_cache_holds_only_the_frames_it_needs():
     """A cache entry owns its few past frames; a view would keep the chunk's whole concatenation alive."""
     vae = CausalVAE.from_pretrained("tiny").eval()

@@ -227,6 +227,35 @@ class Head(nn.Module):
 # ----------------------------------------------------------------------------------------- the model
 
 
+class Residuals:
+    """What to add to the tokens after some blocks: a dict ``{block index: (b, n, d)}``, or an iterator of
+    ``(block index, residual)`` pairs in block order drawn only when ``take`` reaches each index (a control
+    branch computes its hints that way, so it holds one at a time, not all of them through the forward).
+    ``transform`` (e.g. a context-parallel rank's share of the tokens) is applied to each as it is taken."""
+
+    def __init__(self, source):
+        self._given = source if isinstance(source, Mapping) else None
+        self._pairs = None if self._given is not None else iter(source)
+        self._ahead: tuple[int, torch.Tensor] | None = None  # drawn for a later block
+        self.transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def take(self, index: int) -> torch.Tensor | None:
+        """The residual for block ``index`` (None: none); called with increasing indices, each at most once."""
+        if self._given is not None:
+            value = self._given.get(index)
+        else:
+            if self._ahead is None:
+                self._ahead = next(self._pairs, None)
+            if self._ahead is not None and self._ahead[0] < index:
+                raise RuntimeError(
+                    f"the residual for block {self._ahead[0]} was drawn after block {index} ran"
+                )
+            value = None
+            if self._ahead is not None and self._ahead[0] == index:
+                value, self._ahead = self._ahead[1], None
+        return value if value is None or self.transform is None else self.transform(value)
+
+
 # parameters kept in fp32 when the rest of the model is cast (small, and precision-sensitive)
 _FP32_PARAMS = re.compile(r"^(time_embed\.|time_modulation\.)|modulation$")
 
@@ -305,7 +334,9 @@ class VideoDiT(nn.Module):
 
         ``hints`` (a control branch, ``models.control``): called once with the embedded inputs (the tokens
         entering block 0, text, time modulation, rope, context mask, image tokens), it returns residuals
-        ``{block index: (b, n, d)}``, each added to the tokens after that block.
+        ``{block index: (b, n, d)}``, each added to the tokens after that block, or an iterator of ``(block
+        index, residual)`` pairs in block order, drawn when the blocks reach each (one held at a time; a
+        residual the blocks never reach, as under step caching, is never computed).
 
         ``cache`` (step caching, ``runtime.cache.CacheState``): ``cache(tokens, run_blocks, depth)`` returns the
         tokens after all ``depth`` blocks; ``run_blocks(tokens, start, stop, rows=None)`` runs blocks
@@ -331,14 +362,16 @@ class VideoDiT(nn.Module):
         text = self.text_embed(context.to(dtype))
         image = None if image is None else self.image_embed(image.to(dtype))
 
-        residuals = {} if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
+        residuals = Residuals(
+            () if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
+        )
         if (par := self.context_parallel) is not None:  # a share of the tokens from here to the head
             if cache is not None:  # each rank would judge its own share and the ranks' collectives would part
                 raise ValueError(
                     "step caching does not run under context parallel (torchrun) yet: use cache=None"
                 )
             tokens, rope, time_emb, time_mod = par.split(tokens, rope, time_emb, time_mod)
-            residuals = {i: par.split_tokens(r) for i, r in residuals.items()}
+            residuals.transform = par.split_tokens
 
         def run_blocks(tokens, start, stop, rows=None):  # blocks start..stop-1 on the samples ``rows`` (all)
             pick = (lambda v: v) if rows is None else (lambda v: v if v is None or len(v) == 1 else v[rows])
@@ -348,8 +381,8 @@ class VideoDiT(nn.Module):
                     tokens = checkpoint(block, tokens, *inputs, use_reentrant=False)
                 else:
                     tokens = block(tokens, *inputs)
-                if i in residuals:
-                    tokens = tokens + pick(residuals[i])
+                if (residual := residuals.take(i)) is not None:
+                    tokens = tokens + pick(residual)
             return tokens
 
         depth = len(self.blocks)
