@@ -609,3 +609,57 @@ def test_api_type_slips_get_errors_naming_the_argument(pipe, tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+
+
+def test_split_guidance_gives_the_batched_jobs_results(pipe, monkeypatch, tmp_path, capsys):
+    """``split_guidance`` (guidance's halves as two calls): generate, a FlowEdit edit and a noise morph give what
+    one batch of both halves gives, to rounding; not with a step cache; the CLI's --split-guidance sets it."""
+    from vidlatent.cli import main
+
+    kw = dict(seed=1, steps=3, guidance=4.0, negative_prompt="blurry, dark", output_type="latent")
+    video = pattern()
+    jobs = {
+        "generate": lambda: pipe.generate("a red ball", **kw),
+        "flow edit": lambda: pipe.edit(video, "a blue ball", 0.8, source_prompt="a red ball", **kw),
+        "noise morph": lambda: pipe.morph(
+            video[0, :, 0],
+            video[0, :, -1],
+            5,
+            "noise",
+            "red",
+            "blue",
+            steps=3,
+            guidance=4.0,
+            output_type="latent",
+        ),
+    }
+    for name, job in jobs.items():
+        monkeypatch.setattr(pipe, "split_guidance", False)
+        batched = job()
+        monkeypatch.setattr(pipe, "split_guidance", True)
+        torch.testing.assert_close(job(), batched, rtol=0, atol=1e-4, msg=name)
+    monkeypatch.setattr(pipe, "cache", 0.1)
+    with pytest.raises(ValueError, match="split_guidance runs guidance's halves as two denoiser calls"):
+        jobs["generate"]()
+    monkeypatch.setattr(pipe, "cache", None)
+    with pytest.raises(ValueError, match="split_guidance and a step cache do not run together"):
+        VideoPipeline.from_pretrained("tiny", split_guidance=True, cache=0.1)
+    argv = [
+        "generate",
+        "a red ball",
+        "--model",
+        "tiny",
+        "-q",
+        "--frames",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
+    assert main([*argv, "--split-guidance", "-o", str(tmp_path / "a.png"), "steps=2"]) == 0
+    assert main([*argv, "--split-guidance", "--cache", "0.1", "-o", str(tmp_path / "b.png")]) != 0
+    assert "split_guidance runs guidance's halves" in capsys.readouterr().err

@@ -273,3 +273,65 @@ def test_bad_arguments_are_rejected():
         denoise(point_mass, noise(), torch.zeros(2, 1, 1), sampler="ddim", progress=False)
     with pytest.raises(ValueError, match="needs init latents"):
         denoise(point_mass, noise(), torch.zeros(2, 1, 1), strength=0.5, progress=False)
+
+
+class CallLog(torch.nn.Module):
+    """``model`` recording the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, x, *args, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.model(x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("loop", ["denoise", "flow_edit", "invert"])
+def test_split_guidance_runs_the_halves_apart_with_the_batched_result(tiny_dit, loop):
+    """``split_guidance``: guidance's halves as two calls of the prompts' batch (uneven prompt lengths, so masks
+    differ), the same latents as one batch of both to rounding."""
+    z = noise(6, (2, 16, 1, 4, 4))
+    g = torch.Generator().manual_seed(7)
+    cond, uncond, source = (torch.randn(2, 6, 32, generator=g), torch.randn(1, 3, 32, generator=g),
+                            torch.randn(2, 4, 32, generator=g))  # fmt: skip
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+
+    def run(split):
+        model = CallLog(tiny_dit)
+        kw = dict(negative=uncond, guidance=4.0, steps=3, progress=False, split_guidance=split)
+        if loop == "denoise":
+            out = denoise(model, z, cond, mask, sampler="unipc", **kw)
+        elif loop == "flow_edit":
+            out = flow_edit(model, z, cond, mask, source, source_guidance=2.0,
+                            generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+        else:
+            out = invert(model, z, cond, mask, **kw)
+        return out, model.batches
+
+    (batched, sizes), (split, split_sizes) = run(False), run(True)
+    assert set(sizes) == {4} and set(split_sizes) == {2} and len(split_sizes) == 2 * len(sizes)
+    torch.testing.assert_close(split, batched, rtol=0, atol=1e-4)
+    assert not torch.allclose(batched, z, atol=1e-3)  # it moved: the comparison can fail
+
+
+def test_split_guidance_holds_half_the_activations():
+    """A 1.3B-wide 2-layer denoiser at 5 x 30 x 52 latents on meta: the batched halves hold twice the
+    activations of one call (what diffusers runs), the split ones those of one call."""
+    from vidlatent.config import merge_config
+    from vidlatent.diffusion.sampling import guided_velocity
+    from vidlatent.runtime.memory import PeakMemory
+
+    cfg = merge_config(load_config(DiTConfig, "dit", "wan2.1-t2v-1.3b"), {"num_layers": 2})
+    with torch.device("meta"):
+        model = VideoDiT(cfg).to(torch.bfloat16)
+    x = torch.empty(1, 16, 5, 30, 52, device="meta")
+    cond, uncond = (torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    peaks = {}
+    for split in (False, True):
+        velocity = guided_velocity(model, cond, None, uncond, None, 5.0, split=split)
+        with torch.inference_mode(), PeakMemory() as memory:
+            velocity(x, torch.tensor(0.5, device="meta"))
+        peaks[split] = memory.peak
+    assert peaks[True] < 0.6 * peaks[False], peaks

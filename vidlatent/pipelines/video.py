@@ -187,9 +187,10 @@ class VideoPipeline:
     ``_noise``, build a hook or model keywords if it keeps or conditions on something, call ``_sample`` once,
     return ``_output``.
 
-    Keywords ``offload`` ("none", "model", "blocks"), ``weights_dtype`` (None, "fp8"), ``compile`` and
-    ``attention`` choose how it runs, not what it computes (``vidlatent.runtime.configure``); ``cache`` (step
-    caching: a threshold or a settings file) trades a little of what it computes for speed.
+    Keywords ``offload`` ("none", "model", "blocks"), ``weights_dtype`` (None, "fp8"), ``compile``,
+    ``attention`` and ``split_guidance`` (guidance's halves as two calls: half the activation memory) choose how
+    it runs, not what it computes (``vidlatent.runtime.configure``); ``cache`` (step caching: a threshold or a
+    settings file) trades a little of what it computes for speed.
     """
 
     def __init__(
@@ -248,6 +249,8 @@ class VideoPipeline:
         self.config = check_pipeline_config(config)
         self._check_boundary()
         self.progress = True  # tqdm bars during sampling; each job's progress= overrides it
+        # guidance's two halves one after the other (half the activations held; see runtime.configure)
+        self.split_guidance = False
         # offload, weights_dtype, compile, attention: how it runs, not what it computes
         self.weights_placement = runtime.configure(self, **runtime_options)
 
@@ -272,9 +275,9 @@ class VideoPipeline:
         with Wan's conventions and defaults. ``dtype`` applies to all three models (default: as stored, fp32 for
         presets). ``overrides``: ``PipelineConfig`` fields (a dict or ``key=value`` strings) over the folder's.
         ``check_finite``: scan a folder's weights for NaN/inf (``NonFiniteError`` naming the tensors).
-        ``runtime_options`` (``offload``, ``weights_dtype``, ``compile``, ``attention``, ``cache``): see
-        ``runtime.configure``;
-        with offload the weights are read to the host and ``device`` is where the parts run.
+        ``runtime_options`` (``offload``, ``weights_dtype``, ``compile``, ``attention``, ``cache``,
+        ``split_guidance``): see ``runtime.configure``; with offload the weights are read to the host and
+        ``device`` is where the parts run.
         """
         run_on, device = device, runtime.load_device(runtime_options.get("offload", "none"), device)
         if str(src) == "default" and not Path(src).is_dir():
@@ -614,7 +617,7 @@ class VideoPipeline:
         z = flow_edit(target, z0, context, mask, source, source_mask, **negative, guidance=opts.guidance,
                       source_guidance=source_guidance, steps=opts.steps, shift=opts.shift,
                       strength=strength, generator=generator, progress=opts.progress,
-                      source_model=source_model)  # fmt: skip
+                      source_model=source_model, **self._split_guidance())  # fmt: skip
         return self._output(z, opts.output_type, fit)
 
     @torch.no_grad()
@@ -901,7 +904,7 @@ class VideoPipeline:
                            output_type="latent", cache=self._cache_state(), **negative,
                            timesteps=self.config.timesteps,
                            scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
-                           **opts.loop_keywords())  # fmt: skip
+                           **self._split_guidance(), **opts.loop_keywords())  # fmt: skip
         return self._output(z, opts.output_type, fit)
 
     def _fun_control(self, prompt, video, reference, noise, opts: SamplingOptions) -> torch.Tensor:
@@ -1067,7 +1070,8 @@ class VideoPipeline:
         if mask is not None:  # the union: one context layout for every frame
             mask = mask.any(dim=0, keepdim=True).expand(2, -1)
         negative = self._negative(opts.negative_prompt, opts.guidance != 1)
-        kw = dict(guidance=opts.guidance, steps=opts.steps, shift=opts.shift, progress=opts.progress)
+        kw = dict(guidance=opts.guidance, steps=opts.steps, shift=opts.shift, progress=opts.progress,
+                  **self._split_guidance())  # fmt: skip
         noise = invert(self.dit, z, tokens, mask, refine=refine, strength=strength, **negative, **kw)
 
         def regenerate(w: torch.Tensor) -> torch.Tensor:
@@ -1128,7 +1132,26 @@ class VideoPipeline:
         return denoise(models[0], noise, context, context_mask, **negative, init=init, strength=strength,
                        hook=hook, generator=generator, timesteps=self.config.timesteps,
                        scheduler_config=self.config.scheduler_config, sigmas=self.config.sigmas,
-                       model_kwargs=model_kwargs, second=second, **opts.loop_keywords())  # fmt: skip
+                       model_kwargs=model_kwargs, second=second, **self._split_guidance(),
+                       **opts.loop_keywords())  # fmt: skip
+
+    def _split_guidance(self) -> dict:
+        """The sampling loops' ``split_guidance`` keyword when ``split_guidance`` is set; ValueError where it
+        cannot run: a step cache (one state per denoiser would see the two halves as alternate steps) or cfg
+        parallel (which already runs the halves on two rank groups)."""
+        if not self.split_guidance:
+            return {}
+        if self.cache is not None:
+            raise ValueError(
+                "split_guidance runs guidance's halves as two denoiser calls, which a step cache would take for "
+                "two steps: use one of them (cache=None or split_guidance=False)"
+            )
+        if (par := parallel.active(self)) is not None and par.cfg > 1:
+            raise ValueError(
+                "split_guidance and cfg parallel both divide guidance's halves: use one of them (under torchrun, "
+                "cfg parallel runs them on two rank groups at once)"
+            )
+        return {"split_guidance": True}
 
     def _check_job(self, job: str | None = None) -> None:
         """ValueError unless the denoiser can run ``job`` (None: a job that samples from text alone): a

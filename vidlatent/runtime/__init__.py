@@ -1,6 +1,7 @@
 """How a pipeline runs on the hardware it has, without changing what it computes: where weights live (``offload``),
-how the denoiser's linear weights are stored (``weights_dtype``), which attention kernel runs (``attention``) and
-whether the denoiser's block is compiled (``compile``). ``configure`` applies all four to a ``VideoPipeline``;
+how the denoiser's linear weights are stored (``weights_dtype``), which attention kernel runs (``attention``),
+whether the denoiser's block is compiled (``compile``) and whether guidance's two halves run as one batch or one
+after the other (``split_guidance``). ``configure`` applies them to a ``VideoPipeline``;
 ``VideoPipeline(..., offload=...)`` and ``VideoPipeline.from_pretrained(..., offload=...)`` call it.
 
 Modules: ``offload.py`` (``Placement``: the one place that moves weights), ``fp8.py`` (float8 weight storage),
@@ -82,6 +83,7 @@ def configure(
     device=None,
     resident: int = 2,
     cache=None,
+    split_guidance: bool = False,
 ) -> Placement | None:
     """Apply the runtime choices to ``pipe`` (in place) and return its ``Placement`` (None without offload).
 
@@ -90,6 +92,9 @@ def configure(
     ``"model"`` or ``"blocks"`` onto ``device`` (default: CUDA); where there is no accelerator a one-line
     warning says so and the pipeline runs as it is. ``resident``: blocks on the accelerator at once (blocks).
     ``cache``: step caching, ``pipe.cache`` (a threshold, a settings file, or None: see ``cache.cache_settings``).
+    ``split_guidance``: ``pipe.split_guidance``, classifier-free guidance's two halves as two denoiser calls
+    instead of one batch of both (as diffusers runs them): half the activations held at once (Wan 2.1 14B at
+    81x720x1280: 8.2 against 16.3 GB, traced), a little slower on a GPU; not with a step cache.
     """
     check_runtime(offload, weights_dtype)
     step_cache = cache_settings(cache, pipe.dit)  # checked first: a bad setting leaves the pipeline as it was
@@ -111,6 +116,9 @@ def configure(
         run_on = target if offload != "none" else next(dit.parameters()).device
         check_attention(attention, run_on, dit.patch_embed.weight.dtype, dit.head_dim)
     pipe.cache = step_cache
+    if split_guidance and step_cache is not None:
+        raise ValueError("split_guidance and a step cache do not run together: use one of them")
+    pipe.split_guidance = bool(split_guidance)
     for model in (dit, dit_2) if weights_dtype == "fp8" else ():
         if model is not None:
             quantize(model)
