@@ -59,6 +59,13 @@ def test_vae_peak_memory_not_above_diffusers(dtype):
     assert decode[0] <= 1.0 * decode[1], decode
 
 
+def _fp32_as_loaded(ref) -> None:
+    """diffusers' modules that ``from_pretrained(torch_dtype=...)`` keeps in fp32, back in fp32 after ``.to()``."""
+    for name, module in ref.named_modules():
+        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
+            module.float()
+
+
 def test_attention_on_meta_is_held_as_a_flash_kernel_holds_it():
     """On meta, SDPA's math path would make the (tokens x tokens) matrix no GPU kernel holds: sized as flash."""
     sdpa = F.scaled_dot_product_attention
@@ -81,9 +88,7 @@ def test_dit_peak_memory_not_above_diffusers(per_token, monkeypatch):
     with torch.device("meta"):
         ours = _cast(VideoDiT(cfg), torch.bfloat16)
         ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(torch.bfloat16)
-    for name, module in ref.named_modules():  # fp32 where from_pretrained(torch_dtype=...) keeps them
-        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
-            module.float()
+    _fp32_as_loaded(ref)
     tokens = 5 * 15 * 26
     x = torch.empty(1, 16, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
@@ -116,9 +121,7 @@ def test_control_hints_are_held_one_at_a_time():
         )
         ref = WanVACETransformer3DModel(**to_diffusers_config(cfg), vace_layers=control_cfg.layers,
                                         vace_in_channels=control_cfg.in_channels).to(torch.bfloat16)  # fmt: skip
-    for name, module in ref.named_modules():
-        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
-            module.float()
+    _fp32_as_loaded(ref)
     x = torch.empty(1, 16, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     control = torch.empty(1, control_cfg.in_channels, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
