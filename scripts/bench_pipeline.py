@@ -54,6 +54,8 @@ def parse_args():
         "--mode", default="none", choices=MODES, help="offload or fp8 weights, both pipelines alike"
     )
     p.add_argument("--preset", default="wan2.1-t2v-1.3b", help="the denoiser's config (e.g. wan2.1-t2v-14b)")
+    p.add_argument("--split-guidance", action="store_true",
+                   help="ours runs guidance's halves as two calls, as diffusers does (not one batch)")  # fmt: skip
     return p.parse_args()
 
 
@@ -164,10 +166,11 @@ def main():
     offload = args.mode if args.mode in ("model", "blocks") else "none"
     weights = "fp8" if args.mode == "fp8" else None  # each part in its stored dtype
     ours = VideoPipeline.from_pretrained(folder, device=args.device, offload=offload, weights_dtype=weights)
-    ours.progress = False
+    ours.progress, ours.split_guidance = False, args.split_guidance
     print(
         f"device {torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads'}, "
-        f"{dtype}, torch {torch.__version__}; {frames}x{height}x{width}, {steps} steps, guidance 5 (CFG batch), "
+        f"{dtype}, torch {torch.__version__}; {frames}x{height}x{width}, {steps} steps, guidance 5 (ours: "
+        f"{'two calls a step' if args.split_guidance else 'one batch of both halves'}), "
         f"mode {args.mode}"
     )
     tf, sf = ours.vae.temporal_factor, ours.vae.spatial_factor

@@ -37,6 +37,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     run vae 120 python3 scripts/bench_vae.py --preset tiny --frames 1 --size 32 32 --repeats 1
     run train_step 120 python3 scripts/bench_train_step.py --vs-diffusers --tiny
     run pipeline 180 python3 scripts/bench_pipeline.py --tiny
+    run pipeline-split 180 python3 scripts/bench_pipeline.py --tiny --split-guidance
     clips=(--"$stage"-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)  # --gpu-clips, --wide-gpu-clips, ...
 else
     run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full
@@ -45,6 +46,7 @@ else
     run train_step 90 python3 scripts/bench_train_step.py --vs-diffusers --device cuda --precision bf16 \
         --latent 5 30 52 --steps 3
     run pipeline 85 python3 scripts/bench_pipeline.py --device cuda --frames 17 --steps 10
+    run pipeline-split 60 python3 scripts/bench_pipeline.py --device cuda --frames 17 --steps 10 --split-guidance
     clips=() minutes="" more=()
 fi
 
