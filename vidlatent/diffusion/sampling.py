@@ -317,12 +317,10 @@ def guided_velocity(
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not guided:
             return run(x, sigma, context, context_mask)
-        if split:
-            b = x.shape[0]
-            halves = [(context[i * b : (i + 1) * b], None if context_mask is None else context_mask[i * b : (i + 1) * b])
-                      for i in range(2)]  # fmt: skip
-            v_cond = run(x, sigma, *halves[0])
-            return torch.lerp(run(x, sigma, *halves[1]), v_cond, guidance)
+        if split:  # [cond; uncond] tokens, each half with its mask
+            tokens, masks = context.chunk(2), (None, None) if context_mask is None else context_mask.chunk(2)
+            v_cond = run(x, sigma, tokens[0], masks[0])
+            return torch.lerp(run(x, sigma, tokens[1], masks[1]), v_cond, guidance)
         v_cond, v_neg = run(torch.cat([x, x]), sigma, context, context_mask).chunk(2)
         return torch.lerp(v_neg, v_cond, guidance)
 

@@ -229,8 +229,9 @@ class Head(nn.Module):
 
 class Residuals:
     """What to add to the tokens after some blocks: a dict ``{block index: (b, n, d)}``, or an iterator of
-    ``(block index, residual)`` pairs in block order drawn only when ``take`` reaches each index (a control
-    branch computes its hints that way, so it holds one at a time, not all of them through the forward).
+    ``(block index, residual)`` pairs in block order, drawn one at a time as ``take`` moves past the last one
+    drawn (a control branch computes its hints that way, so it holds one or two, not all of them through the
+    forward).
     ``transform`` (e.g. a context-parallel rank's share of the tokens) is applied to each as it is taken."""
 
     def __init__(self, source):
@@ -335,7 +336,7 @@ class VideoDiT(nn.Module):
         ``hints`` (a control branch, ``models.control``): called once with the embedded inputs (the tokens
         entering block 0, text, time modulation, rope, context mask, image tokens), it returns residuals
         ``{block index: (b, n, d)}``, each added to the tokens after that block, or an iterator of ``(block
-        index, residual)`` pairs in block order, drawn when the blocks reach each (one held at a time; a
+        index, residual)`` pairs in block order, drawn as the blocks reach them (one or two held at a time; a
         residual the blocks never reach, as under step caching, is never computed).
 
         ``cache`` (step caching, ``runtime.cache.CacheState``): ``cache(tokens, run_blocks, depth)`` returns the
