@@ -8,8 +8,9 @@
 #   BUDGET=570 bash scripts/gpu_session.sh wide-gpu   # benchmarks, then stage wide-gpu in the seconds left
 #
 # BUDGET: seconds the whole script may take (default 570); the stage's max_minutes is what is left after the
-# benchmarks, less the time to cache its clips and export (clipped to 2.5-5 minutes). SMOKE=1 runs every part at
-# a tiny size on any device (to try the script on a CPU first).
+# benchmarks, less the time to cache its clips and export (clipped to 2.5-5 minutes); with less than 245 s left
+# the stage is skipped, saying so (the benchmarks take about 390 s: run the stage in a second call with
+# SKIP_BENCH=1). SMOKE=1 runs every part at a tiny size on any device (to try the script on a CPU first).
 set -u
 start=$(date +%s)
 budget=${BUDGET:-570}
@@ -32,7 +33,9 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$out/nvidia-smi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
  'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$out/bench.log"
 
-if [ "${SMOKE:-0}" = 1 ]; then
+if [ "${SKIP_BENCH:-0}" = 1 ]; then  # a second call: the stage alone
+    clips=() minutes="" more=()
+elif [ "${SMOKE:-0}" = 1 ]; then
     run dit 120 python3 scripts/bench_dit.py --latent 1 4 4 --text-len 8 --repeats 1
     run vae 120 python3 scripts/bench_vae.py --preset tiny --frames 1 --size 32 32 --repeats 1
     run train_step 120 python3 scripts/bench_train_step.py --vs-diffusers --tiny
@@ -51,6 +54,11 @@ else
 fi
 
 [ -z "$stage" ] && exit 0
+if [ -z "$minutes" ] && [ "$(left)" -lt 245 ]; then  # 2.5 minutes of steps and ~95 s around them
+    echo "=== stage $stage: skipped, $(left) s of the budget left and it needs 245 s: run it in a call of its own" \
+         "(BUDGET=570 SKIP_BENCH=1 bash scripts/gpu_session.sh $stage)" | tee -a "$out/train.log"
+    exit 0
+fi
 if [ -z "$minutes" ]; then  # the budget left, less ~95 s for caching the clips, loading and exporting
     minutes=$(python3 -c "print(round(min(5.0, max(2.5, ($(left) - 95) / 60)), 2))")
 fi
