@@ -82,8 +82,18 @@ def parse_args():
     return p.parse_args()
 
 
+def fp32_as_loaded(ref):
+    """diffusers' model with the modules ``from_pretrained(torch_dtype=...)`` keeps in fp32 (its time embedder,
+    norms and modulation table) back in fp32 after a ``.to(dtype)``, as a user's loaded model has them."""
+    for name, module in ref.named_modules():
+        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
+            module.float()
+    return ref
+
+
 def build(cfg: DiTConfig, device, dtype, with_diffusers: bool):
-    """Our model and (optionally) diffusers', sharing one set of seeded random weights."""
+    """Our model and (optionally) diffusers' (its fp32 modules as loaded: ``fp32_as_loaded``), sharing one set
+    of seeded random weights."""
     torch.manual_seed(0)
     ref = None
     if with_diffusers:
@@ -95,9 +105,7 @@ def build(cfg: DiTConfig, device, dtype, with_diffusers: bool):
     if with_diffusers:
         with torch.device(device):  # initialize where it will run (the 1.3B takes long on a CPU)
             ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype)
-        for name, module in ref.named_modules():  # as from_pretrained(torch_dtype=...) keeps them
-            if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
-                module.float()
+        fp32_as_loaded(ref)
         with torch.no_grad():  # unit-gain random weights, so every part of the network carries signal
             for name, p in ref.named_parameters():
                 if "norm" in name:
@@ -149,10 +157,7 @@ def trace(args) -> None:
     dtype, mib = torch.bfloat16, 2**20
     with torch.device("meta"):
         ours = _cast(VideoDiT(cfg), dtype)
-        ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype)
-        for name, module in ref.named_modules():  # as from_pretrained(torch_dtype=...) keeps them
-            if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
-                module.float()
+        ref = fp32_as_loaded(WanTransformer3DModel(**to_diffusers_config(cfg)).to(dtype))
     if args.per_token:  # torch.unique has no meta kernel: embed two levels (TI2V's clean frame and the rest)
         embed_levels = ours._time
 

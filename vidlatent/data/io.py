@@ -950,7 +950,8 @@ def write_video(
     default 30; needs libvpx-vp9 in the bundled ffmpeg); ``.gif``; ``.png`` / ``.jpg`` for one frame;
     no suffix for a folder of numbered pngs ``00000.png, 00001.png, ...`` (an existing folder is replaced
     only if it is empty or holds nothing but frames so named, an earlier write's, and a file manager's
-    ``.DS_Store`` / ``Thumbs.db``; any other file in it raises FileExistsError). Odd sizes are padded to even for mp4 and webm, by one replicated row / column.
+    ``.DS_Store`` / ``Thumbs.db``; any other file in it raises FileExistsError). Odd sizes are padded to even
+    for mp4 and webm, by one replicated row / column.
     Returns the path written.
 
     Raises:

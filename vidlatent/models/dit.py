@@ -58,8 +58,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def _modulation_row(table: torch.Tensor, time_mod: torch.Tensor, i: int) -> torch.Tensor:
-    """Row ``i`` of a block's table (1, s, d) plus the time modulation, (b, s or 1, d) or per token (b, n, s or 1, d) ->
-    (b, 1, d) or (b, n, d). One row at a time: per token each is as large as the tokens in fp32, so a block
+    """Row ``i`` of a block's table (1, s, d) plus the time modulation, (b, s or 1, d) or per token
+    (b, n, s or 1, d) -> (b, 1, d) or (b, n, d). One row at a time: per token each is as large as the tokens in fp32, so a block
     makes each where it is used rather than all six at once (Wan 2.2 TI2V 5B at 720p: 0.3 against 1.9 GB)."""
     row = table[:, i] + time_mod.select(-2, i if time_mod.shape[-2] > 1 else 0)  # (1, s or 1, d): shared
     return row if time_mod.ndim == 4 else row.unsqueeze(1)
@@ -364,7 +364,7 @@ class VideoDiT(nn.Module):
         image = None if image is None else self.image_embed(image.to(dtype))
 
         residuals = Residuals(
-            () if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
+            {} if hints is None else hints(tokens, text, time_mod, rope, context_mask, image)
         )
         if (par := self.context_parallel) is not None:  # a share of the tokens from here to the head
             if cache is not None:  # each rank would judge its own share and the ranks' collectives would part

@@ -11,7 +11,8 @@ Layouts read. ``<module>`` is a layer in vidlatent, diffusers or original Wan na
   ``lora_B.bias`` is a bias delta scaled like the adapter (peft's ``lora_bias``).
 - Kohya / ComfyUI / musubi-tuner: ``<module>.lora_down.weight``, ``lora_up.weight`` and a scalar ``alpha``, and
   the same with the module flattened as ``lora_unet_blocks_0_self_attn_q`` (musubi-tuner, Kohya; VideoX-Fun's
-  ``lora_unet__...`` too). An alpha of 0 means alpha = rank (kohya's reading; a warning says so). Conv-shaped ``(r, in, 1, 1, 1)`` factors are flattened.
+  ``lora_unet__...`` too). An alpha of 0 means alpha = rank (kohya's reading; a warning says so).
+  Conv-shaped ``(r, in, 1, 1, 1)`` factors are flattened.
 - Full-rank differences, as step-distillation LoRAs ship them (lightx2v, CausVid): ``<module>.diff`` (a delta
   of the weight, on linears, norms or the patch embedding), ``<module>.diff_b`` (of its bias), and deltas of
   the modulation tables: ``blocks.0.modulation.diff``, ``head.modulation.diff`` or lightx2v's
@@ -359,10 +360,11 @@ def parse_lora(
         what or describe(dit),
     )  # fmt: skip
     if zero_alphas:
+        more = ", ..." if len(zero_alphas) > 1 else ""
         warnings.warn(
-            f"{len(zero_alphas)} LoRA alpha tensor(s) are 0 ({zero_alphas[0]}{', ...' if len(zero_alphas) > 1 else ''}"
-            "): read as alpha = rank (scale 1), as kohya's sd-scripts reads a 0 alpha; diffusers and ComfyUI "
-            "would apply nothing. Give a load scale to weaken it",
+            f"{len(zero_alphas)} LoRA alpha tensor(s) are 0 ({zero_alphas[0]}{more}): read as alpha = rank "
+            "(scale 1), as kohya's sd-scripts reads a 0 alpha; diffusers and ComfyUI would apply nothing. Give a "
+            "load scale to weaken it",
             stacklevel=3,
         )
     return out
