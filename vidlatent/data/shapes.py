@@ -497,34 +497,46 @@ class ShapesWorld:
     ) -> ShapeObject:
         """An object of the given kind with a random size (in ``SIZES[size_class]``; "" is medium, unnamed),
         speed and a start that keeps its path in frame; ``motion`` "still" stays where it starts."""
-        h, w = self.height, self.width
-        side = min(h, w)
+        side = min(self.height, self.width)
         size = side * rng.uniform(*SIZES[size_class or "medium"])
         jitter = rng.integers(-12, 13, size=3)
         rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
-        steps = max(1, frames - 1)
         if motion == "still":
-            x, y = rng.uniform(size, w - size), rng.uniform(size, h - size)
-            return ShapeObject(colour, shape, motion, size, x, y, 0.0, rgb, size_class)
-        if motion == "bouncing":
+            speed = 0.0
+        elif motion == "bouncing":
             speed = side * rng.uniform(0.25, 0.4)  # hop height
-            x = rng.uniform(size, w - size)
-            y = rng.uniform(min(h - size, size + speed), h - size)
-            return ShapeObject(colour, shape, motion, size, x, y, speed, rgb, size_class)
+        else:  # ~0.3-0.5 of the frame over 17 frames
+            speed = self._fit_speed(side * rng.uniform(0.3, 0.5) / 16, size, motion, frames)
+        x, y = self._start(rng, size, motion, speed, frames)
+        return ShapeObject(colour, shape, motion, size, x, y, speed, rgb, size_class)
+
+    def _fit_speed(self, speed: float, size: float, motion: str, frames: int) -> float:
+        """``speed`` (pixels a frame along a straight ``motion``) slowed, if need be, so that an object of radius
+        ``size`` never leaves the frame (long clips move slower)."""
         dx, dy = MOTIONS[motion]
         norm = math.hypot(dx, dy)
         ux, uy = dx / norm, dy / norm
-        speed = side * rng.uniform(0.3, 0.5) / 16  # ~0.3-0.5 of the frame over 17 frames
-        room_x = (w - 2 * size) / abs(ux) if ux else math.inf
-        room_y = (h - 2 * size) / abs(uy) if uy else math.inf
-        speed = min(
-            speed, 0.95 * min(room_x, room_y) / steps
-        )  # long clips move slower, never leave the frame
-        travel = speed * steps
+        room_x = (self.width - 2 * size) / abs(ux) if ux else math.inf
+        room_y = (self.height - 2 * size) / abs(uy) if uy else math.inf
+        return min(speed, 0.95 * min(room_x, room_y) / max(1, frames - 1))
+
+    def _start(
+        self, rng: np.random.Generator, size: float, motion: str, speed: float, frames: int
+    ) -> tuple[float, float]:
+        """A start (x, y) drawn uniformly among those that keep the path of an object of radius ``size`` in
+        frame."""
+        h, w = self.height, self.width
+        if motion == "still":
+            return rng.uniform(size, w - size), rng.uniform(size, h - size)
+        if motion == "bouncing":
+            return rng.uniform(size, w - size), rng.uniform(min(h - size, size + speed), h - size)
+        dx, dy = MOTIONS[motion]
+        norm = math.hypot(dx, dy)
+        ux, uy = dx / norm, dy / norm
+        travel = speed * max(1, frames - 1)
         lo_x, hi_x = (size, w - size - ux * travel) if ux >= 0 else (size - ux * travel, w - size)
         lo_y, hi_y = (size, h - size - uy * travel) if uy >= 0 else (size - uy * travel, h - size)
-        x, y = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
-        return ShapeObject(colour, shape, motion, size, x, y, speed, rgb, size_class)
+        return rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
 
     def make_background(self, rng: np.random.Generator) -> dict:
         kind = str(rng.choice(BACKGROUNDS))
