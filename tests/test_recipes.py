@@ -21,7 +21,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 34 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 35 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -33,6 +33,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert configs["dit-wide3"].device == "cuda" and configs["dit-wide3"].text_new_words is True
     assert configs["vae-wide"].vae_train == "decoder" and configs["vae-wide"].data_options["wide"] is True
     assert recipe.stages["wide-gpu"].ship is False and recipe.stages["wide-vae"].ship is False
+    assert recipe.stages["wide-counts"].ship is False
 
 
 def test_each_stage_takes_only_from_runs_before_it(recipe):
