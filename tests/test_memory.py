@@ -1,6 +1,9 @@
 """Peak tensor memory: the counter itself, and the VAE's and the denoiser's peaks against diffusers' on the meta
 device."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,9 @@ from vidlatent.models.dit import VideoDiT, _cast, to_diffusers_config
 from vidlatent.models.layers import RMSNorm
 from vidlatent.models.vae import vae_config_to_diffusers
 from vidlatent.runtime.memory import PeakMemory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench_dit import fp32_as_loaded  # noqa: E402  (the benchmark's own: both size diffusers' model as loaded)
 
 MB = 4 * 1000 * 1000  # a 1000 x 1000 fp32 tensor
 
@@ -59,13 +65,6 @@ def test_vae_peak_memory_not_above_diffusers(dtype):
     assert decode[0] <= 1.0 * decode[1], decode
 
 
-def _fp32_as_loaded(ref) -> None:
-    """diffusers' modules that ``from_pretrained(torch_dtype=...)`` keeps in fp32, back in fp32 after ``.to()``."""
-    for name, module in ref.named_modules():
-        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules):
-            module.float()
-
-
 def test_attention_on_meta_is_held_as_a_flash_kernel_holds_it():
     """On meta, SDPA's math path would make the (tokens x tokens) matrix no GPU kernel holds: sized as flash."""
     sdpa = F.scaled_dot_product_attention
@@ -88,7 +87,7 @@ def test_dit_peak_memory_not_above_diffusers(per_token, monkeypatch):
     with torch.device("meta"):
         ours = _cast(VideoDiT(cfg), torch.bfloat16)
         ref = WanTransformer3DModel(**to_diffusers_config(cfg)).to(torch.bfloat16)
-    _fp32_as_loaded(ref)
+    fp32_as_loaded(ref)
     tokens = 5 * 15 * 26
     x = torch.empty(1, 16, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
@@ -121,7 +120,7 @@ def test_control_hints_are_held_one_at_a_time():
         )
         ref = WanVACETransformer3DModel(**to_diffusers_config(cfg), vace_layers=control_cfg.layers,
                                         vace_in_channels=control_cfg.in_channels).to(torch.bfloat16)  # fmt: skip
-    _fp32_as_loaded(ref)
+    fp32_as_loaded(ref)
     x = torch.empty(1, 16, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     control = torch.empty(1, control_cfg.in_channels, 5, 30, 52, device="meta", dtype=torch.bfloat16)
     ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)

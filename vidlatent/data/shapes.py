@@ -165,6 +165,13 @@ TRAIN_COMBOS: tuple[tuple[str, str, str], ...] = tuple(
 )
 
 
+def _direction(motion: str) -> tuple[float, float]:
+    """The unit vector (x right, y down) of a straight ``motion``."""
+    dx, dy = MOTIONS[motion]
+    norm = math.hypot(dx, dy)
+    return dx / norm, dy / norm
+
+
 @dataclass
 class ShapeObject:
     """One object of a scene: what it is, where it starts and how it moves (pixels; size = radius)."""
@@ -187,9 +194,8 @@ class ShapeObject:
         if self.motion == "bouncing":
             phase = t / max(1, frames - 1)
             return np.full(frames, self.x), self.y - self.speed * np.sin(np.pi * phase)
-        dx, dy = MOTIONS[self.motion]
-        norm = math.hypot(dx, dy)
-        return self.x + dx / norm * self.speed * t, self.y + dy / norm * self.speed * t
+        ux, uy = _direction(self.motion)
+        return self.x + ux * self.speed * t, self.y + uy * self.speed * t
 
 
 @dataclass
@@ -513,9 +519,7 @@ class ShapesWorld:
     def _fit_speed(self, speed: float, size: float, motion: str, frames: int) -> float:
         """``speed`` (pixels a frame along a straight ``motion``) slowed, if need be, so that an object of radius
         ``size`` never leaves the frame (long clips move slower)."""
-        dx, dy = MOTIONS[motion]
-        norm = math.hypot(dx, dy)
-        ux, uy = dx / norm, dy / norm
+        ux, uy = _direction(motion)
         room_x = (self.width - 2 * size) / abs(ux) if ux else math.inf
         room_y = (self.height - 2 * size) / abs(uy) if uy else math.inf
         return min(speed, 0.95 * min(room_x, room_y) / max(1, frames - 1))
@@ -530,9 +534,7 @@ class ShapesWorld:
             return rng.uniform(size, w - size), rng.uniform(size, h - size)
         if motion == "bouncing":
             return rng.uniform(size, w - size), rng.uniform(min(h - size, size + speed), h - size)
-        dx, dy = MOTIONS[motion]
-        norm = math.hypot(dx, dy)
-        ux, uy = dx / norm, dy / norm
+        ux, uy = _direction(motion)
         travel = speed * max(1, frames - 1)
         lo_x, hi_x = (size, w - size - ux * travel) if ux >= 0 else (size - ux * travel, w - size)
         lo_y, hi_y = (size, h - size - uy * travel) if uy >= 0 else (size - uy * travel, h - size)

@@ -59,8 +59,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 def _modulation_row(table: torch.Tensor, time_mod: torch.Tensor, i: int) -> torch.Tensor:
     """Row ``i`` of a block's table (1, s, d) plus the time modulation, (b, s or 1, d) or per token
-    (b, n, s or 1, d) -> (b, 1, d) or (b, n, d). One row at a time: per token each is as large as the tokens in fp32, so a block
-    makes each where it is used rather than all six at once (Wan 2.2 TI2V 5B at 720p: 0.3 against 1.9 GB)."""
+    (b, n, s or 1, d) -> (b, 1, d) or (b, n, d). One row at a time: per token each is as large as the tokens in
+    fp32, so a block makes each where it is used rather than all six at once (Wan 2.2 TI2V 5B at 720p: 0.3
+    against 1.9 GB)."""
     row = table[:, i] + time_mod.select(-2, i if time_mod.shape[-2] > 1 else 0)  # (1, s or 1, d): shared
     return row if time_mod.ndim == 4 else row.unsqueeze(1)
 
