@@ -7,8 +7,8 @@ import re
 import pytest
 
 from vidlatent.pipelines.video import DEFAULT_MODEL
-from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, ship, shipped_runs
-from vidlatent.recipes.runner import RUNS_FILE, train_command
+from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, run_stage, ship, shipped_runs
+from vidlatent.recipes.runner import RUNS_FILE, missing_inputs, train_command
 from vidlatent.train.trainer import TrainConfig
 
 
@@ -159,3 +159,21 @@ def test_the_model_card_lists_the_runs_as_the_shipped_card_does(tmp_path):
 
     assert len(runs(shipped)) >= 18 and len(runs(card)) == len(runs(without)) + 2
     assert runs(shipped) == runs(card)
+
+
+def test_a_stage_whose_starting_models_are_missing_fails_before_it_caches(tmp_path):
+    """Stage 20 starts from stage 18's export (a GPU stage): without it the stage stops at once, naming the
+    folders, instead of after minutes of caching; the models a stage's own runs write, and those there, pass."""
+    recipe = load_recipe("default", tmp_path / "out")
+    out = recipe.out
+    wanted = [str(out / "dit-wide3/final/dit"), str(out / "dit-wide3/final/text_encoder")]
+    assert missing_inputs(recipe, "wide-counts") == wanted
+    with pytest.raises(FileNotFoundError, match=re.escape(f"not there: {', '.join(wanted)}; run the stages")):
+        run_stage(recipe, "wide-counts")
+    assert not (out / "latents-wide4").exists() and not (out / "timings.json").exists()
+    assert missing_inputs(recipe, "vae") == []  # the VAE's lanes chain their own runs
+    adopt_ship(recipe, DEFAULT_MODEL)
+    assert missing_inputs(recipe, "wide") == [] and missing_inputs(recipe, "wide-counts") == wanted
+    for path in wanted:
+        (out / path).mkdir(parents=True)
+    assert missing_inputs(recipe, "wide-counts") == []

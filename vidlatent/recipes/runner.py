@@ -175,6 +175,23 @@ def adopt_ship(recipe: Recipe, folder: Path) -> None:
             copy_into_place(folder / part, dest)
 
 
+def missing_inputs(recipe: Recipe, name: str) -> list[str]:
+    """The model folders in the working folder that stage ``name``'s runs start from (their ``dit``,
+    ``text_encoder`` and ``vae``) which are neither there nor written by a run of the stage itself."""
+    stage, out = recipe.stages[name], recipe.out
+    runs = [*stage.runs, *(run for lane in stage.lanes.values() for run in lane)]
+    made = [Path(run.output) for run in runs]
+    missing = []
+    for run in runs:
+        for key in ("dit", "text_encoder", "vae"):
+            src = run.train.get(key)
+            if not isinstance(src, str) or not Path(src).is_relative_to(out) or Path(src).exists():
+                continue
+            if not any(Path(src).is_relative_to(folder) for folder in made) and src not in missing:
+                missing.append(src)
+    return missing
+
+
 def run_stage(
     recipe: Recipe, name: str, extra: list[str] = (), clips: int | None = None, device: str | None = None
 ) -> None:
@@ -188,6 +205,13 @@ def run_stage(
             f"stage {name} trains on a CUDA GPU; none is visible (torch.cuda.is_available() is False)"
         )
     extra = [*([f"device={device}"] if device else []), *extra]
+    missing = missing_inputs(recipe, name)
+    if missing:  # before the stage caches clips for minutes, not after
+        raise FileNotFoundError(
+            f"stage {name} starts from models that are not there: {', '.join(missing)}; run the stages that "
+            "train them first (or --adopt-ship for the shipped model's)"
+        )
+
     if stage.runs and not (stage.cache or stage.lanes or stage.redraw_pipeline):
         for run in stage.runs:  # a stage of runs alone: each timed under its own name
             timed(out, run.name, lambda run=run: run_command(train_command(run, extra)))
