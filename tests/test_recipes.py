@@ -21,7 +21,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 35 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 37 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -34,6 +34,9 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert configs["vae-wide"].vae_train == "decoder" and configs["vae-wide"].data_options["wide"] is True
     assert recipe.stages["wide-gpu"].ship is False and recipe.stages["wide-vae"].ship is False
     assert recipe.stages["wide-counts"].ship is False
+    assert configs["vae-wide-redraw"].redraw_pipeline == str(recipe.out / "pipeline-wide4")
+    assert configs["dit-wide-high"].sigma_range == [0.5, 1.0] and configs["dit-wide-high"].train_text_encoder is False
+    assert recipe.stages["wide-redraw"].ship is False and recipe.stages["wide-high"].ship is False
 
 
 def test_each_stage_takes_only_from_runs_before_it(recipe):
