@@ -35,7 +35,10 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert recipe.stages["wide-gpu"].ship is False and recipe.stages["wide-vae"].ship is False
     assert recipe.stages["wide-counts"].ship is False
     assert configs["vae-wide-redraw"].redraw_pipeline == str(recipe.out / "pipeline-wide4")
-    assert configs["dit-wide-high"].sigma_range == [0.5, 1.0] and configs["dit-wide-high"].train_text_encoder is False
+    assert (
+        configs["dit-wide-high"].sigma_range == [0.5, 1.0]
+        and configs["dit-wide-high"].train_text_encoder is False
+    )
     assert recipe.stages["wide-redraw"].ship is False and recipe.stages["wide-high"].ship is False
 
 
