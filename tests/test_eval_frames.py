@@ -167,3 +167,30 @@ def test_heldout_split_is_broken_down_by_asked_colour_shape_and_pair_and_pooled(
     assert row in "\n".join(table), table
     assert any(line.startswith("| blue | ") and "0.0% (3)" in line for line in table)
     assert "64 clips: malformed first frame" in frames_card_line("heldout", pooled["frames"])
+
+
+class FirstBlownUp(Drawn):
+    """``Drawn``, with every third clip's first frame drawn with its object 1.4x the size."""
+
+    def generate(self, prompts, seed=0, progress=True, frames=17):
+        videos = super().generate(prompts, seed, progress, frames)
+        world = ShapesWorld(64, 64, frames, split="all", seed=seed)
+        for i in range(0, len(prompts), 3):
+            colour, shape, motion = parse_prompt(prompts[i])
+            rng = np.random.default_rng([seed, i])
+            obj = world.make_object(rng, colour, shape, motion, frames)
+            obj.rgb, obj.size = COLOURS[colour], obj.size * 1.4
+            big = world.render(Scene([obj], world.make_background(rng), prompts[i], frames))
+            videos[i, :, 0] = to_tensor(big)[:, 0]
+        return videos
+
+
+def test_each_seed_lists_the_items_whose_first_frame_was_malformed():
+    pipe = FirstBlownUp({})
+    runs = [score_split(pipe, "heldout", count=12, batch=6, seed=seed) for seed in (0, 6)]
+    for r in runs:  # the blown-up clips are items 0, 3 (first batch) and 6, 9 (second batch)
+        assert r["frame_items"]["malformed"] == [0, 3, 6, 9], r["frame_items"]
+        assert r["frames"]["malformed"] == 4 / 12 and r["frame_items"]["ghost"] == []
+    pooled = pool(runs, [0, 6])
+    assert [items["malformed"] for items in pooled["frame_items_by_seed"]] == [[0, 3, 6, 9]] * 2
+    assert "frame_items" not in pooled and "seed 6: colour 100.0%" in "\n".join(summary("heldout", pooled))

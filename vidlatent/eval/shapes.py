@@ -33,6 +33,7 @@ RATES = ("colour", "shape", "motion", "all", "nothing")
 # splits whose rates are also given per asked colour, shape and pair; those whose clips are read for frames
 BREAKDOWN_SPLITS = ("heldout", "train", "image")
 FRAME_SPLITS = ("heldout", "train")
+FRAME_ITEMS = ("malformed", "ghost")  # flags whose items a split's result lists (frame_items), to trace them
 BY = ("by_colour", "by_shape", "by_pair")
 ANIMATE_SEED = 2024  # the held-out clips whose first frames animate, and edit, start from
 VAE_SEED = 12345  # the held-out clips score_vae reconstructs
@@ -197,8 +198,9 @@ def score_split(
 
     Returns ``prompts``, the ``RATES``, ``first_psnr`` (animate), the ``breakdown`` by asked colour, shape and
     pair (``BREAKDOWN_SPLITS``), ``frames``: the shares of malformed first frames and ghosts
-    (``frames.frame_shares``, ``FRAME_SPLITS``), and up to 10 ``examples_missed`` as (prompt, what was found or
-    ``None``)."""
+    (``frames.frame_shares``, ``FRAME_SPLITS``) and ``frame_items``: which items (indices into the split's
+    prompts) were flagged so, for each of ``FRAME_ITEMS``, and up to 10 ``examples_missed`` as (prompt, what was
+    found or ``None``)."""
     keys, first = split_keys(split), []
     items = split_items(split, count, seed)
     make = _maker(pipe, split, count, seed, strength, source, job, first)
@@ -215,6 +217,9 @@ def score_split(
         extra.update(breakdown([asked for _, asked in items], rows, keys))
     if split in FRAME_SPLITS:
         extra["frames"] = frame_shares(frames)
+        extra["frame_items"] = {
+            flag: [i for i, row in enumerate(frames) if row[flag]] for flag in FRAME_ITEMS
+        }
     misses = [
         (prompt, row["found"]) for (prompt, _), row in zip(items, rows) if not all(row[k] for k in keys)
     ]
@@ -223,8 +228,8 @@ def score_split(
 
 def pool(runs: list[dict], seeds: list[int]) -> dict:
     """One split's results over several sampling seeds (same prompts, same count): the rates pooled over every
-    item (the breakdown and the frame shares too), and each seed's rates under ``per_seed``. One seed is
-    returned as it is."""
+    item (the breakdown and the frame shares too), each seed's rates under ``per_seed`` and, for the frame
+    splits, each seed's ``frame_items`` under ``frame_items_by_seed``. One seed is returned as it is."""
     if len(runs) == 1:
         return runs[0]
     keys = [k for k, v in runs[0].items() if isinstance(v, float) and k != "seconds"]  # every rate
@@ -234,6 +239,9 @@ def pool(runs: list[dict], seeds: list[int]) -> dict:
     if "frames" in runs[0]:
         pooled["frames"] = pool_shares([r["frames"] for r in runs])
     per_seed = [{"seed": seed, **{k: r[k] for k in keys}} for seed, r in zip(seeds, runs)]
+    # flagged items are kept per seed, in the order of ``seeds``: pooled, the indices would mix clips
+    if "frame_items" in runs[0]:
+        pooled["frame_items_by_seed"] = [r["frame_items"] for r in runs]
     return {"prompts": runs[0]["prompts"], "seeds": list(seeds), **pooled,
             "examples_missed": runs[0]["examples_missed"], "per_seed": per_seed}  # fmt: skip
 
