@@ -135,14 +135,15 @@ class Drawn:
 
     def generate(self, prompts, seed=0, progress=True, frames=17):
         world = ShapesWorld(64, 64, frames, split="all", seed=seed)
-        videos = []
-        for i, prompt in enumerate(prompts):
-            colour, shape, motion = parse_prompt(prompt)
-            rng = np.random.default_rng([seed, i])
-            obj = world.make_object(rng, colour, self.swap.get((colour, shape), shape), motion, frames)
-            obj.rgb = COLOURS[colour]
-            videos.append(to_tensor(world.render(Scene([obj], world.make_background(rng), prompt, frames))))
-        return torch.stack(videos)
+        return torch.stack([self.draw(world, prompt, seed, i, frames) for i, prompt in enumerate(prompts)])
+
+    def draw(self, world, prompt, seed, i, frames, scale=1.0):
+        """Prompt ``i``'s clip as the world draws it, its object ``scale`` times the size."""
+        colour, shape, motion = parse_prompt(prompt)
+        rng = np.random.default_rng([seed, i])
+        obj = world.make_object(rng, colour, self.swap.get((colour, shape), shape), motion, frames)
+        obj.rgb, obj.size = COLOURS[colour], obj.size * scale
+        return to_tensor(world.render(Scene([obj], world.make_background(rng), prompt, frames)))
 
 
 def test_heldout_split_is_broken_down_by_asked_colour_shape_and_pair_and_pooled():
@@ -176,12 +177,7 @@ class FirstBlownUp(Drawn):
         videos = super().generate(prompts, seed, progress, frames)
         world = ShapesWorld(64, 64, frames, split="all", seed=seed)
         for i in range(0, len(prompts), 3):
-            colour, shape, motion = parse_prompt(prompts[i])
-            rng = np.random.default_rng([seed, i])
-            obj = world.make_object(rng, colour, shape, motion, frames)
-            obj.rgb, obj.size = COLOURS[colour], obj.size * 1.4
-            big = world.render(Scene([obj], world.make_background(rng), prompts[i], frames))
-            videos[i, :, 0] = to_tensor(big)[:, 0]
+            videos[i, :, 0] = self.draw(world, prompts[i], seed, i, frames, scale=1.4)[:, 0]
         return videos
 
 
