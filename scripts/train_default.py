@@ -8,7 +8,8 @@ The recipe is data: vidlatent/configs/recipes/default/ (recipe.yaml names the st
 each stage's runs, cache and lanes, with why it was run). Each stage resumes where an interrupted run stopped;
 rerunning a finished stage costs next to nothing. After the stages:
   ship   assemble the pipeline folder (vae/, dit/, text_encoder/, pipeline.json, runs.json) at --ship, each part
-         from the latest stage that trains it and whose lanes all finished
+         from the latest stage that trains it and whose lanes all finished (``--from-stages``: those stages first,
+         even ones marked ``ship: false``; a stage with ``experts`` adds its low-noise expert as dit_2/)
   eval   scripts/eval_default.py on it, then write MODEL_CARD.md beside the weights
 
 ``--adopt-ship`` starts from the shipped model where the working folder lacks the runs it came from (a fresh
@@ -60,11 +61,16 @@ def main() -> None:
         "--refine-args", nargs="*", default=[], help="key=value for every run of the later stages"
     )
     ap.add_argument("--eval-args", nargs="*", default=[])
+    ap.add_argument("--from-stages", nargs="+", default=[], metavar="STAGE", help="ship takes these stages' "
+                    "lanes first, ship: false or not (a candidate to score: give --ship another folder)")  # fmt: skip
     args = ap.parse_args()
     recipe = load_recipe("default", args.out)
     clips = {"cache": args.clips, "joint": args.joint_clips, "joint2": args.joint_clips, "gpu": args.gpu_clips,
              "gpu2": args.gpu2_clips, "wide-gpu": args.wide_gpu_clips}  # fmt: skip
     out, folder = Path(args.out), Path(args.ship)
+    if args.from_stages and "ship" in args.stages and folder.resolve() == SHIP.resolve():
+        ap.error("--from-stages assembles a candidate: give it its own --ship folder (the shipped model changes "
+                 "when a stage's yaml says ship: true)")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     if args.adopt_ship:
         adopt_ship(recipe, folder)
@@ -73,7 +79,7 @@ def main() -> None:
             extra = {"vae": args.vae_args, "dit": args.dit_args}.get(stage, args.refine_args)
             run_stage(recipe, stage, extra, clips=clips.get(stage), device=args.device)
     if "ship" in args.stages:
-        ship(recipe, folder)
+        ship(recipe, folder, args.from_stages)
     if "eval" in args.stages:
         results_file = out / "eval.json"
         run_command([sys.executable, str(ROOT / "scripts" / "eval_default.py"), "--model", str(folder),
@@ -86,5 +92,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
+    except (FileNotFoundError, RuntimeError, ValueError, subprocess.CalledProcessError) as err:
         raise SystemExit(str(err)) from None

@@ -21,7 +21,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 37 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 38 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -40,6 +40,12 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
         and configs["dit-wide-high"].train_text_encoder is False
     )
     assert recipe.stages["wide-redraw"].ship is False and recipe.stages["wide-high"].ship is False
+    assert recipe.stages["wide-high"].experts == {"low": "dit-wide4", "boundary": 0.5}
+    assert (
+        recipe.stages["high"].experts == {"low": "dit-cpu", "boundary": 0.5}
+        and recipe.stages["high"].ship is False
+    )
+    assert configs["dit-high"].sigma_range == [0.5, 1.0] and configs["dit-high"].train_text_encoder is False
 
 
 def test_each_stage_takes_only_from_runs_before_it(recipe):
@@ -65,6 +71,8 @@ def test_each_stage_takes_only_from_runs_before_it(recipe):
             assert stage.cache.vae in done | {"encoder"}, stage.name
             caches.add(stage.cache.into)
         done |= set().union(*(check(lane) for lane in stage.lanes.values()))
+        if stage.experts:
+            assert stage.experts["low"] in done, stage.name
     assert recipe.encoder in done
 
 
@@ -183,3 +191,63 @@ def test_a_stage_whose_starting_models_are_missing_fails_before_it_caches(tmp_pa
     for path in wanted:
         (out / path).mkdir(parents=True)
     assert missing_inputs(recipe, "wide-counts") == []
+
+
+def test_a_stage_with_experts_assembles_a_two_expert_folder_that_loads_and_adopts_back(tmp_path):
+    """Stage 23's denoiser is a high-noise expert over the shipped one: assembled from it (``prefer``, though the
+    stage is not shipped) the folder holds the shipped denoiser as dit_2/, the boundary in pipeline.json and the
+    low expert's run in runs.json; it loads as two experts, and adopting it seeds both runs again."""
+    import shutil
+
+    from vidlatent import VideoPipeline
+
+    recipe = load_recipe("default", tmp_path / "out")
+    adopt_ship(recipe, DEFAULT_MODEL)
+    shipped = json.loads((DEFAULT_MODEL / RUNS_FILE).read_text())
+    assert shipped["dit"] == "dit-cpu"  # the stage's low expert is the shipped denoiser's run
+    with pytest.raises(
+        FileNotFoundError, match=r"stage high has no finished lanes to take: .*dit-high/final"
+    ):
+        shipped_runs(recipe, ["high"])
+    with pytest.raises(ValueError, match="no stage 'hgih' in the recipe"):
+        shipped_runs(recipe, ["hgih"])
+    shutil.copytree(recipe.out / "dit-cpu" / "final", recipe.out / "dit-high" / "final")  # as if trained
+    assert shipped_runs(recipe)["dit"] == "dit-cpu"  # ship: false, so not picked unless preferred
+    assert shipped_runs(recipe, ["high"])["dit"] == "dit-high"
+    folder = ship(recipe, tmp_path / "candidate", ["high"])
+    assert json.loads((folder / RUNS_FILE).read_text())["dit_2"] == "dit-cpu"
+    settings = json.loads((folder / "pipeline.json").read_text())
+    assert settings["boundary"] == 0.5 and settings["first_frame"] == "clean"
+    for part in ("dit", "dit_2"):
+        assert (folder / part / "model.safetensors").read_bytes() == (
+            DEFAULT_MODEL / "dit/model.safetensors"
+        ).read_bytes()
+    pipe = VideoPipeline.from_pretrained(folder)
+    assert pipe.dit_2 is not None and pipe.config.boundary == 0.5
+    again = load_recipe("default", tmp_path / "again")
+    adopt_ship(again, folder)
+    assert (again.out / "dit-high/final/dit").is_dir() and (again.out / "dit-cpu/final/dit").is_dir()
+    assert "boundary" not in json.loads(ship(again, tmp_path / "plain").joinpath("pipeline.json").read_text())
+
+
+def test_an_experts_section_that_does_not_fit_fails_naming_what_is_accepted(tmp_path):
+    lane = "lanes:\n  dit:\n    a: {preset: default-dit}\n"
+    for bad in ("experts: {low: a}\n" + lane, "experts: {low: a, boundary: 1.5}\n" + lane,
+                "experts: {low: a, boundary: 0.5}\n"):  # fmt: skip
+        (tmp_path / "bad.yaml").write_text(bad)
+        with pytest.raises(ValueError, match=r"experts: \{low: RUN, boundary: B\}"):
+            load_stage(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_missing_inputs_names_the_caches_and_experts_a_stage_takes_from_earlier_ones(tmp_path):
+    """Stage 22 trains on stage 20's cache and keeps stage 20's denoiser as its low expert; stage 21 re-draws with
+    stage 20's denoiser: each is named when missing. A stage's own cache passes."""
+    recipe = load_recipe("default", tmp_path / "out")
+    out = recipe.out
+    assert missing_inputs(recipe, "wide-high") == [
+        str(out / "dit-wide4/final/dit"), str(out / "dit-wide4/final/text_encoder"), str(out / "latents-wide4")
+    ]  # fmt: skip
+    assert str(out / "dit-wide4/final") in missing_inputs(recipe, "wide-redraw")
+    adopt_ship(recipe, DEFAULT_MODEL)
+    assert missing_inputs(recipe, "high") == [] and missing_inputs(recipe, "carry") == [str(out / "dit-fine2/final/dit"),
+        str(out / "dit-fine2/final/text_encoder")]  # fmt: skip

@@ -14,6 +14,9 @@ runs it takes before any stage with lanes has finished). Each stage is ``<stage>
   device           where the stage's runs train and its cache encodes (unset: the trainer's choice, CPU cache)
   ship             false: the stage's lanes are never shipped (measured and not good enough; later stages may
                    still start from its runs)
+  experts          {low: RUN, boundary: B}: the stage's dit lane trains a high-noise expert (Wan 2.2's split); a
+                   folder shipping it holds run RUN's denoiser as the low-noise one (dit_2/) and hands over at
+                   ``boundary`` B (pipeline.json), both reading the dit lane's text encoder
 
 A run is a train preset (``vidlatent/configs/train/``) and ``train``, ``TrainConfig`` fields over it. ``${out}``
 is the working folder and ``${out}/<run>/final`` an earlier run's export: that is how a stage takes from the ones
@@ -35,7 +38,7 @@ from ..train.trainer import TrainConfig, load_train_config
 
 RECIPE_DIR = PRESET_DIR / "recipes"
 INDEX = "recipe.yaml"
-STAGE_KEYS = ("redraw_pipeline", "runs", "cache", "lanes", "threads", "device", "ship")
+STAGE_KEYS = ("redraw_pipeline", "runs", "cache", "lanes", "threads", "device", "ship", "experts")
 ENCODER = "encoder"  # a cache's ``vae`` naming the recipe's encoder run
 
 
@@ -90,6 +93,9 @@ class Stage:
     threads: int = 1
     device: str | None = None
     ship: bool = True  # whether its lanes' runs may ship
+    experts: dict | None = (
+        None  # low (the low-noise expert's run), boundary: the dit lane is the high-noise one
+    )
 
     def all_runs(self) -> list[Run]:
         """Every run of the stage: ``runs``, then each lane's."""
@@ -112,6 +118,12 @@ class Recipe:
     def run(self, name: str) -> Run | None:
         """The run called ``name``, if the recipe has one."""
         return next((r for stage in self.stages.values() for r in stage.all_runs() if r.name == name), None)
+
+    def stage_of(self, run: str) -> Stage | None:
+        """The stage with a run called ``run``, if the recipe has one."""
+        return next(
+            (stage for stage in self.stages.values() if any(r.name == run for r in stage.all_runs())), None
+        )
 
     def train_configs(self) -> dict[str, TrainConfig]:
         """Every run's ``TrainConfig`` by run name (a stage's ``device`` included, as the runner passes it)."""
@@ -191,6 +203,7 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
             f"{path}: unknown sections {', '.join(sorted(unknown))}; accepted: {', '.join(STAGE_KEYS)}"
         )
     cache = data.get("cache")
+    experts = _experts(path, data.get("experts"), data.get("lanes") or {})
     return Stage(
         name=path.stem,
         redraw_pipeline=data.get("redraw_pipeline"),
@@ -200,7 +213,23 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
         threads=int(data.get("threads", 1)),
         device=data.get("device"),
         ship=bool(data.get("ship", True)),
+        experts=experts,
     )
+
+
+def _experts(path: Path, spec, lanes: dict) -> dict | None:
+    """A stage's ``experts`` section checked: ``low`` a run name, ``boundary`` in (0, 1), and a ``dit`` lane (the
+    high-noise expert); ValueError naming what is wrong."""
+    if spec is None:
+        return None
+    accepted = "experts: {low: RUN, boundary: B} with B in (0, 1), beside a dit lane (the high-noise expert)"
+    ok = isinstance(spec, dict) and set(spec) == {"low", "boundary"} and isinstance(spec["low"], str)
+    boundary = spec.get("boundary") if isinstance(spec, dict) else None
+    if not ok or isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 < boundary < 1:
+        raise ValueError(f"{path}: {accepted}; got {spec!r}")
+    if "dit" not in lanes:
+        raise ValueError(f"{path}: experts needs a dit lane to train the high-noise expert ({accepted})")
+    return {"low": spec["low"], "boundary": float(boundary)}
 
 
 def load_recipe(src: str | os.PathLike = "default", out: str | os.PathLike = "runs/default") -> Recipe:

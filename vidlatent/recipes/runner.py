@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -93,12 +94,30 @@ def cache_latents(
     cache_world_latents(world, vae, count, dest, batch_size=batch, vae_src=str(vae_dir), workers=workers)
 
 
-def shipped_runs(recipe: Recipe) -> dict[str, str]:
+def shipped_runs(recipe: Recipe, prefer: Sequence[str] = ()) -> dict[str, str]:
     """The runs to ship, by part: ``vae`` and ``dit`` (with its text encoder) each from the latest stage with a
     lane of its name whose lanes all finished (the last run of that lane), else the recipe's fallback runs;
     ``control`` likewise when a stage with a control lane has finished (the shipped model has none otherwise).
-    Stages marked ``ship: false`` are passed over."""
+    Stages marked ``ship: false`` are passed over. ``prefer``: stages whose lanes are taken first, in that order,
+    ``ship: false`` or not (to assemble a candidate and score it); each must have finished (FileNotFoundError
+    naming the exports that are missing). A denoiser from a stage with ``experts`` brings its low-noise expert:
+    ``assemble`` adds it."""
     picked = {}
+    for name in prefer:
+        if name not in recipe.stages:
+            raise ValueError(f"no stage {name!r} in the recipe; its stages: {', '.join(recipe.stages)}")
+        last = {lane: runs[-1].name for lane, runs in recipe.stages[name].lanes.items()}
+        unfinished = [
+            str(recipe.out / run / "final")
+            for run in last.values()
+            if not (recipe.out / run / "final").is_dir()
+        ]
+        if not last or unfinished:
+            raise FileNotFoundError(
+                f"stage {name} has no finished lanes to take: {', '.join(unfinished) or 'it has no lanes'}; run it first"
+            )
+        for lane, run in last.items():
+            picked.setdefault(lane, run)
     for stage in reversed(recipe.stages.values()):
         last = {lane: runs[-1].name for lane, runs in stage.lanes.items()}
         if stage.ship and last and all((recipe.out / name / "final").is_dir() for name in last.values()):
@@ -119,10 +138,22 @@ def encoder_run(recipe: Recipe) -> str:
 def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
     """The ``pipeline.json`` of a folder holding ``dit_run``'s denoiser: the recipe's sampling defaults, and
     ``first_frame: clean`` when that denoiser learnt image-to-video conditioning (``first_frame_dropout < 1``)
-    so animate hands it the still as it is, else ``noised``."""
+    so animate hands it the still as it is, else ``noised``; a high-noise expert's (its stage has ``experts``)
+    also its ``boundary``."""
     run = recipe.run(dit_run)
     i2v = run is not None and float(run.train.get("first_frame_dropout", 1.0)) < 1
-    return {**recipe.pipeline, "first_frame": "clean" if i2v else "noised"}
+    settings = {**recipe.pipeline, "first_frame": "clean" if i2v else "noised"}
+    experts = low_expert(recipe, dit_run)
+    return settings if experts is None else {**settings, "boundary": experts["boundary"]}
+
+
+def low_expert(recipe: Recipe, dit_run: str) -> dict | None:
+    """The ``experts`` section ({low, boundary}) of the stage that trains ``dit_run`` as a high-noise expert, when it
+    is one (a run of that stage's dit lane); else None."""
+    stage = recipe.stage_of(dit_run)
+    if stage is None or stage.experts is None or all(r.name != dit_run for r in stage.lanes.get("dit", ())):
+        return None
+    return stage.experts
 
 
 def assemble(
@@ -130,11 +161,15 @@ def assemble(
 ) -> Path:
     """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
     and of ``control_run`` (its control branch, ``control/``) when given, with its ``pipeline.json`` and a
-    ``runs.json`` naming the runs."""
+    ``runs.json`` naming the runs. A high-noise expert ``dit_run`` (``low_expert``) brings its low-noise expert's
+    denoiser as ``dit_2/`` and the boundary into ``pipeline.json``."""
     out = recipe.out
     parts = {"vae": out / vae_run / "final" / "vae", "dit": out / dit_run / "final" / "dit",
              "text_encoder": out / dit_run / "final" / "text_encoder"}  # fmt: skip
     runs = {"vae": vae_run, "dit": dit_run}
+    experts = low_expert(recipe, dit_run)
+    if experts is not None:
+        parts["dit_2"], runs["dit_2"] = out / experts["low"] / "final" / "dit", experts["low"]
     if control_run is not None:
         parts["control"], runs["control"] = out / control_run / "final" / "control", control_run
     missing = [str(src) for src in parts.values() if not src.is_dir()]
@@ -150,45 +185,65 @@ def assemble(
     return Path(folder)
 
 
-def ship(recipe: Recipe, folder: Path) -> Path:
-    """The shipped pipeline folder at ``folder``, from the runs ``shipped_runs`` picks."""
-    runs = shipped_runs(recipe)
+def ship(recipe: Recipe, folder: Path, prefer: Sequence[str] = ()) -> Path:
+    """The shipped pipeline folder at ``folder``, from the runs ``shipped_runs`` picks (``prefer``: its stages
+    taken first)."""
+    runs = shipped_runs(recipe, prefer)
     return assemble(recipe, folder, runs["vae"], runs["dit"], runs.get("control"))
 
 
 def adopt_ship(recipe: Recipe, folder: Path) -> None:
     """Seed the working folder from a shipped one (say on a fresh machine, the earlier runs gone): each part of
     ``folder`` is copied to ``<out>/<run>/final/<part>``, ``run`` from its ``runs.json``, where that is missing, so
-    that the stages after the shipped runs can start from them."""
+    that the stages after the shipped runs can start from them. A two-expert folder's ``dit_2/`` goes to its run's
+    ``dit``, with the folder's text encoder (both experts read one context)."""
     if not (folder / RUNS_FILE).is_file():
         raise FileNotFoundError(
             f"{folder}: no {RUNS_FILE} saying which runs its parts come from; cannot adopt it"
         )
     runs = json.loads((folder / RUNS_FILE).read_text())
-    parts = [("vae", runs["vae"]), ("dit", runs["dit"]), ("text_encoder", runs["dit"])]
+    parts = [
+        ("vae", runs["vae"], "vae"),
+        ("dit", runs["dit"], "dit"),
+        ("text_encoder", runs["dit"], "text_encoder"),
+    ]
+    if (
+        "dit_2" in runs
+    ):  # a two-expert folder: its low-noise expert is that run's denoiser, reading the same text
+        parts += [("dit_2", runs["dit_2"], "dit"), ("text_encoder", runs["dit_2"], "text_encoder")]
     if "control" in runs:
-        parts.append(("control", runs["control"]))
-    for part, run_name in parts:
-        dest = recipe.out / run_name / "final" / part
+        parts.append(("control", runs["control"], "control"))
+    for part, run_name, as_part in parts:
+        dest = recipe.out / run_name / "final" / as_part
         if not dest.is_dir():
             print(f"adopting {folder / part} as {dest}", flush=True)
             copy_into_place(folder / part, dest)
 
 
 def missing_inputs(recipe: Recipe, name: str) -> list[str]:
-    """The model folders in the working folder that stage ``name``'s runs start from (their ``dit``,
-    ``text_encoder`` and ``vae``) which are neither there nor written by a run of the stage itself."""
+    """What stage ``name`` starts from in the working folder and is neither there nor made by the stage itself:
+    the model folders its runs start from (their ``dit``, ``text_encoder`` and ``vae``), the latent caches they
+    train on (``data``; the stage's own cache passes), the export its re-drawing pipeline takes (``redraw_pipeline``'s
+    ``dit`` run) and, with ``experts``, the low-noise expert's."""
     stage, out = recipe.stages[name], recipe.out
-    runs = [*stage.runs, *(run for lane in stage.lanes.values() for run in lane)]
-    made = [Path(run.output) for run in runs]
+    runs = stage.all_runs()
+    made = [Path(run.output) for run in runs] + ([out / stage.cache.into] if stage.cache else [])
+    wanted = [
+        src
+        for run in runs
+        for key in ("dit", "text_encoder", "vae", "data")
+        if isinstance(src := run.train.get(key), str)
+    ]
+    if stage.redraw_pipeline:
+        wanted.append(str(out / stage.redraw_pipeline["dit"] / "final"))
+    if stage.experts:
+        wanted.append(str(out / stage.experts["low"] / "final" / "dit"))
     missing = []
-    for run in runs:
-        for key in ("dit", "text_encoder", "vae"):
-            src = run.train.get(key)
-            if not isinstance(src, str) or not Path(src).is_relative_to(out) or Path(src).exists():
-                continue
-            if not any(Path(src).is_relative_to(folder) for folder in made) and src not in missing:
-                missing.append(src)
+    for src in wanted:
+        if not Path(src).is_relative_to(out) or Path(src).exists():
+            continue
+        if not any(Path(src).is_relative_to(folder) for folder in made) and src not in missing:
+            missing.append(src)
     return missing
 
 
