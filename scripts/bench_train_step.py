@@ -8,8 +8,8 @@ with a tiny model the step time is mostly that same host work. The data are rand
 folder; the model starts from random weights.
 
     python scripts/bench_train_step.py                                  # tiny denoiser, CPU, fp32
-    python scripts/bench_train_step.py --dit default --batch 128 --device cuda --precision bf16
-    python scripts/bench_train_step.py --dit default --batch 128 --device cuda --precision bf16 compile=true
+    python scripts/bench_train_step.py --dit default-arch --batch 128 --device cuda --precision bf16
+    python scripts/bench_train_step.py --dit default-arch --batch 128 --device cuda --precision bf16 compile=true
 
 ``--vs-diffusers``: one LoRA training step (rank 16 on the attention and feed-forward linears, flow-matching
 MSE, backward, fused AdamW on the adapters) of the Wan 2.1 T2V 1.3B config at 81x480x832 (21x60x104 latents,
