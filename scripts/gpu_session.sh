@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One lent GPU session, as one command: every ours-vs-diffusers benchmark at its GPU size, then (given a stage) a
 # training stage of the default model's recipe with the time that is left. Logs and the stage's export go to
-# $OUT (default ./gpu-out): bench.log, train.log, nvidia-smi.txt and each trained run's export as RUN.tar split
-# into pieces under 12 MiB (cat RUN.tar.* | tar -x).
+# $OUT (default ./gpu-out): bench.log, train.log, nvidia-smi.txt, each trained run's export as RUN.tar split
+# into pieces under 12 MiB (cat RUN.tar.* | tar -x), and the stage's scores from the GPU (eval.json, eval.log).
 #
 #   bash scripts/gpu_session.sh                  # benchmarks only
 #   BUDGET=570 bash scripts/gpu_session.sh wide-gpu   # benchmarks, then stage wide-gpu in the seconds left
 #
 # BUDGET: seconds the whole script may take (default 570); the stage's max_minutes is what is left after the
-# benchmarks, less the time to cache its clips and export (clipped to 2.5-5 minutes); with less than 245 s left
+# benchmarks, less the time to cache its clips, export and score it (clipped to 2.5-5 minutes); with less than 245 s left
 # the stage is skipped, saying so (the benchmarks take about 390 s: run the stage in a second call with
 # SKIP_BENCH=1). SMOKE=1 runs every part at a tiny size on any device (to try the script on a CPU first).
 set -u
@@ -42,6 +42,7 @@ elif [ "${SMOKE:-0}" = 1 ]; then
     run pipeline 180 python3 scripts/bench_pipeline.py --tiny
     run pipeline-split 180 python3 scripts/bench_pipeline.py --tiny --split-guidance
     clips=(--"$stage"-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)  # --gpu-clips, --wide-gpu-clips, ...
+    eval_device=cpu eval_args=(--splits heldout --count 4 --seeds 0)
 else
     run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full
     run vae 75 python3 scripts/bench_vae.py --device cuda --dtype bf16 --frames 81 --size 480 832 \
@@ -59,8 +60,12 @@ if [ -z "$minutes" ] && [ "$(left)" -lt 245 ]; then  # 2.5 minutes of steps and 
          "(BUDGET=570 SKIP_BENCH=1 bash scripts/gpu_session.sh $stage)" | tee -a "$out/train.log"
     exit 0
 fi
+if [ -z "${eval_device:-}" ]; then  # on the GPU: both text-to-video splits a stage of issue 26 is read on
+    eval_device=cuda eval_args=(--splits heldout wide --seeds 0 1 2 --batch 72)
+fi
+reserve=$([ "${SKIP_EVAL:-0}" = 1 ] && echo 0 || echo 100)  # seconds kept for scoring the stage afterwards
 if [ -z "$minutes" ]; then  # the budget left, less ~95 s for caching the clips, loading and exporting
-    minutes=$(python3 -c "print(round(min(5.0, max(2.5, ($(left) - 95) / 60)), 2))")
+    minutes=$(python3 -c "print(round(min(5.0, max(2.5, ($(left) - 95 - reserve) / 60)), 2))")
 fi
 echo "=== stage $stage: max_minutes=$minutes ($(left) s of the budget left)" | tee -a "$out/train.log"
 work=runs/gpu-session
@@ -78,4 +83,17 @@ for final in "$work"/*/final; do
     tar -C "$work" -cf - "$run_name/final/dit" "$run_name/final/text_encoder" "$run_name/final/pipeline.json" |
         split -b 12M - "$out/$run_name.tar."
 done
+
+# the stage scored where it trained (SKIP_EVAL=1: not): assembled as a candidate, its lanes first and the rest the
+# shipped model's (a stage with experts: both), and read by the oracle, 216 held-out and 216 wide prompts x seeds
+# 0-2 (about 25 minutes on 2 CPU cores), into eval.json and eval.log
+if [ "${SKIP_EVAL:-0}" != 1 ]; then
+    echo "=== eval of stage $stage ($(left) s of the budget left)" | tee -a "$out/eval.log"
+    python3 scripts/train_default.py --out "$work" --stages ship --from-stages "$stage" --ship "$work/candidate" \
+        2>&1 | tee -a "$out/eval.log"
+    timeout $(($(left) - 10)) python3 scripts/eval_default.py --model "$work/candidate" --device "$eval_device" \
+        --vae-clips 0 --cli-runs 0 "${eval_args[@]}" --json "$out/eval.json" 2>&1 |
+        tr '\r' '\n' | grep -v -E ": +[0-9]+/[0-9]+$" | tee -a "$out/eval.log"
+    echo "=== eval: exit ${PIPESTATUS[0]} ($(left) s of the budget left)" | tee -a "$out/eval.log"
+fi
 ls -la "$out"
