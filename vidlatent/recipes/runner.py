@@ -207,9 +207,8 @@ def adopt_ship(recipe: Recipe, folder: Path) -> None:
         ("dit", runs["dit"], "dit"),
         ("text_encoder", runs["dit"], "text_encoder"),
     ]
-    if (
-        "dit_2" in runs
-    ):  # a two-expert folder: its low-noise expert is that run's denoiser, reading the same text
+    # a two-expert folder: its low-noise expert is that run's denoiser, reading the same text
+    if "dit_2" in runs:
         parts += [("dit_2", runs["dit_2"], "dit"), ("text_encoder", runs["dit_2"], "text_encoder")]
     if "control" in runs:
         parts.append(("control", runs["control"], "control"))
