@@ -31,8 +31,9 @@ def object_signal(pipe, world: ShapesWorld, clips: int, batch: int = 25) -> dict
     """{colour: (n, latent frames)} squared norms of the latent difference each one-object clip's object makes."""
     found, i = [], 0
     while len(found) < clips:
-        if len(world.scene(i).objects) == 1:
-            found.append(world.scene(i))
+        scene = world.scene(i)
+        if len(scene.objects) == 1:
+            found.append(scene)
         i += 1
         if i > 50 * clips:
             raise RuntimeError(f"found {len(found)} one-object clips in {i}; asked for {clips}")

@@ -93,9 +93,8 @@ class Stage:
     threads: int = 1
     device: str | None = None
     ship: bool = True  # whether its lanes' runs may ship
-    experts: dict | None = (
-        None  # low (the low-noise expert's run), boundary: the dit lane is the high-noise one
-    )
+    # low (the low-noise expert's run) and boundary: the dit lane is the high-noise expert
+    experts: dict | None = None
 
     def all_runs(self) -> list[Run]:
         """Every run of the stage: ``runs``, then each lane's."""
@@ -118,12 +117,6 @@ class Recipe:
     def run(self, name: str) -> Run | None:
         """The run called ``name``, if the recipe has one."""
         return next((r for stage in self.stages.values() for r in stage.all_runs() if r.name == name), None)
-
-    def stage_of(self, run: str) -> Stage | None:
-        """The stage with a run called ``run``, if the recipe has one."""
-        return next(
-            (stage for stage in self.stages.values() if any(r.name == run for r in stage.all_runs())), None
-        )
 
     def train_configs(self) -> dict[str, TrainConfig]:
         """Every run's ``TrainConfig`` by run name (a stage's ``device`` included, as the runner passes it)."""

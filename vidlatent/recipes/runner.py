@@ -106,12 +106,7 @@ def shipped_runs(recipe: Recipe, prefer: Sequence[str] = ()) -> dict[str, str]:
     for name in prefer:
         if name not in recipe.stages:
             raise ValueError(f"no stage {name!r} in the recipe; its stages: {', '.join(recipe.stages)}")
-        last = {lane: runs[-1].name for lane, runs in recipe.stages[name].lanes.items()}
-        unfinished = [
-            str(recipe.out / run / "final")
-            for run in last.values()
-            if not (recipe.out / run / "final").is_dir()
-        ]
+        last, unfinished = _lane_ends(recipe, recipe.stages[name])
         if not last or unfinished:
             raise FileNotFoundError(
                 f"stage {name} has no finished lanes to take: {', '.join(unfinished) or 'it has no lanes'}; run it first"
@@ -119,14 +114,21 @@ def shipped_runs(recipe: Recipe, prefer: Sequence[str] = ()) -> dict[str, str]:
         for lane, run in last.items():
             picked.setdefault(lane, run)
     for stage in reversed(recipe.stages.values()):
-        last = {lane: runs[-1].name for lane, runs in stage.lanes.items()}
-        if stage.ship and last and all((recipe.out / name / "final").is_dir() for name in last.values()):
+        last, unfinished = _lane_ends(recipe, stage)
+        if stage.ship and last and not unfinished:
             for lane, name in last.items():
                 picked.setdefault(lane, name)
     runs = {part: picked.get(part, recipe.ship_fallback[part]) for part in ("vae", "dit")}
     if "control" in picked:
         runs["control"] = picked["control"]
     return runs
+
+
+def _lane_ends(recipe: Recipe, stage: Stage) -> tuple[dict[str, str], list[str]]:
+    """A stage's last run of each lane ({lane: run}) and the exports of those that have not finished."""
+    last = {lane: runs[-1].name for lane, runs in stage.lanes.items()}
+    final = [recipe.out / run / "final" for run in last.values()]
+    return last, [str(path) for path in final if not path.is_dir()]
 
 
 def encoder_run(recipe: Recipe) -> str:
@@ -150,10 +152,14 @@ def pipeline_settings(recipe: Recipe, dit_run: str) -> dict:
 def low_expert(recipe: Recipe, dit_run: str) -> dict | None:
     """The ``experts`` section ({low, boundary}) of the stage that trains ``dit_run`` as a high-noise expert, when it
     is one (a run of that stage's dit lane); else None."""
-    stage = recipe.stage_of(dit_run)
-    if stage is None or stage.experts is None or all(r.name != dit_run for r in stage.lanes.get("dit", ())):
-        return None
-    return stage.experts
+    return next(
+        (
+            s.experts
+            for s in recipe.stages.values()
+            if s.experts and any(r.name == dit_run for r in s.lanes.get("dit", ()))
+        ),
+        None,
+    )
 
 
 def assemble(
