@@ -3,6 +3,8 @@ its TrainConfig, each stage takes only from runs before it, and shipping writes 
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +82,22 @@ def test_a_stage_with_an_unknown_section_fails_naming_it(tmp_path):
     (tmp_path / "bad.yaml").write_text("lane:\n  vae: {}\n")
     with pytest.raises(ValueError, match="unknown sections lane; accepted"):
         load_stage(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_a_folder_named_like_a_shipped_recipe_that_holds_none_does_not_hide_it(tmp_path, monkeypatch):
+    """Run beside its working folder (``./default``, no recipe.yaml in it), ``default`` is still the shipped recipe;
+    a folder that holds a recipe.yaml is read as one; a folder that holds none and no shipped name fail, naming
+    what is accepted."""
+    (tmp_path / "default").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("default").folder == RECIPE_DIR / "default"
+    shutil.copytree(RECIPE_DIR / "default", tmp_path / "mine")
+    assert load_recipe("mine").folder == Path("mine")
+    with pytest.raises(
+        ValueError, match=r"no recipe 'elsewhere': expected a folder with recipe.yaml, or one of"
+    ):
+        (tmp_path / "elsewhere").mkdir()
+        load_recipe("elsewhere")
 
 
 def test_train_command_is_the_preset_the_overrides_then_extra(recipe):
@@ -197,8 +215,6 @@ def test_a_stage_with_experts_assembles_a_two_expert_folder_that_loads_and_adopt
     """Stage 23's denoiser is a high-noise expert over the shipped one: assembled from it (``prefer``, though the
     stage is not shipped) the folder holds the shipped denoiser as dit_2/, the boundary in pipeline.json and the
     low expert's run in runs.json; it loads as two experts, and adopting it seeds both runs again."""
-    import shutil
-
     from vidlatent import VideoPipeline
 
     recipe = load_recipe("default", tmp_path / "out")

@@ -227,8 +227,9 @@ def _experts(path: Path, spec, lanes: dict) -> dict | None:
 
 def load_recipe(src: str | os.PathLike = "default", out: str | os.PathLike = "runs/default") -> Recipe:
     """A recipe from a shipped name (``vidlatent/configs/recipes/<name>``) or a folder, for working folder
-    ``out``."""
-    folder = Path(src) if Path(src).is_dir() else RECIPE_DIR / str(src)
+    ``out``. A folder wins over a shipped name only when it holds a recipe (``runs/default``, the working folder
+    itself, may sit in the current folder as ``default``)."""
+    folder = Path(src) if (Path(src) / INDEX).is_file() else RECIPE_DIR / str(src)
     if not (folder / INDEX).is_file():
         shipped = sorted(p.name for p in RECIPE_DIR.iterdir() if (p / INDEX).is_file())
         raise ValueError(
