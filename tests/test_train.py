@@ -25,7 +25,7 @@ from vidlatent.models.vae import CausalVAE
 from vidlatent.pipelines.encode import encode_clips, latent_stats, load_latents, load_vae
 from vidlatent.train import BucketSampler, LatentDataset, NonFiniteLossError, Trainer, load_train_config
 from vidlatent.train.tasks.base import Draws, draw_sigmas, drop_captions
-from vidlatent.train.tasks.denoiser import DenoiserTask
+from vidlatent.train.tasks.denoiser import DenoiserTask, content_weights
 
 
 @pytest.fixture(scope="module")
@@ -365,16 +365,22 @@ def test_dit_flops_match_the_flop_counter_and_are_logged(latents, tmp_path):
     assert all(r["tflop_s"] > 0 for r in rows)
 
 
-def _micro_step(trainer, bump: float, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One micro-step whose prediction of latent frame ``frame`` is moved by ``bump``; (loss, x0, model input).
-    The trainer's generator is put back, so every call sees the same batch, sigmas and noise."""
+def _micro_step(
+    trainer, bump: float, frame: int = 0, at: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-step whose prediction of latent frame ``frame`` (only its position ``at`` = (h, w) of the first
+    clip, when given) is moved by ``bump``; (loss, x0, model input). The trainer's generator is put back, so every
+    call sees the same batch, sigmas and noise."""
     seen, forward = {}, trainer.forward_module
 
     def spy(x_sigma, sigma, captions, extra=None):
         seen["x"] = x_sigma
         pred, text_tokens = forward(x_sigma, sigma, captions, extra)
         pred = pred.clone()
-        pred[:, :, frame] += bump
+        if at is None:
+            pred[:, :, frame] += bump
+        else:
+            pred[0, :, frame, at[0], at[1]] += bump
         return pred, text_tokens
 
     state, position = trainer.generator.get_state(), copy.copy(trainer.position)
@@ -420,6 +426,53 @@ def test_first_frame_weight_weighs_the_first_latent_frame(latents, tmp_path):
     assert abs(first) < 1e-3 and second > 10
     with pytest.raises(ValueError, match="first_frame_weight must be > 0"):
         config(latents["one"], tmp_path / "d", "first_frame_weight=0")
+
+
+def test_content_weights_weigh_what_differs_from_its_frame():
+    """A faint and a bright object over a flat frame weigh alike (each frame against itself), up to 1 +
+    strength; the background and an all-alike frame weigh 1; below the cap the weight grows with the distance."""
+    x = torch.zeros(2, 4, 3, 8, 8)
+    x[0, :, :, 2:4, 2:4] = 0.05  # faint: 4 of 64 positions, 16x the frame's mean distance
+    x[1, :, :, 5, 5] = 3.0  # bright
+    x[:, :, 2] = 1.0  # frame 2: all alike
+    w = content_weights(x, 4.0)
+    assert w.shape == (2, 1, 3, 8, 8)
+    assert torch.allclose(w[0, 0, :2, 2:4, 2:4], torch.tensor(5.0)) and torch.allclose(
+        w[1, 0, :2, 5, 5], torch.tensor(5.0)
+    )
+    assert torch.allclose(w[0, 0, :2, 0, 0], torch.tensor(1.0)) and torch.equal(
+        w[:, :, 2], torch.ones(2, 1, 8, 8)
+    )
+    y = torch.zeros(1, 1, 1, 2, 2)
+    y[..., 0, 0] = (
+        1.0  # distances 1, 0, 0, 0 (median 0): mean 0.25, ratio 4 -> the cap; a spread ramp below it
+    )
+    assert content_weights(y, 2.0)[0, 0, 0, 0, 0].item() == pytest.approx(3.0)
+    z = torch.arange(16.0).reshape(1, 1, 1, 4, 4)
+    ramp = content_weights(z, 1.0).flatten()
+    assert ramp.min() == 1.0 and 1.0 < ramp.max() < 2.0
+
+
+def test_content_weight_weighs_the_loss_where_the_latents_hold_content(latents, tmp_path):
+    """The same bump of the prediction costs more at a position the content weight raises than at one it
+    leaves at 1, by the weights' ratio; content_weight=0 weighs every position alike; a negative one fails."""
+    trainer = Trainer(config(latents["one"], tmp_path / "a", "content_weight=4"))
+    state, position = trainer.generator.get_state(), copy.copy(trainer.position)
+    x0 = trainer.task.next_batch(position, trainer.generator).x
+    trainer.generator.set_state(state)
+    w = content_weights(x0, 4.0)[0, 0, 1]
+    hi, lo = divmod(int(w.argmax()), w.shape[1]), divmod(int(w.argmin()), w.shape[1])
+
+    def cost(trainer, at) -> float:
+        base = _micro_step(trainer, 0.0)[0].item()
+        return sum(_micro_step(trainer, b, 1, at)[0].item() for b in (10.0, -10.0)) / 2 - base
+
+    ratio = cost(trainer, hi) / cost(trainer, lo)
+    assert ratio == pytest.approx(float(w.max() / w.min()), rel=1e-2) and ratio > 1.5
+    plain = Trainer(config(latents["one"], tmp_path / "b"))
+    assert cost(plain, hi) == pytest.approx(cost(plain, lo), rel=1e-2)
+    with pytest.raises(ValueError, match="content_weight must be >= 0"):
+        config(latents["one"], tmp_path / "c", "content_weight=-1")
 
 
 def test_image_fraction_trains_on_first_latent_frames(latents, tmp_path):

@@ -169,6 +169,34 @@ def test_decoder_learns_from_latents_a_denoiser_redrew(tmp_path):
         assert not torch.allclose(out, latents)  # the denoiser moved them
 
 
+def test_latent_noise_decodes_latents_noised_in_the_normalized_space(tmp_path):
+    """With latent_noise, the decoder sees each clip's posterior sample plus white noise whose std, in the
+    normalized latents, is the clip's own draw in [0, latent_noise] (the clips of a batch differ); without it, the
+    sample itself. The draws come from the run's generator, so the same batch gets the same noise."""
+    first = {}  # each run's first decoded latents: step 1, the same clips and posterior noise in both
+    trainer = Trainer(
+        vae_config(tmp_path / "a", vae_train="decoder", latent_noise=0.5, batch_size=4, steps=2)
+    )
+    plain = Trainer(vae_config(tmp_path / "b", vae_train="decoder", batch_size=4, steps=2))
+
+    def spy(name, decode):
+        def decode_step(z, cache):
+            first.setdefault(name, z.detach().clone())
+            return decode(z, cache)
+
+        return decode_step
+
+    for name, t in (("noisy", trainer), ("clean", plain)):
+        t.vae.decode_step = spy(name, t.vae.decode_step)
+        t.train()
+    diff = trainer.vae.normalize(first["noisy"]) - trainer.vae.normalize(first["clean"])
+    stds = diff.flatten(1).std(dim=1)
+    assert torch.all(stds > 0.005) and torch.all(stds < 0.55) and stds.max() - stds.min() > 0.02
+    assert diff.flatten(1).mean(dim=1).abs().max() < 0.1  # white: no shift of the clip
+    with pytest.raises(ValueError, match="latent_noise must be >= 0"):
+        Trainer(vae_config(tmp_path / "c", latent_noise=-0.1))
+
+
 def test_redraw_pipeline_errors_name_the_problem(tmp_path):
     from vidlatent import VideoPipeline
 

@@ -52,6 +52,10 @@ class TrainConfig:
     redraw_fraction: float = 0.5  # share of the clips re-drawn
     # each re-drawn clip's SDEdit strength: uniform in [lo, hi]
     redraw_strength: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # task=vae: each clip's latents get white noise of a std drawn uniformly in [0, latent_noise], in the unit-scale
+    # (normalized) latents a denoiser works in, before the decoder sees them: what a denoiser leaves is never exact,
+    # and a shape whose latents are faint loses its corners to an error that size (docs/default-model.md, squares)
+    latent_noise: float = 0.0
     logvar_init: float = -6.0  # bias of a fresh VAE's log-variance outputs (0 = std-1 posterior noise, slow)
     disc_weight: float = 0.0  # adversarial weight; 0 = no discriminator
     disc_start: int = 0  # optimizer step at which the discriminator starts
@@ -96,6 +100,10 @@ class TrainConfig:
     # denoiser: weight of the first latent frame's error against each later frame's in a clip's loss (a causal
     # VAE's first latent frame is the one frame encoded alone); 1 = every frame alike
     first_frame_weight: float = 1.0
+    # denoiser: extra weight on the latent positions that hold content, against a frame's flat background: each
+    # position's error counts 1 + content_weight * min(r / 4, 1) times, r being how far its clean latent lies
+    # from the frame's per-channel median over the frame's mean such distance (train.tasks.denoiser.content_weights)
+    content_weight: float = 0.0
     text_cache: bool = False  # frozen text encoder (train_text_encoder=false): encode each caption once
     sample_every: int = 0  # steps between <output>/samples/step-XXXXXXX.gif (0 = none); EMA weights if kept
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle moves right"])  # denoiser

@@ -73,6 +73,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"first_frame_weight must be > 0 (1 = every frame alike); got {cfg.first_frame_weight}"
         )
+    if not cfg.content_weight >= 0:
+        raise ValueError(f"content_weight must be >= 0 (0 = every position alike); got {cfg.content_weight}")
     if cfg.sigma_range is not None:
         band = list(cfg.sigma_range)
         if (

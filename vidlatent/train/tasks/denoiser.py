@@ -5,7 +5,8 @@ whole global batch from the run's generator (``Draws``), so N ranks compute what
 ``lora_rank > 0`` trains LoRA adapters on the blocks (the export writes ``lora.safetensors``);
 ``first_frame_dropout < 1`` trains image-to-video conditioning (the clean first latent frame is given and
 left out of the loss); ``image_fraction > 0`` trains that share of micro-batches on their first latent
-frame alone (one-frame generation); ``first_frame_weight`` weighs a clip's first latent frame in its loss;
+frame alone (one-frame generation); ``first_frame_weight`` weighs a clip's first latent frame in its loss, ``content_weight`` the positions
+that hold content (``content_weights``);
 ``text_cache`` encodes each caption once with a frozen encoder;
 ``text_new_words`` gives the trained built-in encoder the captions' words outside its vocabulary.
 
@@ -39,7 +40,7 @@ from ..distributed import Dist, all_reduce_, share
 from . import register
 from .base import Batch, Draws, Loss, Position, Task, draw_sigmas, drop_captions
 
-__all__ = ["DenoiserTask", "LatentBatch", "TextCache", "dit_flops", "save_diffusers_dit"]
+__all__ = ["DenoiserTask", "LatentBatch", "TextCache", "content_weights", "dit_flops", "save_diffusers_dit"]
 
 
 def dit_flops(config: DiTConfig, tokens: int, text_tokens: int) -> int:
@@ -95,6 +96,26 @@ class TextCache:
         for i, r in enumerate(rows):
             context[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
         return context, mask
+
+
+CONTENT_CAP = (
+    4.0  # content_weights: a position this many times the frame's mean distance gets the full weight
+)
+
+
+def content_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-position loss weights (b, 1, t, h, w) of clean latents ``x0`` (b, c, t, h, w): ``1 + strength *
+    min(r / CONTENT_CAP, 1)``, ``r`` being a position's squared distance (summed over channels) from its frame's
+    per-channel median over the frame's mean such distance. Objects over a flat background, a few positions of
+    a frame, then weigh up to ``1 + strength`` times the background, faint ones (a colour the VAE encodes
+    weakly) as much as bright ones, since each frame is measured against itself. A frame that is all alike
+    (no distance anywhere) weighs 1 everywhere."""
+    x = x0.float()
+    median = x.flatten(3).median(dim=3).values[..., None, None]
+    dist = (x - median).square().sum(1, keepdim=True)
+    mean = dist.mean(dim=(3, 4), keepdim=True)
+    ratio = torch.where(mean > 0, dist / mean.clamp_min(1e-12), torch.zeros_like(dist))
+    return 1.0 + strength * (ratio / CONTENT_CAP).clamp(max=1.0)
 
 
 @register
@@ -348,6 +369,9 @@ class DenoiserTask(Task):
             frames = torch.ones(1, 1, x0.shape[2], 1, 1, device=self.device)
             frames[:, :, 0] = cfg.first_frame_weight
             weight = frames if weight is None else weight * frames
+        if cfg.content_weight:
+            content = content_weights(x0, cfg.content_weight)
+            weight = content if weight is None else weight * content
         return x_sigma, sigma, velocity_target(x0, noise), captions, weight
 
     def loss(self, batch: LatentBatch, forward: Callable, step: int) -> Loss:

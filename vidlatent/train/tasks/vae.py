@@ -1,5 +1,6 @@
 """``task: vae``: a ``CausalVAE`` learns to reconstruct clips (L1 + SSIM + KL, optional perceptual, chroma
-and edge terms, and a patch discriminator after ``disc_start`` steps).
+and edge terms, and a patch discriminator after ``disc_start`` steps); ``latent_noise`` decodes latents with white noise added,
+as a denoiser leaves them.
 
 ``data: shapes`` draws endless clips from the procedural shapes world (``data_options`` are ``ShapesWorld``
 arguments; the data position is a clip counter); a folder of videos is read by ``VideoBucketSampler``, each
@@ -138,6 +139,10 @@ class VAETask(Task):
             )
         if cfg.redraw_pipeline is not None:
             _check_redraw(cfg)
+        if not cfg.latent_noise >= 0:
+            raise ValueError(
+                f"latent_noise must be >= 0 (a std in normalized latents; 0 = off); got {cfg.latent_noise}"
+            )
 
     def __init__(self, cfg: TrainConfig, device: torch.device, dist: Dist):
         self.cfg, self.device, self.dist = cfg, device, dist
@@ -244,7 +249,15 @@ class VAETask(Task):
         z = mean + (0.5 * logvar).exp() * noise
         if self.redraw is not None:
             z = self._redrawn(z, mean, captions, draws)
+        if self.cfg.latent_noise:
+            z = self._noised(z, draws)
         return self.vae.decode_step(z, StreamCache())[0], mean, logvar
+
+    def _noised(self, z: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """``z`` with white noise added in the normalized latents, each clip's std drawn in [0, latent_noise]."""
+        level = draws(torch.rand, (len(z),)).to(z) * self.cfg.latent_noise
+        noise = draws(torch.randn, z.shape).to(z)
+        return self.vae.denormalize(self.vae.normalize(z) + level.view(-1, 1, 1, 1, 1) * noise)
 
     @torch.no_grad()
     def _redrawn(
