@@ -23,7 +23,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 40 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 41 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -50,6 +50,9 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert configs["dit-high"].sigma_range == [0.5, 1.0] and configs["dit-high"].train_text_encoder is False
     assert configs["dit-content"].content_weight == 4 and recipe.stages["content"].ship is False
     assert configs["vae-noise"].latent_noise == 0.3 and configs["vae-noise"].vae_train == "decoder"
+    assert (
+        configs["vae-still"].vae_overrides == ["first_frame=still"] and recipe.stages["still"].ship is False
+    )
 
 
 def test_each_stage_takes_only_from_runs_before_it(recipe):

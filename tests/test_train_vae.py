@@ -197,6 +197,20 @@ def test_latent_noise_decodes_latents_noised_in_the_normalized_space(tmp_path):
         Trainer(vae_config(tmp_path / "c", latent_noise=-0.1))
 
 
+def test_vae_overrides_apply_over_a_folder_too(tmp_path):
+    """A VAE folder's config takes vae_overrides (a setting that changes no weight, e.g. first_frame=still): the
+    trained VAE codes as asked, exports so and keeps the folder's weights as its start."""
+    CausalVAE.from_pretrained("tiny").save_pretrained(tmp_path / "start")
+    trainer = Trainer(
+        vae_config(tmp_path, vae=tmp_path / "start", vae_overrides="[first_frame=still]", steps=1)
+    )
+    assert trainer.vae.config.first_frame == "still"
+    start = CausalVAE.from_pretrained(tmp_path / "start")
+    assert all(torch.equal(v, trainer.vae.state_dict()[k]) for k, v in start.state_dict().items())
+    trainer.train()
+    assert CausalVAE.from_pretrained(tmp_path / "run" / "final" / "vae").config.first_frame == "still"
+
+
 def test_redraw_pipeline_errors_name_the_problem(tmp_path):
     from vidlatent import VideoPipeline
 

@@ -298,6 +298,39 @@ def test_first_frame_statistics_normalize_frame_zero_alone(tiny_pair, first_stat
     torch.testing.assert_close(vae.normalize(z[1]).reshape(n[1].shape), n[1])
 
 
+def test_a_still_first_frame_is_coded_as_later_frames_are_and_streams_alike(tiny_pair, tmp_path):
+    """first_frame="still": a still clip's first two latent frames are equal (frame 0 coded as the clip's second
+    latent frame), an image is a clip's first frame, later latent frames are the "alone" VAE's own, the encoding
+    stays causal, every chunk size and the streaming API agree, the setting survives a save, and diffusers' layout
+    (which codes frame 0 alone) is refused; a bad value names what is accepted."""
+    alone = tiny_pair[0]
+    vae = CausalVAE(replace(alone.config, first_frame="still")).eval()
+    vae.load_state_dict(alone.state_dict())
+    x = video(t=13, h=16, w=16)
+    with torch.no_grad():
+        full, theirs = vae.encode(x).mean, alone.encode(x).mean
+        assert (
+            maxdiff(full[:, :, 1:], theirs[:, :, 1:]) <= 1e-6
+            and maxdiff(full[:, :, 0], theirs[:, :, 0]) > 1e-3
+        )
+        still = vae.encode(x[:, :, :1].expand(-1, -1, 5, -1, -1)).mean
+        assert (
+            maxdiff(still[:, :, 0], still[:, :, 1]) <= 1e-5 and maxdiff(still[:, :, 0], full[:, :, 0]) <= 1e-5
+        )
+        assert maxdiff(vae.encode(x[:, :, :1]).mean, full[:, :, :1]) <= 1e-6
+        assert maxdiff(vae.encode(x[:, :, :5]).mean, full[:, :, :2]) <= 1e-5  # causal
+        for c in (0, 2):
+            assert maxdiff(vae.encode(x, chunk_size=c).mean, full) <= 1e-5
+        chunks = [x[:, :, :1], x[:, :, 1:5], x[:, :, 5:13]]
+        assert maxdiff(torch.cat([p.mean for p in vae.encode_stream(chunks)], dim=2), full) <= 1e-5
+    vae.save_pretrained(tmp_path / "still")
+    assert CausalVAE.from_pretrained(tmp_path / "still").config.first_frame == "still"
+    with pytest.raises(ValueError, match="encodes a clip's first frame as a still"):
+        vae_config_to_diffusers(vae.config)
+    with pytest.raises(ValueError, match="first_frame must be one of alone, still, got 'first'"):
+        CausalVAE(replace(alone.config, first_frame="first"))
+
+
 def test_first_frame_statistics_are_checked(tiny_pair):
     cfg = tiny_pair[0].config
     c = cfg.latent_channels

@@ -50,6 +50,7 @@ WAN22_LATENTS_STD = [
 ]  # fmt: skip
 
 VAE_STAGE_SHORTCUTS = ("none", "resample")
+VAE_FIRST_FRAME = ("alone", "still")  # VAEConfig.first_frame
 
 
 @dataclass
@@ -86,6 +87,11 @@ class VAEConfig:
     # stage adds a parameter-free resampled copy of its input (channel-grouped average pooling down,
     # duplication up), and decoder upsamplers keep the channels
     stage_shortcut: str = "none"
+    # how the encoder codes a clip's first frame: "alone" (Wan): the causal first latent frame is frame 0 encoded by
+    # itself; "still": the second latent frame of a still clip of 1 + temporal_factor copies of frame 0 (still
+    # causal; later latent frames as with "alone"), the code later frames get. A small VAE's first frame alone can
+    # carry a faint colour at a thirtieth of its later frames' signal (issue 26); an image is encoded alike
+    first_frame: str = "alone"
     # streaming: latent frames per chunk after the first (the first frame is always its own chunk)
     chunk_size: int = 1
     # spatial tiling, in pixels; tiling switches on automatically when h or w exceeds auto_tile_above

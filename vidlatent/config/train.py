@@ -34,7 +34,8 @@ class TrainConfig:
     text_new_words: bool = False
     text_overrides: list[str] = field(default_factory=list)  # key=value text config fields (presets only)
     vae: str = "tiny"  # vae preset or folder: trained when task=vae; encodes data=shapes for the denoiser
-    vae_overrides: list[str] = field(default_factory=list)  # key=value VAEConfig fields (presets only)
+    # key=value VAEConfig fields over the preset's, or (task=vae) over a folder's config: e.g. first_frame=still
+    vae_overrides: list[str] = field(default_factory=list)
     l1_weight: float = 1.0  # VAE objective (task=vae)
     mse_weight: float = 0.0
     ssim_weight: float = 0.2

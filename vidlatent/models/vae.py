@@ -46,9 +46,7 @@ from ..checkpoint import (
     save_folder,
 )
 from ..config import VAEConfig, config_from_dict, config_to_dict, load_config
-from ..config.models import (
-    VAE_STAGE_SHORTCUTS,
-)
+from ..config.models import VAE_FIRST_FRAME, VAE_STAGE_SHORTCUTS
 from .layers import RMSNorm, attention
 from .vae_layouts import (  # noqa: F401  (re-exported: the layouts lived here before)
     _default_stats,
@@ -565,6 +563,10 @@ class CausalVAE(nn.Module):
             )
         if cfg.patch_size < 1:
             raise ValueError(f"patch_size must be a positive integer (1 = no patches), got {cfg.patch_size}")
+        if cfg.first_frame not in VAE_FIRST_FRAME:
+            raise ValueError(
+                f"first_frame must be one of {', '.join(VAE_FIRST_FRAME)}, got {cfg.first_frame!r}"
+            )
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = CausalConv3d(cfg.latent_channels * 2, cfg.latent_channels * 2, 1)
@@ -651,9 +653,16 @@ class CausalVAE(nn.Module):
 
         The first chunk of a clip must start with the clip's first frame; after it, chunks hold a multiple of
         ``temporal_factor`` frames. ``encode`` calls this in a loop; call it yourself to stream a clip from
-        a reader without holding it all in memory.
+        a reader without holding it all in memory. With ``config.first_frame == "still"`` the first chunk's first
+        latent frame is that of a still clip of its first frame (see ``VAEConfig.first_frame``).
         """
-        return self.quant_conv(self.encoder(frames, cache)), cache
+        fresh = not cache.past and not cache.started
+        moments = self.quant_conv(self.encoder(frames, cache))
+        if self.config.first_frame == "still" and fresh:
+            still = frames[:, :, :1].expand(-1, -1, 1 + self.temporal_factor, -1, -1)
+            first = self.quant_conv(self.encoder(still, StreamCache()))[:, :, 1:2]
+            moments = torch.cat([first, moments[:, :, 1:]], dim=2)
+        return moments, cache
 
     def decode_step(self, z: torch.Tensor, cache: StreamCache) -> tuple[torch.Tensor, StreamCache]:
         """Decode the next chunk of raw latents (any number of frames) and return pixels and the cache."""

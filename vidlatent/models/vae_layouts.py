@@ -62,11 +62,17 @@ def vae_config_from_diffusers(raw: dict) -> dict:
 
 def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
     """``VAEConfig`` -> diffusers ``AutoencoderKLWan`` constructor arguments. ValueError for a VAE whose first
-    latent frame has statistics of its own (``first_latents_mean``): diffusers' config has no place for them."""
+    latent frame has statistics of its own (``first_latents_mean``): diffusers' config has no place for them; or
+    that encodes the first frame as a still (``first_frame="still"``), which diffusers' encoder does not."""
     if cfg.first_latents_mean is not None:
         raise ValueError(
             "this VAE normalizes its first latent frame by statistics of its own (first_latents_mean / "
             "first_latents_std), which diffusers' AutoencoderKLWan config cannot hold"
+        )
+    if cfg.first_frame != "alone":
+        raise ValueError(
+            f"this VAE encodes a clip's first frame as a still (first_frame={cfg.first_frame!r}); diffusers' "
+            "AutoencoderKLWan encodes it alone and would read these latents wrong"
         )
     p = cfg.patch_size
     return {

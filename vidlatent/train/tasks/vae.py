@@ -171,7 +171,9 @@ class VAETask(Task):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if Path(cfg.vae).exists():
-                vae = CausalVAE.from_pretrained(cfg.vae, device=self.device, dtype=torch.float32)
+                vae = CausalVAE.from_pretrained(
+                    cfg.vae, device=self.device, dtype=torch.float32, overrides=cfg.vae_overrides
+                )
             else:
                 vae_cfg = load_config(VAEConfig, "vae", cfg.vae, overrides=cfg.vae_overrides)
                 vae = CausalVAE(vae_cfg).to(self.device)
