@@ -5,8 +5,8 @@ whole global batch from the run's generator (``Draws``), so N ranks compute what
 ``lora_rank > 0`` trains LoRA adapters on the blocks (the export writes ``lora.safetensors``);
 ``first_frame_dropout < 1`` trains image-to-video conditioning (the clean first latent frame is given and
 left out of the loss); ``image_fraction > 0`` trains that share of micro-batches on their first latent
-frame alone (one-frame generation); ``first_frame_weight`` weighs a clip's first latent frame in its loss, ``content_weight`` the positions
-that hold content (``content_weights``);
+frame alone (one-frame generation); ``first_frame_weight`` weighs a clip's first latent frame in its loss,
+``content_weight`` the positions that hold content (``content_weights``);
 ``text_cache`` encodes each caption once with a frozen encoder;
 ``text_new_words`` gives the trained built-in encoder the captions' words outside its vocabulary.
 
@@ -98,9 +98,8 @@ class TextCache:
         return context, mask
 
 
-CONTENT_CAP = (
-    4.0  # content_weights: a position this many times the frame's mean distance gets the full weight
-)
+# content_weights: a position this many times its frame's mean distance gets the full weight
+CONTENT_CAP = 4.0
 
 
 def content_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``task: vae``: a ``CausalVAE`` learns to reconstruct clips (L1 + SSIM + KL, optional perceptual, chroma
-and edge terms, and a patch discriminator after ``disc_start`` steps); ``latent_noise`` decodes latents with white noise added,
-as a denoiser leaves them.
+and edge terms, and a patch discriminator after ``disc_start`` steps); ``latent_noise`` decodes latents with
+white noise added, as a denoiser leaves them.
 
 ``data: shapes`` draws endless clips from the procedural shapes world (``data_options`` are ``ShapesWorld``
 arguments; the data position is a clip counter); a folder of videos is read by ``VideoBucketSampler``, each
