@@ -27,16 +27,28 @@ from vidlatent.checkpoint import atomic_write
 from vidlatent.data.shapes import COLOURS, ShapesWorld, render, to_tensor
 
 
+def one_object_clips(
+    world: ShapesWorld, n: int, colour: str | None = None, shape: str | None = None, patience: int = 50
+) -> list[int]:
+    """Indices of ``world``'s first ``n`` one-object clips (of ``colour`` and ``shape`` where given); RuntimeError
+    when ``patience * n`` clips hold fewer."""  # fmt: skip
+    found, i = [], 0
+    while len(found) < n:
+        objects = world.scene(i).objects
+        if len(objects) == 1 and colour in (None, objects[0].colour) and shape in (None, objects[0].shape):
+            found.append(i)
+        i += 1
+        if i > patience * n:
+            what = " ".join(x for x in (colour, shape) if x)
+            raise RuntimeError(
+                f"found {len(found)} one-object {what + ' ' if what else ''}clips in {i}; asked for {n}"
+            )
+    return found
+
+
 def object_signal(pipe, world: ShapesWorld, clips: int, batch: int = 25) -> dict[str, np.ndarray]:
     """{colour: (n, latent frames)} squared norms of the latent difference each one-object clip's object makes."""
-    found, i = [], 0
-    while len(found) < clips:
-        scene = world.scene(i)
-        if len(scene.objects) == 1:
-            found.append(scene)
-        i += 1
-        if i > 50 * clips:
-            raise RuntimeError(f"found {len(found)} one-object clips in {i}; asked for {clips}")
+    found = [world.scene(i) for i in one_object_clips(world, clips)]
     out = collections.defaultdict(list)
     f, h, w = world.frames, world.height, world.width
     for k in range(0, len(found), batch):

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+from probe_colour_signal import one_object_clips  # a script beside this one
 
 from vidlatent import VideoPipeline
 from vidlatent.checkpoint import atomic_write
@@ -32,17 +33,8 @@ from vidlatent.diffusion.flow import add_noise
 
 def clips_of(world: ShapesWorld, colour: str, shape: str, n: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` one-object clips of ``world`` showing a ``colour`` ``shape``, and their captions."""
-    clips, captions, i = [], [], 0
-    while len(clips) < n:
-        scene = world.scene(i)
-        if len(scene.objects) == 1 and (scene.objects[0].colour, scene.objects[0].shape) == (colour, shape):
-            video, text = world.clip(i)
-            clips.append(video)
-            captions.append(text)
-        i += 1
-        if i > 1000 * n:
-            raise RuntimeError(f"found {len(clips)} one-object {colour} {shape} clips in {i}; asked for {n}")
-    return torch.stack(clips), captions
+    clips = [world.clip(i) for i in one_object_clips(world, n, colour, shape, patience=1000)]
+    return torch.stack([video for video, _ in clips]), [text for _, text in clips]
 
 
 @torch.no_grad()
