@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from vidlatent.pipelines.video import DEFAULT_MODEL
 from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, run_stage, ship, shipped_runs
@@ -23,7 +24,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 41 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 43 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -87,6 +88,41 @@ def test_a_stage_with_an_unknown_section_fails_naming_it(tmp_path):
     (tmp_path / "bad.yaml").write_text("lane:\n  vae: {}\n")
     with pytest.raises(ValueError, match="unknown sections lane; accepted"):
         load_stage(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_a_cache_codes_with_its_vae_overrides_and_a_bad_cache_section_names_what_is_accepted(tmp_path):
+    """Stage 27's cache encodes with the shipped VAE's weights under ``first_frame=still``: its clips' later latent
+    frames are the plain code's, latent frame 0 is the still code's (not the plain one); a cache section with an
+    unknown key or without ``into`` fails naming the accepted keys."""
+    from vidlatent.data.latents import load_latents
+    from vidlatent.data.shapes import ShapesWorld, to_tensor
+    from vidlatent.models.vae import CausalVAE
+    from vidlatent.recipes.runner import cache_latents, encoder_run
+
+    recipe = load_recipe("default", tmp_path / "out")
+    adopt_ship(recipe, DEFAULT_MODEL)
+    stage = recipe.stages["still-dit"]
+    assert stage.cache.vae_overrides == ("first_frame=still",)
+    cache_latents(recipe, stage, clips=2)
+    world = ShapesWorld(**recipe.world)
+    video = to_tensor(world.render(world.scene(1)))[None]
+    vae_dir = recipe.out / encoder_run(recipe) / "final" / "vae"
+    plain = CausalVAE.from_pretrained(vae_dir).eval()
+    still = CausalVAE.from_pretrained(vae_dir, first_frame="still").eval()
+    with torch.no_grad():
+        z_plain, z_still = (vae.normalize(vae.encode(video).mode())[0] for vae in (plain, still))
+    z, meta = load_latents(recipe.out / stage.cache.into / "clip-0000001.safetensors", raw=False)
+    assert meta["vae"]["config"]["first_frame"] == "still"
+    assert torch.allclose(z, z_still, atol=1e-4)
+    assert torch.allclose(z[:, 1:], z_plain[:, 1:], atol=1e-4)
+    assert (z[:, 0] - z_plain[:, 0]).abs().max() > 0.1
+    for keys, named in (
+        ("{clips: 1, vae: encoder, into: x, bogus: 1}", "unknown bogus"),
+        ("{clips: 1, vae: v}", "missing into"),
+    ):
+        (tmp_path / "bad.yaml").write_text(f"cache: {keys}\n")
+        with pytest.raises(ValueError, match=f"{named}.*accepted: clips, into, vae, vae_overrides, world"):
+            load_stage(tmp_path / "bad.yaml", tmp_path)
 
 
 def test_a_folder_named_like_a_shipped_recipe_that_holds_none_does_not_hide_it(tmp_path, monkeypatch):

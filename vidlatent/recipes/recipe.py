@@ -9,7 +9,8 @@ runs it takes before any stage with lanes has finished). Each stage is ``<stage>
                    ``dit`` with the encoder run's VAE (a decoder run re-draws its clips with it)
   runs             training runs one after another, with every CPU thread, output to the terminal
   cache            then ``clips`` training clips of the world encoded by run ``vae``'s VAE into ``<out>/<into>``
-                   (``vae: encoder``: the recipe's encoder run; ``world``: arguments over the recipe's world)
+                   (``vae: encoder``: the recipe's encoder run; ``world``: arguments over the recipe's world;
+                   ``vae_overrides``: ``key=value`` fields over that VAE's config)
   lanes            then lanes at once, ``threads`` CPU threads each, each lane's runs in order
   device           where the stage's runs train and its cache encodes (unset: the trainer's choice, CPU cache)
   ship             false: the stage's lanes are never shipped (measured and not good enough; later stages may
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -73,12 +74,14 @@ class Run:
 @dataclass(frozen=True)
 class Cache:
     """``clips`` training clips of the world encoded by run ``vae``'s VAE into the latent folder ``into``;
-    ``world``: ShapesWorld arguments over the recipe's (e.g. ``{wide: true}``)."""
+    ``world``: ShapesWorld arguments over the recipe's (e.g. ``{wide: true}``); ``vae_overrides``: ``key=value``
+    VAE config fields over that run's (e.g. ``[first_frame=still]``: the same weights coding frame 0 otherwise)."""
 
     clips: int
     vae: str
     into: str
     world: dict = field(default_factory=dict)
+    vae_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,13 +204,25 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
         name=path.stem,
         redraw_pipeline=data.get("redraw_pipeline"),
         runs=_runs(data.get("runs"), out),
-        cache=Cache(**cache) if cache else None,
+        cache=_cache(path, cache) if cache else None,
         lanes={lane: _runs(runs, out) for lane, runs in (data.get("lanes") or {}).items()},
         threads=int(data.get("threads", 1)),
         device=data.get("device"),
         ship=bool(data.get("ship", True)),
         experts=experts,
     )
+
+
+def _cache(path: Path, spec: dict) -> Cache:
+    """A stage's ``cache`` section; unknown or missing keys fail, naming the accepted ones."""
+    known = {f.name for f in fields(Cache)}
+    unknown, missing = set(spec) - known, {"clips", "vae", "into"} - set(spec)
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: cache: unknown {', '.join(sorted(unknown)) or 'none'}, missing {', '.join(sorted(missing)) or 'none'}; "
+            f"accepted: {', '.join(sorted(known))}"
+        )
+    return Cache(**{**spec, "vae_overrides": tuple(str(o) for o in spec.get("vae_overrides") or ())})
 
 
 def _experts(path: Path, spec, lanes: dict) -> dict | None:

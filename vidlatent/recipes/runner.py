@@ -86,7 +86,7 @@ def cache_latents(
     cache = stage.cache
     vae_run = encoder_run(recipe) if cache.vae == ENCODER else cache.vae
     vae_dir = recipe.out / vae_run / "final" / "vae"
-    vae = CausalVAE.from_pretrained(vae_dir, device=device).eval()
+    vae = CausalVAE.from_pretrained(vae_dir, device=device, overrides=list(cache.vae_overrides)).eval()
     world = ShapesWorld(**{**recipe.world, **cache.world})
     batch = 16 if device == "cpu" else 128
     count = cache.clips if clips is None else clips
