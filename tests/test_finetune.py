@@ -410,6 +410,30 @@ def test_two_ranks_share_the_cache_and_match_one_process(tmp_path, wan, clips):
             assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_latents_coded_under_vae_overrides_export_the_vae_that_made_them(tmp_path, clips, tiny_vae):
+    """Latents a VAE folder made with ``first_frame=still`` over its config (a recipe cache's ``vae_overrides``)
+    export that VAE, the field included, and say nothing; the folder as it is would code frame 0 otherwise."""
+    import warnings
+
+    from vidlatent.data.latents import vae_fingerprint
+    from vidlatent.models.vae import CausalVAE
+    from vidlatent.pipelines.batch import encode_clips
+
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    still = CausalVAE.from_pretrained(tmp_path / "vae", first_frame="still")
+    encode_clips(
+        [clips], tmp_path / "lat", still, vae_src=str(tmp_path / "vae"), progress=False, num_workers=0
+    )
+    cfg = load_train_config("tiny", overrides=[f"data={tmp_path / 'lat'}", f"output={tmp_path / 'run'}",
+                                               "steps=1", "progress=false", "vae=tiny"])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*made them")
+        Trainer(cfg).train()
+    exported = CausalVAE.from_pretrained(tmp_path / "run" / "final" / "vae")
+    assert exported.config.first_frame == "still" and vae_fingerprint(exported) == vae_fingerprint(still)
+    assert vae_fingerprint(tiny_vae) != vae_fingerprint(still)
+
+
 def test_latents_without_a_vae_record_train_and_say_so(tmp_path, clips, tiny_vae):
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -523,7 +523,7 @@ class DenoiserTask(Task):
         else ``cfg.vae`` with a warning; returns the pipeline config for the folder (the ``cfg.dit`` pipeline
         preset's, else the defaults) at the size of the training clips."""
         from ...config.pipeline import PipelinePreset
-        from ...data.latents import read_latent_metadata, vae_fingerprint
+        from ...data.latents import read_latent_metadata
         from ...pipelines.batch import load_vae
 
         records = {}
@@ -544,13 +544,8 @@ class DenoiserTask(Task):
         if record.get("fingerprint"):  # the recorded source, else cfg.vae: whichever has those weights
             why = f"neither the recorded VAE {record.get('src')!r} nor vae={self.cfg.vae!r} is the one that made them"
             for src in dict.fromkeys([str(record.get("src", "")).removeprefix("preset:"), self.cfg.vae]):
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        candidate = load_vae(src)[0]
-                except Exception:  # noqa: BLE001 - moved or deleted: try the next
-                    continue
-                if vae_fingerprint(candidate) == record["fingerprint"]:
-                    vae = candidate
+                vae = _vae_that_made(src, record)
+                if vae is not None:
                     break
         if vae is None:
             warnings.warn(f"{why}: final/vae is vae={self.cfg.vae!r}; re-encode, or set vae= to the VAE that "
@@ -569,6 +564,26 @@ class DenoiserTask(Task):
         sf, tf = vae.config.spatial_factor, vae.config.temporal_factor
         config.frames, config.height, config.width = 1 + tf * (t - 1), h * sf, w * sf
         return config
+
+
+def _vae_that_made(src: str, record: dict) -> CausalVAE | None:
+    """The VAE at ``src`` when it is the one a latent file's ``vae`` record names (same fingerprint), as it is or
+    with the record's config fields over its own (a cache made with ``vae_overrides``, e.g. ``first_frame=still``,
+    by the same weights); None when neither fits or ``src`` does not load."""
+    from ...data.latents import vae_fingerprint
+    from ...pipelines.batch import load_vae
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            vae = load_vae(src)[0]
+            if vae_fingerprint(vae) == record["fingerprint"]:
+                return vae
+            own = config_to_dict(vae.config)
+            fields = {k: v for k, v in (record.get("config") or {}).items() if k in own and own[k] != v}
+            vae = load_vae(src, **fields)[0] if fields else None
+    except Exception:  # noqa: BLE001 - moved, deleted or the record's fields do not fit: not this one
+        return None
+    return vae if vae is not None and vae_fingerprint(vae) == record["fingerprint"] else None
 
 
 def save_diffusers_dit(dit: VideoDiT, folder: Path) -> None:
