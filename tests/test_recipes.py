@@ -123,6 +123,10 @@ def test_a_cache_codes_with_its_vae_overrides_and_a_bad_cache_section_names_what
         (tmp_path / "bad.yaml").write_text(f"cache: {keys}\n")
         with pytest.raises(ValueError, match=f"{named}.*accepted: clips, into, vae, vae_overrides, world"):
             load_stage(tmp_path / "bad.yaml", tmp_path)
+    (tmp_path / "one.yaml").write_text(
+        "cache: {clips: 1, vae: v, into: x, vae_overrides: first_frame=still}\n"
+    )
+    assert load_stage(tmp_path / "one.yaml", tmp_path).cache.vae_overrides == ("first_frame=still",)
 
 
 def test_a_folder_named_like_a_shipped_recipe_that_holds_none_does_not_hide_it(tmp_path, monkeypatch):

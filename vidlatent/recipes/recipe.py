@@ -218,11 +218,13 @@ def _cache(path: Path, spec: dict) -> Cache:
     known = {f.name for f in fields(Cache)}
     unknown, missing = set(spec) - known, {"clips", "vae", "into"} - set(spec)
     if unknown or missing:
+        unknown, missing = ", ".join(sorted(unknown)) or "none", ", ".join(sorted(missing)) or "none"
         raise ValueError(
-            f"{path}: cache: unknown {', '.join(sorted(unknown)) or 'none'}, missing {', '.join(sorted(missing)) or 'none'}; "
-            f"accepted: {', '.join(sorted(known))}"
+            f"{path}: cache: unknown {unknown}, missing {missing}; accepted: {', '.join(sorted(known))}"
         )
-    return Cache(**{**spec, "vae_overrides": tuple(str(o) for o in spec.get("vae_overrides") or ())})
+    overrides = spec.get("vae_overrides") or ()
+    overrides = [overrides] if isinstance(overrides, str) else overrides  # one key=value, or a list of them
+    return Cache(**{**spec, "vae_overrides": tuple(str(o) for o in overrides)})
 
 
 def _experts(path: Path, spec, lanes: dict) -> dict | None:
