@@ -11,7 +11,7 @@ Prints and writes (``--json``):
   < 0.75, or is over 1.5x its median area over the clip) and of clips with a ghost object (a second region of
   the asked colour in 3+ frames, or a colour not asked in half the frames) (``frames``;
   ``vidlatent.eval.frames``), and which prompts were flagged so (``frame_items``, per seed
-  ``frame_items_by_seed``: indices into the split's prompts);
+  ``frame_items_by_seed``: indices into the split's prompts; the shares by asked colour: ``frames_by_colour``);
 * text-to-image (split ``image``: the held-out prompts generated as one frame): colour and shape, as above
   (one frame shows no motion, so "all" means colour and shape);
 * image-to-video (split ``animate``): the first frames of held-out clips of the world animated with their

@@ -20,7 +20,7 @@ from vidlatent.data.shapes import (
 )
 from vidlatent.eval import frame_quality, frame_shares, pool, score_split, shape_fit, summary
 from vidlatent.eval.card import breakdown_table, frames_card_line
-from vidlatent.eval.shapes import ANIMATE_SEED
+from vidlatent.eval.shapes import ANIMATE_SEED, split_items
 
 
 def world_clip(split: str, index: int, seed: int = ANIMATE_SEED) -> tuple[np.ndarray, Scene, ShapesWorld]:
@@ -190,3 +190,24 @@ def test_each_seed_lists_the_items_whose_first_frame_was_malformed():
     pooled = pool(runs, [0, 6])
     assert [items["malformed"] for items in pooled["frame_items_by_seed"]] == [[0, 3, 6, 9]] * 2
     assert "frame_items" not in pooled and "seed 6: colour 100.0%" in "\n".join(summary("heldout", pooled))
+
+
+def test_first_frames_and_ghosts_are_counted_by_asked_colour():
+    pipe = FirstBlownUp({})
+    runs = [score_split(pipe, "heldout", count=12, batch=6, seed=seed) for seed in (0, 6)]
+    colours = [asked[0] for _, asked in split_items("heldout", 12)]
+    blown = [colours[i] for i in (0, 3, 6, 9)]
+    for r in (*runs, pool(runs, [0, 6])):
+        by = r["frames_by_colour"]
+        assert (
+            sorted(by) == sorted(set(colours))
+            and sum(f["clips"] for f in by.values()) == r["frames"]["clips"]
+        )
+        for colour, f in by.items():
+            assert f["malformed"] == blown.count(colour) / colours.count(colour) and f["ghost"] == 0
+    lines = "\n".join(summary("heldout", pool(runs, [0, 6])))
+    first = colours[0]
+    assert (
+        f"{first} {blown.count(first) / colours.count(first):.1%} / 0.0% ({2 * colours.count(first)})"
+        in lines
+    )

@@ -50,6 +50,10 @@ def summary(split: str, r: dict) -> list[str]:
         )
     if "frames" in r:
         lines.append("  " + frames_line(r["frames"]))
+    if "frames_by_colour" in r:
+        lines.append("  by asked colour, malformed first frames / ghosts: " + ", ".join(
+            f"{c} {f['malformed']:.1%} / {f['ghost']:.1%} ({f['clips']})" for c, f in r["frames_by_colour"].items()
+        ))  # fmt: skip
     return lines + breakdown_lines(r)
 
 

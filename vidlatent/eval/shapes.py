@@ -198,9 +198,9 @@ def score_split(
 
     Returns ``prompts``, the ``RATES``, ``first_psnr`` (animate), the ``breakdown`` by asked colour, shape and
     pair (``BREAKDOWN_SPLITS``), ``frames``: the shares of malformed first frames and ghosts
-    (``frames.frame_shares``, ``FRAME_SPLITS``) and ``frame_items``: which items (indices into the split's
-    prompts) were flagged so, for each of ``FRAME_ITEMS``, and up to 10 ``examples_missed`` as (prompt, what was
-    found or ``None``)."""
+    (``frames.frame_shares``, ``FRAME_SPLITS``; by asked colour ``frames_by_colour``) and ``frame_items``: which
+    items (indices into the split's prompts) were flagged so, for each of ``FRAME_ITEMS``, and up to 10
+    ``examples_missed`` as (prompt, what was found or ``None``)."""
     keys, first = split_keys(split), []
     items = split_items(split, count, seed)
     make = _maker(pipe, split, count, seed, strength, source, job, first)
@@ -217,6 +217,7 @@ def score_split(
         extra.update(breakdown([asked for _, asked in items], rows, keys))
     if split in FRAME_SPLITS:
         extra["frames"] = frame_shares(frames)
+        extra["frames_by_colour"] = frames_by_colour([asked for _, asked in items], frames)
         extra["frame_items"] = {
             flag: [i for i, row in enumerate(frames) if row[flag]] for flag in FRAME_ITEMS
         }
@@ -224,6 +225,15 @@ def score_split(
         (prompt, row["found"]) for (prompt, _), row in zip(items, rows) if not all(row[k] for k in keys)
     ]
     return {"prompts": len(items), **tally(rows, keys), **extra, "examples_missed": misses[:10]}
+
+
+def frames_by_colour(asked: list[tuple], frames: list[dict]) -> dict:
+    """``frame_shares`` of a split's clips grouped by the colour each asked (``asked[i][0]``), colours in the
+    order first asked."""
+    groups: dict[str, list[dict]] = {}
+    for (colour, *_), row in zip(asked, frames):
+        groups.setdefault(colour, []).append(row)
+    return {colour: frame_shares(rows) for colour, rows in groups.items()}
 
 
 def pool(runs: list[dict], seeds: list[int]) -> dict:
@@ -238,6 +248,10 @@ def pool(runs: list[dict], seeds: list[int]) -> dict:
         pooled.update(pool_breakdown([{by: r[by] for by in BY} for r in runs]))
     if "frames" in runs[0]:
         pooled["frames"] = pool_shares([r["frames"] for r in runs])
+        colours = runs[0]["frames_by_colour"]
+        pooled["frames_by_colour"] = {
+            c: pool_shares([r["frames_by_colour"][c] for r in runs]) for c in colours
+        }
     per_seed = [{"seed": seed, **{k: r[k] for k in keys}} for seed, r in zip(seeds, runs)]
     # flagged items are kept per seed, in the order of ``seeds``: pooled, the indices would mix clips
     if "frame_items" in runs[0]:
