@@ -228,12 +228,12 @@ def score_split(
 
 
 def frames_by_colour(asked: list[tuple], frames: list[dict]) -> dict:
-    """``frame_shares`` of a split's clips grouped by the colour each asked (``asked[i][0]``), colours in the
-    order first asked."""
+    """``frame_shares`` of a split's clips grouped by the colour each asked (``asked[i][0]``), in the world's
+    order of colours as ``breakdown``'s ``by_colour``."""
     groups: dict[str, list[dict]] = {}
     for (colour, *_), row in zip(asked, frames):
         groups.setdefault(colour, []).append(row)
-    return {colour: frame_shares(rows) for colour, rows in groups.items()}
+    return {colour: frame_shares(groups[colour]) for colour in COLOURS if colour in groups}
 
 
 def pool(runs: list[dict], seeds: list[int]) -> dict:
