@@ -40,11 +40,12 @@ def run_command(cmd: list[str], env: dict | None = None) -> None:
 
 
 def timed(out: Path, key: str, fn) -> None:
-    """Call ``fn`` and add its wall time under ``key`` in ``<out>/timings.json``."""
+    """Call ``fn`` and add its wall time under ``key`` in ``<out>/timings.json`` (read after ``fn``, so stages run
+    side by side in two processes keep each other's times)."""
     timings_file = out / TIMINGS_FILE
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     t0 = time.perf_counter()
     fn()
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
     write_json(timings_file, timings)
 
