@@ -11,7 +11,7 @@ import torch
 
 from vidlatent.pipelines.video import DEFAULT_MODEL
 from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, run_stage, ship, shipped_runs
-from vidlatent.recipes.runner import RUNS_FILE, missing_inputs, train_command
+from vidlatent.recipes.runner import RUNS_FILE, TIMINGS_FILE, missing_inputs, timed, train_command
 from vidlatent.train.trainer import TrainConfig
 
 
@@ -24,7 +24,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 47 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 49 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -33,6 +33,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     assert configs["vae-refine"].lr == 3e-4 and configs["vae-refine"].output == str(recipe.out / "vae-refine")
     assert configs["vae-redraw"].redraw_strength == [0.05, 0.4] and configs["dit-cpu"].data_in_memory is True
     assert configs["dit-first"].first_frame_weight == 4 and recipe.stages["first"].ship is False
+    assert configs["dit-still4"].content_weight == 4 and configs["dit-still5"].lr == 3e-5
     assert configs["dit-wide3"].device == "cuda" and configs["dit-wide3"].text_new_words is True
     assert configs["vae-wide"].vae_train == "decoder" and configs["vae-wide"].data_options["wide"] is True
     assert recipe.stages["wide-gpu"].ship is False and recipe.stages["wide-vae"].ship is False
@@ -312,3 +313,15 @@ def test_missing_inputs_names_the_caches_and_experts_a_stage_takes_from_earlier_
     adopt_ship(recipe, DEFAULT_MODEL)
     assert missing_inputs(recipe, "high") == [] and missing_inputs(recipe, "carry") == [str(out / "dit-fine2/final/dit"),
         str(out / "dit-fine2/final/text_encoder")]  # fmt: skip
+
+
+def test_a_stage_timed_keeps_the_times_another_process_wrote_while_it_ran(tmp_path):
+    """Two stages run side by side in two processes (stages 31 and 32) share timings.json: each adds its own."""
+    (tmp_path / TIMINGS_FILE).write_text(json.dumps({"a": 1.0}))
+
+    def other_process_finishes_meanwhile():
+        (tmp_path / TIMINGS_FILE).write_text(json.dumps({"a": 1.0, "b": 5.0}))
+
+    timed(tmp_path, "c", other_process_finishes_meanwhile)
+    timings = json.loads((tmp_path / TIMINGS_FILE).read_text())
+    assert timings["a"] == 1.0 and timings["b"] == 5.0 and 0 <= timings["c"] < 60
