@@ -3,6 +3,9 @@ architecture presets it was trained from are named ``default-arch*``."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +40,29 @@ def test_every_loader_s_default_is_the_pipeline_s_part(default_pipe, loader):
     assert type(mine) is type(theirs)
     assert mine.config == theirs.config
     assert same_weights(mine, theirs)
+
+
+def test_a_working_folder_named_default_does_not_hide_the_shipped_model(default_pipe, tmp_path, monkeypatch):
+    """A folder ./default that holds no model (a recipe's output, ``train_default.py --out default``, holds run
+    folders) is not taken for a model folder: every loader gives the shipped parts and warns once; a folder of
+    that name that holds a model is read as the path it is."""
+    from vidlatent import VideoPipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default" / "dit-cpu" / "final").mkdir(parents=True)
+    for name, (load, part) in LOADERS.items():
+        with pytest.warns(UserWarning, match="holds no model") as caught:
+            mine = load()
+        assert len(caught) == 1, name
+        assert same_weights(mine, part(default_pipe)), name
+    with pytest.warns(UserWarning, match="holds no model"):
+        pipe = VideoPipeline.from_pretrained("default")
+    assert same_weights(pipe.dit, default_pipe.dit)
+    (tmp_path / "default" / "config.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        source = resolve_source("default", "vae")
+    assert source.path == Path("default") and source.kind == "folder"
 
 
 @pytest.mark.parametrize(("kind", "part"), [("control", "control_branch"), ("image", "image_encoder")])
@@ -121,9 +147,10 @@ def test_resolver_tells_shipped_names_presets_and_paths(tmp_path, monkeypatch):
     assert resolve_source("tiny", "dit").kind == "preset"
     with pytest.raises(FileNotFoundError, match="shipped models \\(trained weights\\): default"):
         resolve_source("nope", "text")
-    # an existing folder called "default" in the working directory is that folder, as every path comes first
+    # an existing folder called "default" in the working directory that holds a model is that folder, as every
+    # path comes first (one that holds none: test_a_working_folder_named_default_does_not_hide_the_shipped_model)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "vae").mkdir(parents=True)
     assert resolve_source("default", "vae").path.resolve() == (tmp_path / "default").resolve()
     assert named_part("default", "control") == "default"
     with pytest.raises(ValueError, match="no shipped model 'nope'"):

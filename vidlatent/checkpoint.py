@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -434,10 +435,37 @@ class Source:
     path: Path | None = None
 
 
+def means_shipped_model(src: str | os.PathLike) -> bool:
+    """Whether ``src`` stands for a shipped model (``SHIPPED_MODELS``) rather than a path: it is such a name and
+    no such path exists, or the path is a folder that holds no model (no config or pipeline file, no part
+    folders): a working folder named like the model, e.g. a recipe's output ``default/``, does not hide it (a
+    warning says so). A file or a model folder of that name is loaded as the path it is."""
+    if str(src) not in SHIPPED_MODELS:
+        return False
+    path = Path(src)
+    if not path.exists():
+        return True
+    if path.is_file() or _holds_model(path):
+        return False
+    warnings.warn(
+        f"./{src} is a folder that holds no model (no config.json, pipeline.json, model_index.json, vae/ or dit/); "
+        f"loading the shipped model {str(src)!r}",
+        stacklevel=3,
+    )
+    return True
+
+
+def _holds_model(folder: Path) -> bool:
+    """Whether ``folder`` holds anything a loader reads: a config or pipeline file, or a part's folder."""
+    files = (CONFIG_NAME, "pipeline.json", "pipeline.yaml", "model_index.json")
+    parts = ("vae", "dit", "transformer", "text_encoder")
+    return any((folder / f).is_file() for f in files) or any((folder / d).is_dir() for d in parts)
+
+
 def named_part(src: str | os.PathLike, kind: str) -> str | os.PathLike | Path:
-    """``src`` itself, unless it is the name of a shipped model (and no such path exists): then the folder of its
+    """``src`` itself, unless it stands for a shipped model (``means_shipped_model``): then the folder of its
     part ``kind`` (``shipped_model``), for loaders that read folders only (control branch, image encoder)."""
-    if str(src) in SHIPPED_MODELS and not Path(src).exists():
+    if means_shipped_model(src):
         return shipped_model(str(src), kind)
     return src
 
@@ -458,7 +486,7 @@ def resolve_source(src: str | os.PathLike, kind: str, presets: list[str] | None 
     preset name (random weights); FileNotFoundError naming the presets (``presets``: the names accepted, default
     the shipped ``configs/<kind>/`` yaml files) and the shipped models when it is none of these."""
     path = Path(src)
-    if not path.exists() and str(src) in SHIPPED_MODELS:
+    if means_shipped_model(src):
         folder = shipped_model(str(src), kind)
         return Source("vidlatent", str(src), folder)
     if not path.exists():

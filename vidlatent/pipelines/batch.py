@@ -25,7 +25,13 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, is_disk_full, remove_temporaries, stale_temporaries
+from ..checkpoint import (
+    atomic_write,
+    is_disk_full,
+    means_shipped_model,
+    remove_temporaries,
+    stale_temporaries,
+)
 from ..checks import check_finite, check_weights_finite, model_cause
 from ..config import list_presets, load_config
 from ..data.io import fit_to_multiple, read_video, restore_size, write_video
@@ -87,7 +93,7 @@ def load_vae(
     ``overrides`` replace VAE config fields (e.g. ``chunk_size=2``). ``check_finite``: scan the weights of a
     file or folder for NaN/inf (``NonFiniteError`` naming the tensors).
     """
-    if str(model) == "default" and not Path(model).exists():
+    if str(model) == "default" and means_shipped_model(model):
         from .video import default_model_folder
 
         model = default_model_folder()

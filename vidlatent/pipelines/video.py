@@ -37,7 +37,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from .. import runtime
-from ..checkpoint import WEIGHTS_DIR, is_wan_release, override_items, resolve_source
+from ..checkpoint import WEIGHTS_DIR, is_wan_release, means_shipped_model, override_items, resolve_source
 from ..checks import check_finite, check_option, check_weights_finite, model_cause
 from ..config import list_presets, load_config, merge_config
 from ..config.pipeline import (
@@ -280,7 +280,7 @@ class VideoPipeline:
         ``device`` is where the parts run.
         """
         run_on, device = device, runtime.load_device(runtime_options.get("offload", "none"), device)
-        if str(src) == "default" and not Path(src).is_dir():
+        if str(src) == "default" and means_shipped_model(src):
             src = default_model_folder()
         source = resolve_source(src, "pipeline", presets=["default", *list_presets("pipeline")])
         if source.kind == "preset":
