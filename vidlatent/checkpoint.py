@@ -447,19 +447,24 @@ def means_shipped_model(src: str | os.PathLike) -> bool:
         return True
     if path.is_file() or _holds_model(path):
         return False
+    looked_for = ", ".join([*_MODEL_FILES, *(f"{d}/" for d in _MODEL_PARTS)])
     warnings.warn(
-        f"./{src} is a folder that holds no model (no config.json, pipeline.json, model_index.json, vae/ or dit/); "
-        f"loading the shipped model {str(src)!r}",
+        f"./{src} is a folder that holds no model (none of {looked_for}); loading the shipped model {str(src)!r}",
         stacklevel=3,
     )
     return True
 
 
+# what makes a folder a model folder to means_shipped_model: a config or pipeline file, or a part's folder
+_MODEL_FILES = (CONFIG_NAME, "pipeline.json", "pipeline.yaml", "model_index.json")
+_MODEL_PARTS = ("vae", "dit", "transformer", "text_encoder")
+
+
 def _holds_model(folder: Path) -> bool:
-    """Whether ``folder`` holds anything a loader reads: a config or pipeline file, or a part's folder."""
-    files = (CONFIG_NAME, "pipeline.json", "pipeline.yaml", "model_index.json")
-    parts = ("vae", "dit", "transformer", "text_encoder")
-    return any((folder / f).is_file() for f in files) or any((folder / d).is_dir() for d in parts)
+    """Whether ``folder`` holds anything a loader reads (``_MODEL_FILES``, ``_MODEL_PARTS``)."""
+    return any((folder / f).is_file() for f in _MODEL_FILES) or any(
+        (folder / d).is_dir() for d in _MODEL_PARTS
+    )
 
 
 def named_part(src: str | os.PathLike, kind: str) -> str | os.PathLike | Path:
