@@ -115,7 +115,7 @@ def test_encode_stats_decode_reconstruct(tmp_path, clips, capsys):
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, clips, capsys, monkeypatch):
-    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
+    monkeypatch.setattr("vidlatent.checkpoint.WEIGHTS_DIR", tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     one_line_error(
         capsys, ["encode", tmp_path / "empty", "-o", tmp_path / "o", "--model", "tiny"], "no video or image"

@@ -164,7 +164,7 @@ def one_line_error(capsys, argv, match: str) -> None:
 
 
 def test_bad_inputs_exit_with_one_line(media, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
+    monkeypatch.setattr("vidlatent.checkpoint.WEIGHTS_DIR", tmp_path / "missing")
     out, tiny = tmp_path / "out.mp4", ["--model", "tiny", "-q"]
     cases = [
         (["edit", tmp_path / "missing.mp4", "a ball", "-o", out, *tiny], "no such file"),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vidlatent.checkpoint import resolve_source
+from vidlatent.checkpoint import resolve_source, shipped_model
 from vidlatent.config import (
     PRESET_DIR,
     FrameSelection,
@@ -16,7 +16,8 @@ from vidlatent.config import (
     list_presets,
     load_config,
 )
-from vidlatent.pipelines.video import DEFAULT_MODEL
+
+DEFAULT_MODEL = shipped_model("default")  # the shipped model's pipeline folder
 
 
 @pytest.mark.parametrize("name", list_presets("pipeline"))

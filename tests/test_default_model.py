@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import vidlatent
+from vidlatent.checkpoint import shipped_model
 from vidlatent.data.shapes import SHAPES, ShapesWorld, caption, eval_prompts, oracle
 from vidlatent.eval.control import heldout_controls, score_control
 from vidlatent.pipelines.encode import psnr
-from vidlatent.pipelines.video import DEFAULT_MODEL
+
+DEFAULT_MODEL = shipped_model("default")  # the shipped model's pipeline folder
 
 
 def test_weights_ship_inside_the_package_and_are_small():

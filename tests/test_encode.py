@@ -444,7 +444,7 @@ def test_load_vae_sources(tmp_path, vae, monkeypatch):
     assert folder_src == str((tmp_path / "pipe" / "vae").resolve())
     assert vae_fingerprint(from_folder) == vae_fingerprint(vae)
     assert vae_fingerprint(CausalVAE.from_pretrained("tiny", latents_std=[1.0] * 4)) != vae_fingerprint(vae)
-    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
+    monkeypatch.setattr("vidlatent.checkpoint.WEIGHTS_DIR", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="default model is not installed"):
         load_vae("default")
     with pytest.raises(FileNotFoundError, match="no model at 'nope'"):

@@ -572,7 +572,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
 
 def test_loading_errors_are_clear(tmp_path, monkeypatch):
-    monkeypatch.setattr("vidlatent.pipelines.video.DEFAULT_MODEL", tmp_path / "missing")
+    monkeypatch.setattr("vidlatent.checkpoint.WEIGHTS_DIR", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="default model is not installed"):
         VideoPipeline.from_pretrained("default")
     with pytest.raises(FileNotFoundError, match="not a folder, and not a preset"):

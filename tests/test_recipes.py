@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidlatent.pipelines.video import DEFAULT_MODEL
+from vidlatent.checkpoint import shipped_model
 from vidlatent.recipes import RECIPE_DIR, adopt_ship, load_recipe, load_stage, run_stage, ship, shipped_runs
 from vidlatent.recipes.runner import RUNS_FILE, TIMINGS_FILE, missing_inputs, timed, train_command
 from vidlatent.train.trainer import TrainConfig
+
+DEFAULT_MODEL = shipped_model("default")  # the shipped model's pipeline folder
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import (
     atomic_write,
     is_disk_full,
-    means_shipped_model,
+    named_part,
     remove_temporaries,
     stale_temporaries,
 )
@@ -93,10 +93,7 @@ def load_vae(
     ``overrides`` replace VAE config fields (e.g. ``chunk_size=2``). ``check_finite``: scan the weights of a
     file or folder for NaN/inf (``NonFiniteError`` naming the tensors).
     """
-    if str(model) == "default" and means_shipped_model(model):
-        from .video import default_model_folder
-
-        model = default_model_folder()
+    model = named_part(model, "pipeline")  # a shipped model's name: its pipeline folder
     path = Path(model)
     if path.exists():
         if path.is_dir() and (path / "vae" / "config.json").is_file():

@@ -37,7 +37,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from .. import runtime
-from ..checkpoint import WEIGHTS_DIR, is_wan_release, means_shipped_model, override_items, resolve_source
+from ..checkpoint import is_wan_release, override_items, resolve_source
 from ..checks import check_finite, check_option, check_weights_finite, model_cause
 from ..config import list_presets, load_config, merge_config
 from ..config.pipeline import (
@@ -96,23 +96,10 @@ SOURCE_GUIDANCE = 4.0  # FlowEdit's default source-side guidance (the best of 1.
 __all__ = [  # the names this module has always offered (the configs and Wan's conventions live next door now)
     "FIRST_FRAME", "MORPH_MODES", "NOISE_MORPH_STAGGER", "NOISE_MORPH_STRENGTH", "OUTPUT_TYPES", "PIPELINE_FILES", "SCHEDULER_SAMPLERS", "SOURCE_GUIDANCE",
     "TEXT_ATTENTION", "WAN_DEFAULTS", "WAN_DIT_FILE", "WAN_NEGATIVE_PROMPT", "WAN_PIPELINES",
-    "WAN_RELEASE_DEFAULTS", "WAN_VAE_FILE", "DEFAULT_MODEL", "FrameSelection", "Media", "PipelineConfig",
-    "PipelinePreset", "SamplingOptions", "VideoPipeline", "check_pipeline_config", "default_model_folder",
+    "WAN_RELEASE_DEFAULTS", "WAN_VAE_FILE", "FrameSelection", "Media", "PipelineConfig",
+    "PipelinePreset", "SamplingOptions", "VideoPipeline", "check_pipeline_config",
     "diffusers_pipeline_config", "is_wan_release", "latent_mask", "wan_release_config", "wan_release_missing",
 ]  # fmt: skip
-
-
-DEFAULT_MODEL = WEIGHTS_DIR / "default"  # the shipped models live in one place (checkpoint.WEIGHTS_DIR)
-
-
-def default_model_folder() -> Path:
-    """The shipped default model's pipeline folder (inside the package); a clear error if it is missing."""
-    if not (DEFAULT_MODEL / "dit").is_dir():
-        raise FileNotFoundError(
-            f"the default model is not installed (no weights at {DEFAULT_MODEL}); reinstall vidlatent, or give "
-            "a pipeline folder (vae/, dit/, text_encoder/, pipeline.json) or the preset 'tiny' (random weights)"
-        )
-    return DEFAULT_MODEL
 
 
 def _check_control_scale(scale: Scale) -> None:
@@ -280,8 +267,6 @@ class VideoPipeline:
         ``device`` is where the parts run.
         """
         run_on, device = device, runtime.load_device(runtime_options.get("offload", "none"), device)
-        if str(src) == "default" and means_shipped_model(src):
-            src = default_model_folder()
         source = resolve_source(src, "pipeline", presets=["default", *list_presets("pipeline")])
         if source.kind == "preset":
             pipe = cls.from_preset(load_config(PipelinePreset, "pipeline", source.name), device, dtype)

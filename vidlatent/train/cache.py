@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write, means_shipped_model, read_json
+from ..checkpoint import atomic_write, named_part, read_json
 from ..checkpoint import files_fingerprint as folder_fingerprint
 from ..config import load_config
 from ..config.pipeline import PipelineConfig, check_pipeline_config
@@ -83,10 +83,7 @@ class PipelineParts:
     def of(cls, src: str | os.PathLike) -> PipelineParts:
         """The parts of the pipeline folder ``src`` ("default": the shipped model); ValueError naming what a
         pipeline folder holds when it is not one."""
-        if str(src) == "default" and means_shipped_model(src):
-            from ..pipelines.video import default_model_folder
-
-            src = default_model_folder()
+        src = named_part(src, "pipeline")  # a shipped model's name: its pipeline folder
         folder = Path(src)
         if not folder.is_dir():
             raise ValueError(
