@@ -97,6 +97,38 @@ def test_a_model_folder_changed_on_disk_is_read_again(tmp_path, monkeypatch):
     assert np.array_equal(after, frames(JobRunner(str(folder), "cpu", str(tmp_path)), "d.gif"))
 
 
+def test_the_serve_runtime_flags_reach_every_pipeline_job(tmp_path, capsys):
+    """``vidlatent serve --weights-dtype fp8 ...``: every pipeline job loads so (a job's own flag still wins),
+    a VAE job (which has no such flags) runs as before, and a bad value is one line before anything starts."""
+    from vidlatent.cli import build_parser, main
+    from vidlatent.cli.jobs import runtime_argv
+
+    args = build_parser().parse_args(
+        ["serve", "--weights-dtype", "fp8", "--split-guidance", "--offload", "model"]
+    )
+    assert runtime_argv(args) == ["--offload", "model", "--weights-dtype", "fp8", "--split-guidance"]
+    assert runtime_argv(build_parser().parse_args(["serve"])) == []
+    runner = JobRunner(
+        "tiny", "cpu", str(tmp_path), runtime=["--weights-dtype", "fp8", "--attention", "math"]
+    )
+    size = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--seed", "3"]
+    runner.run(["generate", "a ball", "-o", str(runner.folder() / "a.gif"), *size])
+    assert runner.reuse.key[3:6] == (
+        "fp8",
+        False,
+        "math",
+    )  # LOAD_OPTIONS: offload, weights_dtype, compile, ...
+    runner.run(["generate", "a ball", "-o", str(runner.folder() / "b.gif"), *size, "--attention", "sdpa"])
+    assert runner.reuse.key[3:6] == ("fp8", False, "sdpa")
+    clip = runner.folder() / "clip.mp4"
+    imageio.mimwrite(clip, np.zeros((5, 32, 32, 3), np.uint8), fps=8)
+    assert "PSNR" in runner.run(["reconstruct", str(clip), "-o", str(runner.folder() / "r.mp4")])
+    capsys.readouterr()  # the jobs' progress bars
+    assert main(["serve", "--offload", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown offload 'bogus'" in err, err
+
+
 def test_a_bad_upload_is_one_line(tmp_path):
     fake = tmp_path / "clip.mp4"
     fake.write_text("not a video\n")

@@ -16,6 +16,7 @@ import io
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["Cancelled", "JobRunner", "build_app", "serve"]
@@ -33,10 +34,17 @@ class JobRunner:
     loads the model as the last one did reuses its pipeline (``cli.jobs.PipelineReuse``).
 
     model: the ``--model`` every job uses; device: ``--device`` (None: the CLI's default); workdir: where the
-    request folders go (a temporary folder by default)."""
+    request folders go (a temporary folder by default); runtime: runtime flags (``cli.jobs.RUNTIME_FLAGS``, e.g.
+    ``["--offload", "model", "--weights-dtype", "fp8"]``) every pipeline job runs with, ahead of its own."""
 
-    def __init__(self, model: str = "default", device: str | None = None, workdir: str | None = None):
-        self.model, self.device = model, device
+    def __init__(
+        self,
+        model: str = "default",
+        device: str | None = None,
+        workdir: str | None = None,
+        runtime: Sequence[str] = (),
+    ):
+        self.model, self.device, self.runtime = model, device, list(runtime)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="vidlatent-serve-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -65,6 +73,10 @@ class JobRunner:
         argv = [*argv, "--model", self.model, *(["--device", self.device] if self.device else [])]
         try:
             args = build_parser().parse_args(argv)
+            if self.runtime and hasattr(
+                args, "offload"
+            ):  # a pipeline job: the page's runtime flags, then its own
+                args = build_parser().parse_args([argv[0], *self.runtime, *argv[1:]])
         except UsageError as err:
             raise ValueError(f"{err.prog}: {err}") from None
         args.reuse = self.reuse
@@ -213,7 +225,8 @@ def build_app(runner: JobRunner):
         return handler
 
     with gr.Blocks(title="vidlatent") as app:
-        gr.Markdown(f"## vidlatent — model `{runner.model}`")
+        runs = f" ({' '.join(runner.runtime)})" if runner.runtime else ""  # serve's runtime flags
+        gr.Markdown(f"## vidlatent — model `{runner.model}`{runs}")
         with gr.Accordion("sampling (every job)", open=True):
             with gr.Row():
                 steps = _optional(gr, "steps", "steps")
@@ -448,10 +461,12 @@ def serve(
     share: bool = False,
     device: str | None = None,
     block: bool = True,
+    runtime: Sequence[str] = (),
 ):
     """Start the page on ``host:port`` (loopback unless asked), one job at a time; returns the ``gr.Blocks``.
 
-    share: a public gradio.live link (anyone with the link can run jobs on this machine): warned about."""
+    share: a public gradio.live link (anyone with the link can run jobs on this machine): warned about.
+    runtime: runtime flags every pipeline job runs with (``JobRunner``), e.g. ``["--offload", "model"]``."""
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -462,7 +477,7 @@ def serve(
             "it can run jobs and read their outputs",
             stacklevel=2,
         )
-    runner = JobRunner(model, device)
+    runner = JobRunner(model, device, runtime=runtime)
     app = build_app(runner)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,

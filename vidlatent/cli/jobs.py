@@ -90,6 +90,13 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
                    help="two experts (Wan 2.2 A14B): a LoRA file for the low-noise expert (--lora: the "
                    "high-noise one); repeat for several")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_runtime_flags(p)
+    add_common(p)
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, torchrun: bool = True) -> None:
+    """How a pipeline job runs, not what it computes (``RUNTIME_FLAGS``; ``torchrun``: and ``--cfg-parallel``,
+    which only a job launched by torchrun uses). ``vidlatent serve`` takes them too, for every job it runs."""
     g = p.add_argument_group("runtime (how it runs, not what it computes)")
     g.add_argument("--offload", default="none", help="none, model (each part on the accelerator only while "
                    "it runs) or blocks (the denoiser's blocks streamed through it)")  # fmt: skip
@@ -98,12 +105,28 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
     g.add_argument("--compile", action="store_true", help="compile the denoiser's block (torch.compile)")
     g.add_argument("--split-guidance", action="store_true", help="guidance's two halves as two denoiser calls, "
                    "not one batch: half the activation memory, a little slower on a GPU")  # fmt: skip
-    g.add_argument("--cfg-parallel", action="store_true", help="under torchrun: guidance's two halves on two "
-                   "rank groups (the tokens are split across the ranks of each)")  # fmt: skip
+    if torchrun:
+        g.add_argument("--cfg-parallel", action="store_true", help="under torchrun: guidance's two halves on "
+                       "two rank groups (the tokens are split across the ranks of each)")  # fmt: skip
     g.add_argument("--cache", default=None, metavar="THRESHOLD|PATH[:LEVEL]", help="step caching: skip the "
                    "blocks after the first where the first's residual changed less than THRESHOLD (e.g. 0.1), "
                    "or a file of vidlatent calibrate-cache (its default level, or LEVEL)")  # fmt: skip
-    add_common(p)
+
+
+# the runtime flags of add_runtime_flags that a job's runner (the web page) passes on to every pipeline job
+RUNTIME_FLAGS = ("--offload", "--weights-dtype", "--attention", "--compile", "--split-guidance", "--cache")
+
+
+def runtime_argv(args: argparse.Namespace) -> list[str]:
+    """The ``RUNTIME_FLAGS`` given in ``args`` (left at their defaults: none) as command-line arguments again."""
+    argv = []
+    for flag in RUNTIME_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            argv.append(flag)
+        elif value not in (None, False, "none"):
+            argv += [flag, str(value)]
+    return argv
 
 
 class PipelineReuse:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from .jobs import add_runtime_flags, runtime_argv
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..runtime import check_runtime
     from ..serve import serve
 
-    serve(args.model, args.port, args.host, args.share, args.device)
+    check_runtime(args.offload, args.weights_dtype)  # one line now, not on every job
+    serve(args.model, args.port, args.host, args.share, args.device, runtime=runtime_argv(args))
     return 0
 
 
@@ -24,4 +28,5 @@ def add_serve(sub) -> None:
                    help="address to bind (127.0.0.1: this machine only; 0.0.0.0 is public, with a warning)")  # fmt: skip
     p.add_argument("--share", action="store_true", help="a public gradio.live link too (with a warning)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_runtime_flags(p, torchrun=False)  # every pipeline job of the page runs so (e.g. --offload model)
     p.set_defaults(func=cmd_serve)
