@@ -19,7 +19,7 @@ from vidlatent.data.shapes import (
     to_tensor,
 )
 from vidlatent.eval import frame_quality, frame_shares, pool, score_split, shape_fit, summary
-from vidlatent.eval.card import breakdown_table, frames_card_line
+from vidlatent.eval.card import breakdown_table, frames_by_colour_table, frames_card_line
 from vidlatent.eval.shapes import ANIMATE_SEED, split_items
 
 
@@ -205,6 +205,11 @@ def test_first_frames_and_ghosts_are_counted_by_asked_colour():
         )
         for colour, f in by.items():
             assert f["malformed"] == blown.count(colour) / colours.count(colour) and f["ghost"] == 0
+    card = frames_by_colour_table(pool(runs, [0, 6])["frames_by_colour"])
+    row = next(line for line in card if line.startswith(f"| {colours[0]} |"))
+    share = blown.count(colours[0]) / colours.count(colours[0])
+    assert row == f"| {colours[0]} | {2 * colours.count(colours[0])} | {share:.1%} | 0.0% | 0.0% |"
+    assert len(card) == 2 + len(set(colours))
     lines = "\n".join(summary("heldout", pool(runs, [0, 6])))
     first = colours[0]
     assert (

@@ -60,6 +60,16 @@ def frames_card_line(split: str, f: dict) -> str:
             f"{f['ghost_same']:.1%}, a colour not asked {f['ghost_other']:.1%}).")  # fmt: skip
 
 
+def frames_by_colour_table(by: dict) -> list[str]:
+    """Markdown lines of one split's first-frame and ghost shares by asked colour (``frames_by_colour``)."""
+    lines = ["| asked colour | clips | malformed first frame | ghost objects | ghosts of a colour not asked |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    return lines + [
+        f"| {colour} | {f['clips']} | {f['malformed']:.1%} | {f['ghost']:.1%} | {f['ghost_other']:.1%} |"
+        for colour, f in by.items()
+    ]
+
+
 def wide_lines(r: dict | None) -> list[str]:
     """MODEL_CARD.md lines of the wide split (``eval.wide``): each attribute's rate, and the plain rates of
     those prompts; none without it."""
@@ -293,6 +303,10 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
     if framed:
         lines += ["", "First frames and ghosts (text to video, pooled over seeds; `vidlatent.eval.frames`):"]
         lines += [frames_card_line(split, f) for split, f in framed]
+        for split, _ in framed:
+            if "frames_by_colour" in results[split]:
+                lines += ["", f"By asked colour, {SPLIT_NAMES.get(split, split)}:", ""]
+                lines += frames_by_colour_table(results[split]["frames_by_colour"])
     for split, name in SPLIT_NAMES.items():
         if isinstance(results.get(split), dict) and "by_colour" in results[split]:
             lines += [
