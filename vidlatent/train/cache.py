@@ -34,8 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write, named_part, read_json
-from ..checkpoint import files_fingerprint as folder_fingerprint
+from ..checkpoint import atomic_write, files_fingerprint, named_part, read_json
 from ..config import load_config
 from ..config.pipeline import PipelineConfig, check_pipeline_config
 from ..config.train import TrainConfig
@@ -52,7 +51,6 @@ __all__ = [
     "CachePlan",
     "PipelineParts",
     "TextStore",
-    "folder_fingerprint",
     "is_clip_folder",
     "prepare_cache",
 ]
@@ -281,10 +279,10 @@ def _clip_captions(clips: list[Path], cfg: TrainConfig) -> tuple[dict[Path, str]
 def _manifest(parts: PipelineParts, opts: dict) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "vae": {"src": str(parts.vae.resolve()), "fingerprint": folder_fingerprint(parts.vae)},
+        "vae": {"src": str(parts.vae.resolve()), "fingerprint": files_fingerprint(parts.vae)},
         "text_encoder": {
             "src": str(parts.text[0].resolve()),
-            "fingerprint": folder_fingerprint(*parts.text),
+            "fingerprint": files_fingerprint(*parts.text),
             "overrides": parts.text_overrides,
         },
         "data_options": opts,
