@@ -26,7 +26,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 49 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 51 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
@@ -89,8 +89,13 @@ def test_each_stage_takes_only_from_runs_before_it(recipe):
 
 def test_a_stage_with_an_unknown_section_fails_naming_it(tmp_path):
     (tmp_path / "bad.yaml").write_text("lane:\n  vae: {}\n")
-    with pytest.raises(ValueError, match="unknown sections lane; accepted"):
+    with pytest.raises(ValueError, match="bad.yaml: unknown lane; accepted: redraw_pipeline, runs, cache, "):
         load_stage(tmp_path / "bad.yaml", tmp_path)
+    for run, named in (("{train: {}}", "missing preset"), ("{preset: p, trian: {}}", "unknown trian"),
+                       ("dit-tiny", "expected a mapping of preset, train; got 'dit-tiny'")):  # fmt: skip
+        (tmp_path / "bad.yaml").write_text(f"lanes:\n  dit:\n    r1: {run}\n")
+        with pytest.raises(ValueError, match=f"bad.yaml: run r1: {named}"):
+            load_stage(tmp_path / "bad.yaml", tmp_path)
 
 
 def test_a_cache_codes_with_its_vae_overrides_and_a_bad_cache_section_names_what_is_accepted(tmp_path):

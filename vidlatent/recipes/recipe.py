@@ -176,12 +176,23 @@ def _reads_as_no_string(value: str) -> bool:
     return read is None or isinstance(read, (dict, list))
 
 
-def _runs(data, out: Path) -> tuple[Run, ...]:
+def _check_keys(where: str, spec, accepted, required=()) -> None:
+    """ValueError naming what is wrong when the mapping ``spec`` (a section of a stage file, at ``where``) has keys
+    outside ``accepted`` or lacks one of ``required``, and the keys accepted."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a mapping of {', '.join(accepted)}; got {spec!r}")
+    unknown, missing = sorted(map(str, set(spec) - set(accepted))), [k for k in required if k not in spec]
+    if unknown or missing:
+        said = [f"unknown {', '.join(unknown)}"] * bool(unknown) + [f"missing {', '.join(missing)}"] * bool(
+            missing
+        )
+        raise ValueError(f"{where}: {', '.join(said)}; accepted: {', '.join(accepted)}")
+
+
+def _runs(path: Path, data, out: Path) -> tuple[Run, ...]:
     runs = []
     for name, spec in (data or {}).items():
-        unknown = set(spec) - {"preset", "train"}
-        if unknown or "preset" not in spec:
-            raise ValueError(f"run {name}: expected preset and train; got {', '.join(map(str, spec))}")
+        _check_keys(f"{path}: run {name}", spec, ("preset", "train"), required=("preset",))
         runs.append(Run(str(name), spec["preset"], dict(spec.get("train") or {}), str(out / str(name))))
     return tuple(runs)
 
@@ -193,19 +204,15 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
     node.out = str(out)
     data = OmegaConf.to_container(node, resolve=True)
     del data["out"]
-    unknown = set(data) - set(STAGE_KEYS)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown sections {', '.join(sorted(unknown))}; accepted: {', '.join(STAGE_KEYS)}"
-        )
+    _check_keys(str(path), data, STAGE_KEYS)
     cache = data.get("cache")
     experts = _experts(path, data.get("experts"), data.get("lanes") or {})
     return Stage(
         name=path.stem,
         redraw_pipeline=data.get("redraw_pipeline"),
-        runs=_runs(data.get("runs"), out),
+        runs=_runs(path, data.get("runs"), out),
         cache=_cache(path, cache) if cache else None,
-        lanes={lane: _runs(runs, out) for lane, runs in (data.get("lanes") or {}).items()},
+        lanes={lane: _runs(path, runs, out) for lane, runs in (data.get("lanes") or {}).items()},
         threads=int(data.get("threads", 1)),
         device=data.get("device"),
         ship=bool(data.get("ship", True)),
@@ -215,13 +222,9 @@ def load_stage(path: str | os.PathLike, out: str | os.PathLike) -> Stage:
 
 def _cache(path: Path, spec: dict) -> Cache:
     """A stage's ``cache`` section; unknown or missing keys fail, naming the accepted ones."""
-    known = {f.name for f in fields(Cache)}
-    unknown, missing = set(spec) - known, {"clips", "vae", "into"} - set(spec)
-    if unknown or missing:
-        unknown, missing = ", ".join(sorted(unknown)) or "none", ", ".join(sorted(missing)) or "none"
-        raise ValueError(
-            f"{path}: cache: unknown {unknown}, missing {missing}; accepted: {', '.join(sorted(known))}"
-        )
+    _check_keys(
+        f"{path}: cache", spec, sorted(f.name for f in fields(Cache)), required=("clips", "vae", "into")
+    )
     overrides = spec.get("vae_overrides") or ()
     overrides = [overrides] if isinstance(overrides, str) else overrides  # one key=value, or a list of them
     return Cache(**{**spec, "vae_overrides": tuple(str(o) for o in overrides)})
