@@ -41,7 +41,7 @@ elif [ "${SMOKE:-0}" = 1 ]; then
     run train_step 120 python3 scripts/bench_train_step.py --vs-diffusers --tiny
     run pipeline 180 python3 scripts/bench_pipeline.py --tiny
     run pipeline-split 180 python3 scripts/bench_pipeline.py --tiny --split-guidance
-    clips=(--"$stage"-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)  # --gpu-clips, --wide-gpu-clips, ...
+    clips=(--cache-clips 64 --device cpu) minutes=0.2 more=(batch_size=8)  # any stage that caches: 64 clips
     eval_device=cpu eval_args=(--splits heldout --count 4 --seeds 0)
 else
     run dit 70 python3 scripts/bench_dit.py --device cuda --dtype bf16 --full

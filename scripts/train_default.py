@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--gpu-clips", type=int, help="training clips cached for stage 9 (gpu)")
     ap.add_argument("--gpu2-clips", type=int, help="training clips cached for stage 13 (gpu2)")
     ap.add_argument("--wide-gpu-clips", type=int, help="training clips cached for stage 18 (wide-gpu)")
+    ap.add_argument("--cache-clips", type=int, help="training clips cached by any stage given here that caches "
+                    "(default: each stage's own; the flags above win for their stages)")  # fmt: skip
     ap.add_argument(
         "--device", help="where stages gpu, gpu2 and wide-gpu run (default: cuda; cpu only to try them out)"
     )
@@ -77,7 +79,8 @@ def main() -> None:
     for stage in recipe.stages:
         if stage in args.stages:
             extra = {"vae": args.vae_args, "dit": args.dit_args}.get(stage, args.refine_args)
-            run_stage(recipe, stage, extra, clips=clips.get(stage), device=args.device)
+            count = clips.get(stage) or args.cache_clips
+            run_stage(recipe, stage, extra, clips=count, device=args.device)
     if "ship" in args.stages:
         ship(recipe, folder, args.from_stages)
     if "eval" in args.stages:

@@ -73,9 +73,8 @@ class JobRunner:
         argv = [*argv, "--model", self.model, *(["--device", self.device] if self.device else [])]
         try:
             args = build_parser().parse_args(argv)
-            if self.runtime and hasattr(
-                args, "offload"
-            ):  # a pipeline job: the page's runtime flags, then its own
+            # a pipeline job (one with runtime flags): the page's runtime flags first, so its own win
+            if self.runtime and hasattr(args, "offload"):
                 args = build_parser().parse_args([argv[0], *self.runtime, *argv[1:]])
         except UsageError as err:
             raise ValueError(f"{err.prog}: {err}") from None
