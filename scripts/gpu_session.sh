@@ -76,12 +76,18 @@ echo "=== stage $stage: exit ${PIPESTATUS[0]} ($(left) s of the budget left)" | 
 for f in "$work"/*.log "$work"/timings.json; do  # each run's log: its last progress lines (steps, loss, speed)
     [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' <"$f" | tail -n 40; } >>"$out/train.log"
 done
+adopted=$(python3 -c "import json; print(' '.join(json.load(open('vidlatent/weights/default/runs.json')).values()))")
 for final in "$work"/*/final; do
-    [ -d "$final/dit" ] || continue
     run_name=$(basename "$(dirname "$final")")
-    [ "$run_name" = dit-cpu ] && continue  # the adopted shipped model
-    tar -C "$work" -cf - "$run_name/final/dit" "$run_name/final/text_encoder" "$run_name/final/pipeline.json" |
-        split -b 12M - "$out/$run_name.tar."
+    case " $adopted " in *" $run_name "*) continue ;; esac  # the shipped model's own runs, adopted
+    if [ -d "$final/dit" ]; then  # a denoiser run: its dit/, text_encoder/ and pipeline.json
+        parts=("$run_name/final/dit" "$run_name/final/text_encoder" "$run_name/final/pipeline.json")
+    elif [ -d "$final/vae" ]; then  # a VAE run
+        parts=("$run_name/final/vae")
+    else
+        continue
+    fi
+    tar -C "$work" -cf - "${parts[@]}" | split -b 12M - "$out/$run_name.tar."
 done
 
 # the stage scored where it trained (SKIP_EVAL=1: not): assembled as a candidate, its lanes first and the rest the
