@@ -181,11 +181,12 @@ def _check_keys(where: str, spec, accepted, required=()) -> None:
     outside ``accepted`` or lacks one of ``required``, and the keys accepted."""
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: expected a mapping of {', '.join(accepted)}; got {spec!r}")
-    unknown, missing = sorted(map(str, set(spec) - set(accepted))), [k for k in required if k not in spec]
-    if unknown or missing:
-        said = [f"unknown {', '.join(unknown)}"] * bool(unknown) + [f"missing {', '.join(missing)}"] * bool(
-            missing
-        )
+    unknown = sorted(map(str, set(spec) - set(accepted)))
+    missing = [k for k in required if k not in spec]
+    said = [
+        f"{what} {', '.join(keys)}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys
+    ]
+    if said:
         raise ValueError(f"{where}: {', '.join(said)}; accepted: {', '.join(accepted)}")
 
 
