@@ -127,6 +127,8 @@ def test_the_serve_runtime_flags_reach_every_pipeline_job(tmp_path, capsys):
     assert main(["serve", "--offload", "bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown offload 'bogus'" in err, err
+    assert main(["serve", "--attention", "fastest"]) == 2
+    assert "unknown attention 'fastest'; accepted: sdpa," in capsys.readouterr().err
 
 
 def test_a_bad_upload_is_one_line(tmp_path):

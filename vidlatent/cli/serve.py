@@ -11,7 +11,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..runtime import check_runtime
     from ..serve import serve
 
-    check_runtime(args.offload, args.weights_dtype)  # one line now, not on every job
+    check_runtime(args.offload, args.weights_dtype, args.attention)  # one line now, not on every job
     serve(args.model, args.port, args.host, args.share, args.device, runtime=runtime_argv(args))
     return 0
 

@@ -17,7 +17,13 @@ import torch
 from ..models.dit import Attention
 from .cache import Cached, CacheState, StepCache, cache_settings
 from .fp8 import Float8Linear, parameter_bytes, quantize
-from .kernels import check_attention, compile_blocks, installed_packages, working_backends
+from .kernels import (
+    check_attention,
+    check_attention_name,
+    compile_blocks,
+    installed_packages,
+    working_backends,
+)
 from .offload import OFFLOAD_MODES, Placement, pipeline_placement
 
 WEIGHTS_DTYPES = (None, "fp8")
@@ -39,8 +45,13 @@ def accelerator(device=None) -> torch.device | None:
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
-def check_runtime(offload: str = "none", weights_dtype: str | None = None) -> None:
-    """One clear line for an unknown ``offload`` or ``weights_dtype``."""
+def check_runtime(
+    offload: str = "none", weights_dtype: str | None = None, attention: str | None = None
+) -> None:
+    """One clear line for an unknown ``offload``, ``weights_dtype`` or ``attention`` name (whether that backend runs
+    on a device is for ``configure`` to say, with the model at hand)."""
+    if attention is not None:
+        check_attention_name(attention)
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload {offload!r}; accepted: {', '.join(OFFLOAD_MODES)}")
     if weights_dtype not in WEIGHTS_DTYPES:

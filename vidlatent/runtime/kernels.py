@@ -58,10 +58,15 @@ def _runs(backend: str, device, dtype: torch.dtype, head_dim: int) -> str | None
     return None
 
 
-def check_attention(backend: str, device, dtype: torch.dtype, head_dim: int) -> str:
-    """``backend`` if it runs on ``device`` at ``dtype`` and ``head_dim``; ValueError naming what does otherwise."""
+def check_attention_name(backend: str) -> None:
+    """ValueError naming the accepted names (``ATTENTION_BACKENDS``) unless ``backend`` is one of them."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention {backend!r}; accepted: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def check_attention(backend: str, device, dtype: torch.dtype, head_dim: int) -> str:
+    """``backend`` if it runs on ``device`` at ``dtype`` and ``head_dim``; ValueError naming what does otherwise."""
+    check_attention_name(backend)
     why = _runs(backend, device, dtype, head_dim)
     if why is not None:
         works = working_backends(device, dtype, head_dim)
