@@ -34,7 +34,7 @@ class JobRunner:
     loads the model as the last one did reuses its pipeline (``cli.jobs.PipelineReuse``).
 
     model: the ``--model`` every job uses; device: ``--device`` (None: the CLI's default); workdir: where the
-    request folders go (a temporary folder by default); runtime: runtime flags (``cli.jobs.RUNTIME_FLAGS``, e.g.
+    request folders go (a temporary folder by default); runtime: runtime flags (``cli.jobs.add_runtime_flags``, e.g.
     ``["--offload", "model", "--weights-dtype", "fp8"]``) every pipeline job runs with, ahead of its own."""
 
     def __init__(

@@ -95,7 +95,7 @@ def _job_flags(p: argparse.ArgumentParser, sampling: bool = True, size: bool = T
 
 
 def add_runtime_flags(p: argparse.ArgumentParser, torchrun: bool = True) -> None:
-    """How a pipeline job runs, not what it computes (``RUNTIME_FLAGS``; ``torchrun``: and ``--cfg-parallel``,
+    """How a pipeline job runs, not what it computes (``torchrun``: and ``--cfg-parallel``,
     which only a job launched by torchrun uses). ``vidlatent serve`` takes them too, for every job it runs."""
     g = p.add_argument_group("runtime (how it runs, not what it computes)")
     g.add_argument("--offload", default="none", help="none, model (each part on the accelerator only while "
@@ -113,19 +113,17 @@ def add_runtime_flags(p: argparse.ArgumentParser, torchrun: bool = True) -> None
                    "or a file of vidlatent calibrate-cache (its default level, or LEVEL)")  # fmt: skip
 
 
-# the runtime flags of add_runtime_flags that a job's runner (the web page) passes on to every pipeline job
-RUNTIME_FLAGS = ("--offload", "--weights-dtype", "--attention", "--compile", "--split-guidance", "--cache")
-
-
 def runtime_argv(args: argparse.Namespace) -> list[str]:
-    """The ``RUNTIME_FLAGS`` given in ``args`` (left at their defaults: none) as command-line arguments again."""
+    """The runtime flags of ``add_runtime_flags`` (less ``--cfg-parallel``) that ``args`` sets away from their
+    defaults, as command-line arguments again (``vidlatent serve`` hands them to every pipeline job)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_runtime_flags(flags, torchrun=False)
     argv = []
-    for flag in RUNTIME_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is True:
-            argv.append(flag)
-        elif value not in (None, False, "none"):
-            argv += [flag, str(value)]
+    for dest, default in vars(flags.parse_args([])).items():
+        value = getattr(args, dest)
+        if value != default:
+            flag = "--" + dest.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
     return argv
 
 
