@@ -299,6 +299,40 @@ def test_a_stage_with_experts_assembles_a_two_expert_folder_that_loads_and_adopt
     assert "boundary" not in json.loads(ship(again, tmp_path / "plain").joinpath("pipeline.json").read_text())
 
 
+def test_a_lora_run_ships_as_its_base_with_the_adapter_fused_in(tmp_path):
+    """Stage 33 adapts the shipped denoiser through LoRA: its export is ``base.json`` and the adapter, no ``dit/``.
+    Shipped (preferred), the folder holds a plain ``dit/`` equal to the training side's own merge of that
+    adapter (peft's), and no ``base.json``: it loads without the working folder's base or the adapter file."""
+    from vidlatent import VideoPipeline
+    from vidlatent.models.dit import VideoDiT
+    from vidlatent.pipelines.finetuned import BASE_FILE, write_base
+    from vidlatent.train.lora import add_lora, lora_parameters, remove_lora, save_lora
+
+    recipe = load_recipe("default", tmp_path / "out")
+    adopt_ship(recipe, DEFAULT_MODEL)
+    base, final = recipe.out / "dit-cpu" / "final", recipe.out / "dit-lora" / "final"
+    shutil.copytree(base / "text_encoder", final / "text_encoder")
+    dit = add_lora(VideoDiT.from_pretrained(base / "dit"), rank=4, alpha=8)
+    torch.manual_seed(0)
+    for p in lora_parameters(dit):
+        p.data.normal_(0, 0.05)
+    save_lora(dit, final / "lora.safetensors")
+    write_base(final, base / "dit", [("lora.safetensors", 1.0)])
+    merged = remove_lora(dit, merge=True).state_dict()
+
+    folder = ship(recipe, tmp_path / "candidate", ["still-lora"])
+    assert json.loads((folder / RUNS_FILE).read_text())["dit"] == "dit-lora"
+    assert not (folder / BASE_FILE).exists() and not list(recipe.out.glob(".fused-*"))
+    shipped = VideoDiT.from_pretrained(folder / "dit").state_dict()
+    assert shipped.keys() == merged.keys()
+    before = VideoDiT.from_pretrained(base / "dit").state_dict()
+    moved = [k for k in merged if not torch.equal(merged[k], before[k])]
+    assert len(moved) >= 8 * 6  # every block's adapted linears changed
+    for key, value in merged.items():
+        torch.testing.assert_close(shipped[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert VideoPipeline.from_pretrained(folder).loras == {}
+
+
 def test_an_experts_section_that_does_not_fit_fails_naming_what_is_accepted(tmp_path):
     lane = "lanes:\n  dit:\n    a: {preset: default-dit}\n"
     for bad in ("experts: {low: a}\n" + lane, "experts: {low: a, boundary: 1.5}\n" + lane,

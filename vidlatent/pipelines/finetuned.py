@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write, read_json
 
-__all__ = ["BASE_FILE", "BaseRef", "read_base", "write_base"]
+__all__ = ["BASE_FILE", "BaseRef", "fuse_base", "read_base", "write_base"]
 
 BASE_FILE = "base.json"
 
@@ -67,3 +67,24 @@ def write_base(folder: str | os.PathLike, dit: str | os.PathLike, loras: list[tu
     text = json.dumps({"dit": str(dit), "loras": [{"path": str(p), "scale": s} for p, s in loras]}, indent=2)
     atomic_write(folder / BASE_FILE, lambda p: Path(p).write_text(text))
     return folder / BASE_FILE
+
+
+def fuse_base(folder: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """The denoiser a fine-tuned ``folder`` runs, written as a denoiser folder of its own at ``dest``: the base
+    its ``base.json`` names with the LoRAs fused in at their scales, as ``from_folder`` applies them. A pipeline
+    assembled from it needs neither the base's path nor the adapters (the shipped model is self-contained).
+
+    FileNotFoundError when ``folder`` has no ``base.json`` (or what it names is missing)."""
+    from ..models import lora
+    from ..models.dit import VideoDiT
+
+    ref = read_base(folder)
+    if ref is None:
+        raise FileNotFoundError(f"{folder}: no {BASE_FILE} naming a base denoiser and LoRAs to fuse")
+    dit = VideoDiT.from_pretrained(ref.dit)
+    for path, scale in ref.loras:
+        lora.load_lora(dit, path, scale=scale)
+    if ref.loras:
+        lora.fuse_lora(dit, keep_originals=False)
+    dit.save_pretrained(dest)
+    return Path(dest)

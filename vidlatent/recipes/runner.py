@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..pipelines.assemble import assemble_pipeline, copy_into_place, write_json
+from ..pipelines.finetuned import BASE_FILE, fuse_base
 from .recipe import ENCODER, Recipe, Run, Stage
 
 # in a shipped folder: the runs its vae, dit (with the text encoder) and control branch come from
@@ -169,9 +171,22 @@ def assemble(
     """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
     and of ``control_run`` (its control branch, ``control/``) when given, with its ``pipeline.json`` and a
     ``runs.json`` naming the runs. A high-noise expert ``dit_run`` (``low_expert``) brings its low-noise expert's
-    denoiser as ``dit_2/`` and the boundary into ``pipeline.json``."""
+    denoiser as ``dit_2/`` and the boundary into ``pipeline.json``. A LoRA run's export (``base.json`` and the
+    adapter, no ``dit/``) goes in as its base with the adapter fused in (``fuse_base``)."""
+    final = recipe.out / dit_run / "final"
+    if (final / "dit").is_dir() or not (final / BASE_FILE).is_file():
+        return _assemble(recipe, folder, vae_run, dit_run, final / "dit", control_run)
+    with tempfile.TemporaryDirectory(dir=recipe.out, prefix=".fused-") as tmp:
+        print(f"fusing {dit_run}'s LoRA into its base denoiser", flush=True)
+        dit = fuse_base(final, Path(tmp) / "dit")
+        return _assemble(recipe, folder, vae_run, dit_run, dit, control_run)
+
+
+def _assemble(
+    recipe: Recipe, folder: Path, vae_run: str, dit_run: str, dit: Path, control_run: str | None
+) -> Path:
     out = recipe.out
-    parts = {"vae": out / vae_run / "final" / "vae", "dit": out / dit_run / "final" / "dit",
+    parts = {"vae": out / vae_run / "final" / "vae", "dit": dit,
              "text_encoder": out / dit_run / "final" / "text_encoder"}  # fmt: skip
     runs = {"vae": vae_run, "dit": dit_run}
     experts = low_expert(recipe, dit_run)
