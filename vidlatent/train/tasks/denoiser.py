@@ -569,18 +569,28 @@ class DenoiserTask(Task):
 def _vae_that_made(src: str, record: dict) -> CausalVAE | None:
     """The VAE at ``src`` when it is the one a latent file's ``vae`` record names (same fingerprint), as it is or
     with the record's config fields over its own (a cache made with ``vae_overrides``, e.g. ``first_frame=still``,
-    by the same weights); None when neither fits or ``src`` does not load."""
+    by the same weights); None when neither fits or ``src`` does not load. ``src`` is read once: under the
+    record's config the loaded weights are rebuilt, not read again (a Wan VAE is ~500 MB)."""
+    from ...config import config_from_dict
+    from ...config.models import VAEConfig
     from ...data.latents import vae_fingerprint
     from ...pipelines.batch import load_vae
 
     try:
         with torch.random.fork_rng(devices=[]):
             vae = load_vae(src)[0]
-            if vae_fingerprint(vae) == record["fingerprint"]:
-                return vae
-            own = config_to_dict(vae.config)
-            fields = {k: v for k, v in (record.get("config") or {}).items() if k in own and own[k] != v}
-            vae = load_vae(src, **fields)[0] if fields else None
+        if vae_fingerprint(vae) == record["fingerprint"]:
+            return vae
+        own = config_to_dict(vae.config)
+        fields = {k: v for k, v in (record.get("config") or {}).items() if k in own and own[k] != v}
+        if not fields:
+            return None
+        weights = vae.state_dict()
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # building draws initial weights: keep training's RNG as it was
+            vae = CausalVAE(config_from_dict(VAEConfig, {**own, **fields})).eval()
+        vae.load_state_dict(weights)
     except Exception:  # noqa: BLE001 - moved, deleted or the record's fields do not fit: not this one
         return None
     return vae if vae is not None and vae_fingerprint(vae) == record["fingerprint"] else None
