@@ -111,5 +111,8 @@ def test_score_vae_reads_true_clips_back_by_colour_shape_and_pair():
     assert r["by_pair"][f"{first.colour} {first.shape}"]["n"] >= 1
     table = "\n".join(breakdown_table(r))  # the model card's table of it
     assert f"| {first.colour} |" in table and "| shape read right |" in table
+    assert r["frames"]["clips"] == 12 and r["frames"]["ghost"] == r["frames"]["malformed"] == 0.0
+    assert sum(f["clips"] for f in r["frames_by_colour"].values()) == 12
     lost = score_vae(IdentityVAE(blank=True), 4)
     assert lost["oracle_shape"] == 0.0 and all(g["shape"] == 0.0 for g in lost["by_shape"].values())
+    assert lost["frames"]["first_missing"] == 1.0

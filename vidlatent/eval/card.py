@@ -327,6 +327,9 @@ def model_card(recipe: Recipe, ship: Path, results: dict) -> str:
                       f"{v['oracle_shape']:.1%}, motion {v['oracle_motion']:.1%}."]  # fmt: skip
         if "by_colour" in v:
             lines += ["", "Read through the VAE, by the clip's object:", "", *breakdown_table(v)]
+        if "frames" in v:  # the least a denoiser's clips can show through this VAE
+            lines += ["", "First frames and ghosts of the VAE's own reconstructions (the true clips have none):",
+                      "", frames_card_line("VAE reconstructions", v["frames"])]  # fmt: skip
     if "cli" in results:
         c = results["cli"]
         lines += ["", f"`vidlatent generate \"a red circle moving right\" -o out.mp4` in a fresh process: "

@@ -94,6 +94,7 @@ def evaluate(
         v = results["vae"] = score_vae(pipe.vae, vae_clips)
         log(f"vae: PSNR {v['psnr_mean']:.2f} dB (min {v['psnr_min']:.2f}); oracle through it: colour "
             f"{v['oracle_colour']:.1%} shape {v['oracle_shape']:.1%} motion {v['oracle_motion']:.1%}")  # fmt: skip
+        log(f"vae: {frames_line(v['frames'])}")
         for line in breakdown_lines(v):
             log(line)
     if cli_runs:

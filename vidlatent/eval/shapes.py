@@ -264,10 +264,12 @@ def pool(runs: list[dict], seeds: list[int]) -> dict:
 def score_vae(vae, clips: int, seed: int = VAE_SEED) -> dict:
     """PSNR of the VAE's reconstructions of ``clips`` held-out clips, how often the oracle still reads the clip's
     object right through them (``oracle_colour`` / ``_shape`` / ``_motion``: the most the denoiser can reach
-    through this VAE), and those rates by the object's colour, shape and (colour, shape) pair (``breakdown``)."""
+    through this VAE), and those rates by the object's colour, shape and (colour, shape) pair (``breakdown``);
+    ``frames`` and ``frames_by_colour``: the reconstructions' malformed first frames and ghosts as for generated
+    clips (``frame_quality``; the true clips have none), the least a denoiser's clips can show through this VAE."""
     world = ShapesWorld(64, 64, 17, split="heldout", seed=seed)
     keys = ("colour", "shape", "motion")
-    scores, asked, rows = [], [], []
+    scores, asked, rows, frames = [], [], [], []
     for i in range(clips):
         video = world.clip(i)[0][None]
         recon = vae.decode(vae.encode(video.to(vae.device)).mode()).cpu()
@@ -275,6 +277,8 @@ def score_vae(vae, clips: int, seed: int = VAE_SEED) -> dict:
         truth = world.scene(i).objects[0]  # held-out clips show one object
         asked.append((truth.colour, truth.shape, truth.motion))
         rows.append(read_back(recon[0], asked[-1], keys))
+        frames.append(frame_quality(recon[0], truth.colour))
     rates = tally(rows, keys)
     return {"clips": clips, "psnr_mean": sum(scores) / clips, "psnr_min": min(scores),
-            **{f"oracle_{key}": rates[key] for key in keys}, **breakdown(asked, rows, keys)}  # fmt: skip
+            **{f"oracle_{key}": rates[key] for key in keys}, **breakdown(asked, rows, keys),
+            "frames": frame_shares(frames), "frames_by_colour": frames_by_colour(asked, frames)}  # fmt: skip
