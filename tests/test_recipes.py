@@ -317,19 +317,24 @@ def test_a_lora_run_ships_as_its_base_with_the_adapter_fused_in(tmp_path):
     for p in lora_parameters(dit):
         p.data.normal_(0, 0.05)
     save_lora(dit, final / "lora.safetensors")
-    write_base(final, base / "dit", [("lora.safetensors", 1.0)])
     merged = remove_lora(dit, merge=True).state_dict()
 
-    folder = ship(recipe, tmp_path / "candidate", ["still-lora"])
-    assert json.loads((folder / RUNS_FILE).read_text())["dit"] == "dit-lora"
-    assert not (folder / BASE_FILE).exists() and not list(recipe.out.glob(".fused-*"))
-    shipped = VideoDiT.from_pretrained(folder / "dit").state_dict()
-    assert shipped.keys() == merged.keys()
     before = VideoDiT.from_pretrained(base / "dit").state_dict()
     moved = [k for k in merged if not torch.equal(merged[k], before[k])]
     assert len(moved) >= 8 * 6  # every block's adapted linears changed
-    for key, value in merged.items():
-        torch.testing.assert_close(shipped[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    # the base where the run started (absolute), then a preset's base, which the export writes as final/dit
+    for n, base_dit in enumerate([base / "dit", "dit"]):
+        if base_dit == "dit":
+            shutil.copytree(base / "dit", final / "dit")
+        write_base(final, base_dit, [("lora.safetensors", 1.0)])
+        folder = ship(recipe, tmp_path / f"candidate{n}", ["still-lora"])
+        assert json.loads((folder / RUNS_FILE).read_text())["dit"] == "dit-lora"
+        assert not (folder / BASE_FILE).exists() and not list(recipe.out.glob(".fused-*"))
+        shipped = VideoDiT.from_pretrained(folder / "dit").state_dict()
+        assert shipped.keys() == merged.keys()
+        for key, value in merged.items():
+            torch.testing.assert_close(shipped[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert VideoPipeline.from_pretrained(folder).loras == {}
 
 

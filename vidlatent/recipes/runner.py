@@ -174,7 +174,9 @@ def assemble(
     denoiser as ``dit_2/`` and the boundary into ``pipeline.json``. A LoRA run's export (``base.json`` and the
     adapter, no ``dit/``) goes in as its base with the adapter fused in (``fuse_base``)."""
     final = recipe.out / dit_run / "final"
-    if (final / "dit").is_dir() or not (final / BASE_FILE).is_file():
+    if not (
+        final / BASE_FILE
+    ).is_file():  # with one, a dit/ beside it is the base (a preset's), not the result
         return _assemble(recipe, folder, vae_run, dit_run, final / "dit", control_run)
     with tempfile.TemporaryDirectory(dir=recipe.out, prefix=".fused-") as tmp:
         print(f"fusing {dit_run}'s LoRA into its base denoiser", flush=True)
