@@ -171,12 +171,11 @@ def assemble(
     """A pipeline folder at ``folder`` from the exports of ``vae_run`` (vae) and ``dit_run`` (dit and text encoder),
     and of ``control_run`` (its control branch, ``control/``) when given, with its ``pipeline.json`` and a
     ``runs.json`` naming the runs. A high-noise expert ``dit_run`` (``low_expert``) brings its low-noise expert's
-    denoiser as ``dit_2/`` and the boundary into ``pipeline.json``. A LoRA run's export (``base.json`` and the
-    adapter, no ``dit/``) goes in as its base with the adapter fused in (``fuse_base``)."""
+    denoiser as ``dit_2/`` and the boundary into ``pipeline.json``. A LoRA run's export (``base.json`` naming
+    the base denoiser, and the adapter) goes in as that base with the adapter fused in (``fuse_base``)."""
     final = recipe.out / dit_run / "final"
-    if not (
-        final / BASE_FILE
-    ).is_file():  # with one, a dit/ beside it is the base (a preset's), not the result
+    # with a base.json, a dit/ beside it is the base (a LoRA run from a preset writes it), not the result
+    if not (final / BASE_FILE).is_file():
         return _assemble(recipe, folder, vae_run, dit_run, final / "dit", control_run)
     with tempfile.TemporaryDirectory(dir=recipe.out, prefix=".fused-") as tmp:
         print(f"fusing {dit_run}'s LoRA into its base denoiser", flush=True)

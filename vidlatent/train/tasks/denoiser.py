@@ -586,14 +586,13 @@ def _vae_that_made(src: str, record: dict) -> CausalVAE | None:
         if not fields:
             return None
         weights = vae.state_dict()
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # building draws initial weights: keep training's RNG as it was
+        # building draws initial weights: training's RNG stays as it was
+        with torch.random.fork_rng(devices=[]):
             vae = CausalVAE(config_from_dict(VAEConfig, {**own, **fields})).eval()
         vae.load_state_dict(weights)
     except Exception:  # noqa: BLE001 - moved, deleted or the record's fields do not fit: not this one
         return None
-    return vae if vae is not None and vae_fingerprint(vae) == record["fingerprint"] else None
+    return vae if vae_fingerprint(vae) == record["fingerprint"] else None
 
 
 def save_diffusers_dit(dit: VideoDiT, folder: Path) -> None:
