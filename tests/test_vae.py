@@ -327,8 +327,38 @@ def test_a_still_first_frame_is_coded_as_later_frames_are_and_streams_alike(tiny
     assert CausalVAE.from_pretrained(tmp_path / "still").config.first_frame == "still"
     with pytest.raises(ValueError, match="encodes a clip's first frame as a still"):
         vae_config_to_diffusers(vae.config)
-    with pytest.raises(ValueError, match="first_frame must be one of alone, still, got 'first'"):
+    with pytest.raises(
+        ValueError, match="first_frame must be one of alone, still, still_context, got 'first'"
+    ):
         CausalVAE(replace(alone.config, first_frame="first"))
+
+
+def test_a_still_context_codes_the_clip_after_its_first_frame_held_still_and_streams_alike(tiny_pair):
+    """first_frame="still_context": the latents are those of the clip with frame 0 repeated in front (1 +
+    temporal_factor copies in all), the first dropped; so frame 0 is coded as with "still" and the later frames
+    after that still, not after frame 0 alone as with "still". Causal; every chunk size and the stream agree."""
+    alone = tiny_pair[0]
+    vae = CausalVAE(replace(alone.config, first_frame="still_context")).eval()
+    vae.load_state_dict(alone.state_dict())
+    still = CausalVAE(replace(alone.config, first_frame="still")).eval()
+    still.load_state_dict(alone.state_dict())
+    x = video(t=13, h=16, w=16)
+    with torch.no_grad():
+        full = vae.encode(x).mean
+        held = alone.encode(torch.cat([x[:, :, :1].expand(-1, -1, 4, -1, -1), x], dim=2)).mean
+        assert full.shape == alone.encode(x).mean.shape and maxdiff(full, held[:, :, 1:]) <= 1e-5
+        other = still.encode(x).mean
+        assert (
+            maxdiff(full[:, :, 0], other[:, :, 0]) <= 1e-5 and maxdiff(full[:, :, 1:], other[:, :, 1:]) > 1e-3
+        )
+        assert maxdiff(vae.encode(x[:, :, :1]).mean, full[:, :, :1]) <= 1e-6  # an image: the clip's frame 0
+        assert maxdiff(vae.encode(x[:, :, :5]).mean, full[:, :, :2]) <= 1e-5  # causal
+        for c in (0, 2):
+            assert maxdiff(vae.encode(x, chunk_size=c).mean, full) <= 1e-5
+        chunks = [x[:, :, :1], x[:, :, 1:5], x[:, :, 5:13]]
+        assert maxdiff(torch.cat([p.mean for p in vae.encode_stream(chunks)], dim=2), full) <= 1e-5
+    with pytest.raises(ValueError, match="encodes a clip's first frame as a still"):
+        vae_config_to_diffusers(vae.config)
 
 
 def test_first_frame_statistics_are_checked(tiny_pair):

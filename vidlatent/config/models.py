@@ -50,7 +50,7 @@ WAN22_LATENTS_STD = [
 ]  # fmt: skip
 
 VAE_STAGE_SHORTCUTS = ("none", "resample")
-VAE_FIRST_FRAME = ("alone", "still")  # VAEConfig.first_frame
+VAE_FIRST_FRAME = ("alone", "still", "still_context")  # VAEConfig.first_frame
 
 
 @dataclass
@@ -90,7 +90,10 @@ class VAEConfig:
     # how the encoder codes a clip's first frame: "alone" (Wan): the causal first latent frame is frame 0 encoded by
     # itself; "still": the second latent frame of a still clip of 1 + temporal_factor copies of frame 0 (still
     # causal; later latent frames as with "alone"), the code later frames get. A small VAE's first frame alone can
-    # carry a faint colour at a thirtieth of its later frames' signal (issue 26); an image is encoded alike
+    # carry a faint colour at a thirtieth of its later frames' signal (issue 26); an image is encoded alike.
+    # "still_context": the clip with frame 0 repeated 1 + temporal_factor times, its first latent frame dropped:
+    # frame 0 as with "still", and the later frames encoded after that still (with "still" they are encoded after
+    # frame 0 alone, so the decoder reads them after a first latent frame from another context)
     first_frame: str = "alone"
     # streaming: latent frames per chunk after the first (the first frame is always its own chunk)
     chunk_size: int = 1

@@ -654,9 +654,14 @@ class CausalVAE(nn.Module):
         The first chunk of a clip must start with the clip's first frame; after it, chunks hold a multiple of
         ``temporal_factor`` frames. ``encode`` calls this in a loop; call it yourself to stream a clip from
         a reader without holding it all in memory. With ``config.first_frame == "still"`` the first chunk's first
-        latent frame is that of a still clip of its first frame (see ``VAEConfig.first_frame``).
+        latent frame is that of a still clip of its first frame; with ``"still_context"`` the first chunk is
+        encoded after ``temporal_factor`` copies of its first frame (see ``VAEConfig.first_frame``).
         """
         fresh = not cache.past and not cache.started
+        if self.config.first_frame == "still_context" and fresh:  # the clip's frame 0 repeated in front
+            repeats = frames[:, :, :1].expand(-1, -1, self.temporal_factor, -1, -1)
+            moments = self.quant_conv(self.encoder(torch.cat([repeats, frames], dim=2), cache))
+            return moments[:, :, 1:], cache
         moments = self.quant_conv(self.encoder(frames, cache))
         if self.config.first_frame == "still" and fresh:
             still = frames[:, :, :1].expand(-1, -1, 1 + self.temporal_factor, -1, -1)
