@@ -26,7 +26,7 @@ def test_every_recipe_yaml_loads_and_every_run_builds_its_train_config(recipe):
     files = {p.stem for p in (RECIPE_DIR / "default").glob("*.yaml")}
     assert files == {"recipe", *recipe.stages}
     configs = recipe.train_configs()
-    assert len(configs) == 54 and all(isinstance(c, TrainConfig) for c in configs.values())
+    assert len(configs) == 55 and all(isinstance(c, TrainConfig) for c in configs.values())
     assert configs["control"].task == "control" and configs["control"].control_transform == "silhouette"
     assert configs["control"].data_options["length"] == 6000 and recipe.stages["wide"].ship is False
     assert configs["dit-wide"].text_new_words is True and recipe.stages["wide"].cache.world["wide"] is True
